@@ -1,0 +1,58 @@
+//! `tern`: pretraining of ternary LLaMA models.
+
+mod bench;
+mod train;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// The CPU backend: flex (measured fastest for a training step here, docs/backends.md), or
+/// ndarray with `--features ndarray`.
+#[cfg(not(feature = "ndarray"))]
+pub type Cpu = burn::backend::Flex;
+#[cfg(feature = "ndarray")]
+pub type Cpu = burn::backend::NdArray;
+pub type TrainBackend = burn::backend::Autodiff<Cpu>;
+
+pub fn backend_name() -> &'static str {
+    if cfg!(feature = "ndarray") {
+        "ndarray"
+    } else {
+        "flex"
+    }
+}
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "Distributed pretraining of ternary (1.58-bit) LLaMA models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model from a TOML recipe (the embedded tiny recipe when none is given).
+    Train(train::TrainArgs),
+    /// Time training steps of a recipe's model on random tokens and print the figures.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Tokenising SlimPajama-format documents with a Hugging Face `tokenizer.json`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::config::DataConfig;
+use crate::source;
+
+/// A `tokenizers` tokenizer with the ids tern needs.
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    pub eos_id: u32,
+    pub vocab_size: usize,
+    /// sha256 of the tokenizer file, recorded with every run.
+    pub sha256: String,
+}
+
+impl TextTokenizer {
+    pub fn load(path: &Path, eos_token: &str) -> Result<Self> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("data.tokenizer: reading {}", path.display()))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
+            anyhow!(
+                "data.tokenizer: {} is not a tokenizer.json: {e}",
+                path.display()
+            )
+        })?;
+        let eos_id = inner
+            .token_to_id(eos_token)
+            .ok_or_else(|| anyhow!("data.eos_token: {eos_token:?} is not in {}", path.display()))?;
+        let vocab_size = inner.get_vocab_size(true);
+        let sha256 = format!("{:x}", Sha256::digest(&bytes));
+        Ok(Self {
+            inner,
+            eos_id,
+            vocab_size,
+            sha256,
+        })
+    }
+
+    pub fn encode_batch(&self, docs: Vec<String>) -> Result<Vec<Vec<u32>>> {
+        let enc = self
+            .inner
+            .encode_batch(docs, false)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| anyhow!("decoding: {e}"))
+    }
+}
+
+/// A tokenised split: documents concatenated, each followed by EOS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenStream {
+    pub tokens: Vec<u32>,
+    pub documents: usize,
+    pub files: Vec<PathBuf>,
+}
+
+/// Documents are tokenised in batches of this many (the tokenizer spreads a batch over the cores).
+const BATCH_DOCS: usize = 64;
+
+/// Reads and tokenises the files named by `inputs` (`key` names the recipe key for errors).
+pub fn tokenize_split(
+    cfg: &DataConfig,
+    tok: &TextTokenizer,
+    inputs: &[String],
+    key: &str,
+) -> Result<TokenStream> {
+    let files = source::expand(inputs, key)?;
+    let mut tokens = Vec::new();
+    let mut documents = 0;
+    let mut pending: Vec<String> = Vec::new();
+    let flush = |pending: &mut Vec<String>, tokens: &mut Vec<u32>| -> Result<()> {
+        for ids in tok.encode_batch(std::mem::take(pending))? {
+            tokens.extend_from_slice(&ids);
+            tokens.push(tok.eos_id);
+        }
+        Ok(())
+    };
+    for file in &files {
+        source::for_each_line(file, |_, line| {
+            let v: serde_json::Value = serde_json::from_str(line).context("not a JSON object")?;
+            let set = v
+                .pointer("/meta/redpajama_set_name")
+                .and_then(|s| s.as_str());
+            if set.is_some_and(|s| cfg.skip_sets.iter().any(|k| k == s)) {
+                return Ok(());
+            }
+            let Some(text) = v.get(&cfg.text_field) else {
+                bail!("no field {:?} (data.text_field)", cfg.text_field);
+            };
+            let Some(text) = text.as_str() else {
+                bail!("field {:?} is not a string", cfg.text_field);
+            };
+            pending.push(text.to_string());
+            documents += 1;
+            if pending.len() == BATCH_DOCS {
+                flush(&mut pending, &mut tokens)?;
+            }
+            Ok(())
+        })?;
+    }
+    flush(&mut pending, &mut tokens)?;
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= tok.vocab_size) {
+        bail!(
+            "{key}: token id {bad} outside the tokenizer's vocabulary of {}",
+            tok.vocab_size
+        );
+    }
+    Ok(TokenStream {
+        tokens,
+        documents,
+        files,
+    })
+}

@@ -1,0 +1,46 @@
+//! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+use crate::config::ModelConfig;
+use crate::linear::{ProjLinear, ProjLinearConfig, ScaleAxis};
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: ProjLinear<B>,
+    pub up_proj: ProjLinear<B>,
+    pub down_proj: ProjLinear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn new(c: &ModelConfig, device: &B::Device) -> Self {
+        let proj = |d_in, d_out, axis| {
+            ProjLinearConfig {
+                d_in,
+                d_out,
+                kind: c.linear,
+                groups: c.scale_groups,
+                axis,
+                eps: c.ternary_eps,
+                init_std: c.init_std,
+            }
+            .init(device)
+        };
+        Self {
+            gate_proj: proj(c.hidden, c.intermediate, ScaleAxis::Rows),
+            up_proj: proj(c.hidden, c.intermediate, ScaleAxis::Rows),
+            down_proj: proj(c.intermediate, c.hidden, ScaleAxis::Cols),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        // silu(x) = x * sigmoid(x) with sigmoid(x) = (1 + tanh(x / 2)) / 2: burn's sigmoid goes
+        // through f32 whatever the tensor's precision, which breaks f64 gradient checks.
+        let silu =
+            |x: Tensor<B, 3>| x.clone() * x.div_scalar(2.0).tanh().add_scalar(1.0).div_scalar(2.0);
+        let h = silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x);
+        self.down_proj.forward(h)
+    }
+}

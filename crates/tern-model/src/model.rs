@@ -1,0 +1,292 @@
+//! The LLaMA / TriLM decoder: embedding, blocks of (RMSNorm, attention, RMSNorm, SwiGLU), final
+//! norm, LM head. Field names follow Hugging Face's `LlamaForCausalLM` so checkpoints map 1:1.
+
+use burn::module::{Initializer, Module};
+use burn::nn::{Embedding, EmbeddingConfig};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+
+use crate::attention::Attention;
+use crate::config::ModelConfig;
+use crate::linear::{LinearKind, ProjLinear, ProjLinearConfig, ScaleAxis};
+use crate::mlp::Mlp;
+use crate::norm::RmsNorm;
+use crate::rope::rope_tables;
+
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> Block<B> {
+    fn new(c: &ModelConfig, device: &B::Device) -> Self {
+        let norm = || RmsNorm::new(c.hidden, c.rms_eps, device);
+        Self {
+            input_layernorm: norm(),
+            self_attn: Attention::new(c, device),
+            post_attention_layernorm: norm(),
+            mlp: Mlp::new(c, device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
+        let x = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), cos, sin);
+        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<Block<B>>,
+    pub norm: RmsNorm<B>,
+    /// `None` when the head is tied to the embedding.
+    pub lm_head: Option<ProjLinear<B>>,
+    #[module(skip)]
+    pub head_dim: usize,
+    #[module(skip)]
+    pub rope_theta: f64,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Builds the model; `config.validate()` must have passed.
+    pub fn new(c: &ModelConfig, device: &B::Device) -> Self {
+        let embed_tokens = EmbeddingConfig::new(c.vocab(), c.hidden)
+            .with_initializer(Initializer::Normal {
+                mean: 0.0,
+                std: c.init_std,
+            })
+            .init(device);
+        let layers = (0..c.n_layers).map(|_| Block::new(c, device)).collect();
+        let lm_head = (!c.tie_embeddings).then(|| {
+            ProjLinearConfig {
+                d_in: c.hidden,
+                d_out: c.vocab(),
+                kind: LinearKind::Float,
+                groups: 1,
+                axis: ScaleAxis::Rows,
+                eps: c.ternary_eps,
+                init_std: c.init_std,
+            }
+            .init(device)
+        });
+        Self {
+            embed_tokens,
+            layers,
+            norm: RmsNorm::new(c.hidden, c.rms_eps, device),
+            lm_head,
+            head_dim: c.head_dim(),
+            rope_theta: c.rope_theta,
+        }
+    }
+
+    /// `tokens: [batch, seq]` -> logits `[batch, seq, vocab]`.
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [_, t] = tokens.dims();
+        let device = tokens.device();
+        let (cos, sin) = rope_tables::<B>(t, self.head_dim, self.rope_theta, &device);
+        let mut x = self.embed_tokens.forward(tokens);
+        for block in &self.layers {
+            x = block.forward(x, &cos, &sin);
+        }
+        let x = self.norm.forward(x);
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => {
+                let [b, t, h] = x.dims();
+                let w = self.embed_tokens.weight.val();
+                let v = w.dims()[0];
+                x.reshape([b * t, h])
+                    .matmul(w.transpose())
+                    .reshape([b, t, v])
+            }
+        }
+    }
+
+    /// Mean next-token cross-entropy of `tokens[:, :-1]` predicting `tokens[:, 1:]`.
+    pub fn loss(&self, block: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+        let [b, t1] = block.dims();
+        let inputs = block.clone().narrow(1, 0, t1 - 1);
+        let targets = block.narrow(1, 1, t1 - 1);
+        let _ = b;
+        cross_entropy(self.forward(inputs), targets)
+    }
+
+    /// `(layer name, fraction of zero ternary codes)` for every ternary projection.
+    pub fn ternary_zero_fractions(&self) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            for (name, p) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                if let Some(z) = p.zero_fraction() {
+                    out.push((format!("layers.{i}.{name}"), z));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Mean cross-entropy of `logits: [batch, seq, vocab]` against `targets: [batch, seq]`.
+pub fn cross_entropy<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let logp = log_softmax(logits, 2);
+    logp.gather(2, targets.unsqueeze_dim(2)).mean().neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::ndarray::NdArray;
+    use burn::backend::{Autodiff, Flex};
+    use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+    use burn::tensor::{Distribution, TensorData};
+
+    #[test]
+    fn cross_entropy_closed_form() {
+        let dev = Default::default();
+        // Uniform logits over 4 classes: loss ln 4; one-hot-ish logits: softmax by hand.
+        let logits = Tensor::<Flex, 3>::from_data(
+            TensorData::new(vec![0f32, 0., 0., 0., 2., 0., 0., 0.], [1, 2, 4]),
+            &dev,
+        );
+        let targets =
+            Tensor::<Flex, 2, Int>::from_data(TensorData::new(vec![3i32, 0], [1, 2]), &dev);
+        let l = cross_entropy(logits, targets).into_scalar();
+        let p0 = (2f64.exp() / (2f64.exp() + 3.0)).ln();
+        let expect = (4f64.ln() - p0) / 2.0;
+        assert!((l as f64 - expect).abs() < 1e-6, "{l} vs {expect}");
+    }
+
+    #[test]
+    fn causal_model_ignores_future_tokens() {
+        let dev = Default::default();
+        let c = ModelConfig::tiny(50, LinearKind::Ternary);
+        let m = Llama::<Flex>::new(&c, &dev);
+        let a = Tensor::<Flex, 2, Int>::from_data(
+            TensorData::new(vec![1i32, 2, 3, 4, 5], [1, 5]),
+            &dev,
+        );
+        let b = Tensor::<Flex, 2, Int>::from_data(
+            TensorData::new(vec![1i32, 2, 3, 9, 7], [1, 5]),
+            &dev,
+        );
+        let la: Vec<f32> = m.forward(a).narrow(1, 0, 3).into_data().to_vec().unwrap();
+        let lb: Vec<f32> = m.forward(b).narrow(1, 0, 3).into_data().to_vec().unwrap();
+        assert_eq!(la, lb);
+    }
+
+    type F64 = NdArray<f64>;
+    type AdF64 = Autodiff<F64>;
+
+    /// Collects every float parameter flattened, in module order.
+    struct Flatten(Vec<Vec<f64>>);
+    impl<B: Backend> ModuleVisitor<B> for Flatten {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            self.0
+                .push(p.val().into_data().convert::<f64>().to_vec().unwrap());
+        }
+    }
+    /// Sets parameter `which` element `idx` to `value`.
+    struct Poke {
+        which: usize,
+        idx: usize,
+        value: f64,
+        seen: usize,
+    }
+    impl<B: Backend> ModuleMapper<B> for Poke {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let me = self.seen;
+            self.seen += 1;
+            if me != self.which {
+                return p;
+            }
+            let (id, t, mapper) = p.consume();
+            let shape = t.shape();
+            let mut v: Vec<f64> = t.to_data().convert::<f64>().to_vec().unwrap();
+            v[self.idx] = self.value;
+            let t = Tensor::from_data(TensorData::new(v, shape), &t.device());
+            Param::from_mapped_value(id, t, mapper)
+        }
+    }
+
+    #[test]
+    fn float_gradient_matches_finite_differences() {
+        let dev = Default::default();
+        let mut c = ModelConfig::tiny(11, LinearKind::Float);
+        c.hidden = 8;
+        c.intermediate = 12;
+        c.n_heads = 2;
+        c.n_kv_heads = Some(1);
+        c.init_std = 0.3;
+        <F64 as Backend>::seed(&dev, 7);
+        let model = Llama::<AdF64>::new(&c, &dev);
+        let tokens = Tensor::<AdF64, 2, Int>::from_data(
+            TensorData::new(vec![1i64, 5, 3, 7, 2, 10, 0, 4, 4, 9, 8, 6], [2, 6]),
+            &dev,
+        );
+        let loss = model.loss(tokens.clone());
+        let grads = loss.backward();
+        // Analytic gradients in module order.
+        struct Grads<'a>(
+            &'a <AdF64 as burn::tensor::backend::AutodiffBackend>::Gradients,
+            Vec<Vec<f64>>,
+        );
+        impl ModuleVisitor<AdF64> for Grads<'_> {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AdF64, D>>) {
+                let g = p.val().grad(self.0).unwrap();
+                self.1
+                    .push(g.into_data().convert::<f64>().to_vec().unwrap());
+            }
+        }
+        let mut g = Grads(&grads, vec![]);
+        model.visit(&mut g);
+        let analytic = g.1;
+
+        let plain = model.valid();
+        let mut values = Flatten(vec![]);
+        plain.visit(&mut values);
+        let inner_tokens = tokens.inner();
+        let h = 1e-6;
+        let mut checked = 0;
+        for (which, params) in values.0.iter().enumerate() {
+            // A few entries of every parameter (embedding, norms, projections, head).
+            for idx in [0, params.len() / 2, params.len() - 1] {
+                let f = |v: f64| {
+                    let m = plain.clone().map(&mut Poke {
+                        which,
+                        idx,
+                        value: v,
+                        seen: 0,
+                    });
+                    m.loss(inner_tokens.clone()).into_scalar()
+                };
+                let x = params[idx];
+                let fd = (f(x + h) - f(x - h)) / (2.0 * h);
+                let an = analytic[which][idx];
+                assert!(
+                    (fd - an).abs() <= 1e-7 + 1e-5 * an.abs().max(fd.abs()),
+                    "param {which} idx {idx}: analytic {an} vs finite difference {fd}"
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 3 * analytic.len());
+        let _ = Distribution::Default;
+    }
+}

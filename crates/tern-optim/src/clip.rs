@@ -1,0 +1,48 @@
+//! Global gradient-norm clipping over a flat gradient list.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+/// `sqrt(sum_i |g_i|^2)`, accumulated in f64 on the host, tensor by tensor in order.
+pub fn global_norm<B: Backend>(grads: &[Tensor<B, 1>]) -> f64 {
+    grads
+        .iter()
+        .map(|g| g.clone().powi_scalar(2).sum().into_scalar().elem::<f64>())
+        .sum::<f64>()
+        .sqrt()
+}
+
+use burn::tensor::ElementConversion;
+
+/// Scales `grads` so that their global norm is at most `max_norm` (0 disables clipping).
+/// Returns the norm before clipping.
+pub fn clip_global_norm<B: Backend>(grads: &mut [Tensor<B, 1>], max_norm: f64) -> f64 {
+    let norm = global_norm(grads);
+    if max_norm > 0.0 && norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        for g in grads.iter_mut() {
+            *g = g.clone().mul_scalar(scale);
+        }
+    }
+    norm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    #[test]
+    fn clips_to_max_norm() {
+        let dev = Default::default();
+        let mut g = vec![
+            Tensor::<Flex, 1>::from_floats([3.0, 0.0], &dev),
+            Tensor::<Flex, 1>::from_floats([4.0], &dev),
+        ];
+        let n = clip_global_norm(&mut g, 1.0);
+        assert!((n - 5.0).abs() < 1e-6);
+        assert!((global_norm(&g) - 1.0).abs() < 1e-5);
+        let n2 = clip_global_norm(&mut g, 10.0);
+        assert!((n2 - 1.0).abs() < 1e-5);
+    }
+}

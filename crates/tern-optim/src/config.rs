@@ -1,0 +1,173 @@
+use serde::{Deserialize, Serialize};
+
+/// `optim.name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerName {
+    #[default]
+    Adamw,
+}
+
+/// `optim.schedule`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    /// Linear warmup, then cosine decay to `lr * min_lr_ratio` at the last step.
+    #[default]
+    Cosine,
+    /// Linear warmup, then constant.
+    Constant,
+}
+
+/// `[optim]` section of a recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    #[serde(default)]
+    pub name: OptimizerName,
+    /// Peak learning rate.
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    /// Final learning rate as a fraction of the peak.
+    #[serde(default = "d_min_lr_ratio")]
+    pub min_lr_ratio: f64,
+    #[serde(default = "d_warmup")]
+    pub warmup_steps: u64,
+    #[serde(default)]
+    pub schedule: ScheduleKind,
+    #[serde(default = "d_beta1")]
+    pub beta1: f64,
+    #[serde(default = "d_beta2")]
+    pub beta2: f64,
+    #[serde(default = "d_eps")]
+    pub eps: f64,
+    /// Decoupled weight decay (AdamW), applied to matrices only (not to norm weights).
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    /// TriLM intervention 1: at this fraction of training the peak LR is multiplied by
+    /// `lr_drop_factor` (the cosine curve continues from the lower peak).
+    #[serde(default)]
+    pub lr_drop_at: Option<f64>,
+    #[serde(default = "d_drop_factor")]
+    pub lr_drop_factor: f64,
+    /// TriLM intervention 2: weight decay is zero from this fraction of training on.
+    #[serde(default)]
+    pub wd_off_at: Option<f64>,
+    /// Global gradient-norm clipping threshold; 0 turns clipping off.
+    #[serde(default = "d_clip")]
+    pub grad_clip: f64,
+}
+
+fn d_lr() -> f64 {
+    1e-3
+}
+fn d_min_lr_ratio() -> f64 {
+    0.1
+}
+fn d_warmup() -> u64 {
+    0
+}
+fn d_beta1() -> f64 {
+    0.9
+}
+fn d_beta2() -> f64 {
+    0.95
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_wd() -> f64 {
+    0.1
+}
+fn d_drop_factor() -> f64 {
+    0.5
+}
+fn d_clip() -> f64 {
+    1.0
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        toml_defaults()
+    }
+}
+
+fn toml_defaults() -> OptimConfig {
+    OptimConfig {
+        name: OptimizerName::default(),
+        lr: d_lr(),
+        min_lr_ratio: d_min_lr_ratio(),
+        warmup_steps: d_warmup(),
+        schedule: ScheduleKind::default(),
+        beta1: d_beta1(),
+        beta2: d_beta2(),
+        eps: d_eps(),
+        weight_decay: d_wd(),
+        lr_drop_at: None,
+        lr_drop_factor: d_drop_factor(),
+        wd_off_at: None,
+        grad_clip: d_clip(),
+    }
+}
+
+impl OptimConfig {
+    /// Range checks; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let checks: [(&str, bool, &str); 8] = [
+            (
+                "optim.lr",
+                self.lr > 0.0 && self.lr.is_finite(),
+                "must be a positive number",
+            ),
+            (
+                "optim.min_lr_ratio",
+                (0.0..=1.0).contains(&self.min_lr_ratio),
+                "must be in [0, 1]",
+            ),
+            (
+                "optim.beta1",
+                (0.0..1.0).contains(&self.beta1),
+                "must be in [0, 1)",
+            ),
+            (
+                "optim.beta2",
+                (0.0..1.0).contains(&self.beta2),
+                "must be in [0, 1)",
+            ),
+            ("optim.eps", self.eps > 0.0, "must be positive"),
+            (
+                "optim.weight_decay",
+                self.weight_decay >= 0.0,
+                "must not be negative",
+            ),
+            (
+                "optim.lr_drop_factor",
+                self.lr_drop_factor > 0.0 && self.lr_drop_factor <= 1.0,
+                "must be in (0, 1]",
+            ),
+            (
+                "optim.grad_clip",
+                self.grad_clip >= 0.0,
+                "must not be negative (0 turns clipping off)",
+            ),
+        ];
+        for (key, ok, what) in checks {
+            if !ok {
+                return Err(format!("{key}: {what}"));
+            }
+        }
+        for (key, v) in [
+            ("optim.lr_drop_at", self.lr_drop_at),
+            ("optim.wd_off_at", self.wd_off_at),
+        ] {
+            if let Some(f) = v {
+                if !(0.0..=1.0).contains(&f) {
+                    return Err(format!(
+                        "{key}: {f} is not a fraction of training in [0, 1]"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,15 @@
+//! Optimizers over flattened parameter lists, the learning-rate / weight-decay schedule with
+//! TriLM's two interventions, and gradient-norm clipping.
+//!
+//! Parameters and gradients arrive as one flat 1-D tensor per model parameter, in module order:
+//! the same layout the data-parallel gradient buckets and the checkpoints use.
+
+pub mod adamw;
+pub mod clip;
+pub mod config;
+pub mod schedule;
+
+pub use adamw::AdamW;
+pub use clip::{clip_global_norm, global_norm};
+pub use config::{OptimConfig, OptimizerName, ScheduleKind};
+pub use schedule::Schedule;

@@ -1,0 +1,12 @@
+//! Recipes, the training loop and its outputs (metrics, TensorBoard, checkpoints).
+
+pub mod checkpoint;
+pub mod init;
+pub mod metrics;
+pub mod params;
+pub mod recipe;
+pub mod tensorboard;
+pub mod trainer;
+
+pub use recipe::{Recipe, RecipeSource};
+pub use trainer::{train, Resume, TrainOptions, TrainSummary};

@@ -1,0 +1,174 @@
+//! Run outputs for people: `metrics.jsonl`, TensorBoard scalars, and a progress bar or log lines.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+
+use crate::recipe::Progress;
+use crate::tensorboard::EventWriter;
+
+/// One logged training step.
+#[derive(Debug, Clone)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub grad_norm: f64,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    pub skipped_steps: u64,
+}
+
+pub struct Metrics {
+    jsonl: File,
+    jsonl_path: PathBuf,
+    tb: EventWriter,
+    bar: Option<ProgressBar>,
+}
+
+/// Keeps only the lines of `metrics.jsonl` with `step <= last_step` (a resumed run redoes the rest).
+fn truncate_after(path: &Path, last_step: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let kept: Vec<String> = BufReader::new(File::open(path)?)
+        .lines()
+        .map_while(|l| l.ok())
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(Value::as_u64))
+                .is_some_and(|s| s <= last_step)
+        })
+        .collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    let mut f = File::create(&tmp)?;
+    for l in kept {
+        writeln!(f, "{l}")?;
+    }
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+impl Metrics {
+    /// Opens the outputs of `run_dir`; `start_step` is the number of steps already done.
+    pub fn open(
+        run_dir: &Path,
+        start_step: u64,
+        total_steps: u64,
+        progress: Progress,
+    ) -> Result<Self> {
+        let jsonl_path = run_dir.join("metrics.jsonl");
+        truncate_after(&jsonl_path, start_step)
+            .with_context(|| format!("rewriting {}", jsonl_path.display()))?;
+        let jsonl = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&jsonl_path)
+            .with_context(|| format!("opening {}", jsonl_path.display()))?;
+        let mut tb = EventWriter::create(&run_dir.join("tb"))?;
+        if start_step > 0 {
+            tb.session_start(start_step + 1)?;
+        }
+        let bar_on = match progress {
+            Progress::Bar => true,
+            Progress::Plain => false,
+            Progress::Auto => std::io::stderr().is_terminal(),
+        };
+        let bar = bar_on.then(|| {
+            let b = ProgressBar::new(total_steps);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+                )
+                .expect("valid template"),
+            );
+            b.set_position(start_step);
+            b
+        });
+        Ok(Self {
+            jsonl,
+            jsonl_path,
+            tb,
+            bar,
+        })
+    }
+
+    fn write_line(&mut self, v: Value) -> Result<()> {
+        writeln!(self.jsonl, "{v}")
+            .with_context(|| format!("writing {}", self.jsonl_path.display()))
+    }
+
+    /// A plain line, or a message above the progress bar.
+    pub fn say(&self, line: &str) {
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => println!("{line}"),
+        }
+    }
+
+    pub fn step(&mut self, m: &StepMetrics, zero_fractions: &[(String, f64)]) -> Result<()> {
+        self.write_line(json!({
+            "step": m.step,
+            "loss": m.loss,
+            "lr": m.lr,
+            "weight_decay": m.weight_decay,
+            "grad_norm": m.grad_norm,
+            "tokens": m.tokens,
+            "tokens_per_s": m.tokens_per_s,
+            "skipped_steps": m.skipped_steps,
+        }))?;
+        let mut scalars: Vec<(String, f64)> = vec![
+            ("train/loss".into(), m.loss),
+            ("train/lr".into(), m.lr),
+            ("train/grad_norm".into(), m.grad_norm),
+            ("train/tokens".into(), m.tokens as f64),
+            ("train/tokens_per_s".into(), m.tokens_per_s),
+        ];
+        if !zero_fractions.is_empty() {
+            let mean =
+                zero_fractions.iter().map(|(_, z)| z).sum::<f64>() / zero_fractions.len() as f64;
+            scalars.push(("ternary_zero_fraction/mean".into(), mean));
+        }
+        for (name, z) in zero_fractions {
+            scalars.push((format!("ternary_zero_fraction/{name}"), *z));
+        }
+        let refs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        self.tb.scalars(m.step, &refs)?;
+        self.tb.flush()?;
+        let msg = format!(
+            "loss {:.4} | lr {:.3e} | grad_norm {:.3} | {:.0} tok/s",
+            m.loss, m.lr, m.grad_norm, m.tokens_per_s
+        );
+        match &self.bar {
+            Some(b) => {
+                b.set_position(m.step);
+                b.set_message(msg);
+            }
+            None => println!("step {} | {msg}", m.step),
+        }
+        Ok(())
+    }
+
+    pub fn validation(&mut self, step: u64, val_loss: f64) -> Result<()> {
+        self.write_line(json!({ "step": step, "val_loss": val_loss }))?;
+        self.tb.scalars(step, &[("val/loss", val_loss)])?;
+        self.tb.flush()?;
+        self.say(&format!("step {step} | val_loss {val_loss:.4}"));
+        Ok(())
+    }
+
+    pub fn finish(&mut self) -> Result<()> {
+        if let Some(b) = &self.bar {
+            b.finish();
+        }
+        self.jsonl.sync_all().ok();
+        self.tb.flush()
+    }
+}

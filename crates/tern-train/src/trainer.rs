@@ -1,0 +1,354 @@
+//! The step loop: data -> forward/backward over micro-batches -> clip -> AdamW -> outputs.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use tern_data::sampler::{block, num_blocks};
+use tern_data::tokenize::tokenize_split;
+use tern_data::{Sampler, TextTokenizer};
+use tern_model::Llama;
+use tern_optim::{clip_global_norm, AdamW, Schedule};
+
+use crate::checkpoint::{self, Named, TrainState};
+use crate::init::init_normal;
+use crate::metrics::{Metrics, StepMetrics};
+use crate::params::{assign_trainable, flat_grads, flat_values, param_infos, ParamInfo};
+use crate::recipe::Recipe;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    /// The newest complete checkpoint of the run directory, or a fresh start if there is none.
+    Auto,
+    Path(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub run_dir: PathBuf,
+    pub resume: Option<Resume>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub start_step: u64,
+    pub steps: u64,
+    pub last_loss: f64,
+    pub last_val_loss: Option<f64>,
+    pub tokens: u64,
+}
+
+/// Tokens of the given blocks as a `[blocks, seq_len + 1]` int tensor.
+fn batch_tensor<B: Backend>(
+    tokens: &[u32],
+    blocks: &[usize],
+    block_len: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let mut v = Vec::with_capacity(blocks.len() * block_len);
+    for &b in blocks {
+        v.extend(block(tokens, b, block_len).iter().map(|&t| t as i64));
+    }
+    Tensor::from_data(TensorData::new(v, [blocks.len(), block_len]), device)
+}
+
+fn to_host<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().expect("f32 data")
+}
+
+fn from_host<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
+    let n = v.len();
+    Tensor::from_data(TensorData::new(v, [n]), device)
+}
+
+fn named(infos: &[ParamInfo], values: Vec<Vec<f32>>, suffix: &str) -> Named {
+    infos
+        .iter()
+        .zip(values)
+        .map(|(i, v)| (format!("{}{suffix}", i.name), i.shape.clone(), v))
+        .collect()
+}
+
+/// Mean loss of the model on the first `n` validation blocks, in order.
+fn validation_loss<B: Backend>(
+    model: &Llama<B>,
+    tokens: &[u32],
+    n: usize,
+    micro: usize,
+    block_len: usize,
+    device: &B::Device,
+) -> f64 {
+    let blocks: Vec<usize> = (0..n).collect();
+    let mut sum = 0.0;
+    let mut count = 0;
+    for chunk in blocks.chunks(micro) {
+        let x = batch_tensor::<B>(tokens, chunk, block_len, device);
+        let l: f32 = model.loss(x).into_scalar().elem();
+        sum += l as f64 * chunk.len() as f64;
+        count += chunk.len();
+    }
+    sum / count as f64
+}
+
+use burn::tensor::ElementConversion;
+
+pub fn train<B: AutodiffBackend>(
+    recipe: &Recipe,
+    opts: &TrainOptions,
+    device: &B::Device,
+) -> Result<TrainSummary> {
+    let run_dir = &opts.run_dir;
+    let ckpt_root = run_dir.join("checkpoints");
+    let (tc, dc) = (&recipe.train, &recipe.data);
+    let block_len = dc.seq_len + 1;
+
+    // Which checkpoint, if any, before any expensive work.
+    let resume_dir = match &opts.resume {
+        None => None,
+        Some(Resume::Auto) => checkpoint::latest(&ckpt_root)?,
+        Some(Resume::Path(p)) => Some(p.clone()),
+    };
+
+    // Data.
+    let tok = TextTokenizer::load(Path::new(&dc.tokenizer), &dc.eos_token)?;
+    let mut recipe = recipe.clone();
+    match recipe.model.vocab_size {
+        None => recipe.model.vocab_size = Some(tok.vocab_size),
+        Some(v) if v < tok.vocab_size => bail!(
+            "model.vocab_size: {v} is smaller than the vocabulary of {} ({})",
+            dc.tokenizer,
+            tok.vocab_size
+        ),
+        Some(_) => {}
+    }
+    let t0 = Instant::now();
+    let train_data = tokenize_split(dc, &tok, &dc.train, "data.train")?;
+    let val_data = tokenize_split(dc, &tok, &dc.validation, "data.validation")?;
+    let n_train = num_blocks(train_data.tokens.len(), block_len);
+    if n_train == 0 {
+        bail!(
+            "data.train: {} tokens hold no block of data.seq_len + 1 = {block_len} tokens",
+            train_data.tokens.len()
+        );
+    }
+    let n_val =
+        (tc.eval_batches * tc.micro_batch).min(num_blocks(val_data.tokens.len(), block_len));
+    if tc.eval_every > 0 && n_val == 0 {
+        bail!(
+            "data.validation: {} tokens hold no block of {block_len} tokens",
+            val_data.tokens.len()
+        );
+    }
+
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("creating run directory {}", run_dir.display()))?;
+    let recipe_toml = recipe.to_toml();
+    std::fs::write(run_dir.join("recipe.toml"), &recipe_toml)
+        .with_context(|| format!("writing {}/recipe.toml", run_dir.display()))?;
+
+    // Model and optimizer.
+    let mc = &recipe.model;
+    let mut model: Llama<B> = init_normal(Llama::new(mc, device), tc.seed, mc.init_std, device);
+    let infos = param_infos::<B, _>(&model);
+    let decay: Vec<bool> = infos.iter().map(ParamInfo::decays).collect();
+    let inner_device = flat_values::<B::InnerBackend, _>(&model.valid())[0].device();
+    let sizes: Vec<usize> = infos.iter().map(ParamInfo::numel).collect();
+    let mut opt = AdamW::<B::InnerBackend>::new(&recipe.optim, &sizes, &inner_device);
+
+    let mut state = TrainState {
+        format_version: checkpoint::FORMAT_VERSION,
+        step: 0,
+        consumed_samples: 0,
+        tokens_seen: 0,
+        skipped_steps: 0,
+        optimizer_step: 0,
+        seed: tc.seed,
+        tokenizer_sha256: tok.sha256.clone(),
+        train_blocks: n_train,
+    };
+
+    if let Some(dir) = &resume_dir {
+        let mut l = checkpoint::load(dir)?;
+        let saved: Recipe = toml::from_str(&l.recipe_toml)
+            .with_context(|| format!("{}/recipe.toml", dir.display()))?;
+        if saved.model != recipe.model {
+            bail!("{}: the checkpoint's [model] differs from the recipe's; resume needs the same model", dir.display());
+        }
+        if l.state.tokenizer_sha256 != tok.sha256
+            || l.state.train_blocks != n_train
+            || l.state.seed != tc.seed
+        {
+            bail!(
+                "{}: the checkpoint was trained on other data, tokenizer or seed (train.seed, data.*); \
+                 resuming would not continue the same run",
+                dir.display()
+            );
+        }
+        let mpath = dir.join("model.safetensors");
+        let opath = dir.join("optim.safetensors");
+        let w = checkpoint::take_in_order(&mut l.model, &infos, "", &mpath)?;
+        let m = checkpoint::take_in_order(&mut l.optim, &infos, ".exp_avg", &opath)?;
+        let v = checkpoint::take_in_order(&mut l.optim, &infos, ".exp_avg_sq", &opath)?;
+        model = assign_trainable(
+            model,
+            w.into_iter().map(|w| from_host(w, &inner_device)).collect(),
+        );
+        opt.exp_avg = m.into_iter().map(|x| from_host(x, &inner_device)).collect();
+        opt.exp_avg_sq = v.into_iter().map(|x| from_host(x, &inner_device)).collect();
+        opt.step = l.state.optimizer_step;
+        state = l.state;
+        if state.step >= tc.steps {
+            bail!(
+                "{}: the checkpoint is at step {} and train.steps = {}: nothing left to do (raise train.steps)",
+                dir.display(),
+                state.step,
+                tc.steps
+            );
+        }
+    }
+
+    let start_step = state.step;
+    let mut metrics = Metrics::open(run_dir, start_step, tc.steps, recipe.run.progress)?;
+    metrics.say(&format!(
+        "tern: {} | {:.2}M parameters ({:?} linears, {} scale groups) | {} train tokens ({} docs), {} val tokens | tokenised in {:.1}s",
+        recipe.name(),
+        mc.num_params() as f64 / 1e6,
+        mc.linear,
+        mc.scale_groups,
+        train_data.tokens.len(),
+        train_data.documents,
+        val_data.tokens.len(),
+        t0.elapsed().as_secs_f64(),
+    ));
+    match &resume_dir {
+        Some(d) => metrics.say(&format!(
+            "resumed from {} at step {start_step}",
+            d.display()
+        )),
+        None if opts.resume.is_some() => {
+            metrics.say("no checkpoint to resume from: starting at step 0")
+        }
+        None => {}
+    }
+
+    let schedule = Schedule::new(&recipe.optim, tc.steps);
+    let mut sampler = Sampler::new(n_train, tc.seed);
+    let n_micro = tc.global_batch / tc.micro_batch;
+    let mut last_loss = f64::NAN;
+    let mut last_val = None;
+    let mut interval_start = Instant::now();
+    let mut interval_tokens = 0u64;
+
+    for step in start_step..tc.steps {
+        let lr = schedule.lr(step);
+        let wd = schedule.weight_decay(step);
+        let blocks = sampler.blocks_of(state.consumed_samples, tc.global_batch);
+        let mut loss_sum = 0.0f64;
+        let mut acc: Option<Vec<Tensor<B::InnerBackend, 1>>> = None;
+        for chunk in blocks.chunks(tc.micro_batch) {
+            let x = batch_tensor::<B>(&train_data.tokens, chunk, block_len, device);
+            let loss = model.loss(x);
+            let l: f32 = loss.clone().into_scalar().elem();
+            loss_sum += l as f64;
+            let grads = loss.backward();
+            let g = flat_grads(&model, &grads);
+            acc = Some(match acc {
+                None => g,
+                Some(a) => a.into_iter().zip(g).map(|(a, g)| a + g).collect(),
+            });
+        }
+        let mut grads: Vec<_> = acc
+            .expect("at least one micro-batch")
+            .into_iter()
+            .map(|g| g.div_scalar(n_micro as f64))
+            .collect();
+        let loss = loss_sum / n_micro as f64;
+        let grad_norm = clip_global_norm(&mut grads, recipe.optim.grad_clip);
+
+        if loss.is_finite() && grad_norm.is_finite() {
+            let params = flat_values::<B::InnerBackend, _>(&model.valid());
+            let updated = opt.step(params, &grads, lr, wd, &decay);
+            model = assign_trainable(model, updated);
+        } else {
+            state.skipped_steps += 1;
+            metrics.say(&format!(
+                "step {}: non-finite loss {loss} or gradient norm {grad_norm}: update skipped",
+                step + 1
+            ));
+        }
+        state.step = step + 1;
+        state.consumed_samples += tc.global_batch as u64;
+        let step_tokens = (tc.global_batch * dc.seq_len) as u64;
+        state.tokens_seen += step_tokens;
+        state.optimizer_step = opt.step;
+        interval_tokens += step_tokens;
+        last_loss = loss;
+
+        let last = state.step == tc.steps;
+        if state.step % tc.log_every == 0 || state.step == 1 || last {
+            let secs = interval_start.elapsed().as_secs_f64();
+            let zeros = model.valid().ternary_zero_fractions();
+            metrics.step(
+                &StepMetrics {
+                    step: state.step,
+                    loss,
+                    lr,
+                    weight_decay: wd,
+                    grad_norm,
+                    tokens: state.tokens_seen,
+                    tokens_per_s: interval_tokens as f64 / secs.max(1e-9),
+                    skipped_steps: state.skipped_steps,
+                },
+                &zeros,
+            )?;
+            interval_start = Instant::now();
+            interval_tokens = 0;
+        }
+        if tc.eval_every > 0 && (state.step % tc.eval_every == 0 || last) {
+            let v = validation_loss(
+                &model.valid(),
+                &val_data.tokens,
+                n_val,
+                tc.micro_batch,
+                block_len,
+                &inner_device,
+            );
+            metrics.validation(state.step, v)?;
+            last_val = Some(v);
+        }
+        if (tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0) || last {
+            let values: Vec<Vec<f32>> = flat_values::<B::InnerBackend, _>(&model.valid())
+                .into_iter()
+                .map(to_host)
+                .collect();
+            let m: Vec<Vec<f32>> = opt.exp_avg.iter().cloned().map(to_host).collect();
+            let v: Vec<Vec<f32>> = opt.exp_avg_sq.iter().cloned().map(to_host).collect();
+            let mut optim = named(&infos, m, ".exp_avg");
+            optim.extend(named(&infos, v, ".exp_avg_sq"));
+            let dir = checkpoint::save(
+                &ckpt_root,
+                &state,
+                &named(&infos, values, ""),
+                &optim,
+                &recipe_toml,
+            )
+            .map_err(|e| anyhow!("saving checkpoint of step {}: {e:#}", state.step))?;
+            metrics.say(&format!(
+                "step {} | checkpoint {}",
+                state.step,
+                dir.display()
+            ));
+        }
+    }
+    metrics.finish()?;
+    Ok(TrainSummary {
+        start_step,
+        steps: state.step,
+        last_loss,
+        last_val_loss: last_val,
+        tokens: state.tokens_seen,
+    })
+}
