@@ -7,16 +7,22 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// The CPU backend: flex (measured fastest for a training step here, docs/backends.md), or
-/// ndarray with `--features ndarray`.
-#[cfg(not(feature = "ndarray"))]
-pub type Cpu = burn::backend::Flex;
-#[cfg(feature = "ndarray")]
-pub type Cpu = burn::backend::NdArray;
-pub type TrainBackend = burn::backend::Autodiff<Cpu>;
+/// The compute backend: CUDA with `--features cuda`; otherwise the CPU backend flex (measured
+/// fastest for a training step here, docs/backends.md), or ndarray with `--features ndarray`.
+#[cfg(feature = "cuda")]
+pub type Compute = burn::backend::Cuda;
+#[cfg(all(not(feature = "cuda"), feature = "ndarray"))]
+pub type Compute = burn::backend::NdArray;
+#[cfg(all(not(feature = "cuda"), not(feature = "ndarray")))]
+pub type Compute = burn::backend::Flex;
+pub type TrainBackend = burn::backend::Autodiff<Compute>;
 
 pub fn backend_name() -> &'static str {
-    if cfg!(feature = "ndarray") {
+    if cfg!(feature = "cuda") {
+        "cuda"
+    } else if cfg!(feature = "ndarray-blas") {
+        "ndarray+openblas"
+    } else if cfg!(feature = "ndarray") {
         "ndarray"
     } else {
         "flex"

@@ -59,6 +59,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
         run_dir: run_dir.clone(),
         resume,
     };
+    println!(
+        "tern {} | backend {}",
+        env!("CARGO_PKG_VERSION"),
+        crate::backend_name()
+    );
     let device = Default::default();
     let s = tern_train::train::<TrainBackend>(&recipe, &opts, &device)?;
     println!(

@@ -120,3 +120,105 @@ pub fn tokenize_split(
         files,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn sample_tokenizer() -> TextTokenizer {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample/tokenizer.json");
+        TextTokenizer::load(&p, "</s>").unwrap()
+    }
+
+    fn cfg(dir: &Path) -> DataConfig {
+        DataConfig {
+            train: vec![dir.display().to_string()],
+            validation: vec![dir.display().to_string()],
+            tokenizer: String::new(),
+            seq_len: 8,
+            text_field: "text".into(),
+            skip_sets: vec!["RedPajamaGithub".into()],
+            eos_token: "</s>".into(),
+        }
+    }
+
+    #[test]
+    fn documents_end_with_eos_and_skipped_sets_are_left_out() {
+        let tok = sample_tokenizer();
+        assert_eq!(tok.eos_id, 2);
+        assert_eq!(tok.vocab_size, 4096);
+        let dir = tempfile::tempdir().unwrap();
+        let lines = [
+            r#"{"text": "The cat sat on the mat.", "meta": {"redpajama_set_name": "RedPajamaWikipedia"}}"#,
+            r#"{"text": "fn main() {}", "meta": {"redpajama_set_name": "RedPajamaGithub"}}"#,
+            r#"{"text": "Anarchism is a political philosophy.", "meta": {"redpajama_set_name": "RedPajamaC4"}}"#,
+        ];
+        let raw = lines.join("\n") + "\n";
+        let mut enc = zstd::stream::write::Encoder::new(
+            std::fs::File::create(dir.path().join("a.jsonl.zst")).unwrap(),
+            3,
+        )
+        .unwrap();
+        enc.write_all(raw.as_bytes()).unwrap();
+        enc.finish().unwrap();
+        let c = cfg(dir.path());
+        let s = tokenize_split(&c, &tok, &c.train, "data.train").unwrap();
+        assert_eq!(s.documents, 2);
+        let eos: Vec<usize> = s
+            .tokens
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == 2)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(eos.len(), 2);
+        assert_eq!(*eos.last().unwrap(), s.tokens.len() - 1);
+        assert_eq!(
+            tok.decode(&s.tokens[..eos[0]]).unwrap(),
+            "The cat sat on the mat."
+        );
+        assert_eq!(
+            tok.decode(&s.tokens[eos[0] + 1..eos[1]]).unwrap(),
+            "Anarchism is a political philosophy."
+        );
+    }
+
+    #[test]
+    fn bad_input_names_file_and_line() {
+        let tok = sample_tokenizer();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("b.jsonl"),
+            "{\"text\": \"ok\"}\n{\"body\": \"no text\"}\n",
+        )
+        .unwrap();
+        let c = cfg(dir.path());
+        let e = format!(
+            "{:#}",
+            tokenize_split(&c, &tok, &c.train, "data.train").unwrap_err()
+        );
+        assert!(
+            e.contains("b.jsonl:2") && e.contains("no field \"text\""),
+            "{e}"
+        );
+
+        std::fs::write(dir.path().join("b.jsonl"), "").unwrap();
+        std::fs::write(dir.path().join("c.jsonl.zst"), b"not zstd at all").unwrap();
+        let e = format!(
+            "{:#}",
+            tokenize_split(&c, &tok, &c.train, "data.train").unwrap_err()
+        );
+        assert!(e.contains("c.jsonl.zst"), "{e}");
+
+        let missing = vec!["/nonexistent/dir".to_string()];
+        let e = format!(
+            "{:#}",
+            tokenize_split(&c, &tok, &missing, "data.validation").unwrap_err()
+        );
+        assert!(
+            e.contains("data.validation") && e.contains("/nonexistent/dir"),
+            "{e}"
+        );
+    }
+}

@@ -33,6 +33,11 @@ pub struct OptimConfig {
     pub min_lr_ratio: f64,
     #[serde(default = "d_warmup")]
     pub warmup_steps: u64,
+    /// Length of the schedule in steps (Megatron's `--lr-decay-iters`); defaults to `train.steps`.
+    /// Setting it makes the schedule independent of where a run stops, so a run stopped early and
+    /// continued with a larger `train.steps` matches the uninterrupted run.
+    #[serde(default)]
+    pub decay_steps: Option<u64>,
     #[serde(default)]
     pub schedule: ScheduleKind,
     #[serde(default = "d_beta1")]
@@ -98,6 +103,7 @@ fn toml_defaults() -> OptimConfig {
         lr: d_lr(),
         min_lr_ratio: d_min_lr_ratio(),
         warmup_steps: d_warmup(),
+        decay_steps: None,
         schedule: ScheduleKind::default(),
         beta1: d_beta1(),
         beta2: d_beta2(),

@@ -9,10 +9,12 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    pub fn new(cfg: &OptimConfig, total_steps: u64) -> Self {
+    /// `train_steps` is the schedule's length unless `optim.decay_steps` is set.
+    pub fn new(cfg: &OptimConfig, train_steps: u64) -> Self {
+        let total_steps = cfg.decay_steps.unwrap_or(train_steps).max(1);
         Self {
             cfg: cfg.clone(),
-            total_steps: total_steps.max(1),
+            total_steps,
         }
     }
 
@@ -76,6 +78,19 @@ mod tests {
         // halfway through the decay: floor + (peak - floor) / 2
         assert!((s.lr(60) - 0.55).abs() < 1e-12);
         assert!((s.lr(110) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn decay_steps_fix_the_schedule() {
+        let c = OptimConfig {
+            decay_steps: Some(110),
+            ..cfg()
+        };
+        let (a, b) = (Schedule::new(&c, 20), Schedule::new(&c, 40));
+        for s in 0..20 {
+            assert_eq!(a.lr(s), b.lr(s));
+        }
+        assert!((a.lr(60) - 0.55).abs() < 1e-12);
     }
 
     #[test]

@@ -107,7 +107,17 @@ pub fn train<B: AutodiffBackend>(
 
     // Which checkpoint, if any, before any expensive work.
     let resume_dir = match &opts.resume {
-        None => None,
+        None => {
+            // Never train over an earlier run's checkpoints: they would be mixed with this one's.
+            if let Some(existing) = checkpoint::latest(&ckpt_root)? {
+                bail!(
+                    "{} already holds checkpoints ({}): continue it with --resume auto, or choose another --run-dir",
+                    run_dir.display(),
+                    existing.display()
+                );
+            }
+            None
+        }
         Some(Resume::Auto) => checkpoint::latest(&ckpt_root)?,
         Some(Resume::Path(p)) => Some(p.clone()),
     };

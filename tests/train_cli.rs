@@ -1,0 +1,287 @@
+//! End-to-end tests of `tern train` on the embedded sample data.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn tern(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(args)
+        .current_dir(repo())
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("tern runs")
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "tern failed:\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn metrics(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `(step, loss)` of the training lines, the loss as printed (bitwise comparable).
+fn losses(run: &Path) -> Vec<(u64, String)> {
+    metrics(run)
+        .iter()
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].to_string()))
+        .collect()
+}
+
+/// A small model so the resume test runs in seconds.
+const SMALL: &[&str] = &[
+    "--set",
+    "model.hidden=64",
+    "--set",
+    "model.intermediate=128",
+    "--set",
+    "model.n_layers=2",
+    "--set",
+    "model.scale_groups=2",
+    "--set",
+    "data.seq_len=64",
+    "--set",
+    "train.global_batch=8",
+    "--set",
+    "train.micro_batch=4",
+    "--set",
+    "train.eval_every=4",
+    "--set",
+    "train.checkpoint_every=3",
+    "--set",
+    "optim.decay_steps=50",
+];
+
+fn train(run: &Path, steps: u32, extra: &[&str]) -> Output {
+    let steps = format!("train.steps={steps}");
+    let mut args = vec![
+        "train",
+        "recipes/tiny.toml",
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--set",
+        &steps,
+    ];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(extra);
+    tern(&args)
+}
+
+#[test]
+fn resume_continues_with_bitwise_equal_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (full, split) = (dir.path().join("full"), dir.path().join("split"));
+    ok(&train(&full, 12, &[]));
+    ok(&train(&split, 7, &[]));
+    // The 7-step run saved at steps 3, 6 and 7; resume takes the newest.
+    let out = train(&split, 12, &["--resume", "auto"]);
+    ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("resumed from"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let a = losses(&full);
+    let b = losses(&split);
+    assert_eq!(a.len(), 12);
+    assert_eq!(
+        a, b,
+        "losses of the uninterrupted and the resumed run differ"
+    );
+    // Validation losses match too.
+    let val = |run: &Path| -> Vec<String> {
+        metrics(run)
+            .iter()
+            .filter(|v| v.get("val_loss").is_some())
+            .map(|v| v.to_string())
+            .collect()
+    };
+    let (vf, vs) = (val(&full), val(&split));
+    // The split run also validated at its last step, 7.
+    assert_eq!(vs.len(), vf.len() + 1);
+    assert!(vf.iter().all(|v| vs.contains(v)), "{vf:?} vs {vs:?}");
+
+    // Resuming from an explicit checkpoint of step 3 redoes steps 4..12 identically.
+    let again = dir.path().join("again");
+    ok(&train(&again, 3, &[]));
+    let ckpt = again.join("checkpoints/step_00000003");
+    ok(&train(&again, 12, &["--resume", ckpt.to_str().unwrap()]));
+    assert_eq!(losses(&again), a);
+}
+
+#[test]
+fn corrupt_checkpoint_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    ok(&train(&run, 3, &[]));
+    // A second run into the same folder without --resume would mix two runs: refused.
+    let out = train(&run, 6, &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume auto"));
+    let f = run.join("checkpoints/step_00000003/optim.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 1;
+    std::fs::write(&f, bytes).unwrap();
+    let out = train(&run, 6, &["--resume", "auto"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("optim.safetensors") && err.contains("checksum mismatch"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn tiny_recipe_loss_falls_and_tensorboard_reads_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("tiny");
+    let out = tern(&[
+        "train",
+        "recipes/tiny.toml",
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--set",
+        "train.steps=40",
+        "--set",
+        "train.eval_every=20",
+        "--set",
+        "train.checkpoint_every=0",
+    ]);
+    ok(&out);
+    let m = metrics(&run);
+    let l = losses(&run);
+    assert_eq!(l.len(), 40);
+    let first: f64 = l[0].1.parse().unwrap();
+    let last5: f64 = l[35..]
+        .iter()
+        .map(|(_, v)| v.parse::<f64>().unwrap())
+        .sum::<f64>()
+        / 5.0;
+    assert!(
+        last5 < first - 1.0,
+        "loss did not fall: first {first}, mean of last five {last5}"
+    );
+    let vals: Vec<f64> = m
+        .iter()
+        .filter_map(|v| v.get("val_loss")?.as_f64())
+        .collect();
+    assert_eq!(vals.len(), 2);
+    assert!(vals[1] < vals[0], "{vals:?}");
+    for v in m.iter().filter(|v| v.get("loss").is_some()) {
+        for key in ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"] {
+            assert!(v.get(key).is_some(), "metrics line without {key}: {v}");
+        }
+    }
+    assert_eq!(
+        m.iter().rev().find(|v| v.get("tokens").is_some()).unwrap()["tokens"],
+        40 * 16 * 128
+    );
+    // The recipe as resolved is saved in the run dir, and the final checkpoint exists.
+    assert!(std::fs::read_to_string(run.join("recipe.toml"))
+        .unwrap()
+        .contains("vocab_size = 4096"));
+    assert!(run.join("checkpoints/step_00000040/manifest.json").exists());
+
+    // TensorBoard's EventAccumulator reads the scalars tern wrote.
+    let py = Command::new("python3")
+        .arg(repo().join("tests/tb_read.py"))
+        .arg(run.join("tb"))
+        .output()
+        .expect("python3 runs");
+    assert!(
+        py.status.success(),
+        "EventAccumulator failed (pip install tensorboard): {}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let tb: Value = serde_json::from_slice(&py.stdout).unwrap();
+    let tb_loss = tb["train/loss"].as_array().unwrap();
+    assert_eq!(tb_loss.len(), 40);
+    assert_eq!(tb_loss[39][0], 40);
+    assert!((tb_loss[0][1].as_f64().unwrap() - first).abs() < 1e-4);
+    assert_eq!(tb["val/loss"].as_array().unwrap().len(), 2);
+    let zero = tb["ternary_zero_fraction/layers.0.self_attn.q_proj"]
+        .as_array()
+        .unwrap();
+    let z = zero[39][1].as_f64().unwrap();
+    assert!(z > 0.05 && z < 0.95, "zero fraction {z}");
+}
+
+fn bad_recipe(overrides: &[&str], expect: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "train",
+        "recipes/tiny.toml",
+        "--run-dir",
+        dir.path().to_str().unwrap(),
+    ];
+    for o in overrides {
+        args.push("--set");
+        args.push(o);
+    }
+    let out = tern(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted {overrides:?}");
+    for e in expect {
+        assert!(
+            err.contains(e),
+            "error for {overrides:?} does not mention {e:?}: {err}"
+        );
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    // Rejected before any output was written.
+    assert!(!dir.path().join("metrics.jsonl").exists());
+}
+
+#[test]
+fn bad_recipes_fail_naming_the_key() {
+    bad_recipe(
+        &["model.n_layer=3"],
+        &["recipes/tiny.toml", "model.n_layer", "unknown field"],
+    );
+    bad_recipe(&["train.steps=\"many\""], &["train.steps", "invalid type"]);
+    bad_recipe(
+        &["model.n_heads=3"],
+        &["model.n_heads", "model.hidden = 128"],
+    );
+    bad_recipe(&["model.scale_groups=3"], &["model.scale_groups"]);
+    bad_recipe(
+        &["data.train=[\"/nonexistent/x\"]"],
+        &["data.train", "/nonexistent/x"],
+    );
+
+    // The same from a file with a typo.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repo().join("recipes/tiny.toml"))
+        .unwrap()
+        .replace("seq_len", "seqlen");
+    let p = dir.path().join("typo.toml");
+    std::fs::write(&p, text).unwrap();
+    let out = tern(&["train", p.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("typo.toml") && err.contains("data.seqlen"),
+        "{err}"
+    );
+}
