@@ -132,11 +132,15 @@ fn resume_continues_with_bitwise_equal_losses() {
 fn corrupt_checkpoint_is_refused_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("r");
+    ok(&train(&run, 2, &[]));
+    // A fresh run into the same folder moves the earlier run aside instead of mixing the two.
     ok(&train(&run, 3, &[]));
-    // A second run into the same folder without --resume would mix two runs: refused.
-    let out = train(&run, 6, &[]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume auto"));
+    assert!(dir
+        .path()
+        .join("r.1/checkpoints/step_00000002/manifest.json")
+        .exists());
+    assert!(!run.join("checkpoints/step_00000002").exists());
+    assert_eq!(losses(&dir.path().join("r.1")).len(), 2);
     let f = run.join("checkpoints/step_00000003/optim.safetensors");
     let mut bytes = std::fs::read(&f).unwrap();
     let n = bytes.len();

@@ -27,6 +27,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut recipe = a.recipe.load()?;
     let vocab = *recipe.model.vocab_size.get_or_insert(a.vocab);
     let (mb, t) = (recipe.train.micro_batch, recipe.data.seq_len + 1);
+    crate::check_device()?;
     let device = Default::default();
     let model: Llama<TrainBackend> = Llama::new(&recipe.model, &device);
     let mut rng = SplitMix64(1);

@@ -48,7 +48,29 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// The `cuda` build loads the NVIDIA driver at run time; without one, burn-cuda panics deep inside.
+/// Checking first turns that into a plain error.
+#[cfg(feature = "cuda")]
+pub fn check_device() -> anyhow::Result<()> {
+    for name in ["libcuda.so.1", "libcuda.so"] {
+        // SAFETY: loading the driver library runs its initialisers, as burn-cuda itself would.
+        if unsafe { libloading::Library::new(name) }.is_ok() {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("this tern is built with --features cuda, but no NVIDIA driver (libcuda.so.1) was found: run it on a GPU machine or build without the cuda feature")
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn check_device() -> anyhow::Result<()> {
+    Ok(())
+}
+
 fn main() -> ExitCode {
+    // A panic is a bug, not a user error: one line that says so, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("error: internal error (please report it): {info}");
+    }));
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => train::run(a),

@@ -64,6 +64,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         env!("CARGO_PKG_VERSION"),
         crate::backend_name()
     );
+    crate::check_device()?;
     let device = Default::default();
     let s = tern_train::train::<TrainBackend>(&recipe, &opts, &device)?;
     println!(

@@ -123,7 +123,7 @@ impl ModelConfig {
         if self.vocab_size == Some(0) {
             return err("model.vocab_size", "must be at least 1".into());
         }
-        if self.hidden % self.n_heads != 0 {
+        if !self.hidden.is_multiple_of(self.n_heads) {
             return err(
                 "model.n_heads",
                 format!(
@@ -132,7 +132,7 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return err(
                 "model.n_heads",
                 format!(
@@ -142,7 +142,7 @@ impl ModelConfig {
             );
         }
         let kv = self.kv_heads();
-        if kv == 0 || self.n_heads % kv != 0 {
+        if kv == 0 || !self.n_heads.is_multiple_of(kv) {
             return err(
                 "model.n_kv_heads",
                 format!(
@@ -151,13 +151,13 @@ impl ModelConfig {
                 ),
             );
         }
-        if !(self.rope_theta > 0.0) {
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return err("model.rope_theta", "must be positive".into());
         }
-        if !(self.rms_eps > 0.0) {
+        if self.rms_eps.is_nan() || self.rms_eps <= 0.0 {
             return err("model.rms_eps", "must be positive".into());
         }
-        if !(self.init_std > 0.0) {
+        if self.init_std.is_nan() || self.init_std <= 0.0 {
             return err("model.init_std", "must be positive".into());
         }
         let g = self.scale_groups;

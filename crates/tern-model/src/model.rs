@@ -191,6 +191,21 @@ mod tests {
         assert_eq!(la, lb);
     }
 
+    #[test]
+    fn parameter_count_matches_config_tied_and_untied() {
+        let dev = Default::default();
+        for tie in [false, true] {
+            let mut c = ModelConfig::tiny(50, LinearKind::Ternary);
+            c.tie_embeddings = tie;
+            let m = Llama::<Flex>::new(&c, &dev);
+            assert_eq!(m.num_params(), c.num_params());
+            assert_eq!(m.lm_head.is_none(), tie);
+            let x =
+                Tensor::<Flex, 2, Int>::from_data(TensorData::new(vec![1i32, 2, 3], [1, 3]), &dev);
+            assert_eq!(m.forward(x).dims(), [1, 3, 50]);
+        }
+    }
+
     type F64 = NdArray<f64>;
     type AdF64 = Autodiff<F64>;
 

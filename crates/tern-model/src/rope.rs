@@ -58,7 +58,7 @@ mod tests {
         let dev = Default::default();
         let (cos, sin) = rope_tables::<Flex>(3, 4, 100.0, &dev);
         let x = Tensor::<Flex, 4>::from_data(
-            TensorData::new(vec![1f32, 2., 3., 4.].repeat(3), [1, 1, 3, 4]),
+            TensorData::new([1f32, 2., 3., 4.].repeat(3), [1, 1, 3, 4]),
             &dev,
         );
         let y: Vec<f32> = apply_rope(x, &cos, &sin).into_data().to_vec().unwrap();

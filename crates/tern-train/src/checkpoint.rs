@@ -50,6 +50,9 @@ struct FileEntry {
     sha256: String,
 }
 
+/// Tensors of a safetensors file by name: shape and values.
+pub type TensorMap = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Named flat f32 tensors (module order is kept by the caller's `ParamInfo` list).
 pub type Named = Vec<(String, Vec<usize>, Vec<f32>)>;
 
@@ -69,7 +72,7 @@ fn safetensors_bytes(tensors: &Named) -> Result<Vec<u8>> {
     Ok(safetensors::tensor::serialize(views, None)?)
 }
 
-fn read_safetensors(path: &Path, bytes: &[u8]) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
+fn read_safetensors(path: &Path, bytes: &[u8]) -> Result<TensorMap> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| anyhow!("{}: not a safetensors file: {e}", path.display()))?;
     let mut out = HashMap::new();
@@ -216,8 +219,8 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
 pub struct Loaded {
     pub state: TrainState,
     pub recipe_toml: String,
-    pub model: HashMap<String, (Vec<usize>, Vec<f32>)>,
-    pub optim: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub model: TensorMap,
+    pub optim: TensorMap,
 }
 
 /// Loads a checkpoint, verifying every file against the manifest's sha256.
@@ -260,7 +263,7 @@ pub fn load(dir: &Path) -> Result<Loaded> {
 
 /// Takes the tensors of `infos` (with `suffix`) out of a loaded map, checking names and shapes.
 pub fn take_in_order(
-    map: &mut HashMap<String, (Vec<usize>, Vec<f32>)>,
+    map: &mut TensorMap,
     infos: &[ParamInfo],
     suffix: &str,
     file: &Path,

@@ -60,7 +60,7 @@ impl TrainConfig {
         if self.log_every == 0 {
             return Err("train.log_every: must be at least 1".into());
         }
-        if self.global_batch == 0 || self.global_batch % (self.micro_batch * dp) != 0 {
+        if self.global_batch == 0 || !self.global_batch.is_multiple_of(self.micro_batch * dp) {
             return Err(format!(
                 "train.global_batch: {} is not a positive multiple of train.micro_batch ({}) x data-parallel size ({dp})",
                 self.global_batch, self.micro_batch

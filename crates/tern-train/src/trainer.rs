@@ -95,6 +95,31 @@ fn validation_loss<B: Backend>(
 
 use burn::tensor::ElementConversion;
 
+/// A fresh run never writes into an earlier run's folder (their checkpoints and metrics would mix):
+/// a non-empty `run_dir` is renamed to `<run_dir>.1` (or the next free number) first.
+fn move_aside_earlier_run(run_dir: &Path) -> Result<()> {
+    let non_empty = std::fs::read_dir(run_dir).is_ok_and(|mut d| d.next().is_some());
+    if !non_empty {
+        return Ok(());
+    }
+    let name = run_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let free = (1..)
+        .map(|i| run_dir.with_file_name(format!("{name}.{i}")))
+        .find(|p| !p.exists())
+        .expect("a free name");
+    std::fs::rename(run_dir, &free)
+        .with_context(|| format!("moving the earlier run {} aside", run_dir.display()))?;
+    println!(
+        "{} held an earlier run: moved it to {} (use --resume auto to continue a run)",
+        run_dir.display(),
+        free.display()
+    );
+    Ok(())
+}
+
 pub fn train<B: AutodiffBackend>(
     recipe: &Recipe,
     opts: &TrainOptions,
@@ -107,17 +132,7 @@ pub fn train<B: AutodiffBackend>(
 
     // Which checkpoint, if any, before any expensive work.
     let resume_dir = match &opts.resume {
-        None => {
-            // Never train over an earlier run's checkpoints: they would be mixed with this one's.
-            if let Some(existing) = checkpoint::latest(&ckpt_root)? {
-                bail!(
-                    "{} already holds checkpoints ({}): continue it with --resume auto, or choose another --run-dir",
-                    run_dir.display(),
-                    existing.display()
-                );
-            }
-            None
-        }
+        None => None,
         Some(Resume::Auto) => checkpoint::latest(&ckpt_root)?,
         Some(Resume::Path(p)) => Some(p.clone()),
     };
@@ -153,6 +168,9 @@ pub fn train<B: AutodiffBackend>(
         );
     }
 
+    if opts.resume.is_none() {
+        move_aside_earlier_run(run_dir)?;
+    }
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("creating run directory {}", run_dir.display()))?;
     let recipe_toml = recipe.to_toml();
@@ -298,7 +316,7 @@ pub fn train<B: AutodiffBackend>(
         last_loss = loss;
 
         let last = state.step == tc.steps;
-        if state.step % tc.log_every == 0 || state.step == 1 || last {
+        if state.step.is_multiple_of(tc.log_every) || state.step == 1 || last {
             let secs = interval_start.elapsed().as_secs_f64();
             let zeros = model.valid().ternary_zero_fractions();
             metrics.step(
@@ -317,7 +335,7 @@ pub fn train<B: AutodiffBackend>(
             interval_start = Instant::now();
             interval_tokens = 0;
         }
-        if tc.eval_every > 0 && (state.step % tc.eval_every == 0 || last) {
+        if tc.eval_every > 0 && (state.step.is_multiple_of(tc.eval_every) || last) {
             let v = validation_loss(
                 &model.valid(),
                 &val_data.tokens,
@@ -329,7 +347,7 @@ pub fn train<B: AutodiffBackend>(
             metrics.validation(state.step, v)?;
             last_val = Some(v);
         }
-        if (tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0) || last {
+        if (tc.checkpoint_every > 0 && state.step.is_multiple_of(tc.checkpoint_every)) || last {
             let values: Vec<Vec<f32>> = flat_values::<B::InnerBackend, _>(&model.valid())
                 .into_iter()
                 .map(to_host)
