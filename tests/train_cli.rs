@@ -120,6 +120,25 @@ fn resume_continues_with_bitwise_equal_losses() {
     assert_eq!(vs.len(), vf.len() + 1);
     assert!(vf.iter().all(|v| vs.contains(v)), "{vf:?} vs {vs:?}");
 
+    // A run that logged steps past its newest checkpoint (a crash after step 7 with the
+    // checkpoints of steps 6 and 7 lost) redoes them: metrics.jsonl and TensorBoard keep one
+    // value per step.
+    let crashed = dir.path().join("crashed");
+    ok(&train(&crashed, 7, &[]));
+    for s in ["step_00000006", "step_00000007"] {
+        std::fs::remove_dir_all(crashed.join("checkpoints").join(s)).unwrap();
+    }
+    ok(&train(&crashed, 12, &["--resume", "auto"]));
+    assert_eq!(losses(&crashed), a);
+    let tb = tensorboard_scalars(&crashed);
+    let tb_steps: Vec<u64> = tb["train/loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_u64().unwrap())
+        .collect();
+    assert_eq!(tb_steps, (1..=12).collect::<Vec<_>>());
+
     // Resuming from an explicit checkpoint of step 3 redoes steps 4..12 identically.
     let again = dir.path().join("again");
     ok(&train(&again, 3, &[]));
@@ -208,17 +227,7 @@ fn tiny_recipe_loss_falls_and_tensorboard_reads_the_run() {
     assert!(run.join("checkpoints/step_00000040/manifest.json").exists());
 
     // TensorBoard's EventAccumulator reads the scalars tern wrote.
-    let py = Command::new("python3")
-        .arg(repo().join("tests/tb_read.py"))
-        .arg(run.join("tb"))
-        .output()
-        .expect("python3 runs");
-    assert!(
-        py.status.success(),
-        "EventAccumulator failed (pip install tensorboard): {}",
-        String::from_utf8_lossy(&py.stderr)
-    );
-    let tb: Value = serde_json::from_slice(&py.stdout).unwrap();
+    let tb = tensorboard_scalars(&run);
     let tb_loss = tb["train/loss"].as_array().unwrap();
     assert_eq!(tb_loss.len(), 40);
     assert_eq!(tb_loss[39][0], 40);
@@ -229,6 +238,22 @@ fn tiny_recipe_loss_falls_and_tensorboard_reads_the_run() {
         .unwrap();
     let z = zero[39][1].as_f64().unwrap();
     assert!(z > 0.05 && z < 0.95, "zero fraction {z}");
+}
+
+/// The run's TensorBoard scalars as TensorBoard's own `EventAccumulator` reads them:
+/// `{tag: [[step, value], ...]}`.
+fn tensorboard_scalars(run: &Path) -> Value {
+    let py = Command::new("python3")
+        .arg(repo().join("tests/tb_read.py"))
+        .arg(run.join("tb"))
+        .output()
+        .expect("python3 runs");
+    assert!(
+        py.status.success(),
+        "EventAccumulator failed (pip install tensorboard): {}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    serde_json::from_slice(&py.stdout).unwrap()
 }
 
 fn bad_recipe(overrides: &[&str], expect: &[&str]) {

@@ -25,18 +25,7 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     pub fn new(c: &ModelConfig, device: &B::Device) -> Self {
-        let proj = |d_in, d_out, axis| {
-            ProjLinearConfig {
-                d_in,
-                d_out,
-                kind: c.linear,
-                groups: c.scale_groups,
-                axis,
-                eps: c.ternary_eps,
-                init_std: c.init_std,
-            }
-            .init(device)
-        };
+        let proj = |d_in, d_out, axis| ProjLinearConfig::block(c, d_in, d_out, axis).init(device);
         let kv_dim = c.kv_heads() * c.head_dim();
         Self {
             q_proj: proj(c.hidden, c.hidden, ScaleAxis::Rows),

@@ -52,6 +52,19 @@ pub struct ProjLinearConfig {
 }
 
 impl ProjLinearConfig {
+    /// A projection of a decoder block: the model's linear kind, scale groups and init.
+    pub fn block(c: &crate::ModelConfig, d_in: usize, d_out: usize, axis: ScaleAxis) -> Self {
+        Self {
+            d_in,
+            d_out,
+            kind: c.linear,
+            groups: c.scale_groups,
+            axis,
+            eps: c.ternary_eps,
+            init_std: c.init_std,
+        }
+    }
+
     pub fn init<B: Backend>(&self, device: &B::Device) -> ProjLinear<B> {
         let weight = Initializer::Normal {
             mean: 0.0,

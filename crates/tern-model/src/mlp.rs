@@ -16,18 +16,7 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     pub fn new(c: &ModelConfig, device: &B::Device) -> Self {
-        let proj = |d_in, d_out, axis| {
-            ProjLinearConfig {
-                d_in,
-                d_out,
-                kind: c.linear,
-                groups: c.scale_groups,
-                axis,
-                eps: c.ternary_eps,
-                init_std: c.init_std,
-            }
-            .init(device)
-        };
+        let proj = |d_in, d_out, axis| ProjLinearConfig::block(c, d_in, d_out, axis).init(device);
         Self {
             gate_proj: proj(c.hidden, c.intermediate, ScaleAxis::Rows),
             up_proj: proj(c.hidden, c.intermediate, ScaleAxis::Rows),

@@ -116,7 +116,7 @@ impl EventWriter {
         let mut log = Vec::new();
         key(1, 0, &mut log);
         varint(1, &mut log); // SessionLog.status = START
-        let e = event(step as i64, |e| len_field(6, &log, e));
+        let e = event(step as i64, |e| len_field(7, &log, e)); // Event.session_log = 7
         self.write_record(&e)
     }
 
