@@ -160,6 +160,21 @@ fn corrupt_checkpoint_is_refused_naming_the_file() {
         .exists());
     assert!(!run.join("checkpoints/step_00000002").exists());
     assert_eq!(losses(&dir.path().join("r.1")).len(), 2);
+    // Resuming with another model is refused, and the run's files are left as they were.
+    let before = std::fs::read_to_string(run.join("recipe.toml")).unwrap();
+    let out = train(&run, 6, &["--resume", "auto", "--set", "model.n_layers=3"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("step_00000003") && err.contains("[model] differs"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("recipe.toml")).unwrap(),
+        before
+    );
+    assert_eq!(losses(&run).len(), 3);
+
     let f = run.join("checkpoints/step_00000003/optim.safetensors");
     let mut bytes = std::fs::read(&f).unwrap();
     let n = bytes.len();

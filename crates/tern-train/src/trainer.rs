@@ -168,21 +168,19 @@ pub fn train<B: AutodiffBackend>(
         );
     }
 
-    if opts.resume.is_none() {
+    // A fresh start (also `--resume auto` with no checkpoint) never writes into an earlier run.
+    if resume_dir.is_none() {
         move_aside_earlier_run(run_dir)?;
     }
-    std::fs::create_dir_all(run_dir)
-        .with_context(|| format!("creating run directory {}", run_dir.display()))?;
     let recipe_toml = recipe.to_toml();
-    std::fs::write(run_dir.join("recipe.toml"), &recipe_toml)
-        .with_context(|| format!("writing {}/recipe.toml", run_dir.display()))?;
 
     // Model and optimizer.
     let mc = &recipe.model;
     let mut model: Llama<B> = init_normal(Llama::new(mc, device), tc.seed, mc.init_std, device);
     let infos = param_infos::<B, _>(&model);
     let decay: Vec<bool> = infos.iter().map(ParamInfo::decays).collect();
-    let inner_device = flat_values::<B::InnerBackend, _>(&model.valid())[0].device();
+    // The same device seen from the inner (non-autodiff) backend, where optimizer state lives.
+    let inner_device = model.valid().embed_tokens.weight.val().device();
     let sizes: Vec<usize> = infos.iter().map(ParamInfo::numel).collect();
     let mut opt = AdamW::<B::InnerBackend>::new(&recipe.optim, &sizes, &inner_device);
 
@@ -237,6 +235,12 @@ pub fn train<B: AutodiffBackend>(
             );
         }
     }
+
+    // Written only now that the checkpoint (if any) was accepted.
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("creating run directory {}", run_dir.display()))?;
+    std::fs::write(run_dir.join("recipe.toml"), &recipe_toml)
+        .with_context(|| format!("writing {}/recipe.toml", run_dir.display()))?;
 
     let start_step = state.step;
     let mut metrics = Metrics::open(run_dir, start_step, tc.steps, recipe.run.progress)?;
