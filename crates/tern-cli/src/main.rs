@@ -66,10 +66,30 @@ pub fn check_device() -> anyhow::Result<()> {
     Ok(())
 }
 
+static RANK: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+
+/// Records this process's place in the job, for error messages.
+pub fn set_rank(rank: usize, world: usize) {
+    let _ = RANK.set((rank, world));
+}
+
+/// `rank R: ` inside a multi-process job, nothing otherwise.
+fn rank_prefix() -> String {
+    match RANK.get() {
+        Some(&(r, w)) if w > 1 => format!("rank {r}: "),
+        _ => String::new(),
+    }
+}
+
 fn main() -> ExitCode {
-    // A panic is a bug, not a user error: one line that says so, not a backtrace.
+    // A panic is a bug, not a user error: one line that says so, not a backtrace. Inside an MPI
+    // job it ends every rank at once (a panicking rank would otherwise leave the others waiting).
     std::panic::set_hook(Box::new(|info| {
-        eprintln!("error: internal error (please report it): {info}");
+        eprintln!(
+            "error: {}internal error (please report it): {info}",
+            rank_prefix()
+        );
+        tern_dist::launch::abort_job(101);
     }));
     let cli = Cli::parse();
     let result = match cli.command {
@@ -79,7 +99,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}{e:#}", rank_prefix());
+            // One rank's error ends the whole job instead of leaving the others in a collective.
+            tern_dist::launch::abort_job(1);
             ExitCode::FAILURE
         }
     }

@@ -47,6 +47,9 @@ pub struct TrainArgs {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let recipe = a.recipe.load()?;
+    let dist = tern_dist::Dist::init(recipe.parallel.tp, recipe.parallel.dp)?;
+    crate::set_rank(dist.topo.rank, dist.topo.world);
+    let main = dist.topo.is_main();
     let run_dir = recipe.run_dir(a.run_dir.as_deref());
     let resume = a.resume.map(|r| {
         if r == "auto" {
@@ -59,14 +62,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
         run_dir: run_dir.clone(),
         resume,
     };
-    println!(
-        "tern {} | backend {}",
-        env!("CARGO_PKG_VERSION"),
-        crate::backend_name()
-    );
+    if main {
+        println!(
+            "tern {} | backend {}",
+            env!("CARGO_PKG_VERSION"),
+            crate::backend_name()
+        );
+    }
     crate::check_device()?;
     let device = Default::default();
-    let s = tern_train::train::<TrainBackend>(&recipe, &opts, &device)?;
+    let s = tern_train::train::<TrainBackend>(&recipe, &opts, &device, &dist)?;
+    if !main {
+        return Ok(());
+    }
     println!(
         "done: steps {}..{} | last loss {:.4} | val loss {} | {} tokens | run dir {}",
         s.start_step,

@@ -24,7 +24,12 @@ pub struct StepMetrics {
     pub skipped_steps: u64,
 }
 
+/// The run's outputs; silent on every rank but the first of a job.
 pub struct Metrics {
+    out: Option<Outputs>,
+}
+
+struct Outputs {
     jsonl: File,
     jsonl_path: PathBuf,
     tb: EventWriter,
@@ -57,6 +62,11 @@ fn truncate_after(path: &Path, last_step: u64) -> Result<()> {
 }
 
 impl Metrics {
+    /// Outputs of a rank that writes none.
+    pub fn silent() -> Self {
+        Self { out: None }
+    }
+
     /// Opens the outputs of `run_dir`; `start_step` is the number of steps already done.
     pub fn open(
         run_dir: &Path,
@@ -93,37 +103,45 @@ impl Metrics {
             b
         });
         Ok(Self {
-            jsonl,
-            jsonl_path,
-            tb,
-            bar,
+            out: Some(Outputs {
+                jsonl,
+                jsonl_path,
+                tb,
+                bar,
+            }),
         })
     }
 
-    fn write_line(&mut self, v: Value) -> Result<()> {
-        writeln!(self.jsonl, "{v}")
-            .with_context(|| format!("writing {}", self.jsonl_path.display()))
+    fn write_line(o: &mut Outputs, v: Value) -> Result<()> {
+        writeln!(o.jsonl, "{v}").with_context(|| format!("writing {}", o.jsonl_path.display()))
     }
 
     /// A plain line, or a message above the progress bar.
     pub fn say(&self, line: &str) {
-        match &self.bar {
+        let Some(o) = &self.out else { return };
+        match &o.bar {
             Some(b) => b.println(line),
             None => println!("{line}"),
         }
     }
 
     pub fn step(&mut self, m: &StepMetrics, zero_fractions: &[(String, f64)]) -> Result<()> {
-        self.write_line(json!({
-            "step": m.step,
-            "loss": m.loss,
-            "lr": m.lr,
-            "weight_decay": m.weight_decay,
-            "grad_norm": m.grad_norm,
-            "tokens": m.tokens,
-            "tokens_per_s": m.tokens_per_s,
-            "skipped_steps": m.skipped_steps,
-        }))?;
+        let Some(o) = &mut self.out else {
+            return Ok(());
+        };
+        Self::write_line(
+            o,
+            json!({
+                "step": m.step,
+                "loss": m.loss,
+                "lr": m.lr,
+                "weight_decay": m.weight_decay,
+                "grad_norm": m.grad_norm,
+                "tokens": m.tokens,
+                "tokens_per_s": m.tokens_per_s,
+                "skipped_steps": m.skipped_steps,
+            }),
+        )?;
         let mut scalars: Vec<(String, f64)> = vec![
             ("train/loss".into(), m.loss),
             ("train/lr".into(), m.lr),
@@ -140,13 +158,13 @@ impl Metrics {
             scalars.push((format!("ternary_zero_fraction/{name}"), *z));
         }
         let refs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        self.tb.scalars(m.step, &refs)?;
-        self.tb.flush()?;
+        o.tb.scalars(m.step, &refs)?;
+        o.tb.flush()?;
         let msg = format!(
             "loss {:.4} | lr {:.3e} | grad_norm {:.3} | {:.0} tok/s",
             m.loss, m.lr, m.grad_norm, m.tokens_per_s
         );
-        match &self.bar {
+        match &o.bar {
             Some(b) => {
                 b.set_position(m.step);
                 b.set_message(msg);
@@ -157,18 +175,24 @@ impl Metrics {
     }
 
     pub fn validation(&mut self, step: u64, val_loss: f64) -> Result<()> {
-        self.write_line(json!({ "step": step, "val_loss": val_loss }))?;
-        self.tb.scalars(step, &[("val/loss", val_loss)])?;
-        self.tb.flush()?;
+        let Some(o) = &mut self.out else {
+            return Ok(());
+        };
+        Self::write_line(o, json!({ "step": step, "val_loss": val_loss }))?;
+        o.tb.scalars(step, &[("val/loss", val_loss)])?;
+        o.tb.flush()?;
         self.say(&format!("step {step} | val_loss {val_loss:.4}"));
         Ok(())
     }
 
     pub fn finish(&mut self) -> Result<()> {
-        if let Some(b) = &self.bar {
+        let Some(o) = &mut self.out else {
+            return Ok(());
+        };
+        if let Some(b) = &o.bar {
             b.finish();
         }
-        self.jsonl.sync_all().ok();
-        self.tb.flush()
+        o.jsonl.sync_all().ok();
+        o.tb.flush()
     }
 }

@@ -50,7 +50,8 @@ fn d_eval_batches() -> usize {
 }
 
 impl TrainConfig {
-    fn validate(&self, dp: usize) -> Result<(), String> {
+    /// Checks against the data-parallel size `dp` (known once the job has started).
+    pub fn validate(&self, dp: usize) -> Result<(), String> {
         if self.steps == 0 {
             return Err("train.steps: must be at least 1".into());
         }
@@ -261,14 +262,17 @@ impl Recipe {
         self.model.validate().map_err(|e| e.to_string())?;
         self.data.validate()?;
         self.optim.validate()?;
-        if self.parallel.tp != 1 || self.parallel.dp.is_some_and(|d| d != 1) {
+        if self.parallel.tp != 1 {
             return Err(format!(
-                "parallel: tp = {}, dp = {:?}: this build runs one process (tp = 1, dp = 1); \
-                 the MPI launcher comes with the distributed issue",
-                self.parallel.tp, self.parallel.dp
+                "parallel.tp = {}: tensor parallelism is not implemented yet; use parallel.tp = 1 (data parallelism over mpirun works)",
+                self.parallel.tp
             ));
         }
-        self.train.validate(1)?;
+        let dp = self.parallel.dp.unwrap_or(1);
+        if dp == 0 {
+            return Err("parallel.dp: must be at least 1".into());
+        }
+        self.train.validate(dp)?;
         Ok(())
     }
 

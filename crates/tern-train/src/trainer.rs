@@ -7,9 +7,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
-use tern_data::sampler::{block, num_blocks};
+use tern_data::sampler::{block, dp_slice, num_blocks};
 use tern_data::tokenize::tokenize_split;
 use tern_data::{Sampler, TextTokenizer};
+use tern_dist::{all_reduce_mean_tensors, comm::BUCKET_ELEMS, Dist};
 use tern_model::Llama;
 use tern_optim::{clip_global_norm, AdamW, Schedule};
 
@@ -120,11 +121,34 @@ fn move_aside_earlier_run(run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Test switch for the failure tests: `TERN_TEST_PANIC=RANK:STEP` panics that rank at that step.
+fn test_panic(rank: usize, step: u64) {
+    if let Ok(v) = std::env::var("TERN_TEST_PANIC") {
+        if v == format!("{rank}:{step}") {
+            panic!("TERN_TEST_PANIC: rank {rank} panics at step {step} as asked");
+        }
+    }
+}
+
+/// A checksum of the weights: equal on every data-parallel rank when they hold the same weights.
+fn weights_checksum(values: &[Vec<f32>]) -> f64 {
+    values
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, &x)| x as f64 * (1.0 + (i % 7) as f64))
+        .sum()
+}
+
 pub fn train<B: AutodiffBackend>(
     recipe: &Recipe,
     opts: &TrainOptions,
     device: &B::Device,
+    dist: &Dist,
 ) -> Result<TrainSummary> {
+    let topo = dist.topo;
+    let main = topo.is_main();
+    recipe.train.validate(topo.dp).map_err(|e| anyhow!(e))?;
     let run_dir = &opts.run_dir;
     let ckpt_root = run_dir.join("checkpoints");
     let (tc, dc) = (&recipe.train, &recipe.data);
@@ -169,7 +193,7 @@ pub fn train<B: AutodiffBackend>(
     }
 
     // A fresh start (also `--resume auto` with no checkpoint) never writes into an earlier run.
-    if resume_dir.is_none() {
+    if resume_dir.is_none() && main {
         move_aside_earlier_run(run_dir)?;
     }
     let recipe_toml = recipe.to_toml();
@@ -236,14 +260,23 @@ pub fn train<B: AutodiffBackend>(
         }
     }
 
-    // Written only now that the checkpoint (if any) was accepted.
-    std::fs::create_dir_all(run_dir)
-        .with_context(|| format!("creating run directory {}", run_dir.display()))?;
-    std::fs::write(run_dir.join("recipe.toml"), &recipe_toml)
-        .with_context(|| format!("writing {}/recipe.toml", run_dir.display()))?;
-
+    // Written only now that the checkpoint (if any) was accepted, and by the first rank only.
     let start_step = state.step;
-    let mut metrics = Metrics::open(run_dir, start_step, tc.steps, recipe.run.progress)?;
+    let mut metrics = if main {
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("creating run directory {}", run_dir.display()))?;
+        std::fs::write(run_dir.join("recipe.toml"), &recipe_toml)
+            .with_context(|| format!("writing {}/recipe.toml", run_dir.display()))?;
+        Metrics::open(run_dir, start_step, tc.steps, recipe.run.progress)?
+    } else {
+        Metrics::silent()
+    };
+    if topo.world > 1 {
+        metrics.say(&format!(
+            "job: {} processes, tensor-parallel {} x data-parallel {}",
+            topo.world, topo.tp, topo.dp
+        ));
+    }
     metrics.say(&format!(
         "tern: {} | {:.2}M parameters ({:?} linears, {} scale groups) | {} train tokens ({} docs), {} val tokens | tokenised in {:.1}s",
         recipe.name(),
@@ -268,7 +301,9 @@ pub fn train<B: AutodiffBackend>(
 
     let schedule = Schedule::new(&recipe.optim, tc.steps);
     let mut sampler = Sampler::new(n_train, tc.seed);
-    let n_micro = tc.global_batch / tc.micro_batch;
+    // This rank's share of every global batch, in micro-batches.
+    let mine = dp_slice(tc.global_batch, topo.dp_rank(), topo.dp);
+    let n_micro = mine.len() / tc.micro_batch;
     let mut last_loss = f64::NAN;
     let mut last_val = None;
     let mut interval_start = Instant::now();
@@ -277,7 +312,9 @@ pub fn train<B: AutodiffBackend>(
     for step in start_step..tc.steps {
         let lr = schedule.lr(step);
         let wd = schedule.weight_decay(step);
+        test_panic(topo.rank, step + 1);
         let blocks = sampler.blocks_of(state.consumed_samples, tc.global_batch);
+        let blocks = &blocks[mine.clone()];
         let mut loss_sum = 0.0f64;
         let mut acc: Option<Vec<Tensor<B::InnerBackend, 1>>> = None;
         for chunk in blocks.chunks(tc.micro_batch) {
@@ -292,12 +329,14 @@ pub fn train<B: AutodiffBackend>(
                 Some(a) => a.into_iter().zip(g).map(|(a, g)| a + g).collect(),
             });
         }
-        let mut grads: Vec<_> = acc
+        let grads: Vec<_> = acc
             .expect("at least one micro-batch")
             .into_iter()
             .map(|g| g.div_scalar(n_micro as f64))
             .collect();
-        let loss = loss_sum / n_micro as f64;
+        // Equal shares: the mean over data-parallel ranks is the mean of the global batch.
+        let mut grads = all_reduce_mean_tensors(dist.dp.as_ref(), grads, BUCKET_ELEMS);
+        let loss = dist.dp.all_reduce_sum_f64(loss_sum / n_micro as f64) / topo.dp as f64;
         let grad_norm = clip_global_norm(&mut grads, recipe.optim.grad_clip);
 
         if loss.is_finite() && grad_norm.is_finite() {
@@ -339,7 +378,7 @@ pub fn train<B: AutodiffBackend>(
             interval_start = Instant::now();
             interval_tokens = 0;
         }
-        if tc.eval_every > 0 && (state.step.is_multiple_of(tc.eval_every) || last) {
+        if main && tc.eval_every > 0 && (state.step.is_multiple_of(tc.eval_every) || last) {
             let v = validation_loss(
                 &model.valid(),
                 &val_data.tokens,
@@ -356,6 +395,17 @@ pub fn train<B: AutodiffBackend>(
                 .into_iter()
                 .map(to_host)
                 .collect();
+            // Every data-parallel rank must hold the same weights.
+            let sums = dist.dp.all_gather_f64(weights_checksum(&values));
+            if sums.iter().any(|&c| c.to_bits() != sums[0].to_bits()) {
+                bail!(
+                    "step {}: the ranks' weights differ (checksums {sums:?})",
+                    state.step
+                );
+            }
+            if !main {
+                continue;
+            }
             let m: Vec<Vec<f32>> = opt.exp_avg.iter().cloned().map(to_host).collect();
             let v: Vec<Vec<f32>> = opt.exp_avg_sq.iter().cloned().map(to_host).collect();
             let mut optim = named(&infos, m, ".exp_avg");
@@ -369,9 +419,11 @@ pub fn train<B: AutodiffBackend>(
             )
             .map_err(|e| anyhow!("saving checkpoint of step {}: {e:#}", state.step))?;
             metrics.say(&format!(
-                "step {} | checkpoint {}",
+                "step {} | checkpoint {} | weights checksum {:.6e} on {} rank(s)",
                 state.step,
-                dir.display()
+                dir.display(),
+                sums[0],
+                sums.len()
             ));
         }
     }

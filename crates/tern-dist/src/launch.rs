@@ -1,0 +1,126 @@
+//! Starting up under `mpirun` (OpenMPI, MPICH, Slurm's PMI) or as a single process.
+
+use anyhow::{anyhow, Result};
+use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
+use mpi::environment::Universe;
+use mpi::topology::{Color, Communicator, SimpleCommunicator};
+
+use crate::comm::{Comm, SoloComm};
+use crate::topology::Topology;
+
+/// True when a launcher started this process as one rank of a job. MPI is initialised only then:
+/// a plain `tern train` stays an ordinary process (OpenMPI's singleton start refuses root and
+/// spawns helpers).
+pub fn launched_by_mpi() -> bool {
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_RANK",
+        "MPI_LOCALNRANKS",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some())
+}
+
+/// An MPI communicator with host-memory collectives.
+pub struct MpiComm {
+    comm: SimpleCommunicator,
+}
+
+impl Comm for MpiComm {
+    fn rank(&self) -> usize {
+        self.comm.rank() as usize
+    }
+    fn size(&self) -> usize {
+        self.comm.size() as usize
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) {
+        let send = buf.to_vec();
+        self.comm
+            .all_reduce_into(&send[..], buf, SystemOperation::sum());
+    }
+    fn all_gather(&self, send: &[f32], recv: &mut [f32]) {
+        self.comm.all_gather_into(send, recv);
+    }
+    fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) {
+        self.comm
+            .reduce_scatter_block_into(send, recv, SystemOperation::sum());
+    }
+    fn broadcast(&self, buf: &mut [f32], root: usize) {
+        self.comm.process_at_rank(root as i32).broadcast_into(buf);
+    }
+    fn barrier(&self) {
+        self.comm.barrier();
+    }
+    fn all_reduce_sum_f64(&self, v: f64) -> f64 {
+        let mut out = 0.0f64;
+        self.comm
+            .all_reduce_into(&v, &mut out, SystemOperation::sum());
+        out
+    }
+    fn all_gather_f64(&self, v: f64) -> Vec<f64> {
+        let mut out = vec![0.0f64; self.size()];
+        self.comm.all_gather_into(&v, &mut out[..]);
+        out
+    }
+}
+
+/// The job this process belongs to: its place and the communicators the trainer uses.
+pub struct Dist {
+    pub topo: Topology,
+    /// The ranks that hold the same tensor-parallel shard (gradient averaging).
+    pub dp: Box<dyn Comm>,
+    /// Every rank (checks, barriers).
+    pub world: Box<dyn Comm>,
+    // Dropped last: MPI_Finalize after the communicators are freed.
+    _mpi: Option<MpiRuntime>,
+}
+
+/// Keeps MPI initialised for the life of the job.
+pub struct MpiRuntime {
+    _universe: Universe,
+}
+
+impl Dist {
+    pub fn single() -> Self {
+        Self {
+            topo: Topology::single(),
+            dp: Box::new(SoloComm),
+            world: Box::new(SoloComm),
+            _mpi: None,
+        }
+    }
+
+    /// Initialises MPI when launched by `mpirun` (else a single process) and splits the world into
+    /// tensor-parallel groups of `tp` consecutive ranks and data-parallel groups across them.
+    pub fn init(tp: usize, dp: Option<usize>) -> Result<Self> {
+        if !launched_by_mpi() {
+            Topology::new(0, 1, 0, tp, dp)
+                .map_err(|e| anyhow!("{e} (start the job with mpirun -np N)"))?;
+            return Ok(Self::single());
+        }
+        let universe = mpi::initialize().ok_or_else(|| anyhow!("MPI was already initialised"))?;
+        let world = universe.world();
+        let (rank, size) = (world.rank() as usize, world.size() as usize);
+        let local_rank = world.split_shared(world.rank()).rank() as usize;
+        let topo = Topology::new(rank, size, local_rank, tp, dp).map_err(|e| anyhow!(e))?;
+        let dp_comm = world
+            .split_by_color(Color::with_value(topo.tp_rank() as i32))
+            .ok_or_else(|| anyhow!("rank {rank}: splitting the data-parallel group failed"))?;
+        Ok(Self {
+            topo,
+            dp: Box::new(MpiComm { comm: dp_comm }),
+            world: Box::new(MpiComm { comm: world }),
+            _mpi: Some(MpiRuntime {
+                _universe: universe,
+            }),
+        })
+    }
+}
+
+/// Ends every rank of the job now (after an error or a panic on this one): never a hang.
+pub fn abort_job(code: i32) {
+    if mpi::environment::is_initialized() && !mpi::environment::is_finalized() {
+        SimpleCommunicator::world().abort(code);
+    }
+}

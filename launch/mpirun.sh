@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs tern on N processes of this machine: launch/mpirun.sh N train RECIPE [--set ...]
+# Sets what OpenMPI needs as root, without ssh, and with more ranks than cores.
+set -euo pipefail
+n=${1:?usage: launch/mpirun.sh N train RECIPE [options]}
+shift
+here=$(cd "$(dirname "$0")/.." && pwd)
+tern=${TERN:-$here/target/release/tern}
+if [ "$(id -u)" = 0 ]; then
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+fi
+export OMPI_MCA_rmaps_base_oversubscribe=${OMPI_MCA_rmaps_base_oversubscribe:-1}
+export OMPI_MCA_plm_rsh_agent=${OMPI_MCA_plm_rsh_agent-}
+exec mpirun -np "$n" "$tern" "$@"

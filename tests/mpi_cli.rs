@@ -1,0 +1,167 @@
+//! Multi-process tests: `mpirun -np N tern train` against one process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// `mpirun -np n tern ...` (n = 0: no mpirun), with what OpenMPI needs as root, without ssh, and
+/// with more ranks than cores.
+fn run(n: usize, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let tern = env!("CARGO_BIN_EXE_tern");
+    let mut cmd = if n == 0 {
+        Command::new(tern)
+    } else {
+        let mut c = Command::new("mpirun");
+        c.args(["-np", &n.to_string(), tern]);
+        c
+    };
+    cmd.args(args)
+        .current_dir(repo())
+        .env("RUST_BACKTRACE", "0")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .env("OMPI_MCA_plm_rsh_agent", "");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("mpirun (openmpi-bin) runs")
+}
+
+const SMALL: &[&str] = &[
+    "--set",
+    "model.hidden=64",
+    "--set",
+    "model.intermediate=128",
+    "--set",
+    "model.n_layers=2",
+    "--set",
+    "data.seq_len=64",
+    "--set",
+    "train.global_batch=8",
+    "--set",
+    "train.micro_batch=2",
+    "--set",
+    "train.eval_every=5",
+    "--set",
+    "train.checkpoint_every=5",
+    "--set",
+    "optim.decay_steps=50",
+    "--set",
+    "train.steps=10",
+];
+
+fn train(n: usize, run_dir: &Path, extra: &[&str]) -> Vec<f64> {
+    let mut args = vec![
+        "train",
+        "recipes/tiny.toml",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(extra);
+    let out = run(n, &args, &[]);
+    assert!(
+        out.status.success(),
+        "np {n} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter_map(|v| v.get("loss").and_then(Value::as_f64))
+        .collect()
+}
+
+fn assert_close(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let rel = (x - y).abs() / x.abs();
+        assert!(
+            rel <= 1e-5,
+            "{what}: step {} loss {x} vs {y} (relative {rel:e})",
+            i + 1
+        );
+    }
+}
+
+#[test]
+fn data_parallel_matches_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    for linear in ["model.linear=ternary", "model.linear=float"] {
+        let one = train(
+            0,
+            &dir.path().join(format!("one-{linear}")),
+            &["--set", linear],
+        );
+        let two = train(
+            2,
+            &dir.path().join(format!("dp2-{linear}")),
+            &["--set", linear],
+        );
+        assert_close(&one, &two, &format!("dp=2 {linear}"));
+        let four = train(
+            4,
+            &dir.path().join(format!("dp4-{linear}")),
+            &["--set", linear],
+        );
+        assert_close(&one, &four, &format!("dp=4 {linear}"));
+        assert!(one[9] < one[0], "the loss falls");
+    }
+    // Only rank 0 writes: one TensorBoard file, one metrics line per step.
+    let tb: Vec<_> = std::fs::read_dir(dir.path().join("dp2-model.linear=float/tb"))
+        .unwrap()
+        .collect();
+    assert_eq!(tb.len(), 1);
+}
+
+#[test]
+fn a_panicking_rank_ends_the_job_quickly() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("r");
+    let mut args = vec![
+        "train",
+        "recipes/tiny.toml",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(SMALL);
+    let start = Instant::now();
+    let out = run(2, &args, &[("TERN_TEST_PANIC", "1:3")]);
+    let took = start.elapsed();
+    assert!(!out.status.success());
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rank 1:") && err.contains("panics at step 3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_dp_that_does_not_fit_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "train",
+        "recipes/tiny.toml",
+        "--run-dir",
+        dir.path().to_str().unwrap(),
+    ];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(&["--set", "parallel.dp=4", "--set", "train.global_batch=16"]);
+    let out = run(2, &args, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("parallel.dp = 4 does not fit"), "{err}");
+}
