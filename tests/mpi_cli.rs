@@ -165,3 +165,35 @@ fn a_dp_that_does_not_fit_is_an_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("parallel.dp = 4 does not fit"), "{err}");
 }
+
+#[test]
+fn bench_reports_compute_and_all_reduce() {
+    let out = run(
+        2,
+        &[
+            "bench",
+            "recipes/tiny.toml",
+            "--steps",
+            "1",
+            "--set",
+            "model.n_layers=1",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Only rank 0 prints; the all-reduce carries every gradient: 4 bytes per parameter.
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("bench ")).count(),
+        1,
+        "{text}"
+    );
+    assert!(text.contains("tp 1 x dp 2"), "{text}");
+    let params = 4096 * 128 * 2 + 128 * 128 * 2 + 2 * 128 * 64 + 3 * 128 * 352 + 3 * 128;
+    let mb = format!("of {:.1} MB", (params * 4) as f64 / 1e6);
+    assert!(text.contains(&mb), "expected {mb:?} in {text}");
+}

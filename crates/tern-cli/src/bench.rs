@@ -8,6 +8,7 @@ use tern_data::sampler::SplitMix64;
 use tern_model::Llama;
 
 use crate::train::RecipeArgs;
+
 use crate::{backend_name, TrainBackend};
 
 #[derive(Args)]
@@ -22,42 +23,75 @@ pub struct BenchArgs {
     pub vocab: usize,
 }
 
-/// Forward + backward of one micro-batch of random tokens, as the trainer runs it.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Forward + backward of one micro-batch of random tokens, as the trainer runs it, then (under
+/// `mpirun`) the bucketed data-parallel gradient all-reduce. Prints compute and communication
+/// time and the all-reduce bus bandwidth (NCCL's convention: 2 (n-1)/n x bytes / time).
 pub fn run(a: BenchArgs) -> Result<()> {
     let mut recipe = a.recipe.load()?;
+    let dist = tern_dist::Dist::init(recipe.parallel.tp, recipe.parallel.dp)?;
+    crate::set_rank(dist.topo.rank, dist.topo.world);
     let vocab = *recipe.model.vocab_size.get_or_insert(a.vocab);
     let (mb, t) = (recipe.train.micro_batch, recipe.data.seq_len + 1);
     crate::check_device()?;
     let device = Default::default();
     let model: Llama<TrainBackend> = Llama::new(&recipe.model, &device);
-    let mut rng = SplitMix64(1);
+    let mut rng = SplitMix64(1 + dist.topo.rank as u64);
     let ids: Vec<i64> = (0..mb * t)
         .map(|_| rng.below(vocab as u64) as i64)
         .collect();
     let x = Tensor::<TrainBackend, 2, Int>::from_data(TensorData::new(ids, [mb, t]), &device);
-    let mut times = Vec::new();
+    let (mut compute, mut comm) = (Vec::new(), Vec::new());
+    let mut bytes = 0usize;
     for i in 0..=a.steps {
         let start = Instant::now();
         let loss = model.loss(x.clone());
         let grads = loss.backward();
-        drop(grads);
+        let flat = tern_train::params::flat_grads(&model, &grads);
+        TrainBackend::sync(&device)?;
+        let mid = Instant::now();
+        bytes = flat.iter().map(|g| g.dims()[0] * 4).sum();
+        let reduced = tern_dist::all_reduce_mean_tensors(
+            dist.dp.as_ref(),
+            flat,
+            tern_dist::comm::BUCKET_ELEMS,
+        );
+        drop(reduced);
         TrainBackend::sync(&device)?;
         if i > 0 {
-            times.push(start.elapsed().as_secs_f64());
+            compute.push(mid.duration_since(start).as_secs_f64());
+            comm.push(mid.elapsed().as_secs_f64());
         }
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let median = times[times.len() / 2];
-    let tokens = (mb * (t - 1)) as f64;
+    if !dist.topo.is_main() {
+        return Ok(());
+    }
+    let (c, m) = (median(compute), median(comm));
+    let n = dist.topo.dp as f64;
+    let bus = if n > 1.0 {
+        2.0 * (n - 1.0) / n * bytes as f64 / m / 1e9
+    } else {
+        0.0
+    };
     println!(
-        "bench {} | backend {} | {:.2}M params | micro_batch {mb} x seq {} | fwd+bwd median {:.1} ms (min {:.1}) | {:.0} tokens/s",
+        "bench {} | backend {} | {} process(es), tp {} x dp {} | {:.2}M params | micro_batch {mb} x seq {} \
+         | compute (fwd+bwd) {:.1} ms | gradient all-reduce {:.1} ms of {:.1} MB ({:.2} GB/s bus) | {:.0} tokens/s per rank",
         recipe.name(),
         backend_name(),
+        dist.topo.world,
+        dist.topo.tp,
+        dist.topo.dp,
         recipe.model.num_params() as f64 / 1e6,
         t - 1,
-        median * 1e3,
-        times[0] * 1e3,
-        tokens / median
+        c * 1e3,
+        m * 1e3,
+        bytes as f64 / 1e6,
+        bus,
+        (mb * (t - 1)) as f64 / (c + m)
     );
     Ok(())
 }
