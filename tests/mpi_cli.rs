@@ -197,3 +197,65 @@ fn bench_reports_compute_and_all_reduce() {
     let mb = format!("of {:.1} MB", (params * 4) as f64 / 1e6);
     assert!(text.contains(&mb), "expected {mb:?} in {text}");
 }
+
+#[test]
+fn a_killed_rank_ends_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("killed-rank-run");
+    let tern = env!("CARGO_BIN_EXE_tern");
+    let mut child = Command::new("mpirun")
+        .args([
+            "-np",
+            "2",
+            tern,
+            "train",
+            "recipes/tiny.toml",
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+        ])
+        .args(["--set", "train.steps=100000", "--set", "train.eval_every=0"])
+        .current_dir(repo())
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .env("OMPI_MCA_plm_rsh_agent", "")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training runs (metrics appear), then SIGKILL one rank.
+    let start = Instant::now();
+    while !run_dir.join("metrics.jsonl").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let pids = Command::new("pgrep")
+        .args(["-f", "killed-rank-run"])
+        .output()
+        .unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&pids.stdout)
+        .lines()
+        .map(str::to_string)
+        .filter(|p| *p != child.id().to_string())
+        .collect();
+    assert!(!pids.is_empty(), "no rank process found");
+    let killed = Instant::now();
+    Command::new("kill")
+        .args(["-9", pids.last().unwrap()])
+        .status()
+        .unwrap();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(!status.success());
+            break;
+        }
+        if killed.elapsed() > Duration::from_secs(30) {
+            child.kill().ok();
+            panic!("the job still runs 30 s after a rank was killed");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
