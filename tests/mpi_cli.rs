@@ -1,63 +1,27 @@
 //! Multi-process tests: `mpirun -np N tern train` against one process.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::{tern_cmd, SMALL_MODEL};
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-/// `mpirun -np n tern ...` (n = 0: no mpirun), with what OpenMPI needs as root, without ssh, and
-/// with more ranks than cores.
 fn run(n: usize, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let tern = env!("CARGO_BIN_EXE_tern");
-    let mut cmd = if n == 0 {
-        Command::new(tern)
-    } else {
-        let mut c = Command::new("mpirun");
-        c.args(["-np", &n.to_string(), tern]);
-        c
-    };
-    cmd.args(args)
-        .current_dir(repo())
-        .env("RUST_BACKTRACE", "0")
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
-        .env("OMPI_MCA_plm_rsh_agent", "");
+    let mut cmd = tern_cmd(n);
+    cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
     cmd.output().expect("mpirun (openmpi-bin) runs")
 }
 
+#[rustfmt::skip]
 const SMALL: &[&str] = &[
-    "--set",
-    "model.hidden=64",
-    "--set",
-    "model.intermediate=128",
-    "--set",
-    "model.n_layers=2",
-    "--set",
-    "data.seq_len=64",
-    "--set",
-    "train.global_batch=8",
-    "--set",
-    "train.micro_batch=2",
-    "--set",
-    "train.eval_every=5",
-    "--set",
-    "train.checkpoint_every=5",
-    "--set",
-    "optim.decay_steps=50",
-    "--set",
-    "train.steps=10",
+    "--set", "train.micro_batch=2", "--set", "train.eval_every=5",
+    "--set", "train.checkpoint_every=5", "--set", "train.steps=10",
 ];
 
 fn train(n: usize, run_dir: &Path, extra: &[&str]) -> Vec<f64> {
@@ -67,6 +31,7 @@ fn train(n: usize, run_dir: &Path, extra: &[&str]) -> Vec<f64> {
         "--run-dir",
         run_dir.to_str().unwrap(),
     ];
+    args.extend_from_slice(SMALL_MODEL);
     args.extend_from_slice(SMALL);
     args.extend_from_slice(extra);
     let out = run(n, &args, &[]);
@@ -136,6 +101,7 @@ fn a_panicking_rank_ends_the_job_quickly() {
         "--run-dir",
         run_dir.to_str().unwrap(),
     ];
+    args.extend_from_slice(SMALL_MODEL);
     args.extend_from_slice(SMALL);
     let start = Instant::now();
     let out = run(2, &args, &[("TERN_TEST_PANIC", "1:3")]);
@@ -158,6 +124,7 @@ fn a_dp_that_does_not_fit_is_an_error() {
         "--run-dir",
         dir.path().to_str().unwrap(),
     ];
+    args.extend_from_slice(SMALL_MODEL);
     args.extend_from_slice(SMALL);
     args.extend_from_slice(&["--set", "parallel.dp=4", "--set", "train.global_batch=16"]);
     let out = run(2, &args, &[]);
@@ -202,23 +169,14 @@ fn bench_reports_compute_and_all_reduce() {
 fn a_killed_rank_ends_the_job() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("killed-rank-run");
-    let tern = env!("CARGO_BIN_EXE_tern");
-    let mut child = Command::new("mpirun")
+    let mut child = tern_cmd(2)
         .args([
-            "-np",
-            "2",
-            tern,
             "train",
             "recipes/tiny.toml",
             "--run-dir",
             run_dir.to_str().unwrap(),
         ])
         .args(["--set", "train.steps=100000", "--set", "train.eval_every=0"])
-        .current_dir(repo())
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
-        .env("OMPI_MCA_plm_rsh_agent", "")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -1,24 +1,15 @@
 //! End-to-end tests of `tern train` on the embedded sample data.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output};
 
+use common::{repo, tern_cmd, SMALL_MODEL};
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
 fn tern(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(args)
-        .current_dir(repo())
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("tern runs")
+    tern_cmd(0).args(args).output().expect("tern runs")
 }
 
 fn ok(out: &Output) {
@@ -48,27 +39,10 @@ fn losses(run: &Path) -> Vec<(u64, String)> {
 }
 
 /// A small model so the resume test runs in seconds.
+#[rustfmt::skip]
 const SMALL: &[&str] = &[
-    "--set",
-    "model.hidden=64",
-    "--set",
-    "model.intermediate=128",
-    "--set",
-    "model.n_layers=2",
-    "--set",
-    "model.scale_groups=2",
-    "--set",
-    "data.seq_len=64",
-    "--set",
-    "train.global_batch=8",
-    "--set",
-    "train.micro_batch=4",
-    "--set",
-    "train.eval_every=4",
-    "--set",
-    "train.checkpoint_every=3",
-    "--set",
-    "optim.decay_steps=50",
+    "--set", "model.scale_groups=2", "--set", "train.micro_batch=4",
+    "--set", "train.eval_every=4", "--set", "train.checkpoint_every=3",
 ];
 
 fn train(run: &Path, steps: u32, extra: &[&str]) -> Output {
@@ -81,6 +55,7 @@ fn train(run: &Path, steps: u32, extra: &[&str]) -> Output {
         "--set",
         &steps,
     ];
+    args.extend_from_slice(SMALL_MODEL);
     args.extend_from_slice(SMALL);
     args.extend_from_slice(extra);
     tern(&args)

@@ -1,0 +1,39 @@
+//! Helpers shared by the end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// A model small enough for multi-run tests to take seconds: `--set` pairs for the tiny recipe.
+#[rustfmt::skip]
+pub const SMALL_MODEL: &[&str] = &[
+    "--set", "model.hidden=64", "--set", "model.intermediate=128", "--set", "model.n_layers=2",
+    "--set", "data.seq_len=64", "--set", "train.global_batch=8", "--set", "optim.decay_steps=50",
+];
+
+/// `mpirun -np n tern` with what OpenMPI needs as root, without ssh, and with more ranks than
+/// cores (n = 0: the binary alone).
+pub fn tern_cmd(n: usize) -> Command {
+    let tern = env!("CARGO_BIN_EXE_tern");
+    let mut cmd = if n == 0 {
+        Command::new(tern)
+    } else {
+        let mut c = Command::new("mpirun");
+        c.args(["-np", &n.to_string(), tern]);
+        c
+    };
+    cmd.current_dir(repo())
+        .env("RUST_BACKTRACE", "0")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .env("OMPI_MCA_plm_rsh_agent", "");
+    cmd
+}
