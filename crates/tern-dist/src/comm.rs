@@ -69,21 +69,24 @@ pub fn all_reduce_mean_tensors<B: Backend>(
     let mut out = Vec::with_capacity(tensors.len());
     let mut pending: Vec<Tensor<B, 1>> = Vec::new();
     let mut pending_len = 0;
+    // One host buffer per bucket, filled tensor by tensor (no device-side concatenation), reduced,
+    // scaled in place, and cut back into tensors.
     let flush = |pending: &mut Vec<Tensor<B, 1>>, out: &mut Vec<Tensor<B, 1>>| {
         if pending.is_empty() {
             return;
         }
-        let n: Vec<usize> = pending.iter().map(|t| t.dims()[0]).collect();
-        let mut buf: Vec<f32> = Tensor::cat(std::mem::take(pending), 0)
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .expect("f32 data");
+        let lens: Vec<usize> = pending.iter().map(|t| t.dims()[0]).collect();
+        let mut buf: Vec<f32> = Vec::with_capacity(lens.iter().sum());
+        for t in pending.drain(..) {
+            let data = t.into_data().convert::<f32>();
+            buf.extend_from_slice(data.as_slice::<f32>().expect("f32 data"));
+        }
         comm.all_reduce_sum(&mut buf);
+        buf.iter_mut().for_each(|x| *x *= scale);
         let mut off = 0;
-        for len in n {
-            let part: Vec<f32> = buf[off..off + len].iter().map(|x| x * scale).collect();
-            out.push(Tensor::from_data(TensorData::new(part, [len]), &device));
+        for len in lens {
+            let part = TensorData::new(buf[off..off + len].to_vec(), [len]);
+            out.push(Tensor::from_data(part, &device));
             off += len;
         }
     };
@@ -97,4 +100,64 @@ pub fn all_reduce_mean_tensors<B: Backend>(
     }
     flush(&mut pending, &mut out);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use std::cell::RefCell;
+
+    /// Two ranks where the other rank holds 10 in every element; records the size of each call.
+    struct TwoRanks {
+        calls: RefCell<Vec<usize>>,
+    }
+    impl Comm for TwoRanks {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn size(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum(&self, buf: &mut [f32]) {
+            self.calls.borrow_mut().push(buf.len());
+            buf.iter_mut().for_each(|x| *x += 10.0);
+        }
+        fn all_gather(&self, _: &[f32], _: &mut [f32]) {}
+        fn reduce_scatter_sum(&self, _: &[f32], _: &mut [f32]) {}
+        fn broadcast(&self, _: &mut [f32], _: usize) {}
+        fn barrier(&self) {}
+        fn all_reduce_sum_f64(&self, v: f64) -> f64 {
+            v
+        }
+        fn all_gather_f64(&self, v: f64) -> Vec<f64> {
+            vec![v]
+        }
+    }
+
+    #[test]
+    fn buckets_keep_order_and_average() {
+        let dev = Default::default();
+        let sizes = [2usize, 3, 1, 7, 2];
+        let tensors: Vec<Tensor<Flex, 1>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| Tensor::from_data(TensorData::new(vec![k as f32; n], [n]), &dev))
+            .collect();
+        let comm = TwoRanks {
+            calls: RefCell::new(vec![]),
+        };
+        let out = all_reduce_mean_tensors(&comm, tensors, 5);
+        // Buckets of at most 5 elements: [2, 3], [1], [7] alone, [2].
+        assert_eq!(*comm.calls.borrow(), vec![5, 1, 7, 2]);
+        for (k, t) in out.into_iter().enumerate() {
+            let v: Vec<f32> = t.into_data().to_vec().unwrap();
+            assert_eq!(v.len(), sizes[k]);
+            // mean of k (this rank) and 10 (the other) = (k + 10) / 2
+            assert!(
+                v.iter().all(|&x| x == (k as f32 + 10.0) / 2.0),
+                "{k}: {v:?}"
+            );
+        }
+    }
 }
