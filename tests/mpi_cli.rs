@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{tern_cmd, SMALL_MODEL};
+use common::{tern_cmd, tiny_train, SMALL_MODEL};
 use serde_json::Value;
 
 fn run(n: usize, args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -24,15 +24,16 @@ const SMALL: &[&str] = &[
     "--set", "train.checkpoint_every=5", "--set", "train.steps=10",
 ];
 
-fn train(n: usize, run_dir: &Path, extra: &[&str]) -> Vec<f64> {
-    let mut args = vec![
-        "train",
-        "recipes/tiny.toml",
-        "--run-dir",
-        run_dir.to_str().unwrap(),
-    ];
+/// A short training run of the small model.
+fn small_args(run_dir: &Path) -> Vec<&str> {
+    let mut args = tiny_train(run_dir);
     args.extend_from_slice(SMALL_MODEL);
     args.extend_from_slice(SMALL);
+    args
+}
+
+fn train(n: usize, run_dir: &Path, extra: &[&str]) -> Vec<f64> {
+    let mut args = small_args(run_dir);
     args.extend_from_slice(extra);
     let out = run(n, &args, &[]);
     assert!(
@@ -95,14 +96,7 @@ fn data_parallel_matches_one_process() {
 fn a_panicking_rank_ends_the_job_quickly() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("r");
-    let mut args = vec![
-        "train",
-        "recipes/tiny.toml",
-        "--run-dir",
-        run_dir.to_str().unwrap(),
-    ];
-    args.extend_from_slice(SMALL_MODEL);
-    args.extend_from_slice(SMALL);
+    let args = small_args(&run_dir);
     let start = Instant::now();
     let out = run(2, &args, &[("TERN_TEST_PANIC", "1:3")]);
     let took = start.elapsed();
@@ -118,14 +112,7 @@ fn a_panicking_rank_ends_the_job_quickly() {
 #[test]
 fn a_dp_that_does_not_fit_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let mut args = vec![
-        "train",
-        "recipes/tiny.toml",
-        "--run-dir",
-        dir.path().to_str().unwrap(),
-    ];
-    args.extend_from_slice(SMALL_MODEL);
-    args.extend_from_slice(SMALL);
+    let mut args = small_args(dir.path());
     args.extend_from_slice(&["--set", "parallel.dp=4", "--set", "train.global_batch=16"]);
     let out = run(2, &args, &[]);
     assert!(!out.status.success());

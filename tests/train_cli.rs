@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{repo, tern_cmd, SMALL_MODEL};
+use common::{repo, tern_cmd, tiny_train, SMALL_MODEL};
 use serde_json::Value;
 
 fn tern(args: &[&str]) -> Output {
@@ -248,12 +248,7 @@ fn tensorboard_scalars(run: &Path) -> Value {
 
 fn bad_recipe(overrides: &[&str], expect: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let mut args = vec![
-        "train",
-        "recipes/tiny.toml",
-        "--run-dir",
-        dir.path().to_str().unwrap(),
-    ];
+    let mut args = tiny_train(dir.path());
     for o in overrides {
         args.push("--set");
         args.push(o);

@@ -18,6 +18,16 @@ pub const SMALL_MODEL: &[&str] = &[
     "--set", "data.seq_len=64", "--set", "train.global_batch=8", "--set", "optim.decay_steps=50",
 ];
 
+/// `train recipes/tiny.toml --run-dir DIR`: the start of every training command of the tests.
+pub fn tiny_train(run_dir: &Path) -> Vec<&str> {
+    vec![
+        "train",
+        "recipes/tiny.toml",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+    ]
+}
+
 /// `mpirun -np n tern` with what OpenMPI needs as root, without ssh, and with more ranks than
 /// cores (n = 0: the binary alone).
 pub fn tern_cmd(n: usize) -> Command {
