@@ -93,6 +93,56 @@ fn data_parallel_matches_one_process() {
 }
 
 #[test]
+fn tensor_parallel_matches_one_process_with_as_many_scale_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name);
+    #[rustfmt::skip]
+    let base = ["--set", "model.scale_groups=2", "--set", "train.steps=20"];
+    let tp2 = [&base[..], &["--set", "parallel.tp=2"]].concat();
+    let mut one_ternary = vec![];
+    for linear in ["model.linear=ternary", "model.linear=float"] {
+        let with = |a: &[&'static str]| [a, &["--set", linear]].concat();
+        let one = train(0, &d(&format!("one-{linear}")), &with(&base));
+        let two = train(2, &d(&format!("tp2-{linear}")), &with(&tp2));
+        assert_close(&one, &two, &format!("tp=2 {linear}"));
+        assert!(one[19] < one[0], "the loss falls");
+        if one_ternary.is_empty() {
+            one_ternary = one;
+        }
+    }
+    // tp=2 x dp=2 on four ranks.
+    let one = one_ternary;
+    let four = train(4, &d("tp2dp2"), &tp2);
+    assert_close(&one, &four, "tp=2 x dp=2");
+
+    // Checkpoints hold full tensors: the tp=2 run's step-20 checkpoint resumes in one process and
+    // goes on as a one-process run that was never interrupted.
+    let longer = [&base[..], &["--set", "train.steps=25"]].concat();
+    let straight = train(0, &d("straight"), &longer);
+    let resumed = train(
+        0,
+        &d("tp2-model.linear=ternary"),
+        &[&longer[..], &["--resume", "auto"]].concat(),
+    );
+    assert_close(&straight, &resumed, "tp=2 checkpoint resumed at tp=1");
+}
+
+#[test]
+fn a_tp_that_does_not_fit_the_scale_groups_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = small_args(dir.path());
+    args.extend_from_slice(&["--set", "parallel.tp=2"]);
+    let out = run(2, &args, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("model.scale_groups") && err.contains("parallel.tp = 2"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
 fn a_panicking_rank_ends_the_job_quickly() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("r");

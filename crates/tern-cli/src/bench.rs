@@ -5,7 +5,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::Args;
 use tern_data::sampler::SplitMix64;
-use tern_model::Llama;
+use tern_model::{parallelize, Llama};
 
 use crate::train::RecipeArgs;
 
@@ -28,9 +28,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Forward + backward of one micro-batch of random tokens, as the trainer runs it, then (under
-/// `mpirun`) the bucketed data-parallel gradient all-reduce. Prints compute and communication
-/// time and the all-reduce bus bandwidth (NCCL's convention: 2 (n-1)/n x bytes / time).
+/// Forward + backward of one micro-batch of random tokens, as the trainer runs it (with this
+/// rank's tensor-parallel shard), then (under `mpirun`) the bucketed data-parallel gradient
+/// all-reduce. Prints compute time, the time of the tensor-parallel collectives inside forward and
+/// backward, and the gradient all-reduce with its bus bandwidth (NCCL's convention:
+/// 2 (n-1)/n x bytes / time).
 pub fn run(a: BenchArgs) -> Result<()> {
     let mut recipe = a.recipe.load()?;
     let dist = tern_dist::Dist::init(recipe.parallel.tp, recipe.parallel.dp)?;
@@ -39,15 +41,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let (mb, t) = (recipe.train.micro_batch, recipe.data.seq_len + 1);
     crate::check_device()?;
     let device = Default::default();
-    let model: Llama<TrainBackend> = Llama::new(&recipe.model, &device);
+    let model: Llama<TrainBackend> = parallelize(Llama::new(&recipe.model, &device), &dist.tp);
     let mut rng = SplitMix64(1 + dist.topo.rank as u64);
     let ids: Vec<i64> = (0..mb * t)
         .map(|_| rng.below(vocab as u64) as i64)
         .collect();
     let x = Tensor::<TrainBackend, 2, Int>::from_data(TensorData::new(ids, [mb, t]), &device);
-    let (mut compute, mut comm) = (Vec::new(), Vec::new());
-    let mut bytes = 0usize;
+    let (mut compute, mut comm, mut tp_comm) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut bytes, mut tp_bytes, mut tp_calls) = (0usize, 0u64, 0u64);
     for i in 0..=a.steps {
+        dist.tp.stats().reset();
         let start = Instant::now();
         let loss = model.loss(x.clone());
         let grads = loss.backward();
@@ -63,14 +66,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
         drop(reduced);
         TrainBackend::sync(&device)?;
         if i > 0 {
-            compute.push(mid.duration_since(start).as_secs_f64());
+            let (tp_secs, b, calls) = dist.tp.stats().read();
+            (tp_bytes, tp_calls) = (b, calls);
+            compute.push(mid.duration_since(start).as_secs_f64() - tp_secs);
+            tp_comm.push(tp_secs);
             comm.push(mid.elapsed().as_secs_f64());
         }
     }
     if !dist.topo.is_main() {
         return Ok(());
     }
-    let (c, m) = (median(compute), median(comm));
+    let (c, m, tpm) = (median(compute), median(comm), median(tp_comm));
     let n = dist.topo.dp as f64;
     let bus = if n > 1.0 {
         2.0 * (n - 1.0) / n * bytes as f64 / m / 1e9
@@ -79,7 +85,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     println!(
         "bench {} | backend {} | {} process(es), tp {} x dp {} | {:.2}M params | micro_batch {mb} x seq {} \
-         | compute (fwd+bwd) {:.1} ms | gradient all-reduce {:.1} ms of {:.1} MB ({:.2} GB/s bus) | {:.0} tokens/s per rank",
+         | compute (fwd+bwd) {:.1} ms | tensor-parallel collectives {:.1} ms ({} calls, {:.1} MB) \
+         | gradient all-reduce {:.1} ms of {:.1} MB ({:.2} GB/s bus) | {:.0} tokens/s per data-parallel group",
         recipe.name(),
         backend_name(),
         dist.topo.world,
@@ -88,10 +95,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         recipe.model.num_params() as f64 / 1e6,
         t - 1,
         c * 1e3,
+        tpm * 1e3,
+        tp_calls,
+        tp_bytes as f64 / 1e6,
         m * 1e3,
         bytes as f64 / 1e6,
         bus,
-        (mb * (t - 1)) as f64 / (c + m)
+        (mb * (t - 1)) as f64 / (c + tpm + m)
     );
     Ok(())
 }

@@ -5,7 +5,9 @@ use burn::tensor::{Tensor, TensorData};
 
 /// Collectives over one group of processes. Every member must call the same operations in the
 /// same order with the same sizes (as MPI and NCCL require).
-pub trait Comm {
+/// `Send + Sync` because tensor-parallel layers keep a handle to their group inside the model,
+/// and burn modules must be `Send`; every call still comes from the training thread.
+pub trait Comm: Send + Sync {
     fn rank(&self) -> usize;
     fn size(&self) -> usize;
     /// Element-wise sum over the group, in place.
@@ -47,6 +49,92 @@ impl Comm for SoloComm {
     }
     fn all_gather_f64(&self, v: f64) -> Vec<f64> {
         vec![v]
+    }
+}
+
+/// Ranks as threads of one process (tests of the tensor-parallel layers without `mpirun`).
+/// Reductions add the ranks' buffers in rank order, so every member gets the same bits.
+pub struct ThreadComm {
+    rank: usize,
+    shared: std::sync::Arc<ThreadShared>,
+}
+
+struct ThreadShared {
+    size: usize,
+    barrier: std::sync::Barrier,
+    slots: std::sync::Mutex<Vec<Vec<f64>>>,
+}
+
+impl ThreadComm {
+    /// The `size` members of one group; hand one to each thread.
+    pub fn group(size: usize) -> Vec<ThreadComm> {
+        let shared = std::sync::Arc::new(ThreadShared {
+            size,
+            barrier: std::sync::Barrier::new(size),
+            slots: std::sync::Mutex::new(vec![Vec::new(); size]),
+        });
+        (0..size)
+            .map(|rank| ThreadComm {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+
+    /// Publishes this rank's values and returns every rank's, in rank order.
+    fn exchange(&self, mine: Vec<f64>) -> Vec<Vec<f64>> {
+        self.shared.slots.lock().expect("slots")[self.rank] = mine;
+        self.shared.barrier.wait();
+        let all = self.shared.slots.lock().expect("slots").clone();
+        // Nobody publishes the next call's values before everyone has read these.
+        self.shared.barrier.wait();
+        all
+    }
+
+    fn summed(&self, buf: &[f32]) -> Vec<f32> {
+        let all = self.exchange(buf.iter().map(|&x| x as f64).collect());
+        (0..buf.len())
+            .map(|i| all.iter().fold(0f32, |acc, r| acc + r[i] as f32))
+            .collect()
+    }
+}
+
+impl Comm for ThreadComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.shared.size
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) {
+        let s = self.summed(buf);
+        buf.copy_from_slice(&s);
+    }
+    fn all_gather(&self, send: &[f32], recv: &mut [f32]) {
+        let all = self.exchange(send.iter().map(|&x| x as f64).collect());
+        for (dst, x) in recv.iter_mut().zip(all.iter().flatten()) {
+            *dst = *x as f32;
+        }
+    }
+    fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) {
+        let s = self.summed(send);
+        let n = recv.len();
+        recv.copy_from_slice(&s[self.rank * n..(self.rank + 1) * n]);
+    }
+    fn broadcast(&self, buf: &mut [f32], root: usize) {
+        let all = self.exchange(buf.iter().map(|&x| x as f64).collect());
+        for (dst, x) in buf.iter_mut().zip(&all[root]) {
+            *dst = *x as f32;
+        }
+    }
+    fn barrier(&self) {
+        self.shared.barrier.wait();
+    }
+    fn all_reduce_sum_f64(&self, v: f64) -> f64 {
+        self.exchange(vec![v]).iter().map(|r| r[0]).sum()
+    }
+    fn all_gather_f64(&self, v: f64) -> Vec<f64> {
+        self.exchange(vec![v]).iter().map(|r| r[0]).collect()
     }
 }
 
@@ -102,36 +190,86 @@ pub fn all_reduce_mean_tensors<B: Backend>(
     out
 }
 
+/// Rank 0 of a two-rank group whose other rank holds `other` in every element of every buffer;
+/// records the length of each all-reduce (unit tests of what is built on the collectives).
+#[cfg(test)]
+pub(crate) struct FakePeer {
+    pub other: f32,
+    pub calls: std::sync::Mutex<Vec<usize>>,
+}
+
+#[cfg(test)]
+impl FakePeer {
+    pub fn new(other: f32) -> Self {
+        Self {
+            other,
+            calls: std::sync::Mutex::new(vec![]),
+        }
+    }
+    pub fn calls(&self) -> Vec<usize> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[cfg(test)]
+impl Comm for FakePeer {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        2
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) {
+        self.calls.lock().unwrap().push(buf.len());
+        buf.iter_mut().for_each(|x| *x += self.other);
+    }
+    fn all_gather(&self, _: &[f32], _: &mut [f32]) {}
+    fn reduce_scatter_sum(&self, _: &[f32], _: &mut [f32]) {}
+    fn broadcast(&self, _: &mut [f32], _: usize) {}
+    fn barrier(&self) {}
+    fn all_reduce_sum_f64(&self, v: f64) -> f64 {
+        v
+    }
+    fn all_gather_f64(&self, v: f64) -> Vec<f64> {
+        vec![v]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::backend::Flex;
-    use std::cell::RefCell;
 
-    /// Two ranks where the other rank holds 10 in every element; records the size of each call.
-    struct TwoRanks {
-        calls: RefCell<Vec<usize>>,
-    }
-    impl Comm for TwoRanks {
-        fn rank(&self) -> usize {
-            0
-        }
-        fn size(&self) -> usize {
-            2
-        }
-        fn all_reduce_sum(&self, buf: &mut [f32]) {
-            self.calls.borrow_mut().push(buf.len());
-            buf.iter_mut().for_each(|x| *x += 10.0);
-        }
-        fn all_gather(&self, _: &[f32], _: &mut [f32]) {}
-        fn reduce_scatter_sum(&self, _: &[f32], _: &mut [f32]) {}
-        fn broadcast(&self, _: &mut [f32], _: usize) {}
-        fn barrier(&self) {}
-        fn all_reduce_sum_f64(&self, v: f64) -> f64 {
-            v
-        }
-        fn all_gather_f64(&self, v: f64) -> Vec<f64> {
-            vec![v]
+    #[test]
+    fn thread_group_collectives() {
+        let results: Vec<_> = std::thread::scope(|sc| {
+            let handles: Vec<_> = ThreadComm::group(3)
+                .into_iter()
+                .map(|c| {
+                    sc.spawn(move || {
+                        let r = c.rank() as f32;
+                        let mut sum = vec![r, 1.0];
+                        c.all_reduce_sum(&mut sum);
+                        let mut gathered = vec![0.0; 6];
+                        c.all_gather(&[r, -r], &mut gathered);
+                        let mut part = vec![0.0; 1];
+                        c.reduce_scatter_sum(&[r, 2.0 * r, 1.0], &mut part);
+                        let mut b = vec![r; 2];
+                        c.broadcast(&mut b, 2);
+                        let f = c.all_gather_f64(r as f64 * 0.5);
+                        (sum, gathered, part, b, f, c.all_reduce_sum_f64(1.5))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (rank, (sum, gathered, part, b, f, s)) in results.into_iter().enumerate() {
+            assert_eq!(sum, vec![3.0, 3.0]);
+            assert_eq!(gathered, vec![0.0, 0.0, 1.0, -1.0, 2.0, -2.0]);
+            assert_eq!(part[0], [3.0, 6.0, 3.0][rank]);
+            assert_eq!(b, vec![2.0, 2.0]);
+            assert_eq!(f, vec![0.0, 0.5, 1.0]);
+            assert_eq!(s, 4.5);
         }
     }
 
@@ -144,12 +282,10 @@ mod tests {
             .enumerate()
             .map(|(k, &n)| Tensor::from_data(TensorData::new(vec![k as f32; n], [n]), &dev))
             .collect();
-        let comm = TwoRanks {
-            calls: RefCell::new(vec![]),
-        };
+        let comm = FakePeer::new(10.0);
         let out = all_reduce_mean_tensors(&comm, tensors, 5);
         // Buckets of at most 5 elements: [2, 3], [1], [7] alone, [2].
-        assert_eq!(*comm.calls.borrow(), vec![5, 1, 7, 2]);
+        assert_eq!(comm.calls(), vec![5, 1, 7, 2]);
         for (k, t) in out.into_iter().enumerate() {
             let v: Vec<f32> = t.into_data().to_vec().unwrap();
             assert_eq!(v.len(), sizes[k]);

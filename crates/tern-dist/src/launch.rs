@@ -5,7 +5,10 @@ use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::environment::Universe;
 use mpi::topology::{Color, Communicator, SimpleCommunicator};
 
+use std::sync::Arc;
+
 use crate::comm::{Comm, SoloComm};
+use crate::ops::TpGroup;
 use crate::topology::Topology;
 
 /// True when a launcher started this process as one rank of a job. MPI is initialised only then:
@@ -26,6 +29,12 @@ pub fn launched_by_mpi() -> bool {
 pub struct MpiComm {
     comm: SimpleCommunicator,
 }
+
+// SAFETY: an MPI communicator is a handle that MPI lets any thread use one at a time. tern calls
+// MPI from the training thread only (burn's autodiff runs backward on the calling thread), so the
+// handle may live inside `Send + Sync` model types without concurrent use.
+unsafe impl Send for MpiComm {}
+unsafe impl Sync for MpiComm {}
 
 impl Comm for MpiComm {
     fn rank(&self) -> usize {
@@ -70,6 +79,8 @@ pub struct Dist {
     pub topo: Topology,
     /// The ranks that hold the same tensor-parallel shard (gradient averaging).
     pub dp: Box<dyn Comm>,
+    /// The consecutive ranks that split each layer between them (the model's layers hold it).
+    pub tp: TpGroup,
     /// Every rank (checks, barriers).
     pub world: Box<dyn Comm>,
     // Dropped last: MPI_Finalize after the communicators are freed.
@@ -86,6 +97,7 @@ impl Dist {
         Self {
             topo: Topology::single(),
             dp: Box::new(SoloComm),
+            tp: TpGroup::default(),
             world: Box::new(SoloComm),
             _mpi: None,
         }
@@ -107,9 +119,13 @@ impl Dist {
         let dp_comm = world
             .split_by_color(Color::with_value(topo.tp_rank() as i32))
             .ok_or_else(|| anyhow!("rank {rank}: splitting the data-parallel group failed"))?;
+        let tp_comm = world
+            .split_by_color(Color::with_value(topo.dp_rank() as i32))
+            .ok_or_else(|| anyhow!("rank {rank}: splitting the tensor-parallel group failed"))?;
         Ok(Self {
             topo,
             dp: Box::new(MpiComm { comm: dp_comm }),
+            tp: TpGroup::new(Arc::new(MpiComm { comm: tp_comm })),
             world: Box::new(MpiComm { comm: world }),
             _mpi: Some(MpiRuntime {
                 _universe: universe,

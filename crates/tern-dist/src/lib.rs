@@ -1,10 +1,12 @@
-//! Processes and collectives. The model never sees this crate: the trainer hands it flat gradient
-//! lists, and (later) the tensor-parallel layer types call it.
+//! Processes and collectives. The model's layers see only [`TpGroup`] and the
+//! [`CollectiveBackend`] operators; the trainer hands the rest flat gradient lists.
 
 pub mod comm;
 pub mod launch;
+pub mod ops;
 pub mod topology;
 
-pub use comm::{all_reduce_mean_tensors, Comm, SoloComm};
+pub use comm::{all_reduce_mean_tensors, Comm, SoloComm, ThreadComm};
 pub use launch::{Dist, MpiRuntime};
+pub use ops::{CollectiveBackend, CommStats, TpGroup};
 pub use topology::Topology;

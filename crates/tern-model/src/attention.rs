@@ -4,6 +4,7 @@ use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor};
+use tern_dist::CollectiveBackend;
 
 use crate::config::ModelConfig;
 use crate::linear::{ProjLinear, ProjLinearConfig, ScaleAxis};
@@ -37,7 +38,9 @@ impl<B: Backend> Attention<B> {
             head_dim: c.head_dim(),
         }
     }
+}
 
+impl<B: CollectiveBackend> Attention<B> {
     /// `x: [batch, seq, hidden]`; `cos`/`sin`: `[seq, head_dim]` RoPE tables.
     pub fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();

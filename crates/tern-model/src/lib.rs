@@ -1,5 +1,6 @@
-//! The LLaMA / TriLM model. Plain model code: no ranks, no communicators. Parallelism is applied
-//! from outside (a later `tern-dist` crate) through the layer types.
+//! The LLaMA / TriLM model. Plain model code: no ranks, no communicators. Tensor parallelism is
+//! applied from outside by `parallelize.rs`, through the projections' layer style (column- or
+//! row-parallel) and the collective operators of `tern-dist`.
 
 pub mod attention;
 pub mod config;
@@ -7,8 +8,10 @@ pub mod linear;
 pub mod mlp;
 pub mod model;
 pub mod norm;
+pub mod parallelize;
 pub mod rope;
 
 pub use config::{ModelConfig, ModelConfigError};
-pub use linear::{LinearKind, ProjLinear, ScaleAxis};
+pub use linear::{LinearKind, ParallelStyle, ProjLinear, ScaleAxis};
 pub use model::{cross_entropy, Llama};
+pub use parallelize::{check_tp, parallelize, shard_dim, shard_values, unshard_values};

@@ -4,6 +4,7 @@ use burn::module::{Initializer, Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
+use tern_dist::{CollectiveBackend, TpGroup};
 
 /// What the block projections are made of (`model.linear`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -25,10 +26,25 @@ pub enum ScaleAxis {
     Cols,
 }
 
+/// How a projection is split across a tensor-parallel group (Megatron's layer types, TorchTitan's
+/// `ColwiseParallel` / `RowwiseParallel`). Set from outside the model by
+/// [`crate::parallelize::parallelize`]; a plain model is `Replicated` everywhere.
+#[derive(Debug, Clone, Default)]
+pub enum ParallelStyle {
+    #[default]
+    Replicated,
+    /// Holds a block of output rows; its replicated input goes through f (all-reduce backward).
+    Colwise(TpGroup),
+    /// Holds a block of input columns; its partial output goes through g (all-reduce forward).
+    Rowwise(TpGroup),
+}
+
 /// A bias-free projection `y = x W^T` with `W` stored `[out, in]` as in Hugging Face checkpoints.
 #[derive(Module, Debug)]
 pub struct ProjLinear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
+    #[module(skip)]
+    pub parallel: ParallelStyle,
     #[module(skip)]
     pub kind: LinearKind,
     #[module(skip)]
@@ -73,6 +89,7 @@ impl ProjLinearConfig {
         .init([self.d_out, self.d_in], device);
         ProjLinear {
             weight,
+            parallel: ParallelStyle::Replicated,
             kind: self.kind,
             groups: self.groups,
             axis: self.axis,
@@ -162,18 +179,6 @@ impl<B: Backend> ProjLinear<B> {
         }
     }
 
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let w = self.effective_weight();
-        let dims = x.dims();
-        let d_in = dims[D - 1];
-        let rows = x.shape().num_elements() / d_in;
-        let [d_out, _] = w.dims();
-        let y = x.reshape([rows, d_in]).matmul(w.transpose());
-        let mut out = dims;
-        out[D - 1] = d_out;
-        y.reshape(out)
-    }
-
     /// Fraction of zero codes of a ternary layer (`None` for float layers).
     pub fn zero_fraction(&self) -> Option<f64> {
         match self.kind {
@@ -185,6 +190,28 @@ impl<B: Backend> ProjLinear<B> {
                 let zeros = codes.equal_elem(0.0).int().sum().into_scalar();
                 Some(num_to_f64(zeros) / n)
             }
+        }
+    }
+}
+
+impl<B: CollectiveBackend> ProjLinear<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = match &self.parallel {
+            ParallelStyle::Colwise(g) => B::copy_to_group(x, g),
+            _ => x,
+        };
+        let w = self.effective_weight();
+        let dims = x.dims();
+        let d_in = dims[D - 1];
+        let rows = x.shape().num_elements() / d_in;
+        let [d_out, _] = w.dims();
+        let y = x.reshape([rows, d_in]).matmul(w.transpose());
+        let mut out = dims;
+        out[D - 1] = d_out;
+        let y = y.reshape(out);
+        match &self.parallel {
+            ParallelStyle::Rowwise(g) => B::reduce_from_group(y, g),
+            _ => y,
         }
     }
 }

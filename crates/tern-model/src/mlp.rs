@@ -3,6 +3,7 @@
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use tern_dist::CollectiveBackend;
 
 use crate::config::ModelConfig;
 use crate::linear::{ProjLinear, ProjLinearConfig, ScaleAxis};
@@ -23,7 +24,9 @@ impl<B: Backend> Mlp<B> {
             down_proj: proj(c.intermediate, c.hidden, ScaleAxis::Cols),
         }
     }
+}
 
+impl<B: CollectiveBackend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         // silu(x) = x * sigmoid(x) with sigmoid(x) = (1 + tanh(x / 2)) / 2: burn's sigmoid goes
         // through f32 whatever the tensor's precision, which breaks f64 gradient checks.

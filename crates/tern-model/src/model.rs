@@ -6,6 +6,7 @@ use burn::nn::{Embedding, EmbeddingConfig};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
+use tern_dist::CollectiveBackend;
 
 use crate::attention::Attention;
 use crate::config::ModelConfig;
@@ -32,7 +33,9 @@ impl<B: Backend> Block<B> {
             mlp: Mlp::new(c, device),
         }
     }
+}
 
+impl<B: CollectiveBackend> Block<B> {
     fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
         let x = x.clone()
             + self
@@ -86,7 +89,9 @@ impl<B: Backend> Llama<B> {
             rope_theta: c.rope_theta,
         }
     }
+}
 
+impl<B: CollectiveBackend> Llama<B> {
     /// `tokens: [batch, seq]` -> logits `[batch, seq, vocab]`.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [_, t] = tokens.dims();
@@ -118,7 +123,9 @@ impl<B: Backend> Llama<B> {
         let _ = b;
         cross_entropy(self.forward(inputs), targets)
     }
+}
 
+impl<B: Backend> Llama<B> {
     /// `(layer name, fraction of zero ternary codes)` for every ternary projection.
     pub fn ternary_zero_fractions(&self) -> Vec<(String, f64)> {
         let mut out = Vec::new();

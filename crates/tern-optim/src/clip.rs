@@ -14,17 +14,31 @@ pub fn global_norm<B: Backend>(grads: &[Tensor<B, 1>]) -> f64 {
 
 use burn::tensor::ElementConversion;
 
+/// `|g_i|^2` of every gradient, in f64 (so that a caller can sum parts held by other ranks).
+pub fn squared_norms<B: Backend>(grads: &[Tensor<B, 1>]) -> Vec<f64> {
+    grads
+        .iter()
+        .map(|g| g.clone().powi_scalar(2).sum().into_scalar().elem::<f64>())
+        .collect()
+}
+
 /// Scales `grads` so that their global norm is at most `max_norm` (0 disables clipping).
 /// Returns the norm before clipping.
 pub fn clip_global_norm<B: Backend>(grads: &mut [Tensor<B, 1>], max_norm: f64) -> f64 {
     let norm = global_norm(grads);
+    clip_to(grads, norm, max_norm);
+    norm
+}
+
+/// Scales `grads`, whose global norm is `norm` (computed by the caller, possibly over several
+/// ranks), so that it is at most `max_norm` (0 disables clipping).
+pub fn clip_to<B: Backend>(grads: &mut [Tensor<B, 1>], norm: f64, max_norm: f64) {
     if max_norm > 0.0 && norm > max_norm {
         let scale = max_norm / (norm + 1e-6);
         for g in grads.iter_mut() {
             *g = g.clone().mul_scalar(scale);
         }
     }
-    norm
 }
 
 #[cfg(test)]

@@ -10,6 +10,6 @@ pub mod config;
 pub mod schedule;
 
 pub use adamw::AdamW;
-pub use clip::{clip_global_norm, global_norm};
+pub use clip::{clip_global_norm, clip_to, global_norm, squared_norms};
 pub use config::{OptimConfig, OptimizerName, ScheduleKind};
 pub use schedule::Schedule;

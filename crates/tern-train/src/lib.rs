@@ -5,6 +5,7 @@ pub mod init;
 pub mod metrics;
 pub mod params;
 pub mod recipe;
+pub mod shards;
 pub mod tensorboard;
 pub mod trainer;
 

@@ -96,7 +96,7 @@ pub struct RunConfig {
     pub progress: Progress,
 }
 
-/// `[parallel]`: reserved for the distributed launcher.
+/// `[parallel]`: how the processes of an `mpirun` job split the work.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelConfig {
@@ -262,12 +262,10 @@ impl Recipe {
         self.model.validate().map_err(|e| e.to_string())?;
         self.data.validate()?;
         self.optim.validate()?;
-        if self.parallel.tp != 1 {
-            return Err(format!(
-                "parallel.tp = {}: tensor parallelism is not implemented yet; use parallel.tp = 1 (data parallelism over mpirun works)",
-                self.parallel.tp
-            ));
+        if self.parallel.tp == 0 {
+            return Err("parallel.tp: must be at least 1".into());
         }
+        tern_model::check_tp(&self.model, self.parallel.tp).map_err(|e| e.to_string())?;
         let dp = self.parallel.dp.unwrap_or(1);
         if dp == 0 {
             return Err("parallel.dp: must be at least 1".into());

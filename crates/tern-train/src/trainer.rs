@@ -10,15 +10,16 @@ use burn::tensor::{Int, Tensor, TensorData};
 use tern_data::sampler::{block, dp_slice, num_blocks};
 use tern_data::tokenize::tokenize_split;
 use tern_data::{Sampler, TextTokenizer};
-use tern_dist::{all_reduce_mean_tensors, comm::BUCKET_ELEMS, Dist};
-use tern_model::Llama;
-use tern_optim::{clip_global_norm, AdamW, Schedule};
+use tern_dist::{all_reduce_mean_tensors, comm::BUCKET_ELEMS, CollectiveBackend, Dist};
+use tern_model::{parallelize, Llama};
+use tern_optim::{clip_to, squared_norms, AdamW, Schedule};
 
 use crate::checkpoint::{self, Named, TrainState};
 use crate::init::init_normal;
 use crate::metrics::{Metrics, StepMetrics};
 use crate::params::{assign_trainable, flat_grads, flat_values, param_infos, ParamInfo};
 use crate::recipe::Recipe;
+use crate::shards::{gather_all, shard_all, sharded};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resume {
@@ -74,7 +75,7 @@ fn named(infos: &[ParamInfo], values: Vec<Vec<f32>>, suffix: &str) -> Named {
 }
 
 /// Mean loss of the model on the first `n` validation blocks, in order.
-fn validation_loss<B: Backend>(
+fn validation_loss<B: CollectiveBackend>(
     model: &Llama<B>,
     tokens: &[u32],
     n: usize,
@@ -140,12 +141,16 @@ fn weights_checksum(values: &[Vec<f32>]) -> f64 {
         .sum()
 }
 
-pub fn train<B: AutodiffBackend>(
+pub fn train<B>(
     recipe: &Recipe,
     opts: &TrainOptions,
     device: &B::Device,
     dist: &Dist,
-) -> Result<TrainSummary> {
+) -> Result<TrainSummary>
+where
+    B: AutodiffBackend + CollectiveBackend,
+    B::InnerBackend: CollectiveBackend,
+{
     let topo = dist.topo;
     let main = topo.is_main();
     recipe.train.validate(topo.dp).map_err(|e| anyhow!(e))?;
@@ -198,15 +203,16 @@ pub fn train<B: AutodiffBackend>(
     }
     let recipe_toml = recipe.to_toml();
 
-    // Model and optimizer.
+    // Model and optimizer. The full model is built and initialised (or loaded) on every rank, then
+    // each tensor-parallel rank keeps its shard: shards are slices of the same matrices whatever
+    // the layout.
     let mc = &recipe.model;
+    let tp = dist.tp.comm();
     let mut model: Llama<B> = init_normal(Llama::new(mc, device), tc.seed, mc.init_std, device);
-    let infos = param_infos::<B, _>(&model);
-    let decay: Vec<bool> = infos.iter().map(ParamInfo::decays).collect();
+    let full_infos = param_infos::<B, _>(&model);
     // The same device seen from the inner (non-autodiff) backend, where optimizer state lives.
     let inner_device = model.valid().embed_tokens.weight.val().device();
-    let sizes: Vec<usize> = infos.iter().map(ParamInfo::numel).collect();
-    let mut opt = AdamW::<B::InnerBackend>::new(&recipe.optim, &sizes, &inner_device);
+    let mut resumed_moments = None;
 
     let mut state = TrainState {
         format_version: checkpoint::FORMAT_VERSION,
@@ -239,16 +245,14 @@ pub fn train<B: AutodiffBackend>(
         }
         let mpath = dir.join("model.safetensors");
         let opath = dir.join("optim.safetensors");
-        let w = checkpoint::take_in_order(&mut l.model, &infos, "", &mpath)?;
-        let m = checkpoint::take_in_order(&mut l.optim, &infos, ".exp_avg", &opath)?;
-        let v = checkpoint::take_in_order(&mut l.optim, &infos, ".exp_avg_sq", &opath)?;
+        let w = checkpoint::take_in_order(&mut l.model, &full_infos, "", &mpath)?;
+        let m = checkpoint::take_in_order(&mut l.optim, &full_infos, ".exp_avg", &opath)?;
+        let v = checkpoint::take_in_order(&mut l.optim, &full_infos, ".exp_avg_sq", &opath)?;
         model = assign_trainable(
             model,
             w.into_iter().map(|w| from_host(w, &inner_device)).collect(),
         );
-        opt.exp_avg = m.into_iter().map(|x| from_host(x, &inner_device)).collect();
-        opt.exp_avg_sq = v.into_iter().map(|x| from_host(x, &inner_device)).collect();
-        opt.step = l.state.optimizer_step;
+        resumed_moments = Some((m, v, l.state.optimizer_step));
         state = l.state;
         if state.step >= tc.steps {
             bail!(
@@ -258,6 +262,24 @@ pub fn train<B: AutodiffBackend>(
                 tc.steps
             );
         }
+    }
+
+    let mut model = parallelize(model, &dist.tp);
+    let infos = param_infos::<B, _>(&model);
+    let decay: Vec<bool> = infos.iter().map(ParamInfo::decays).collect();
+    let is_sharded = sharded(&infos, topo.tp);
+    let sizes: Vec<usize> = infos.iter().map(ParamInfo::numel).collect();
+    let mut opt = AdamW::<B::InnerBackend>::new(&recipe.optim, &sizes, &inner_device);
+    if let Some((m, v, step)) = resumed_moments {
+        let host = |x: Vec<Vec<f32>>| -> Vec<_> {
+            shard_all(x, &full_infos, tp)
+                .into_iter()
+                .map(|x| from_host(x, &inner_device))
+                .collect()
+        };
+        opt.exp_avg = host(m);
+        opt.exp_avg_sq = host(v);
+        opt.step = step;
     }
 
     // Written only now that the checkpoint (if any) was accepted, and by the first rank only.
@@ -337,7 +359,15 @@ pub fn train<B: AutodiffBackend>(
         // Equal shares: the mean over data-parallel ranks is the mean of the global batch.
         let mut grads = all_reduce_mean_tensors(dist.dp.as_ref(), grads, BUCKET_ELEMS);
         let loss = dist.dp.all_reduce_sum_f64(loss_sum / n_micro as f64) / topo.dp as f64;
-        let grad_norm = clip_global_norm(&mut grads, recipe.optim.grad_clip);
+        // Global norm: replicated gradients once (they are equal on every tensor-parallel rank),
+        // the shards' squares summed over the group.
+        let sq = squared_norms(&grads);
+        let (mut replicated, mut shards) = (0.0, 0.0);
+        for (x, &s) in sq.iter().zip(&is_sharded) {
+            *(if s { &mut shards } else { &mut replicated }) += x;
+        }
+        let grad_norm = (replicated + tp.all_reduce_sum_f64(shards)).sqrt();
+        clip_to(&mut grads, grad_norm, recipe.optim.grad_clip);
 
         if loss.is_finite() && grad_norm.is_finite() {
             let params = flat_values::<B::InnerBackend, _>(&model.valid());
@@ -361,7 +391,15 @@ pub fn train<B: AutodiffBackend>(
         let last = state.step == tc.steps;
         if state.step.is_multiple_of(tc.log_every) || state.step == 1 || last {
             let secs = interval_start.elapsed().as_secs_f64();
-            let zeros = model.valid().ternary_zero_fractions();
+            let mut zeros = model.valid().ternary_zero_fractions();
+            if topo.tp > 1 {
+                // Equal-sized shards: the matrix's fraction is the mean of the shards'.
+                let mut f: Vec<f32> = zeros.iter().map(|(_, z)| *z as f32).collect();
+                tp.all_reduce_sum(&mut f);
+                for ((_, z), s) in zeros.iter_mut().zip(f) {
+                    *z = s as f64 / topo.tp as f64;
+                }
+            }
             metrics.step(
                 &StepMetrics {
                     step: state.step,
@@ -378,7 +416,11 @@ pub fn train<B: AutodiffBackend>(
             interval_start = Instant::now();
             interval_tokens = 0;
         }
-        if main && tc.eval_every > 0 && (state.step.is_multiple_of(tc.eval_every) || last) {
+        // The first data-parallel group evaluates (all its tensor-parallel ranks take part).
+        if topo.dp_rank() == 0
+            && tc.eval_every > 0
+            && (state.step.is_multiple_of(tc.eval_every) || last)
+        {
             let v = validation_loss(
                 &model.valid(),
                 &val_data.tokens,
@@ -395,25 +437,52 @@ pub fn train<B: AutodiffBackend>(
                 .into_iter()
                 .map(to_host)
                 .collect();
-            // Every data-parallel rank must hold the same weights.
+            // Every data-parallel rank must hold the same weights, and every tensor-parallel rank
+            // the same replicated ones.
             let sums = dist.dp.all_gather_f64(weights_checksum(&values));
             if sums.iter().any(|&c| c.to_bits() != sums[0].to_bits()) {
                 bail!(
-                    "step {}: the ranks' weights differ (checksums {sums:?})",
+                    "step {}: the data-parallel ranks' weights differ (checksums {sums:?})",
                     state.step
                 );
             }
+            let replicated: Vec<Vec<f32>> = values
+                .iter()
+                .zip(&is_sharded)
+                .filter(|(_, &s)| !s)
+                .map(|(v, _)| v.clone())
+                .collect();
+            let rsums = tp.all_gather_f64(weights_checksum(&replicated));
+            if rsums.iter().any(|&c| c.to_bits() != rsums[0].to_bits()) {
+                bail!(
+                    "step {}: the tensor-parallel ranks' replicated weights differ (checksums {rsums:?})",
+                    state.step
+                );
+            }
+            // The first data-parallel group gathers full tensors; the first rank writes them.
+            if topo.dp_rank() != 0 {
+                continue;
+            }
+            let values = gather_all(values, &infos, tp);
+            let m = gather_all(
+                opt.exp_avg.iter().cloned().map(to_host).collect(),
+                &infos,
+                tp,
+            );
+            let v = gather_all(
+                opt.exp_avg_sq.iter().cloned().map(to_host).collect(),
+                &infos,
+                tp,
+            );
             if !main {
                 continue;
             }
-            let m: Vec<Vec<f32>> = opt.exp_avg.iter().cloned().map(to_host).collect();
-            let v: Vec<Vec<f32>> = opt.exp_avg_sq.iter().cloned().map(to_host).collect();
-            let mut optim = named(&infos, m, ".exp_avg");
-            optim.extend(named(&infos, v, ".exp_avg_sq"));
+            let mut optim = named(&full_infos, m, ".exp_avg");
+            optim.extend(named(&full_infos, v, ".exp_avg_sq"));
             let dir = checkpoint::save(
                 &ckpt_root,
                 &state,
-                &named(&infos, values, ""),
+                &named(&full_infos, values, ""),
                 &optim,
                 &recipe_toml,
             )

@@ -1,0 +1,116 @@
+//! Flat parameter lists (weights, optimizer moments) between the full model and this rank's
+//! tensor-parallel shard. Checkpoints hold full tensors, so a run resumes on any `parallel.tp`.
+
+use tern_dist::Comm;
+use tern_model::{shard_dim, shard_values, unshard_values};
+
+use crate::params::ParamInfo;
+
+/// This rank's shard of every full value (`full_infos` name the full shapes).
+pub fn shard_all(full: Vec<Vec<f32>>, full_infos: &[ParamInfo], tp: &dyn Comm) -> Vec<Vec<f32>> {
+    if tp.size() == 1 {
+        return full;
+    }
+    full.into_iter()
+        .zip(full_infos)
+        .map(|(v, info)| match shard_dim(&info.name) {
+            Some(dim) => shard_values(&v, &info.shape, dim, tp.rank(), tp.size()),
+            None => v,
+        })
+        .collect()
+}
+
+/// The full values from every rank's shard (a collective: every member of `tp` calls it).
+/// `local_infos` name this rank's shapes; replicated values are taken as they are.
+pub fn gather_all(local: Vec<Vec<f32>>, local_infos: &[ParamInfo], tp: &dyn Comm) -> Vec<Vec<f32>> {
+    if tp.size() == 1 {
+        return local;
+    }
+    local
+        .into_iter()
+        .zip(local_infos)
+        .map(|(v, info)| match shard_dim(&info.name) {
+            Some(dim) => {
+                let mut all = vec![0f32; v.len() * tp.size()];
+                tp.all_gather(&v, &mut all);
+                unshard_values(&all, &info.shape, dim, tp.size())
+            }
+            None => v,
+        })
+        .collect()
+}
+
+/// Whether each parameter is split across the tensor-parallel group.
+pub fn sharded(infos: &[ParamInfo], tp: usize) -> Vec<bool> {
+    infos
+        .iter()
+        .map(|i| tp > 1 && shard_dim(&i.name).is_some())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_dist::ThreadComm;
+
+    #[test]
+    fn shard_then_gather_gives_back_the_full_values() {
+        let infos = vec![
+            ParamInfo {
+                name: "embed_tokens.weight".into(),
+                shape: vec![3, 2],
+            },
+            ParamInfo {
+                name: "layers.0.self_attn.o_proj.weight".into(),
+                shape: vec![2, 4],
+            },
+            ParamInfo {
+                name: "layers.0.mlp.up_proj.weight".into(),
+                shape: vec![4, 2],
+            },
+        ];
+        let full: Vec<Vec<f32>> = infos
+            .iter()
+            .enumerate()
+            .map(|(k, i)| (0..i.numel()).map(|x| (100 * k + x) as f32).collect())
+            .collect();
+        let back: Vec<Vec<Vec<f32>>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = ThreadComm::group(2)
+                .into_iter()
+                .map(|c| {
+                    let (full, infos) = (full.clone(), infos.clone());
+                    sc.spawn(move || {
+                        let local = shard_all(full, &infos, &c);
+                        let local_infos: Vec<ParamInfo> = infos
+                            .iter()
+                            .map(|i| ParamInfo {
+                                name: i.name.clone(),
+                                shape: match shard_dim(&i.name) {
+                                    Some(0) => vec![i.shape[0] / 2, i.shape[1]],
+                                    Some(_) => vec![i.shape[0], i.shape[1] / 2],
+                                    None => i.shape.clone(),
+                                },
+                            })
+                            .collect();
+                        assert_eq!(
+                            local[1],
+                            if c.rank() == 0 {
+                                vec![100., 101., 104., 105.]
+                            } else {
+                                vec![102., 103., 106., 107.]
+                            }
+                        );
+                        assert_eq!(local[0].len(), 6, "the embedding is replicated");
+                        gather_all(local, &local_infos, &c)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for b in back {
+            assert_eq!(b, full);
+        }
+        assert_eq!(sharded(&infos, 2), vec![false, true, true]);
+        assert_eq!(sharded(&infos, 1), vec![false, false, false]);
+    }
+}
