@@ -35,12 +35,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// 2 (n-1)/n x bytes / time).
 pub fn run(a: BenchArgs) -> Result<()> {
     let mut recipe = a.recipe.load()?;
-    let dist = tern_dist::Dist::init(recipe.parallel.tp, recipe.parallel.dp)?;
-    crate::set_rank(dist.topo.rank, dist.topo.world);
+    let dist = crate::start_job(&recipe)?;
     let vocab = *recipe.model.vocab_size.get_or_insert(a.vocab);
     let (mb, t) = (recipe.train.micro_batch, recipe.data.seq_len + 1);
-    crate::check_device()?;
-    let device = Default::default();
+    let device = crate::compute_device(&dist.topo);
     let model: Llama<TrainBackend> = parallelize(Llama::new(&recipe.model, &device), &dist.tp);
     let mut rng = SplitMix64(1 + dist.topo.rank as u64);
     let ids: Vec<i64> = (0..mb * t)

@@ -66,6 +66,32 @@ pub fn check_device() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts this process's part of the job: the device check, MPI (under a launcher), and with the
+/// `cuda` feature NCCL for the tensor- and data-parallel groups.
+pub fn start_job(recipe: &tern_train::Recipe) -> anyhow::Result<tern_dist::Dist> {
+    check_device()?;
+    let dist = tern_dist::Dist::init(
+        recipe.parallel.tp,
+        recipe.parallel.dp,
+        cfg!(feature = "cuda"),
+    )?;
+    set_rank(dist.topo.rank, dist.topo.world);
+    Ok(dist)
+}
+
+/// The device this rank computes on: with `cuda`, the GPU numbered by the node-local rank.
+#[cfg(feature = "cuda")]
+pub fn compute_device(topo: &tern_dist::Topology) -> burn::backend::cuda::CudaDevice {
+    burn::backend::cuda::CudaDevice::new(topo.local_rank)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn compute_device(
+    _: &tern_dist::Topology,
+) -> <Compute as burn::tensor::backend::BackendTypes>::Device {
+    Default::default()
+}
+
 static RANK: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
 
 /// Records this process's place in the job, for error messages.

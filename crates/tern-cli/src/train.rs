@@ -47,8 +47,7 @@ pub struct TrainArgs {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let recipe = a.recipe.load()?;
-    let dist = tern_dist::Dist::init(recipe.parallel.tp, recipe.parallel.dp)?;
-    crate::set_rank(dist.topo.rank, dist.topo.world);
+    let dist = crate::start_job(&recipe)?;
     let main = dist.topo.is_main();
     let run_dir = recipe.run_dir(a.run_dir.as_deref());
     let resume = a.resume.map(|r| {
@@ -69,8 +68,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             crate::backend_name()
         );
     }
-    crate::check_device()?;
-    let device = Default::default();
+    let device = crate::compute_device(&dist.topo);
     let s = tern_train::train::<TrainBackend>(&recipe, &opts, &device, &dist)?;
     if !main {
         return Ok(());

@@ -105,7 +105,9 @@ impl Dist {
 
     /// Initialises MPI when launched by `mpirun` (else a single process) and splits the world into
     /// tensor-parallel groups of `tp` consecutive ranks and data-parallel groups across them.
-    pub fn init(tp: usize, dp: Option<usize>) -> Result<Self> {
+    /// With `nccl` (GPU training, feature `cuda`), the tensor- and data-parallel groups run NCCL
+    /// on GPU `local_rank`; the world group stays on MPI (checks, barriers).
+    pub fn init(tp: usize, dp: Option<usize>, nccl: bool) -> Result<Self> {
         if !launched_by_mpi() {
             Topology::new(0, 1, 0, tp, dp)
                 .map_err(|e| anyhow!("{e} (start the job with mpirun -np N)"))?;
@@ -122,16 +124,46 @@ impl Dist {
         let tp_comm = world
             .split_by_color(Color::with_value(topo.dp_rank() as i32))
             .ok_or_else(|| anyhow!("rank {rank}: splitting the tensor-parallel group failed"))?;
+        let (dp, tp): (Box<dyn Comm>, Arc<dyn Comm>) = if nccl {
+            group_comms_nccl(dp_comm, tp_comm, topo.local_rank)?
+        } else {
+            (
+                Box::new(MpiComm { comm: dp_comm }),
+                Arc::new(MpiComm { comm: tp_comm }),
+            )
+        };
         Ok(Self {
             topo,
-            dp: Box::new(MpiComm { comm: dp_comm }),
-            tp: TpGroup::new(Arc::new(MpiComm { comm: tp_comm })),
+            dp,
+            tp: TpGroup::new(tp),
             world: Box::new(MpiComm { comm: world }),
             _mpi: Some(MpiRuntime {
                 _universe: universe,
             }),
         })
     }
+}
+
+#[cfg(feature = "cuda")]
+fn group_comms_nccl(
+    dp: SimpleCommunicator,
+    tp: SimpleCommunicator,
+    gpu: usize,
+) -> Result<(Box<dyn Comm>, Arc<dyn Comm>)> {
+    use crate::nccl::NcclComm;
+    Ok((
+        Box::new(NcclComm::over(&dp, gpu)?),
+        Arc::new(NcclComm::over(&tp, gpu)?),
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn group_comms_nccl(
+    _: SimpleCommunicator,
+    _: SimpleCommunicator,
+    _: usize,
+) -> Result<(Box<dyn Comm>, Arc<dyn Comm>)> {
+    Err(anyhow!("NCCL needs tern built with the cuda feature"))
 }
 
 /// Ends every rank of the job now (after an error or a panic on this one): never a hang.

@@ -3,6 +3,8 @@
 
 pub mod comm;
 pub mod launch;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod ops;
 pub mod topology;
 
