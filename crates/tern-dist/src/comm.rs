@@ -138,6 +138,107 @@ impl Comm for ThreadComm {
     }
 }
 
+/// The collectives on tensors of any backend and rank, for every [`Comm`]: each stages the tensor
+/// through host memory in f32 and hands it to the slice collective.
+pub trait TensorCollectives {
+    /// Element-wise sum over the group.
+    fn all_reduce_tensor<B: Backend, const D: usize>(&self, t: Tensor<B, D>) -> Tensor<B, D>;
+    /// The members' tensors concatenated along `dim`, in rank order.
+    fn all_gather_tensor<B: Backend, const D: usize>(
+        &self,
+        t: Tensor<B, D>,
+        dim: usize,
+    ) -> Tensor<B, D>;
+    /// The sum over the group, of which this member keeps block `rank` along `dim`.
+    fn reduce_scatter_tensor<B: Backend, const D: usize>(
+        &self,
+        t: Tensor<B, D>,
+        dim: usize,
+    ) -> Tensor<B, D>;
+    /// Member `root`'s tensor on every member.
+    fn broadcast_tensor<B: Backend, const D: usize>(
+        &self,
+        t: Tensor<B, D>,
+        root: usize,
+    ) -> Tensor<B, D>;
+}
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec().expect("f32 data")
+}
+
+fn device_tensor<B: Backend, const D: usize>(
+    v: Vec<f32>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+/// Applies a host collective to `t` viewed with `dim` first (where the members' blocks lie end to
+/// end): `op(values, size of dim)` returns the new values and the new size of `dim`.
+fn along<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+    dim: usize,
+    op: impl FnOnce(Vec<f32>, usize) -> (Vec<f32>, usize),
+) -> Tensor<B, D> {
+    let t = t.swap_dims(0, dim);
+    let (mut shape, device) = (t.dims(), t.device());
+    let (v, rows) = op(host(t), shape[0]);
+    shape[0] = rows;
+    device_tensor::<B, D>(v, shape, &device).swap_dims(0, dim)
+}
+
+impl<C: Comm + ?Sized> TensorCollectives for C {
+    fn all_reduce_tensor<B: Backend, const D: usize>(&self, t: Tensor<B, D>) -> Tensor<B, D> {
+        let (shape, device) = (t.dims(), t.device());
+        let mut v = host(t);
+        self.all_reduce_sum(&mut v);
+        device_tensor(v, shape, &device)
+    }
+
+    fn all_gather_tensor<B: Backend, const D: usize>(
+        &self,
+        t: Tensor<B, D>,
+        dim: usize,
+    ) -> Tensor<B, D> {
+        let n = self.size();
+        along(t, dim, |v, rows| {
+            let mut all = vec![0f32; v.len() * n];
+            Comm::all_gather(self, &v, &mut all);
+            (all, rows * n)
+        })
+    }
+
+    fn reduce_scatter_tensor<B: Backend, const D: usize>(
+        &self,
+        t: Tensor<B, D>,
+        dim: usize,
+    ) -> Tensor<B, D> {
+        let n = self.size();
+        along(t, dim, |v, rows| {
+            assert!(
+                rows.is_multiple_of(n),
+                "reduce_scatter: dimension {dim} of size {rows} does not split over {n} members"
+            );
+            let mut mine = vec![0f32; v.len() / n];
+            self.reduce_scatter_sum(&v, &mut mine);
+            (mine, rows / n)
+        })
+    }
+
+    fn broadcast_tensor<B: Backend, const D: usize>(
+        &self,
+        t: Tensor<B, D>,
+        root: usize,
+    ) -> Tensor<B, D> {
+        let (shape, device) = (t.dims(), t.device());
+        let mut v = host(t);
+        Comm::broadcast(self, &mut v, root);
+        device_tensor(v, shape, &device)
+    }
+}
+
 /// Gradient buckets hold at most this many f32 (100 MB): a few large calls, not one per tensor.
 pub const BUCKET_ELEMS: usize = 25 * 1024 * 1024;
 
@@ -270,6 +371,50 @@ mod tests {
             assert_eq!(b, vec![2.0, 2.0]);
             assert_eq!(f, vec![0.0, 0.5, 1.0]);
             assert_eq!(s, 4.5);
+        }
+    }
+
+    #[test]
+    fn tensor_collectives_over_three_thread_ranks() {
+        type T2 = Tensor<Flex, 2>;
+        let vals = |t: T2| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
+        let out: Vec<_> = std::thread::scope(|sc| {
+            let hs: Vec<_> = ThreadComm::group(3)
+                .into_iter()
+                .map(|c| {
+                    sc.spawn(move || {
+                        let dev = Default::default();
+                        let r = c.rank() as f32;
+                        // [[r, r+1], [r+2, r+3]] on rank r
+                        let t = T2::from_data([[r, r + 1.0], [r + 2.0, r + 3.0]], &dev);
+                        let sum = c.all_reduce_tensor(t.clone());
+                        let rows = c.all_gather_tensor(t.clone(), 0);
+                        let cols = c.all_gather_tensor(t.clone(), 1);
+                        let t6 = T2::from_data([[r; 6], [1.0; 6]], &dev);
+                        let part = c.reduce_scatter_tensor(t6, 1);
+                        let b = c.broadcast_tensor(t, 1);
+                        (
+                            rows.dims(),
+                            cols.dims(),
+                            vals(sum),
+                            vals(rows),
+                            vals(cols),
+                            vals(part),
+                            vals(b),
+                        )
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (rank, (rdims, cdims, sum, rows, cols, part, b)) in out.into_iter().enumerate() {
+            assert_eq!((rdims, cdims), ([6, 2], [2, 6]));
+            assert_eq!(sum, vec![3.0, 6.0, 9.0, 12.0]);
+            assert_eq!(rows, vec![0., 1., 2., 3., 1., 2., 3., 4., 2., 3., 4., 5.]);
+            assert_eq!(cols, vec![0., 1., 1., 2., 2., 3., 2., 3., 3., 4., 4., 5.]);
+            // Column sums of [[r; 6], [1; 6]] are [3; 6] and [3; 6]; member r keeps columns 2r, 2r+1.
+            assert_eq!(part, vec![3.0; 4], "rank {rank}");
+            assert_eq!(b, vec![1.0, 2.0, 3.0, 4.0]);
         }
     }
 
