@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{tern_cmd, tiny_train, SMALL_MODEL};
+use common::{tern_cmd, tiny_train, GALORE, SMALL_MODEL};
 use serde_json::Value;
 
 fn run(n: usize, args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -90,6 +90,16 @@ fn data_parallel_matches_one_process() {
         .unwrap()
         .collect();
     assert_eq!(tb.len(), 1);
+}
+
+#[test]
+fn galore_under_data_parallelism_matches_one_process() {
+    // Every rank projects the averaged gradient: the same subspace, the same updates.
+    let dir = tempfile::tempdir().unwrap();
+    let galore = GALORE;
+    let one = train(0, &dir.path().join("one"), galore);
+    let two = train(2, &dir.path().join("two"), galore);
+    assert_close(&one, &two, "galore dp=2");
 }
 
 #[test]

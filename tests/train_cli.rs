@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{repo, tern_cmd, tiny_train, SMALL_MODEL};
+use common::{repo, tern_cmd, tiny_train, GALORE, SMALL_MODEL};
 use serde_json::Value;
 
 fn tern(args: &[&str]) -> Output {
@@ -120,6 +120,70 @@ fn resume_continues_with_bitwise_equal_losses() {
     let ckpt = again.join("checkpoints/step_00000003");
     ok(&train(&again, 12, &["--resume", ckpt.to_str().unwrap()]));
     assert_eq!(losses(&again), a);
+}
+
+/// Names and shapes of the tensors of a safetensors file (its JSON header).
+fn safetensors_shapes(path: &Path) -> Vec<(String, Vec<u64>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            let shape = v["shape"].as_array().unwrap();
+            (
+                k.clone(),
+                shape.iter().map(|x| x.as_u64().unwrap()).collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn galore_trains_checkpoints_low_rank_state_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let galore = GALORE;
+    let (full, split) = (dir.path().join("full"), dir.path().join("split"));
+    ok(&train(&full, 12, galore));
+    let a = losses(&full);
+    let first: f64 = a[0].1.parse().unwrap();
+    let last: f64 = a[11].1.parse().unwrap();
+    assert!(last < first - 0.3, "GaLore's loss falls: {first} -> {last}");
+    // Stopped at 7 (checkpoints 3, 6, 7), resumed across the projection refresh of step 8.
+    ok(&train(&split, 7, galore));
+    ok(&train(
+        &split,
+        12,
+        &[galore, &["--resume", "auto"]].concat(),
+    ));
+    assert_eq!(
+        a,
+        losses(&split),
+        "GaLore resumed differs from uninterrupted"
+    );
+
+    // The moments are low rank; the projections are saved. hidden 64, intermediate 128, rank 16:
+    // q (64 x 64, right) -> 64 x 16 and P 16 x 64; down (64 x 128, left) -> 16 x 128, P 64 x 16.
+    let shapes = safetensors_shapes(&full.join("checkpoints/step_00000012/optim.safetensors"));
+    let shape = |name: &str| {
+        shapes
+            .iter()
+            .find(|(k, _)| k == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+            .1
+            .clone()
+    };
+    assert_eq!(shape("layers.0.self_attn.q_proj.weight.exp_avg"), [64, 16]);
+    assert_eq!(
+        shape("layers.0.self_attn.q_proj.weight.galore_proj"),
+        [16, 64]
+    );
+    assert_eq!(shape("layers.1.mlp.down_proj.weight.exp_avg_sq"), [16, 128]);
+    assert_eq!(shape("layers.1.mlp.down_proj.weight.galore_proj"), [64, 16]);
+    assert_eq!(shape("embed_tokens.weight.exp_avg"), [4096, 64]);
 }
 
 #[test]
@@ -279,6 +343,26 @@ fn bad_recipes_fail_naming_the_key() {
         &["model.n_heads", "model.hidden = 128"],
     );
     bad_recipe(&["model.scale_groups=3"], &["model.scale_groups"]);
+    let galore = "optim.name=\"galore_adamw\"";
+    bad_recipe(&[galore], &["optim.rank", "required"]);
+    bad_recipe(
+        &[galore, "optim.rank=200"],
+        &["optim.rank", "min(m, n) = 128"],
+    );
+    bad_recipe(
+        &[galore, "optim.rank=32", "optim.update_proj_gap=0"],
+        &["optim.update_proj_gap"],
+    );
+    bad_recipe(
+        &[
+            galore,
+            "optim.rank=32",
+            "parallel.tp=2",
+            "model.scale_groups=2",
+        ],
+        &["galore_adamw", "parallel.tp = 2"],
+    );
+    bad_recipe(&["optim.rank=32"], &["optim.rank", "only galore_adamw"]);
     bad_recipe(
         &["data.train=[\"/nonexistent/x\"]"],
         &["data.train", "/nonexistent/x"],

@@ -18,6 +18,13 @@ pub const SMALL_MODEL: &[&str] = &[
     "--set", "data.seq_len=64", "--set", "train.global_batch=8", "--set", "optim.decay_steps=50",
 ];
 
+/// GaLore at rank 16 with a projection refresh every 4 steps: `--set` pairs.
+#[rustfmt::skip]
+pub const GALORE: &[&str] = &[
+    "--set", "optim.name=\"galore_adamw\"", "--set", "optim.rank=16",
+    "--set", "optim.update_proj_gap=4", "--set", "optim.lr=0.01",
+];
+
 /// `train recipes/tiny.toml --run-dir DIR`: the start of every training command of the tests.
 pub fn tiny_train(run_dir: &Path) -> Vec<&str> {
     vec![

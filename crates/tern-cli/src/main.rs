@@ -107,14 +107,24 @@ fn rank_prefix() -> String {
     }
 }
 
+/// One `error: ...` line written with a single call, so that the launcher forwards it whole even
+/// when MPI_Abort follows at once (MPICH's hydra dropped the tail of a line written piecewise).
+fn say_error(msg: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let one_line = msg.replace('\n', " ");
+    let _ = err.write_all(format!("error: {one_line}\n").as_bytes());
+    let _ = err.flush();
+}
+
 fn main() -> ExitCode {
     // A panic is a bug, not a user error: one line that says so, not a backtrace. Inside an MPI
     // job it ends every rank at once (a panicking rank would otherwise leave the others waiting).
     std::panic::set_hook(Box::new(|info| {
-        eprintln!(
-            "error: {}internal error (please report it): {info}",
+        say_error(&format!(
+            "{}internal error (please report it): {info}",
             rank_prefix()
-        );
+        ));
         tern_dist::launch::abort_job(101);
     }));
     let cli = Cli::parse();
@@ -125,7 +135,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}{e:#}", rank_prefix());
+            say_error(&format!("{}{e:#}", rank_prefix()));
             // One rank's error ends the whole job instead of leaving the others in a collective.
             tern_dist::launch::abort_job(1);
             ExitCode::FAILURE

@@ -6,6 +6,36 @@ use serde::{Deserialize, Serialize};
 pub enum OptimizerName {
     #[default]
     Adamw,
+    /// GaLore (arXiv 2403.03507): Adam in a low-rank projection of the gradient of every block
+    /// matrix (attention and MLP); embedding, head and norms take the same Adam unprojected.
+    GaloreAdamw,
+}
+
+/// `optim.proj_type`: which side of a block matrix GaLore projects (the reference's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProjType {
+    /// Right (rows of Vh) when the matrix has at least as many rows as columns, else left.
+    #[default]
+    Std,
+    /// The other side of `std`.
+    ReverseStd,
+    Left,
+    Right,
+}
+
+/// `optim.subspace_change`: what happens to the Adam moments when GaLore's projection changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubspaceChange {
+    /// Kept as they are, coordinates of the old subspace read in the new one (the reference).
+    #[default]
+    Keep,
+    /// Zeroed.
+    Reset,
+    /// Rotated into the new subspace: first moment exactly, second moment with the squared
+    /// change-of-basis matrix (exact when the rotation only permutes or flips directions).
+    Reproject,
 }
 
 /// `optim.schedule`.
@@ -61,6 +91,19 @@ pub struct OptimConfig {
     /// Global gradient-norm clipping threshold; 0 turns clipping off.
     #[serde(default = "d_clip")]
     pub grad_clip: f64,
+    /// GaLore: rank of the projection (required with `name = "galore_adamw"`).
+    #[serde(default)]
+    pub rank: Option<usize>,
+    /// GaLore: steps between two projections (the SVD runs at steps 0, T, 2T, ...).
+    #[serde(default = "d_gap")]
+    pub update_proj_gap: u64,
+    /// GaLore: factor on the projected-back update (the reference's `scale`, 0.25 in its runs).
+    #[serde(default = "d_scale")]
+    pub scale: f64,
+    #[serde(default)]
+    pub proj_type: ProjType,
+    #[serde(default)]
+    pub subspace_change: SubspaceChange,
 }
 
 fn d_lr() -> f64 {
@@ -90,6 +133,12 @@ fn d_drop_factor() -> f64 {
 fn d_clip() -> f64 {
     1.0
 }
+fn d_gap() -> u64 {
+    200
+}
+fn d_scale() -> f64 {
+    0.25
+}
 
 impl Default for OptimConfig {
     fn default() -> Self {
@@ -113,6 +162,11 @@ fn toml_defaults() -> OptimConfig {
         lr_drop_factor: d_drop_factor(),
         wd_off_at: None,
         grad_clip: d_clip(),
+        rank: None,
+        update_proj_gap: d_gap(),
+        scale: d_scale(),
+        proj_type: ProjType::default(),
+        subspace_change: SubspaceChange::default(),
     }
 }
 
@@ -161,6 +215,24 @@ impl OptimConfig {
             if !ok {
                 return Err(format!("{key}: {what}"));
             }
+        }
+        match (self.name, self.rank) {
+            (OptimizerName::GaloreAdamw, None) => {
+                return Err("optim.rank: required with optim.name = \"galore_adamw\" (the reference uses 128 to 1024; hidden / 4 is a common choice)".into())
+            }
+            (OptimizerName::GaloreAdamw, Some(0)) => {
+                return Err("optim.rank: must be at least 1".into())
+            }
+            (OptimizerName::Adamw, Some(_)) => {
+                return Err("optim.rank: only galore_adamw uses a rank (set optim.name = \"galore_adamw\")".into())
+            }
+            _ => {}
+        }
+        if self.update_proj_gap == 0 {
+            return Err("optim.update_proj_gap: must be at least 1 step".into());
+        }
+        if !(self.scale > 0.0 && self.scale.is_finite()) {
+            return Err("optim.scale: must be a positive number".into());
         }
         for (key, v) in [
             ("optim.lr_drop_at", self.lr_drop_at),

@@ -7,9 +7,15 @@
 pub mod adamw;
 pub mod clip;
 pub mod config;
+pub mod galore;
+pub mod optimizer;
 pub mod schedule;
+pub mod svd;
 
 pub use adamw::AdamW;
 pub use clip::{clip_global_norm, clip_to, global_norm, squared_norms};
-pub use config::{OptimConfig, OptimizerName, ScheduleKind};
+pub use config::{OptimConfig, OptimizerName, ProjType, ScheduleKind, SubspaceChange};
+pub use galore::{GaLoreAdamW, LowRank};
+pub use optimizer::{Optimizer, StateTensor};
 pub use schedule::Schedule;
+pub use svd::Side;

@@ -266,6 +266,32 @@ impl Recipe {
             return Err("parallel.tp: must be at least 1".into());
         }
         tern_model::check_tp(&self.model, self.parallel.tp).map_err(|e| e.to_string())?;
+        if let Some(rank) = self.optim.rank {
+            if self.parallel.tp > 1 {
+                return Err(format!(
+                    "optim.name = \"galore_adamw\" with parallel.tp = {}: GaLore under tensor parallelism is not implemented yet (use parallel.tp = 1; data parallelism works)",
+                    self.parallel.tp
+                ));
+            }
+            let m = &self.model;
+            let kv = m.kv_heads() * m.head_dim();
+            for (what, rows, cols) in [
+                ("self_attn.q_proj / o_proj", m.hidden, m.hidden),
+                ("self_attn.k_proj / v_proj", kv, m.hidden),
+                (
+                    "mlp.gate_proj / up_proj / down_proj",
+                    m.intermediate,
+                    m.hidden,
+                ),
+            ] {
+                if rank > rows.min(cols) {
+                    return Err(format!(
+                        "optim.rank: {rank} is above min(m, n) = {} of the {rows} x {cols} matrices {what}",
+                        rows.min(cols)
+                    ));
+                }
+            }
+        }
         let dp = self.parallel.dp.unwrap_or(1);
         if dp == 0 {
             return Err("parallel.dp: must be at least 1".into());

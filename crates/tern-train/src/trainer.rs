@@ -1,4 +1,4 @@
-//! The step loop: data -> forward/backward over micro-batches -> clip -> AdamW -> outputs.
+//! The step loop: data -> forward/backward over micro-batches -> clip -> optimizer -> outputs.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -11,15 +11,15 @@ use tern_data::sampler::{block, dp_slice, num_blocks};
 use tern_data::tokenize::tokenize_split;
 use tern_data::{Sampler, TextTokenizer};
 use tern_dist::{all_reduce_mean_tensors, comm::BUCKET_ELEMS, CollectiveBackend, Dist};
-use tern_model::{parallelize, Llama};
-use tern_optim::{clip_to, squared_norms, AdamW, Schedule};
+use tern_model::{parallelize, shard_dim, shard_values, Llama};
+use tern_optim::{clip_to, squared_norms, Optimizer, Schedule};
 
 use crate::checkpoint::{self, Named, TrainState};
 use crate::init::init_normal;
 use crate::metrics::{Metrics, StepMetrics};
 use crate::params::{assign_trainable, flat_grads, flat_values, param_infos, ParamInfo};
 use crate::recipe::Recipe;
-use crate::shards::{gather_all, shard_all, sharded};
+use crate::shards::{gather_all, sharded};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resume {
@@ -213,6 +213,11 @@ where
     // The same device seen from the inner (non-autodiff) backend, where optimizer state lives.
     let inner_device = model.valid().embed_tokens.weight.val().device();
     let mut resumed_moments = None;
+    // The matrices GaLore projects: the block matrices (those tensor parallelism splits).
+    let low_rank: Vec<bool> = full_infos
+        .iter()
+        .map(|i| shard_dim(&i.name).is_some())
+        .collect();
 
     let mut state = TrainState {
         format_version: checkpoint::FORMAT_VERSION,
@@ -246,13 +251,25 @@ where
         let mpath = dir.join("model.safetensors");
         let opath = dir.join("optim.safetensors");
         let w = checkpoint::take_in_order(&mut l.model, &full_infos, "", &mpath)?;
-        let m = checkpoint::take_in_order(&mut l.optim, &full_infos, ".exp_avg", &opath)?;
-        let v = checkpoint::take_in_order(&mut l.optim, &full_infos, ".exp_avg_sq", &opath)?;
+        // Every state tensor of every parameter, in the shapes the recipe's optimizer keeps.
+        let mut saved = Vec::new();
+        for (i, info) in full_infos.iter().enumerate() {
+            for (key, shape) in
+                Optimizer::<B::InnerBackend>::state_shapes(&recipe.optim, &info.shape, low_rank[i])
+            {
+                let want = ParamInfo {
+                    name: format!("{}.{key}", info.name),
+                    shape,
+                };
+                let v = checkpoint::take_in_order(&mut l.optim, &[want], "", &opath)?;
+                saved.push((i, key, v.into_iter().next().expect("one tensor")));
+            }
+        }
         model = assign_trainable(
             model,
             w.into_iter().map(|w| from_host(w, &inner_device)).collect(),
         );
-        resumed_moments = Some((m, v, l.state.optimizer_step));
+        resumed_moments = Some((saved, l.state.optimizer_step));
         state = l.state;
         if state.step >= tc.steps {
             bail!(
@@ -268,18 +285,22 @@ where
     let infos = param_infos::<B, _>(&model);
     let decay: Vec<bool> = infos.iter().map(ParamInfo::decays).collect();
     let is_sharded = sharded(&infos, topo.tp);
-    let sizes: Vec<usize> = infos.iter().map(ParamInfo::numel).collect();
-    let mut opt = AdamW::<B::InnerBackend>::new(&recipe.optim, &sizes, &inner_device);
-    if let Some((m, v, step)) = resumed_moments {
-        let host = |x: Vec<Vec<f32>>| -> Vec<_> {
-            shard_all(x, &full_infos, tp)
-                .into_iter()
-                .map(|x| from_host(x, &inner_device))
-                .collect()
-        };
-        opt.exp_avg = host(m);
-        opt.exp_avg_sq = host(v);
-        opt.step = step;
+    let shapes: Vec<Vec<usize>> = infos.iter().map(|i| i.shape.clone()).collect();
+    let mut opt =
+        Optimizer::<B::InnerBackend>::new(&recipe.optim, &shapes, &low_rank, &inner_device);
+    if let Some((saved, step)) = resumed_moments {
+        for (i, key, v) in saved {
+            // Full moments (AdamW's, shaped as the parameter) are cut to this rank's shard;
+            // the recipe refuses GaLore with tensor parallelism.
+            let v = match shard_dim(&full_infos[i].name) {
+                Some(dim) if topo.tp > 1 => {
+                    shard_values(&v, &full_infos[i].shape, dim, topo.tp_rank(), topo.tp)
+                }
+                _ => v,
+            };
+            opt.set_state(i, key, from_host(v, &inner_device));
+        }
+        opt.set_steps(step);
     }
 
     // Written only now that the checkpoint (if any) was accepted, and by the first rank only.
@@ -384,7 +405,7 @@ where
         state.consumed_samples += tc.global_batch as u64;
         let step_tokens = (tc.global_batch * dc.seq_len) as u64;
         state.tokens_seen += step_tokens;
-        state.optimizer_step = opt.step;
+        state.optimizer_step = opt.steps();
         interval_tokens += step_tokens;
         last_loss = loss;
 
@@ -464,21 +485,33 @@ where
                 continue;
             }
             let values = gather_all(values, &infos, tp);
-            let m = gather_all(
-                opt.exp_avg.iter().cloned().map(to_host).collect(),
-                &infos,
-                tp,
-            );
-            let v = gather_all(
-                opt.exp_avg_sq.iter().cloned().map(to_host).collect(),
-                &infos,
-                tp,
-            );
+            let entries: Vec<_> = (0..infos.len())
+                .map(|i| opt.state(i, &infos[i].shape))
+                .collect();
+            let optim: Named = if topo.tp > 1 {
+                // AdamW (the recipe refuses GaLore with tp > 1): moments shaped as the
+                // parameters, gathered like them.
+                let mut out = Named::new();
+                for (k, key) in ["exp_avg", "exp_avg_sq"].into_iter().enumerate() {
+                    let local = entries.iter().map(|e| to_host(e[k].2.clone())).collect();
+                    let full = gather_all(local, &infos, tp);
+                    out.extend(named(&full_infos, full, &format!(".{key}")));
+                }
+                out
+            } else {
+                entries
+                    .into_iter()
+                    .zip(&infos)
+                    .flat_map(|(e, info)| {
+                        e.into_iter().map(move |(key, shape, t)| {
+                            (format!("{}.{key}", info.name), shape, to_host(t))
+                        })
+                    })
+                    .collect()
+            };
             if !main {
                 continue;
             }
-            let mut optim = named(&full_infos, m, ".exp_avg");
-            optim.extend(named(&full_infos, v, ".exp_avg_sq"));
             let dir = checkpoint::save(
                 &ckpt_root,
                 &state,
