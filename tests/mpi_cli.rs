@@ -103,6 +103,42 @@ fn galore_under_data_parallelism_matches_one_process() {
 }
 
 #[test]
+fn galore_under_tensor_parallelism_matches_one_process_and_reshards() {
+    // Sharded GaLore (full gradient gathered for the SVD every 4 steps, projected gradients
+    // all-reduced where a projection side spans the shards) against one process.
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name);
+    #[rustfmt::skip]
+    let base = [GALORE, &["--set", "model.scale_groups=2", "--set", "train.steps=16"]].concat();
+    let tp2 = [&base[..], &["--set", "parallel.tp=2"]].concat();
+    let one = train(0, &d("one"), &base);
+    assert_close(&one, &train(2, &d("tp2"), &tp2), "galore tp=2");
+    assert_close(&one, &train(4, &d("tp2dp2"), &tp2), "galore tp=2 x dp=2");
+
+    // Resharding the optimizer state both ways, from step 10: not a refresh step (gap 4), so the
+    // next steps use the saved projections.
+    let with_tp = |args: Vec<&'static str>, tp: usize| match tp {
+        2 => [&args[..], &["--set", "parallel.tp=2"]].concat(),
+        _ => args,
+    };
+    let procs = |tp: usize| if tp == 2 { 2 } else { 0 };
+    for (tp_from, tp_to) in [(1, 2), (2, 1)] {
+        let run = d(&format!("from-tp{tp_from}"));
+        let first = with_tp([&base[..], &["--set", "train.steps=10"]].concat(), tp_from);
+        train(procs(tp_from), &run, &first);
+        let again = with_tp([&base[..], &["--resume", "auto"]].concat(), tp_to);
+        let resumed = train(procs(tp_to), &run, &again);
+        assert_close(
+            &one,
+            &resumed,
+            &format!("galore tp={tp_from} resumed at tp={tp_to}"),
+        );
+        // A fresh start would have moved the first run aside: it resumed.
+        assert!(!d(&format!("from-tp{tp_from}.1")).exists());
+    }
+}
+
+#[test]
 fn tensor_parallel_matches_one_process_with_as_many_scale_groups() {
     let dir = tempfile::tempdir().unwrap();
     let d = |name: &str| dir.path().join(name);
@@ -135,6 +171,7 @@ fn tensor_parallel_matches_one_process_with_as_many_scale_groups() {
         &[&longer[..], &["--resume", "auto"]].concat(),
     );
     assert_close(&straight, &resumed, "tp=2 checkpoint resumed at tp=1");
+    assert!(!d("tp2-model.linear=ternary.1").exists(), "it resumed");
 }
 
 #[test]

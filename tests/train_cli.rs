@@ -353,15 +353,6 @@ fn bad_recipes_fail_naming_the_key() {
         &[galore, "optim.rank=32", "optim.update_proj_gap=0"],
         &["optim.update_proj_gap"],
     );
-    bad_recipe(
-        &[
-            galore,
-            "optim.rank=32",
-            "parallel.tp=2",
-            "model.scale_groups=2",
-        ],
-        &["galore_adamw", "parallel.tp = 2"],
-    );
     bad_recipe(&["optim.rank=32"], &["optim.rank", "only galore_adamw"]);
     bad_recipe(
         &["data.train=[\"/nonexistent/x\"]"],

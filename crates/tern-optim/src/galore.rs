@@ -9,6 +9,8 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
+use tern_dist::{TensorCollectives, TpGroup};
+
 use crate::config::{OptimConfig, ProjType, SubspaceChange};
 use crate::svd::{leading_singular_vectors, Side};
 
@@ -24,29 +26,93 @@ pub fn side_of(proj_type: ProjType, m: usize, n: usize) -> Side {
     }
 }
 
-/// A block matrix's low-rank layout.
+/// A block matrix's low-rank layout. `m x n` is the full matrix; under tensor parallelism this
+/// rank holds the block `tp_rank` of `tp` along dimension `shard` (0: rows, 1: columns).
+///
+/// Which pieces are local follows from the side: with rows split and a right projection
+/// (`R = G P^T`), R's rows are local too; with rows split and a left one (`R = P^T G`), R is a
+/// sum over the ranks' row blocks, all-reduced every step (r x n floats) and kept whole on every
+/// rank. Columns mirror this. The SVD needs the full gradient: it is all-gathered, every
+/// `update_proj_gap` steps only, and every rank decomposes the same matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LowRank {
     pub m: usize,
     pub n: usize,
     pub rank: usize,
     pub side: Side,
+    pub shard: Option<usize>,
+    pub tp_rank: usize,
+    pub tp: usize,
 }
 
 impl LowRank {
-    /// Shape of the projected gradient (and of the moments).
-    pub fn projected(&self) -> [usize; 2] {
+    /// A matrix held whole.
+    pub fn whole(m: usize, n: usize, rank: usize, side: Side) -> Self {
+        Self {
+            m,
+            n,
+            rank,
+            side,
+            shard: None,
+            tp_rank: 0,
+            tp: 1,
+        }
+    }
+
+    fn split(&self, shape: [usize; 2], dim: Option<usize>) -> [usize; 2] {
+        let mut s = shape;
+        if let Some(d) = dim {
+            s[d] /= self.tp;
+        }
+        s
+    }
+
+    /// This rank's block of the gradient.
+    pub fn local(&self) -> [usize; 2] {
+        self.split([self.m, self.n], self.shard)
+    }
+    /// Shape of the full projected gradient (and of the moments of an unsplit run).
+    pub fn projected_full(&self) -> [usize; 2] {
         match self.side {
             Side::Right => [self.m, self.rank],
             Side::Left => [self.rank, self.n],
         }
     }
-    /// Shape of the projection matrix.
-    pub fn proj(&self) -> [usize; 2] {
+    /// Shape of the full projection matrix.
+    pub fn proj_full(&self) -> [usize; 2] {
         match self.side {
             Side::Right => [self.rank, self.n],
             Side::Left => [self.m, self.rank],
         }
+    }
+    /// The dimension along which this rank's moments are a block of the full ones (`None`:
+    /// whole, the same on every rank).
+    pub fn moments_shard(&self) -> Option<usize> {
+        match (self.shard, self.side) {
+            (Some(0), Side::Right) => Some(0),
+            (Some(1), Side::Left) => Some(1),
+            _ => None,
+        }
+    }
+    /// The dimension along which this rank's projection is a block of the full one.
+    pub fn proj_shard(&self) -> Option<usize> {
+        match (self.shard, self.side) {
+            (Some(0), Side::Left) => Some(0),
+            (Some(1), Side::Right) => Some(1),
+            _ => None,
+        }
+    }
+    /// Whether the projected gradient is a sum over the ranks (all-reduced every step).
+    pub fn reduces(&self) -> bool {
+        self.shard.is_some() && self.moments_shard().is_none()
+    }
+    /// Local shape of the moments.
+    pub fn projected(&self) -> [usize; 2] {
+        self.split(self.projected_full(), self.moments_shard())
+    }
+    /// Local shape of the projection.
+    pub fn proj(&self) -> [usize; 2] {
+        self.split(self.proj_full(), self.proj_shard())
     }
 }
 
@@ -62,31 +128,45 @@ pub struct GaLoreAdamW<B: Backend> {
     pub step: u64,
     /// `Some` for the parameters GaLore projects.
     pub layout: Vec<Option<LowRank>>,
-    /// Moments, flat, in each parameter's projected shape.
+    /// Moments, flat, in each parameter's (local) projected shape.
     pub exp_avg: Vec<Tensor<B, 1>>,
     pub exp_avg_sq: Vec<Tensor<B, 1>>,
-    /// The current projection of each projected parameter (`None` before the first step).
+    /// This rank's part of the projection of each projected parameter (`None` before the first
+    /// step).
     pub proj: Vec<Option<Tensor<B, 2>>>,
+    tp: TpGroup,
 }
 
 impl<B: Backend> GaLoreAdamW<B> {
-    /// `matrices[i]` = `Some((m, n))` for a parameter GaLore projects; `sizes[i]` its element
-    /// count. The rank must fit every projected matrix (the recipe checks it first).
+    /// `matrices[i]` = `Some((m, n))` (the local shape) for a parameter GaLore projects;
+    /// `sizes[i]` its element count; `shard_dims[i]` the dimension `tp` splits it along. The
+    /// rank must fit every projected matrix (the recipe checks it first).
     pub fn new(
         cfg: &OptimConfig,
         sizes: &[usize],
         matrices: &[Option<(usize, usize)>],
+        shard_dims: &[Option<usize>],
+        tp: &TpGroup,
         device: &B::Device,
     ) -> Self {
         let rank = cfg.rank.expect("optim.rank is validated for galore_adamw");
         let layout: Vec<Option<LowRank>> = matrices
             .iter()
-            .map(|mn| {
-                mn.map(|(m, n)| LowRank {
-                    m,
-                    n,
-                    rank,
-                    side: side_of(cfg.proj_type, m, n),
+            .zip(shard_dims)
+            .map(|(mn, &dim)| {
+                mn.map(|(m, n)| {
+                    let shard = dim.filter(|_| tp.size() > 1);
+                    let (m, n) = match shard {
+                        Some(0) => (m * tp.size(), n),
+                        Some(_) => (m, n * tp.size()),
+                        None => (m, n),
+                    };
+                    LowRank {
+                        shard,
+                        tp_rank: tp.rank(),
+                        tp: tp.size(),
+                        ..LowRank::whole(m, n, rank, side_of(cfg.proj_type, m, n))
+                    }
                 })
             })
             .collect();
@@ -111,11 +191,22 @@ impl<B: Backend> GaLoreAdamW<B> {
             exp_avg_sq: zeros(),
             proj: vec![None; sizes.len()],
             layout,
+            tp: tp.clone(),
         }
     }
 
-    /// A new projection of parameter `i` from its gradient `g` (m x n), and what the moments do.
+    /// The full matrix from this rank's block along `dim` (a collective over the group).
+    fn full(&self, t: Tensor<B, 2>, dim: Option<usize>) -> Tensor<B, 2> {
+        match dim {
+            Some(d) => self.tp.comm().all_gather_tensor(t, d),
+            None => t,
+        }
+    }
+
+    /// A new projection of parameter `i` from its gradient `g` (this rank's block), and what the
+    /// moments do.
     fn refresh(&mut self, i: usize, l: LowRank, g: &Tensor<B, 2>) {
+        let g = self.full(g.clone(), l.shard);
         let host: Vec<f32> = g
             .clone()
             .into_data()
@@ -123,7 +214,7 @@ impl<B: Backend> GaLoreAdamW<B> {
             .into_vec()
             .expect("f32 gradient");
         let p = leading_singular_vectors(&host, l.m, l.n, l.rank, l.side);
-        let p = Tensor::<B, 2>::from_data(TensorData::new(p, l.proj()), &g.device());
+        let p = Tensor::<B, 2>::from_data(TensorData::new(p, l.proj_full()), &g.device());
         if let Some(old) = self.proj[i].take() {
             match self.on_change {
                 SubspaceChange::Keep => {}
@@ -132,6 +223,7 @@ impl<B: Backend> GaLoreAdamW<B> {
                     self.exp_avg_sq[i] = self.exp_avg_sq[i].zeros_like();
                 }
                 SubspaceChange::Reproject => {
+                    let old = self.full(old, l.proj_shard());
                     let [a, b] = l.projected();
                     let m = self.exp_avg[i].clone().reshape([a, b]);
                     let v = self.exp_avg_sq[i].clone().reshape([a, b]);
@@ -152,6 +244,13 @@ impl<B: Backend> GaLoreAdamW<B> {
                 }
             }
         }
+        let p = match l.proj_shard() {
+            Some(d) => {
+                let len = l.proj()[d];
+                p.narrow(d, l.tp_rank * len, len)
+            }
+            None => p,
+        };
         self.proj[i] = Some(p);
     }
 
@@ -179,7 +278,7 @@ impl<B: Backend> GaLoreAdamW<B> {
             let r = match low {
                 None => g,
                 Some(l) => {
-                    let g2 = g.reshape([l.m, l.n]);
+                    let g2 = g.reshape(l.local());
                     if refresh_now || self.proj[i].is_none() {
                         self.refresh(i, l, &g2);
                     }
@@ -187,6 +286,11 @@ impl<B: Backend> GaLoreAdamW<B> {
                     let r = match l.side {
                         Side::Right => g2.matmul(pm.transpose()),
                         Side::Left => pm.transpose().matmul(g2),
+                    };
+                    let r = if l.reduces() {
+                        self.tp.comm().all_reduce_tensor(r)
+                    } else {
+                        r
                     };
                     let [a, b] = l.projected();
                     r.reshape([a * b])
@@ -207,7 +311,8 @@ impl<B: Backend> GaLoreAdamW<B> {
                         Side::Right => n2.matmul(pm),
                         Side::Left => pm.matmul(n2),
                     };
-                    back.reshape([l.m * l.n]).mul_scalar(self.scale)
+                    let [a, b] = l.local();
+                    back.reshape([a * b]).mul_scalar(self.scale)
                 }
             };
             let p = p - update.mul_scalar(step_size);
@@ -222,7 +327,7 @@ impl<B: Backend> GaLoreAdamW<B> {
         out
     }
 
-    /// Bytes of optimizer state (moments and projections, f32).
+    /// Bytes of optimizer state on this rank (moments and projections, f32).
     pub fn state_bytes(&self) -> usize {
         let moments: usize = self.exp_avg.iter().map(|t| t.dims()[0] * 2).sum();
         let proj: usize = self
@@ -292,7 +397,14 @@ mod tests {
         let matrices = [Some((6, 4)), Some((3, 5)), None, None];
         let decay = [true, true, true, false];
         let dev = Default::default();
-        let mut opt = GaLoreAdamW::<Flex>::new(&cfg, &sizes, &matrices, &dev);
+        let mut opt = GaLoreAdamW::<Flex>::new(
+            &cfg,
+            &sizes,
+            &matrices,
+            &[None; 4],
+            &TpGroup::default(),
+            &dev,
+        );
         assert_eq!(opt.layout[0].unwrap().side, Side::Right);
         assert_eq!(opt.layout[1].unwrap().side, Side::Left);
         let tensor = |v: Vec<f32>| {
@@ -334,7 +446,14 @@ mod tests {
             subspace_change: SubspaceChange::Reproject,
             ..OptimConfig::default()
         };
-        let mut opt = GaLoreAdamW::<Flex>::new(&cfg, &[4], &[Some((2, 2))], &dev);
+        let mut opt = GaLoreAdamW::<Flex>::new(
+            &cfg,
+            &[4],
+            &[Some((2, 2))],
+            &[None],
+            &TpGroup::default(),
+            &dev,
+        );
         let l = opt.layout[0].unwrap();
         opt.proj[0] = Some(Tensor::from_data([[-1.0f32, 0.0]], &dev));
         opt.exp_avg[0] = Tensor::from_data([0.5f32, -2.0], &dev);

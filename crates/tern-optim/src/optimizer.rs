@@ -3,6 +3,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use tern_dist::TpGroup;
 
 use crate::config::{OptimConfig, OptimizerName};
 use crate::galore::{side_of, GaLoreAdamW, LowRank};
@@ -13,16 +14,27 @@ pub enum Optimizer<B: Backend> {
     GaLore(GaLoreAdamW<B>),
 }
 
-/// One state tensor of a parameter: its key (`exp_avg`, `exp_avg_sq`, `galore_proj`), shape
-/// and value, flat.
-pub type StateTensor<B> = (&'static str, Vec<usize>, Tensor<B, 1>);
+/// One state tensor of a parameter as this rank holds it.
+pub struct StateTensor<B: Backend> {
+    /// `exp_avg`, `exp_avg_sq` or `galore_proj`.
+    pub key: &'static str,
+    /// Shape of the whole tensor (what a one-process run holds and a checkpoint stores).
+    pub full_shape: Vec<usize>,
+    /// The dimension along which this rank holds a block of it (`None`: whole).
+    pub shard: Option<usize>,
+    /// This rank's values, flat.
+    pub value: Tensor<B, 1>,
+}
 
 impl<B: Backend> Optimizer<B> {
-    /// `shapes[i]` of every parameter; `low_rank[i]` marks the matrices GaLore projects.
+    /// `shapes[i]` of every parameter (this rank's block); `low_rank[i]` marks the matrices
+    /// GaLore projects; `shard_dims[i]` the dimension the tensor-parallel group `tp` splits.
     pub fn new(
         cfg: &OptimConfig,
         shapes: &[Vec<usize>],
         low_rank: &[bool],
+        shard_dims: &[Option<usize>],
+        tp: &TpGroup,
         device: &B::Device,
     ) -> Self {
         let sizes: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
@@ -34,7 +46,9 @@ impl<B: Backend> Optimizer<B> {
                     .zip(low_rank)
                     .map(|(s, &low)| (low && s.len() == 2).then(|| (s[0], s[1])))
                     .collect();
-                Self::GaLore(GaLoreAdamW::new(cfg, &sizes, &matrices, device))
+                Self::GaLore(GaLoreAdamW::new(
+                    cfg, &sizes, &matrices, shard_dims, tp, device,
+                ))
             }
         }
     }
@@ -78,48 +92,65 @@ impl<B: Backend> Optimizer<B> {
         match (cfg.name, low_rank && shape.len() == 2) {
             (OptimizerName::GaloreAdamw, true) => {
                 let (m, n) = (shape[0], shape[1]);
-                let l = LowRank {
-                    m,
-                    n,
-                    rank: cfg.rank.expect("validated"),
-                    side: side_of(cfg.proj_type, m, n),
-                };
+                let rank = cfg.rank.expect("validated");
+                let l = LowRank::whole(m, n, rank, side_of(cfg.proj_type, m, n));
                 vec![
-                    ("exp_avg", l.projected().to_vec()),
-                    ("exp_avg_sq", l.projected().to_vec()),
-                    ("galore_proj", l.proj().to_vec()),
+                    ("exp_avg", l.projected_full().to_vec()),
+                    ("exp_avg_sq", l.projected_full().to_vec()),
+                    ("galore_proj", l.proj_full().to_vec()),
                 ]
             }
             _ => full(),
         }
     }
 
-    /// The state of parameter `i` (of `shape`), as [`Self::state_shapes`] lists it.
-    pub fn state(&self, i: usize, shape: &[usize]) -> Vec<StateTensor<B>> {
-        match self {
-            Self::AdamW(o) => vec![
-                ("exp_avg", shape.to_vec(), o.exp_avg[i].clone()),
-                ("exp_avg_sq", shape.to_vec(), o.exp_avg_sq[i].clone()),
+    /// The state of parameter `i`, as [`Self::state_shapes`] lists it for the full parameter
+    /// (`full_shape`), with the block this rank holds (`shard`: the parameter's split dimension).
+    pub fn state(
+        &self,
+        i: usize,
+        full_shape: &[usize],
+        shard: Option<usize>,
+    ) -> Vec<StateTensor<B>> {
+        let entry = |key, full_shape: Vec<usize>, shard, value| StateTensor {
+            key,
+            full_shape,
+            shard,
+            value,
+        };
+        let (m, v) = match self {
+            Self::AdamW(o) => (&o.exp_avg[i], &o.exp_avg_sq[i]),
+            Self::GaLore(o) => (&o.exp_avg[i], &o.exp_avg_sq[i]),
+        };
+        // A projection not computed yet (before the first step) reads as zeros.
+        let low = match self {
+            Self::GaLore(o) => o.layout[i].map(|l| {
+                let p = o.proj[i]
+                    .clone()
+                    .unwrap_or_else(|| Tensor::zeros(l.proj(), &m.device()));
+                (l, p)
+            }),
+            Self::AdamW(_) => None,
+        };
+        match low {
+            None => vec![
+                entry("exp_avg", full_shape.to_vec(), shard, m.clone()),
+                entry("exp_avg_sq", full_shape.to_vec(), shard, v.clone()),
             ],
-            Self::GaLore(o) => match (o.layout[i], &o.proj[i]) {
-                (Some(l), Some(p)) => vec![
-                    ("exp_avg", l.projected().to_vec(), o.exp_avg[i].clone()),
-                    (
-                        "exp_avg_sq",
-                        l.projected().to_vec(),
-                        o.exp_avg_sq[i].clone(),
-                    ),
-                    (
+            Some((l, p)) => {
+                let pr = l.projected_full().to_vec();
+                let n = l.proj().iter().product::<usize>();
+                vec![
+                    entry("exp_avg", pr.clone(), l.moments_shard(), m.clone()),
+                    entry("exp_avg_sq", pr, l.moments_shard(), v.clone()),
+                    entry(
                         "galore_proj",
-                        l.proj().to_vec(),
-                        p.clone().reshape([l.proj().iter().product::<usize>()]),
+                        l.proj_full().to_vec(),
+                        l.proj_shard(),
+                        p.reshape([n]),
                     ),
-                ],
-                _ => vec![
-                    ("exp_avg", shape.to_vec(), o.exp_avg[i].clone()),
-                    ("exp_avg_sq", shape.to_vec(), o.exp_avg_sq[i].clone()),
-                ],
-            },
+                ]
+            }
         }
     }
 

@@ -267,12 +267,6 @@ impl Recipe {
         }
         tern_model::check_tp(&self.model, self.parallel.tp).map_err(|e| e.to_string())?;
         if let Some(rank) = self.optim.rank {
-            if self.parallel.tp > 1 {
-                return Err(format!(
-                    "optim.name = \"galore_adamw\" with parallel.tp = {}: GaLore under tensor parallelism is not implemented yet (use parallel.tp = 1; data parallelism works)",
-                    self.parallel.tp
-                ));
-            }
             let m = &self.model;
             let kv = m.kv_heads() * m.head_dim();
             for (what, rows, cols) in [

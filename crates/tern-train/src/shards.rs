@@ -31,13 +31,22 @@ pub fn gather_all(local: Vec<Vec<f32>>, local_infos: &[ParamInfo], tp: &dyn Comm
         .zip(local_infos)
         .map(|(v, info)| match shard_dim(&info.name) {
             Some(dim) => {
-                let mut all = vec![0f32; v.len() * tp.size()];
-                tp.all_gather(&v, &mut all);
-                unshard_values(&all, &info.shape, dim, tp.size())
+                let mut full = info.shape.clone();
+                full[dim] *= tp.size();
+                gather_whole(v, &full, dim, tp)
             }
             None => v,
         })
         .collect()
+}
+
+/// A whole tensor of `full_shape` from every rank's block along `dim` (a collective).
+pub fn gather_whole(local: Vec<f32>, full_shape: &[usize], dim: usize, tp: &dyn Comm) -> Vec<f32> {
+    let mut all = vec![0f32; local.len() * tp.size()];
+    tp.all_gather(&local, &mut all);
+    let mut local_shape = full_shape.to_vec();
+    local_shape[dim] /= tp.size();
+    unshard_values(&all, &local_shape, dim, tp.size())
 }
 
 /// Whether each parameter is split across the tensor-parallel group.

@@ -19,7 +19,7 @@ use crate::init::init_normal;
 use crate::metrics::{Metrics, StepMetrics};
 use crate::params::{assign_trainable, flat_grads, flat_values, param_infos, ParamInfo};
 use crate::recipe::Recipe;
-use crate::shards::{gather_all, sharded};
+use crate::shards::{gather_all, gather_whole, sharded};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resume {
@@ -286,21 +286,34 @@ where
     let decay: Vec<bool> = infos.iter().map(ParamInfo::decays).collect();
     let is_sharded = sharded(&infos, topo.tp);
     let shapes: Vec<Vec<usize>> = infos.iter().map(|i| i.shape.clone()).collect();
-    let mut opt =
-        Optimizer::<B::InnerBackend>::new(&recipe.optim, &shapes, &low_rank, &inner_device);
+    // The dimension tensor parallelism splits each parameter along (None: replicated).
+    let shard_dims: Vec<Option<usize>> = full_infos
+        .iter()
+        .map(|i| shard_dim(&i.name).filter(|_| topo.tp > 1))
+        .collect();
+    let mut opt = Optimizer::<B::InnerBackend>::new(
+        &recipe.optim,
+        &shapes,
+        &low_rank,
+        &shard_dims,
+        &dist.tp,
+        &inner_device,
+    );
     if let Some((saved, step)) = resumed_moments {
+        opt.set_steps(step);
         for (i, key, v) in saved {
-            // Full moments (AdamW's, shaped as the parameter) are cut to this rank's shard;
-            // the recipe refuses GaLore with tensor parallelism.
-            let v = match shard_dim(&full_infos[i].name) {
-                Some(dim) if topo.tp > 1 => {
-                    shard_values(&v, &full_infos[i].shape, dim, topo.tp_rank(), topo.tp)
-                }
-                _ => v,
+            // A checkpoint holds whole tensors: keep this rank's block of each.
+            let shard = opt
+                .state(i, &full_infos[i].shape, shard_dims[i])
+                .into_iter()
+                .find(|e| e.key == key)
+                .and_then(|e| e.shard.map(|d| (d, e.full_shape)));
+            let v = match shard {
+                Some((dim, full)) => shard_values(&v, &full, dim, topo.tp_rank(), topo.tp),
+                None => v,
             };
             opt.set_state(i, key, from_host(v, &inner_device));
         }
-        opt.set_steps(step);
     }
 
     // Written only now that the checkpoint (if any) was accepted, and by the first rank only.
@@ -485,30 +498,19 @@ where
                 continue;
             }
             let values = gather_all(values, &infos, tp);
-            let entries: Vec<_> = (0..infos.len())
-                .map(|i| opt.state(i, &infos[i].shape))
-                .collect();
-            let optim: Named = if topo.tp > 1 {
-                // AdamW (the recipe refuses GaLore with tp > 1): moments shaped as the
-                // parameters, gathered like them.
-                let mut out = Named::new();
-                for (k, key) in ["exp_avg", "exp_avg_sq"].into_iter().enumerate() {
-                    let local = entries.iter().map(|e| to_host(e[k].2.clone())).collect();
-                    let full = gather_all(local, &infos, tp);
-                    out.extend(named(&full_infos, full, &format!(".{key}")));
+            // Whole optimizer state: every rank's block gathered (the same walk on every rank
+            // of the group, so the collectives line up).
+            let mut optim = Named::new();
+            for (i, info) in full_infos.iter().enumerate() {
+                for e in opt.state(i, &info.shape, shard_dims[i]) {
+                    let v = to_host(e.value);
+                    let v = match e.shard {
+                        Some(dim) => gather_whole(v, &e.full_shape, dim, tp),
+                        None => v,
+                    };
+                    optim.push((format!("{}.{}", info.name, e.key), e.full_shape, v));
                 }
-                out
-            } else {
-                entries
-                    .into_iter()
-                    .zip(&infos)
-                    .flat_map(|(e, info)| {
-                        e.into_iter().map(move |(key, shape, t)| {
-                            (format!("{}.{key}", info.name), shape, to_host(t))
-                        })
-                    })
-                    .collect()
-            };
+            }
             if !main {
                 continue;
             }
