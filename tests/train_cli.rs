@@ -187,6 +187,31 @@ fn galore_trains_checkpoints_low_rank_state_and_resumes_exactly() {
 }
 
 #[test]
+fn plan_reports_galores_saving_without_building() {
+    let galore = [
+        "--set",
+        "optim.name=\"galore_adamw\"",
+        "--set",
+        "optim.rank=128",
+    ];
+    let out = tern(&[&["plan", "recipes/trilm-99m.toml"][..], &galore].concat());
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    // 16 layers x (4 x (2 x 512 x 128 + 128 x 512) + 3 x (2 x 1280 x 128 + 512 x 128)) floats
+    // = 125.8 MB against AdamW's 2 x 48.23M floats = 385.9 MB.
+    assert!(text.contains("parameters            99.76 M"), "{text}");
+    assert!(
+        text.contains("optimizer, block matrices 125.8 MB (AdamW 385.9 MB: 67.4% less)"),
+        "{text}"
+    );
+    // The data of the recipe does not exist here: plan reads none of it.
+    assert!(!repo().join("data/slimpajama").exists());
+    let bad = tern(&["plan", "recipes/trilm-99m.toml", "--set", "parallel.tp=3"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("parallel.tp = 3"));
+}
+
+#[test]
 fn corrupt_checkpoint_is_refused_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("r");

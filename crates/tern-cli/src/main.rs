@@ -1,6 +1,7 @@
 //! `tern`: pretraining of ternary LLaMA models.
 
 mod bench;
+mod plan;
 mod train;
 
 use std::process::ExitCode;
@@ -46,6 +47,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Time training steps of a recipe's model on random tokens and print the figures.
     Bench(bench::BenchArgs),
+    /// Validate a recipe and print its parameters, per-rank memory and FLOPs, building nothing.
+    Plan(plan::PlanArgs),
 }
 
 /// The `cuda` build loads the NVIDIA driver at run time; without one, burn-cuda panics deep inside.
@@ -131,6 +134,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(a) => train::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Plan(a) => plan::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

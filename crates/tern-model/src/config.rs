@@ -182,6 +182,34 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Names and shapes of every parameter in module order (what `Llama::new` builds), without
+    /// building anything: for planning memory.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i) = (self.hidden, self.intermediate);
+        let kv = self.kv_heads() * self.head_dim();
+        let mut out = vec![("embed_tokens.weight".to_string(), vec![self.vocab(), h])];
+        for l in 0..self.n_layers {
+            for (name, shape) in [
+                ("input_layernorm.weight", vec![h]),
+                ("self_attn.q_proj.weight", vec![h, h]),
+                ("self_attn.k_proj.weight", vec![kv, h]),
+                ("self_attn.v_proj.weight", vec![kv, h]),
+                ("self_attn.o_proj.weight", vec![h, h]),
+                ("post_attention_layernorm.weight", vec![h]),
+                ("mlp.gate_proj.weight", vec![i, h]),
+                ("mlp.up_proj.weight", vec![i, h]),
+                ("mlp.down_proj.weight", vec![h, i]),
+            ] {
+                out.push((format!("layers.{l}.{name}"), shape));
+            }
+        }
+        out.push(("norm.weight".into(), vec![h]));
+        if !self.tie_embeddings {
+            out.push(("lm_head.weight".into(), vec![self.vocab(), h]));
+        }
+        out
+    }
+
     /// Parameter count (weights of every matrix, embedding, head and norms).
     pub fn num_params(&self) -> usize {
         let h = self.hidden;

@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod init;
 pub mod metrics;
 pub mod params;
+pub mod plan;
 pub mod recipe;
 pub mod shards;
 pub mod tensorboard;

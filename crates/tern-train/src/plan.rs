@@ -1,0 +1,238 @@
+//! `tern plan`: what a recipe costs before anything is built. Parameter counts; per rank the bytes
+//! of weights, gradients and optimizer state for the recipe's optimizer and parallel layout
+//! (and AdamW's, to compare); FLOPs per token.
+
+use std::fmt;
+
+use tern_model::shard_dim;
+use tern_optim::galore::side_of;
+use tern_optim::{LowRank, OptimizerName};
+
+use crate::recipe::Recipe;
+
+/// Sizes are counted in f32 (4 bytes), as tern trains.
+const F32: usize = 4;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub name: String,
+    pub optimizer: OptimizerName,
+    pub rank: Option<usize>,
+    pub tp: usize,
+    pub dp: usize,
+    pub params: usize,
+    /// Embedding and LM head (replicated under tensor parallelism).
+    pub embedding_params: usize,
+    /// Attention and MLP matrices of the blocks.
+    pub block_params: usize,
+    /// Per rank.
+    pub weight_bytes: usize,
+    pub grad_bytes: usize,
+    pub optim_bytes: usize,
+    /// Optimizer state of the block matrices alone, with the recipe's optimizer and with AdamW.
+    pub block_optim_bytes: usize,
+    pub block_optim_bytes_adamw: usize,
+    /// 2 x (matrix parameters but the embedding lookup) + attention scores and values.
+    pub forward_flops_per_token: f64,
+    /// Forward + backward: three times the forward.
+    pub train_flops_per_token: f64,
+}
+
+/// The plan of `recipe` on `world` processes; the recipe's vocabulary must be known.
+pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
+    let tp = recipe.parallel.tp;
+    if world == 0 || !world.is_multiple_of(tp) {
+        return Err(format!(
+            "parallel.tp = {tp} does not divide the {world} processes of the plan"
+        ));
+    }
+    let dp = world / tp;
+    if let Some(d) = recipe.parallel.dp {
+        if d != dp {
+            return Err(format!(
+                "parallel.dp = {d} does not fit: {world} processes / parallel.tp = {tp} give dp = {dp}"
+            ));
+        }
+    }
+    recipe.train.validate(dp)?;
+    let m = &recipe.model;
+    let o = &recipe.optim;
+    let (mut params, mut emb, mut block) = (0, 0, 0);
+    let (mut local, mut optim, mut block_optim, mut block_adamw) = (0, 0, 0, 0);
+    for (name, shape) in m.param_shapes() {
+        let n: usize = shape.iter().product();
+        params += n;
+        let dim = shard_dim(&name);
+        let local_n = if dim.is_some() { n / tp } else { n };
+        local += local_n;
+        let adamw = 2 * local_n;
+        let state = match (o.name, dim) {
+            (OptimizerName::GaloreAdamw, Some(d)) => {
+                let (rows, cols) = (shape[0], shape[1]);
+                let rank = o.rank.expect("validated");
+                let l = LowRank {
+                    shard: (tp > 1).then_some(d),
+                    tp,
+                    ..LowRank::whole(rows, cols, rank, side_of(o.proj_type, rows, cols))
+                };
+                2 * l.projected().iter().product::<usize>() + l.proj().iter().product::<usize>()
+            }
+            _ => adamw,
+        };
+        optim += state;
+        if dim.is_some() {
+            block += n;
+            block_optim += state;
+            block_adamw += adamw;
+        } else if shape.len() == 2 {
+            emb += n;
+        }
+    }
+    // Matmul FLOPs: every matrix but the embedding lookup (the tied head still multiplies).
+    let h = m.hidden as f64;
+    let head = (m.vocab() * m.hidden) as f64;
+    let matmul_params = block as f64 + head;
+    // Scores and weighted values: 2 x 2 x seq_len x hidden per layer (PaLM's accounting, no
+    // discount for the causal mask).
+    let attention = 4.0 * m.n_layers as f64 * recipe.data.seq_len as f64 * h;
+    let forward = 2.0 * matmul_params + attention;
+    Ok(Plan {
+        name: recipe.name().to_string(),
+        optimizer: o.name,
+        rank: o.rank,
+        tp,
+        dp,
+        params,
+        embedding_params: emb,
+        block_params: block,
+        weight_bytes: local * F32,
+        grad_bytes: local * F32,
+        optim_bytes: optim * F32,
+        block_optim_bytes: block_optim * F32,
+        block_optim_bytes_adamw: block_adamw * F32,
+        forward_flops_per_token: forward,
+        train_flops_per_token: 3.0 * forward,
+    })
+}
+
+fn gib(b: usize) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else {
+        format!("{:.1} MB", b / 1e6)
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let opt = match (self.optimizer, self.rank) {
+            (OptimizerName::GaloreAdamw, Some(r)) => format!("galore_adamw rank {r}"),
+            _ => "adamw".to_string(),
+        };
+        writeln!(
+            f,
+            "plan {} | {} | tp {} x dp {} | {opt}",
+            self.name,
+            if self.tp * self.dp == 1 {
+                "1 process".to_string()
+            } else {
+                format!("{} processes", self.tp * self.dp)
+            },
+            self.tp,
+            self.dp
+        )?;
+        writeln!(
+            f,
+            "parameters       {:>10.2} M (blocks {:.2} M, embedding + head {:.2} M)",
+            self.params as f64 / 1e6,
+            self.block_params as f64 / 1e6,
+            self.embedding_params as f64 / 1e6
+        )?;
+        writeln!(f, "per rank (f32):")?;
+        writeln!(f, "  weights        {:>10}", gib(self.weight_bytes))?;
+        writeln!(f, "  gradients      {:>10}", gib(self.grad_bytes))?;
+        writeln!(f, "  optimizer      {:>10}", gib(self.optim_bytes))?;
+        let saving = 1.0 - self.block_optim_bytes as f64 / self.block_optim_bytes_adamw as f64;
+        writeln!(
+            f,
+            "  optimizer, block matrices {} (AdamW {}: {:.1}% less)",
+            gib(self.block_optim_bytes),
+            gib(self.block_optim_bytes_adamw),
+            100.0 * saving
+        )?;
+        writeln!(
+            f,
+            "  total          {:>10}",
+            gib(self.weight_bytes + self.grad_bytes + self.optim_bytes)
+        )?;
+        write!(
+            f,
+            "FLOPs per token  forward {:.3} G, training {:.3} G",
+            self.forward_flops_per_token / 1e9,
+            self.train_flops_per_token / 1e9
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::param_infos;
+    use crate::recipe::RecipeSource;
+    use burn::backend::Flex;
+    use tern_model::{LinearKind, Llama, ModelConfig};
+
+    fn recipe(name: &str, sets: &[&str]) -> Recipe {
+        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../recipes"))
+            .join(format!("{name}.toml"));
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Recipe::load(&RecipeSource::File(path), &sets).unwrap()
+    }
+
+    #[test]
+    fn shapes_are_the_models() {
+        for tie in [false, true] {
+            let c = ModelConfig {
+                tie_embeddings: tie,
+                ..ModelConfig::tiny(50, LinearKind::Ternary)
+            };
+            let built = param_infos::<Flex, _>(&Llama::<Flex>::new(&c, &Default::default()));
+            let planned: Vec<(String, Vec<usize>)> =
+                built.into_iter().map(|i| (i.name, i.shape)).collect();
+            assert_eq!(c.param_shapes(), planned);
+        }
+    }
+
+    #[test]
+    fn adamw_and_galore_state_of_trilm_99m() {
+        let a = plan(&recipe("trilm-99m", &[]), 1).unwrap();
+        assert!((a.params as f64 / 1e6 - 99.74).abs() < 0.05, "{}", a.params);
+        assert_eq!(a.optim_bytes, 2 * a.weight_bytes);
+        // hidden 512, GLU 1280, rank 128: q/k/v/o keep 2 x 512 x 128 moments + a 128 x 512
+        // projection instead of 2 x 512 x 512; gate/up/down 2 x 1280 x 128 + 128 x 512 instead
+        // of 2 x 1280 x 512.
+        let g = plan(
+            &recipe(
+                "trilm-99m",
+                &["optim.name=\"galore_adamw\"", "optim.rank=128"],
+            ),
+            1,
+        )
+        .unwrap();
+        let per_layer = 4 * (2 * 512 * 128 + 128 * 512) + 3 * (2 * 1280 * 128 + 512 * 128);
+        assert_eq!(g.block_optim_bytes, 16 * per_layer * 4);
+        assert_eq!(g.block_optim_bytes_adamw, a.block_optim_bytes);
+        let saving = 1.0 - g.block_optim_bytes as f64 / g.block_optim_bytes_adamw as f64;
+        assert!(saving > 0.6, "{saving}");
+    }
+
+    #[test]
+    fn tensor_parallel_halves_the_blocks_only() {
+        let one = plan(&recipe("trilm-1.1b", &[]), 1).unwrap();
+        let two = plan(&recipe("trilm-1.1b", &["parallel.tp=2"]), 2).unwrap();
+        let block = one.block_params * F32;
+        assert_eq!(two.weight_bytes, one.weight_bytes - block / 2);
+        assert!(plan(&recipe("trilm-1.1b", &["parallel.tp=2"]), 3).is_err());
+    }
+}
