@@ -184,6 +184,20 @@ fn galore_trains_checkpoints_low_rank_state_and_resumes_exactly() {
     assert_eq!(shape("layers.1.mlp.down_proj.weight.exp_avg_sq"), [16, 128]);
     assert_eq!(shape("layers.1.mlp.down_proj.weight.galore_proj"), [64, 16]);
     assert_eq!(shape("embed_tokens.weight.exp_avg"), [4096, 64]);
+
+    // Randomized subspace iteration instead of the exact SVD: it trains as well here.
+    let rand = dir.path().join("randomized");
+    ok(&train(
+        &rand,
+        12,
+        &[galore, &["--set", "optim.svd=\"randomized\""]].concat(),
+    ));
+    let r = losses(&rand);
+    let last_r: f64 = r[11].1.parse().unwrap();
+    assert!(
+        (last_r - last).abs() < 0.05,
+        "randomized {last_r} vs exact {last}"
+    );
 }
 
 #[test]
@@ -206,6 +220,19 @@ fn plan_reports_galores_saving_without_building() {
     );
     // The data of the recipe does not exist here: plan reads none of it.
     assert!(!repo().join("data/slimpajama").exists());
+    // tern bench times the projection refresh both ways.
+    #[rustfmt::skip]
+    let out = tern(&[
+        "bench", "recipes/tiny.toml", "--steps", "1",
+        "--set", "optim.name=\"galore_adamw\"", "--set", "optim.rank=32",
+    ]);
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("galore refresh, rank 32 | exact SVD")
+            && text.contains("| randomized (8 oversample, 2 iterations)"),
+        "{text}"
+    );
     let bad = tern(&["plan", "recipes/trilm-99m.toml", "--set", "parallel.tp=3"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("parallel.tp = 3"));

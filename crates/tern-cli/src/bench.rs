@@ -1,7 +1,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{Backend, BackendTypes};
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::Args;
 use tern_data::sampler::SplitMix64;
@@ -74,6 +74,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if !dist.topo.is_main() {
         return Ok(());
     }
+
     let (c, m, tpm) = (median(compute), median(comm), median(tp_comm));
     let n = dist.topo.dp as f64;
     let bus = if n > 1.0 {
@@ -101,5 +102,74 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bus,
         (mb * (t - 1)) as f64 / (c + tpm + m)
     );
+    if recipe.optim.name == tern_optim::OptimizerName::GaloreAdamw {
+        galore_refresh_cost(&recipe, &device);
+    }
     Ok(())
+}
+
+/// GaLore's projection refresh: every block matrix's leading singular vectors (each distinct
+/// shape timed once on a random gradient, times its count), exact and randomized, per refresh and
+/// amortised over the gap.
+fn galore_refresh_cost(
+    recipe: &tern_train::Recipe,
+    device: &<crate::Compute as BackendTypes>::Device,
+) {
+    use tern_optim::galore::side_of;
+    use tern_optim::svd::{leading_singular_vectors, randomized_singular_vectors};
+    let o = &recipe.optim;
+    let rank = o.rank.expect("validated");
+    let mut shapes: Vec<(Vec<usize>, usize)> = Vec::new();
+    for (name, shape) in recipe.model.param_shapes() {
+        if tern_model::shard_dim(&name).is_some() {
+            match shapes.iter_mut().find(|(s, _)| *s == shape) {
+                Some((_, n)) => *n += 1,
+                None => shapes.push((shape, 1)),
+            }
+        }
+    }
+    let mut rng = SplitMix64(7);
+    let (mut exact, mut randomized) = (0.0, 0.0);
+    let mut parts = Vec::new();
+    for (shape, count) in &shapes {
+        let (m, n) = (shape[0], shape[1]);
+        let side = side_of(o.proj_type, m, n);
+        let g: Vec<f32> = (0..m * n)
+            .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+            .collect();
+        let start = Instant::now();
+        drop(leading_singular_vectors(&g, m, n, rank, side));
+        let e = start.elapsed().as_secs_f64();
+        let t = Tensor::<crate::Compute, 2>::from_data(TensorData::new(g, [m, n]), device);
+        let start = Instant::now();
+        drop(randomized_singular_vectors(
+            &t,
+            rank,
+            side,
+            o.svd_oversample,
+            o.svd_iters,
+            1,
+        ));
+        let r = start.elapsed().as_secs_f64();
+        exact += e * *count as f64;
+        randomized += r * *count as f64;
+        parts.push(format!(
+            "{m}x{n} x {count}: {:.1} / {:.1} ms",
+            e * 1e3,
+            r * 1e3
+        ));
+    }
+    let gap = o.update_proj_gap as f64;
+    println!(
+        "galore refresh, rank {rank} | exact SVD {:.2} s ({:.1} ms per step over update_proj_gap = {}) \
+         | randomized ({} oversample, {} iterations) {:.2} s ({:.1} ms per step) | exact / randomized per matrix: {}",
+        exact,
+        exact * 1e3 / gap,
+        o.update_proj_gap,
+        o.svd_oversample,
+        o.svd_iters,
+        randomized,
+        randomized * 1e3 / gap,
+        parts.join(", ")
+    );
 }

@@ -104,6 +104,27 @@ pub struct OptimConfig {
     pub proj_type: ProjType,
     #[serde(default)]
     pub subspace_change: SubspaceChange,
+    /// GaLore: how the projection's singular vectors are found.
+    #[serde(default)]
+    pub svd: SvdMethod,
+    /// GaLore, `svd = "randomized"`: extra sampled directions beyond the rank.
+    #[serde(default = "d_oversample")]
+    pub svd_oversample: usize,
+    /// GaLore, `svd = "randomized"`: subspace (power) iterations.
+    #[serde(default = "d_svd_iters")]
+    pub svd_iters: usize,
+}
+
+/// `optim.svd`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SvdMethod {
+    /// Thin SVD of the whole gradient, f64, on the host (the reference's `torch.linalg.svd`).
+    #[default]
+    Exact,
+    /// Randomized subspace iteration (Halko, Martinsson and Tropp), its matrix products on the
+    /// training device; only (rank + oversample)-sized factorizations run on the host.
+    Randomized,
 }
 
 fn d_lr() -> f64 {
@@ -139,6 +160,12 @@ fn d_gap() -> u64 {
 fn d_scale() -> f64 {
     0.25
 }
+fn d_oversample() -> usize {
+    8
+}
+fn d_svd_iters() -> usize {
+    2
+}
 
 impl Default for OptimConfig {
     fn default() -> Self {
@@ -167,6 +194,9 @@ fn toml_defaults() -> OptimConfig {
         scale: d_scale(),
         proj_type: ProjType::default(),
         subspace_change: SubspaceChange::default(),
+        svd: SvdMethod::default(),
+        svd_oversample: d_oversample(),
+        svd_iters: d_svd_iters(),
     }
 }
 

@@ -11,8 +11,8 @@ use burn::tensor::{Tensor, TensorData};
 
 use tern_dist::{TensorCollectives, TpGroup};
 
-use crate::config::{OptimConfig, ProjType, SubspaceChange};
-use crate::svd::{leading_singular_vectors, Side};
+use crate::config::{OptimConfig, ProjType, SubspaceChange, SvdMethod};
+use crate::svd::{leading_singular_vectors, randomized_singular_vectors, Side};
 
 /// The side a matrix of `m` rows and `n` columns is projected on.
 pub fn side_of(proj_type: ProjType, m: usize, n: usize) -> Side {
@@ -124,6 +124,9 @@ pub struct GaLoreAdamW<B: Backend> {
     pub scale: f64,
     pub gap: u64,
     pub on_change: SubspaceChange,
+    pub svd: SvdMethod,
+    pub oversample: usize,
+    pub svd_iters: usize,
     /// Updates applied so far.
     pub step: u64,
     /// `Some` for the parameters GaLore projects.
@@ -186,6 +189,9 @@ impl<B: Backend> GaLoreAdamW<B> {
             scale: cfg.scale,
             gap: cfg.update_proj_gap,
             on_change: cfg.subspace_change,
+            svd: cfg.svd,
+            oversample: cfg.svd_oversample,
+            svd_iters: cfg.svd_iters,
             step: 0,
             exp_avg: zeros(),
             exp_avg_sq: zeros(),
@@ -207,13 +213,26 @@ impl<B: Backend> GaLoreAdamW<B> {
     /// moments do.
     fn refresh(&mut self, i: usize, l: LowRank, g: &Tensor<B, 2>) {
         let g = self.full(g.clone(), l.shard);
-        let host: Vec<f32> = g
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .expect("f32 gradient");
-        let p = leading_singular_vectors(&host, l.m, l.n, l.rank, l.side);
+        let p = match self.svd {
+            SvdMethod::Exact => {
+                let host: Vec<f32> = g
+                    .clone()
+                    .into_data()
+                    .convert::<f32>()
+                    .into_vec()
+                    .expect("f32 gradient");
+                leading_singular_vectors(&host, l.m, l.n, l.rank, l.side)
+            }
+            // The sketch's seed depends only on the step and the parameter: equal on every rank.
+            SvdMethod::Randomized => randomized_singular_vectors(
+                &g,
+                l.rank,
+                l.side,
+                self.oversample,
+                self.svd_iters,
+                self.step.wrapping_mul(1_000_003).wrapping_add(i as u64),
+            ),
+        };
         let p = Tensor::<B, 2>::from_data(TensorData::new(p, l.proj_full()), &g.device());
         if let Some(old) = self.proj[i].take() {
             match self.on_change {
