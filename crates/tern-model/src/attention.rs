@@ -7,7 +7,7 @@ use burn::tensor::{Bool, Tensor};
 use tern_dist::CollectiveBackend;
 
 use crate::config::ModelConfig;
-use crate::linear::{ProjLinear, ProjLinearConfig, ScaleAxis};
+use crate::linear::{InputStyle, ProjLinear, ProjLinearConfig, ScaleAxis};
 use crate::rope::apply_rope;
 
 #[derive(Module, Debug)]
@@ -16,6 +16,8 @@ pub struct Attention<B: Backend> {
     pub k_proj: ProjLinear<B>,
     pub v_proj: ProjLinear<B>,
     pub o_proj: ProjLinear<B>,
+    #[module(skip)]
+    pub input: InputStyle,
     #[module(skip)]
     pub n_heads: usize,
     #[module(skip)]
@@ -33,6 +35,7 @@ impl<B: Backend> Attention<B> {
             k_proj: proj(c.hidden, kv_dim, ScaleAxis::Rows),
             v_proj: proj(c.hidden, kv_dim, ScaleAxis::Rows),
             o_proj: proj(c.hidden, c.hidden, ScaleAxis::Cols),
+            input: InputStyle::AsIs,
             n_heads: c.n_heads,
             n_kv_heads: c.kv_heads(),
             head_dim: c.head_dim(),
@@ -43,6 +46,7 @@ impl<B: Backend> Attention<B> {
 impl<B: CollectiveBackend> Attention<B> {
     /// `x: [batch, seq, hidden]`; `cos`/`sin`: `[seq, head_dim]` RoPE tables.
     pub fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
+        let x = self.input.prepare(x);
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);

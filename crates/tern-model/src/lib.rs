@@ -12,6 +12,6 @@ pub mod parallelize;
 pub mod rope;
 
 pub use config::{ModelConfig, ModelConfigError};
-pub use linear::{LinearKind, ParallelStyle, ProjLinear, ScaleAxis};
+pub use linear::{InputStyle, LinearKind, ParallelStyle, ProjLinear, ScaleAxis};
 pub use model::{cross_entropy, Llama};
 pub use parallelize::{check_tp, parallelize, shard_dim, shard_values, unshard_values};

@@ -33,10 +33,31 @@ pub enum ScaleAxis {
 pub enum ParallelStyle {
     #[default]
     Replicated,
-    /// Holds a block of output rows; its replicated input goes through f (all-reduce backward).
+    /// Holds a block of output rows. Its replicated input must come through f (all-reduce of the
+    /// gradient backward), which the module applies once for all its column-parallel projections
+    /// ([`InputStyle`]).
     Colwise(TpGroup),
     /// Holds a block of input columns; its partial output goes through g (all-reduce forward).
     Rowwise(TpGroup),
+}
+
+/// What a module does to its input before its projections (TorchTitan's `PrepareModuleInput`):
+/// under tensor parallelism, f once, so that q, k and v (or gate and up) send back one summed
+/// gradient instead of one each.
+#[derive(Debug, Clone, Default)]
+pub enum InputStyle {
+    #[default]
+    AsIs,
+    CopyToGroup(TpGroup),
+}
+
+impl InputStyle {
+    pub fn prepare<B: CollectiveBackend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            InputStyle::AsIs => x,
+            InputStyle::CopyToGroup(g) => B::copy_to_group(x, g),
+        }
+    }
 }
 
 /// A bias-free projection `y = x W^T` with `W` stored `[out, in]` as in Hugging Face checkpoints.
@@ -196,10 +217,6 @@ impl<B: Backend> ProjLinear<B> {
 
 impl<B: CollectiveBackend> ProjLinear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let x = match &self.parallel {
-            ParallelStyle::Colwise(g) => B::copy_to_group(x, g),
-            _ => x,
-        };
         let w = self.effective_weight();
         let dims = x.dims();
         let d_in = dims[D - 1];

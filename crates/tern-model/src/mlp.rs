@@ -6,13 +6,15 @@ use burn::tensor::Tensor;
 use tern_dist::CollectiveBackend;
 
 use crate::config::ModelConfig;
-use crate::linear::{ProjLinear, ProjLinearConfig, ScaleAxis};
+use crate::linear::{InputStyle, ProjLinear, ProjLinearConfig, ScaleAxis};
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     pub gate_proj: ProjLinear<B>,
     pub up_proj: ProjLinear<B>,
     pub down_proj: ProjLinear<B>,
+    #[module(skip)]
+    pub input: InputStyle,
 }
 
 impl<B: Backend> Mlp<B> {
@@ -22,12 +24,14 @@ impl<B: Backend> Mlp<B> {
             gate_proj: proj(c.hidden, c.intermediate, ScaleAxis::Rows),
             up_proj: proj(c.hidden, c.intermediate, ScaleAxis::Rows),
             down_proj: proj(c.intermediate, c.hidden, ScaleAxis::Cols),
+            input: InputStyle::AsIs,
         }
     }
 }
 
 impl<B: CollectiveBackend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = self.input.prepare(x);
         // silu(x) = x * sigmoid(x) with sigmoid(x) = (1 + tanh(x / 2)) / 2: burn's sigmoid goes
         // through f32 whatever the tensor's precision, which breaks f64 gradient checks.
         let silu =

@@ -4,6 +4,8 @@
 //!
 //! The plan (Megatron's): q, k, v, gate and up are column-parallel (a block of output rows, whole
 //! attention heads and KV heads per rank), o and down row-parallel (a block of input columns).
+//! Attention and MLP apply f once to their input (one gradient all-reduce for q, k and v, one
+//! for gate and up), the row-parallel outputs go through g.
 //! Embedding, norms and the LM head are replicated: each rank holds them whole and computes the
 //! same values, so their gradients are equal on every rank and need no tensor-parallel reduction.
 //! Ternary scales: a shard owns `scale_groups / tp` whole groups and computes their scales
@@ -14,7 +16,7 @@ use tern_dist::TpGroup;
 
 use crate::attention::Attention;
 use crate::config::{ModelConfig, ModelConfigError};
-use crate::linear::{LinearKind, ParallelStyle, ProjLinear};
+use crate::linear::{InputStyle, LinearKind, ParallelStyle, ProjLinear};
 use crate::mlp::Mlp;
 use crate::model::{Block, Llama};
 
@@ -131,6 +133,7 @@ pub fn parallelize<B: Backend>(model: Llama<B>, group: &TpGroup) -> Llama<B> {
                     k_proj: shard(a.k_proj, 0, group),
                     v_proj: shard(a.v_proj, 0, group),
                     o_proj: shard(a.o_proj, 1, group),
+                    input: InputStyle::CopyToGroup(group.clone()),
                     n_heads: a.n_heads / n,
                     n_kv_heads: a.n_kv_heads / n,
                     head_dim: a.head_dim,
@@ -139,6 +142,7 @@ pub fn parallelize<B: Backend>(model: Llama<B>, group: &TpGroup) -> Llama<B> {
                     gate_proj: shard(m.gate_proj, 0, group),
                     up_proj: shard(m.up_proj, 0, group),
                     down_proj: shard(m.down_proj, 1, group),
+                    input: InputStyle::CopyToGroup(group.clone()),
                 },
                 ..b
             }
