@@ -4,6 +4,7 @@
 //! of `seq_len + 1` tokens -> [`Sampler`] (global order from the seed, position = consumed samples).
 
 pub mod config;
+pub mod litpkds;
 pub mod sampler;
 pub mod source;
 pub mod tokenize;

@@ -239,6 +239,18 @@ impl<C: Comm + ?Sized> TensorCollectives for C {
     }
 }
 
+/// An f64 as two f32 (high part and remainder): 48 bits of mantissa, enough for losses and
+/// checksums compared across ranks (the same input gives the same bits on every rank), for
+/// communicators that move f32 only (NCCL through tern's f32 staging buffer).
+pub fn f64_to_parts(v: f64) -> [f32; 2] {
+    let hi = v as f32;
+    [hi, (v - hi as f64) as f32]
+}
+
+pub fn f64_from_parts(p: &[f32]) -> f64 {
+    p[0] as f64 + p[1] as f64
+}
+
 /// Gradient buckets hold at most this many f32 (100 MB): a few large calls, not one per tensor.
 pub const BUCKET_ELEMS: usize = 25 * 1024 * 1024;
 
@@ -415,6 +427,14 @@ mod tests {
             // Column sums of [[r; 6], [1; 6]] are [3; 6] and [3; 6]; member r keeps columns 2r, 2r+1.
             assert_eq!(part, vec![3.0; 4], "rank {rank}");
             assert_eq!(b, vec![1.0, 2.0, 3.0, 4.0]);
+        }
+    }
+
+    #[test]
+    fn f64_travels_as_two_f32() {
+        for v in [0.0, 1.0 / 3.0, -5.815727e2, 1e10 + 0.25, 7.3762] {
+            let back = f64_from_parts(&f64_to_parts(v));
+            assert!((back - v).abs() <= v.abs() * 1e-13, "{v} -> {back}");
         }
     }
 

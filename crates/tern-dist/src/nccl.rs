@@ -17,7 +17,7 @@ use cudarc::nccl::{Comm as NcclHandle, Id, ReduceOp};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::Root;
 
-use crate::comm::Comm;
+use crate::comm::{f64_from_parts as join, f64_to_parts as split, Comm};
 
 /// One NCCL communicator, its stream, and a reusable device buffer.
 pub struct NcclComm {
@@ -191,29 +191,5 @@ impl Comm for NcclComm {
         let mut parts: Vec<f32> = vec![0.0; 2 * self.size()];
         self.all_gather(&split(v), &mut parts);
         parts.chunks(2).map(join).collect()
-    }
-}
-
-/// An f64 as two f32 (high part and remainder): 48 bits of mantissa, enough for losses and
-/// checksums compared across ranks (the same input gives the same bits on every rank).
-fn split(v: f64) -> [f32; 2] {
-    let hi = v as f32;
-    [hi, (v - hi as f64) as f32]
-}
-
-fn join(p: &[f32]) -> f64 {
-    p[0] as f64 + p[1] as f64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn f64_travels_as_two_f32() {
-        for v in [0.0, 1.0 / 3.0, -5.815727e2, 1e10 + 0.25, 7.3762] {
-            let back = join(&split(v));
-            assert!((back - v).abs() <= v.abs() * 1e-13, "{v} -> {back}");
-        }
     }
 }
