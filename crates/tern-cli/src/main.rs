@@ -1,6 +1,7 @@
 //! `tern`: pretraining of ternary LLaMA models.
 
 mod bench;
+mod data;
 mod plan;
 mod train;
 
@@ -49,6 +50,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Validate a recipe and print its parameters, per-rank memory and FLOPs, building nothing.
     Plan(plan::PlanArgs),
+    /// Inspect token shards (TinyLlama's packed .bin).
+    Data(data::DataArgs),
 }
 
 /// The `cuda` build loads the NVIDIA driver at run time; without one, burn-cuda panics deep inside.
@@ -135,6 +138,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Plan(a) => plan::run(a),
+        Command::Data(a) => data::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,59 @@
+//! `tern data` on the LITPKDS fixture (shards TinyLlama's builder wrote, data-prep/litpkds_fixture.py).
+
+mod common;
+
+use common::{repo, tern_cmd};
+use serde_json::Value;
+
+fn tern(args: &[&str]) -> std::process::Output {
+    tern_cmd(0).args(args).output().expect("tern runs")
+}
+
+#[test]
+fn stats_and_head_of_tinyllama_shards() {
+    let dir = "tests/fixtures/litpkds";
+    let out = tern(&["data", "stats", dir]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let docs: Vec<Vec<u32>> = serde_json::from_str(
+        &std::fs::read_to_string(repo().join(dir).join("documents.json")).unwrap(),
+    )
+    .unwrap();
+    let kept: Vec<u32> = docs.concat()[..48].to_vec();
+    assert_eq!(s["files"], 3);
+    assert_eq!(s["tokens"], 48);
+    assert_eq!(s["dtype"], "u16");
+    assert_eq!(s["documents"], kept.iter().filter(|&&t| t == 2).count());
+    assert_eq!(s["max_token_id"], *kept.iter().max().unwrap());
+
+    let out = tern(&[
+        "data",
+        "head",
+        &format!("{dir}/train_slimpajama_0_0000000001.bin"),
+        "--tokens",
+        "5",
+    ]);
+    assert!(out.status.success());
+    let head: Vec<u32> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(head, kept[16..21]);
+
+    // A corrupt shard: an error naming the file, no panic.
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.bin");
+    let mut bytes =
+        std::fs::read(repo().join(dir).join("train_slimpajama_0_0000000000.bin")).unwrap();
+    bytes.truncate(40);
+    std::fs::write(&bad, bytes).unwrap();
+    let out = tern(&["data", "stats", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.bin") && err.contains("truncated"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
