@@ -57,3 +57,41 @@ fn stats_and_head_of_tinyllama_shards() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn prep_writes_shards_that_stats_reads_and_a_rerun_skips() {
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().to_str().unwrap();
+    #[rustfmt::skip]
+    let args = [
+        "prep", "--input", "data/sample/validation", "--tokenizer", "data/sample/tokenizer.json",
+        "--out", o, "--chunk-size", "4098", "--split", "validation",
+    ];
+    let first = tern(&args);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let text = String::from_utf8_lossy(&first.stdout);
+    assert!(text.contains("1 worker(s) ran, 0 already done"), "{text}");
+    let shards: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".bin"))
+        .collect();
+    assert!(
+        shards.contains(&"validation_slimpajama_0_0000000000.bin".to_string()),
+        "{shards:?}"
+    );
+    let stats = tern(&["data", "stats", o]);
+    let s: Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(s["tokens"], 4098 * shards.len());
+    assert_eq!(s["dtype"], "u16");
+    let again = tern(&args);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("0 worker(s) ran, 1 already done"));
+
+    let hdf5 = tern(&[&args[..], &["--format", "hdf5"]].concat());
+    assert!(!hdf5.status.success());
+    assert!(String::from_utf8_lossy(&hdf5.stderr).contains("--format hdf5"));
+}

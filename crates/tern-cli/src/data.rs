@@ -60,6 +60,12 @@ fn shard_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Prints a line; a reader that went away (`| head`) is not an error.
+fn say(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
+}
+
 pub fn run(a: DataArgs) -> Result<()> {
     match a.command {
         DataCommand::Stats { paths, eos } => {
@@ -86,12 +92,12 @@ pub fn run(a: DataArgs) -> Result<()> {
                 "eos": eos,
                 "tokenizer_sha256": serde_json::Value::Null,
             });
-            println!("{}", serde_json::to_string_pretty(&stats)?);
+            say(&serde_json::to_string_pretty(&stats)?);
         }
         DataCommand::Head { path, tokens } => {
             let (_, t) = litpkds::read_tokens(&path, None)?;
             let n = tokens.min(t.len());
-            println!("{}", serde_json::to_string(&t[..n])?);
+            say(&serde_json::to_string(&t[..n])?);
         }
     }
     Ok(())

@@ -3,6 +3,7 @@
 mod bench;
 mod data;
 mod plan;
+mod prep;
 mod train;
 
 use std::process::ExitCode;
@@ -52,6 +53,8 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Inspect token shards (TinyLlama's packed .bin).
     Data(data::DataArgs),
+    /// Tokenise SlimPajama-format JSONL(.zst) into token shards (TinyLlama's packed .bin).
+    Prep(prep::PrepArgs),
 }
 
 /// The `cuda` build loads the NVIDIA driver at run time; without one, burn-cuda panics deep inside.
@@ -139,6 +142,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Plan(a) => plan::run(a),
         Command::Data(a) => data::run(a),
+        Command::Prep(a) => prep::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod litpkds;
+pub mod prep;
 pub mod sampler;
 pub mod source;
 pub mod tokenize;
