@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{repo, tern_cmd};
+use common::{repo, tern_cmd, SMALL_MODEL};
 use serde_json::Value;
 
 fn tern(args: &[&str]) -> std::process::Output {
@@ -94,4 +94,50 @@ fn prep_writes_shards_that_stats_reads_and_a_rerun_skips() {
     let hdf5 = tern(&[&args[..], &["--format", "hdf5"]].concat());
     assert!(!hdf5.status.success());
     assert!(String::from_utf8_lossy(&hdf5.stderr).contains("--format hdf5"));
+}
+
+#[test]
+fn training_reads_packed_shards_as_they_are() {
+    let shards = tempfile::tempdir().unwrap();
+    let dir = shards.path().to_str().unwrap();
+    #[rustfmt::skip]
+    let prep = tern(&[
+        "prep", "--input", "data/sample/train", "--tokenizer", "data/sample/tokenizer.json",
+        "--out", dir, "--chunk-size", "65536",
+    ]);
+    assert!(
+        prep.status.success(),
+        "{}",
+        String::from_utf8_lossy(&prep.stderr)
+    );
+    let run = tempfile::tempdir().unwrap();
+    let train = format!("data.train=[\"{dir}\"]");
+    let mut args = vec![
+        "train",
+        "recipes/tiny.toml",
+        "--run-dir",
+        run.path().to_str().unwrap(),
+    ];
+    args.extend_from_slice(SMALL_MODEL);
+    #[rustfmt::skip]
+    args.extend_from_slice(&[
+        "--set", &train, "--set", "train.steps=12", "--set", "train.micro_batch=4",
+        "--set", "train.checkpoint_every=0",
+    ]);
+    let out = tern(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // 11 shards of 65536 tokens: the train split as the shards hold it.
+    assert!(stdout.contains("720896 train tokens"), "{stdout}");
+    let losses: Vec<f64> = std::fs::read_to_string(run.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter_map(|v| v.get("loss").and_then(Value::as_f64))
+        .collect();
+    assert!(losses[11] < losses[0] - 0.2, "{losses:?}");
 }

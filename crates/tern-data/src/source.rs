@@ -1,13 +1,15 @@
-//! Finding and reading SlimPajama-format JSONL files (plain or zstd-compressed).
+//! Finding and reading SlimPajama-format JSONL files (plain or zstd-compressed); `.bin` files
+//! found beside them are TinyLlama's packed token shards.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-fn is_jsonl(p: &Path) -> bool {
+/// Text (`.jsonl`, `.jsonl.zst`) or token shards (TinyLlama's packed `.bin`).
+fn is_source(p: &Path) -> bool {
     let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    name.ends_with(".jsonl") || name.ends_with(".jsonl.zst")
+    name.ends_with(".jsonl") || name.ends_with(".jsonl.zst") || name.ends_with(".bin")
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -19,14 +21,14 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     for p in entries {
         if p.is_dir() {
             walk(&p, out)?;
-        } else if is_jsonl(&p) {
+        } else if is_source(&p) {
             out.push(p);
         }
     }
     Ok(())
 }
 
-/// Expands files, directories and glob patterns into a sorted list of JSONL files.
+/// Expands files, directories and glob patterns into a sorted list of JSONL files and shards.
 /// `key` names the recipe key in errors.
 pub fn expand(inputs: &[String], key: &str) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
@@ -49,7 +51,7 @@ pub fn expand(inputs: &[String], key: &str) -> Result<Vec<PathBuf>> {
             bail!("{key}: {input} does not exist");
         }
         if files.len() == before {
-            bail!("{key}: {input} holds no .jsonl or .jsonl.zst file");
+            bail!("{key}: {input} holds no .jsonl, .jsonl.zst or .bin file");
         }
     }
     Ok(files)

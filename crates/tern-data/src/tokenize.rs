@@ -66,7 +66,9 @@ pub struct TokenStream {
 /// Documents are tokenised in batches of this many (the tokenizer spreads a batch over the cores).
 const BATCH_DOCS: usize = 64;
 
-/// Reads and tokenises the files named by `inputs` (`key` names the recipe key for errors).
+/// Reads and tokenises the files named by `inputs` (`key` names the recipe key for errors);
+/// TinyLlama's packed `.bin` shards among them are read as they are (every id checked against
+/// the tokenizer's vocabulary).
 pub fn tokenize_split(
     cfg: &DataConfig,
     tok: &TextTokenizer,
@@ -85,6 +87,15 @@ pub fn tokenize_split(
         Ok(())
     };
     for file in &files {
+        if file.extension().is_some_and(|e| e == "bin") {
+            // Already tokenised (TinyLlama's packed shards): taken as they are, in order.
+            flush(&mut pending, &mut tokens)?;
+            let (_, t) = crate::litpkds::read_tokens(file, Some(tok.vocab_size))
+                .with_context(|| format!("{key}: token shard"))?;
+            documents += t.iter().filter(|&&x| x == tok.eos_id).count();
+            tokens.extend(t);
+            continue;
+        }
         source::for_each_line(file, |_, line| {
             let v: serde_json::Value = serde_json::from_str(line).context("not a JSON object")?;
             let set = v
@@ -182,6 +193,34 @@ mod tests {
             tok.decode(&s.tokens[eos[0] + 1..eos[1]]).unwrap(),
             "Anarchism is a political philosophy."
         );
+    }
+
+    #[test]
+    fn packed_shards_read_as_the_text_they_were_made_from() {
+        let tok = sample_tokenizer();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample/validation");
+        let out = tempfile::tempdir().unwrap();
+        let o = crate::prep::PrepOptions {
+            inputs: vec![root.display().to_string()],
+            out: out.path().to_path_buf(),
+            split: "validation".into(),
+            name: "slimpajama".into(),
+            chunk_size: 1000,
+            workers: 1,
+            text_field: "text".into(),
+            skip_sets: vec![],
+            keep_remainder: true,
+        };
+        crate::prep::prep(&o, &tok, &|_, _| {}).unwrap();
+        let c = cfg(&root);
+        let text = tokenize_split(&c, &tok, &c.train, "data.train").unwrap();
+        let shards = vec![out.path().display().to_string()];
+        let packed = tokenize_split(&c, &tok, &shards, "data.train").unwrap();
+        // The remainder chunk is padded with EOS: the text's tokens, then EOS up to a chunk.
+        let n = text.tokens.len();
+        assert_eq!(packed.tokens[..n], text.tokens[..]);
+        assert!(packed.tokens[n..].iter().all(|&t| t == tok.eos_id));
+        assert_eq!(packed.documents, text.documents + packed.tokens.len() - n);
     }
 
     #[test]
