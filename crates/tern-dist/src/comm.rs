@@ -163,8 +163,20 @@ pub trait TensorCollectives {
     ) -> Tensor<B, D>;
 }
 
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+/// A tensor's values on the host, as f32, in row-major order.
+pub fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec().expect("f32 data")
+}
+
+/// Applies a host collective that keeps the shape (`op` works on the values in place).
+fn whole<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+    op: impl FnOnce(&mut Vec<f32>),
+) -> Tensor<B, D> {
+    let (shape, device) = (t.dims(), t.device());
+    let mut v = to_host(t);
+    op(&mut v);
+    device_tensor(v, shape, &device)
 }
 
 fn device_tensor<B: Backend, const D: usize>(
@@ -184,17 +196,14 @@ fn along<B: Backend, const D: usize>(
 ) -> Tensor<B, D> {
     let t = t.swap_dims(0, dim);
     let (mut shape, device) = (t.dims(), t.device());
-    let (v, rows) = op(host(t), shape[0]);
+    let (v, rows) = op(to_host(t), shape[0]);
     shape[0] = rows;
     device_tensor::<B, D>(v, shape, &device).swap_dims(0, dim)
 }
 
 impl<C: Comm + ?Sized> TensorCollectives for C {
     fn all_reduce_tensor<B: Backend, const D: usize>(&self, t: Tensor<B, D>) -> Tensor<B, D> {
-        let (shape, device) = (t.dims(), t.device());
-        let mut v = host(t);
-        self.all_reduce_sum(&mut v);
-        device_tensor(v, shape, &device)
+        whole(t, |v| self.all_reduce_sum(v))
     }
 
     fn all_gather_tensor<B: Backend, const D: usize>(
@@ -232,10 +241,7 @@ impl<C: Comm + ?Sized> TensorCollectives for C {
         t: Tensor<B, D>,
         root: usize,
     ) -> Tensor<B, D> {
-        let (shape, device) = (t.dims(), t.device());
-        let mut v = host(t);
-        Comm::broadcast(self, &mut v, root);
-        device_tensor(v, shape, &device)
+        whole(t, |v| Comm::broadcast(self, v, root))
     }
 }
 

@@ -8,7 +8,7 @@ pub mod nccl;
 pub mod ops;
 pub mod topology;
 
-pub use comm::{all_reduce_mean_tensors, Comm, SoloComm, TensorCollectives, ThreadComm};
+pub use comm::{all_reduce_mean_tensors, to_host, Comm, SoloComm, TensorCollectives, ThreadComm};
 pub use launch::{Dist, MpiRuntime};
 pub use ops::{CollectiveBackend, CommStats, TpGroup};
 pub use topology::Topology;

@@ -24,9 +24,9 @@ use burn::backend::autodiff::ops::{unary, Backward, Ops};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorData, TensorMetadata, TensorPrimitive};
+use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive};
 
-use crate::comm::{Comm, SoloComm};
+use crate::comm::{Comm, SoloComm, TensorCollectives};
 
 /// Time and volume of the collectives a group ran (for `tern bench` and the step-time split).
 #[derive(Debug, Default)]
@@ -105,19 +105,11 @@ impl TpGroup {
         }
         let t0 = Instant::now();
         let shape = x.shape();
-        let device = B::float_device(&x);
         let n = shape.num_elements();
+        // Any rank, viewed flat: the collective is element-wise.
         let flat =
             Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(B::float_reshape(x, [n].into())));
-        let mut buf: Vec<f32> = flat
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .expect("f32 data");
-        self.comm.all_reduce_sum(&mut buf);
-        let out = Tensor::<B, 1>::from_data(TensorData::new(buf, [n]), &device)
-            .into_primitive()
-            .tensor();
+        let out = self.comm.all_reduce_tensor(flat).into_primitive().tensor();
         self.stats.add(t0, n * 4);
         B::float_reshape(out, shape)
     }
