@@ -212,12 +212,10 @@ impl ModelConfig {
 
     /// Parameter count (weights of every matrix, embedding, head and norms).
     pub fn num_params(&self) -> usize {
-        let h = self.hidden;
-        let kv = self.kv_heads() * self.head_dim();
-        let per_layer = h * h * 2 + h * kv * 2 + 3 * h * self.intermediate + 2 * h;
-        let emb = self.vocab() * h;
-        let head = if self.tie_embeddings { 0 } else { emb };
-        emb + head + self.n_layers * per_layer + h
+        self.param_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 }
 

@@ -36,7 +36,7 @@ pub enum ParallelStyle {
     /// Holds a block of output rows. Its replicated input must come through f (all-reduce of the
     /// gradient backward), which the module applies once for all its column-parallel projections
     /// ([`InputStyle`]).
-    Colwise(TpGroup),
+    Colwise,
     /// Holds a block of input columns; its partial output goes through g (all-reduce forward).
     Rowwise(TpGroup),
 }

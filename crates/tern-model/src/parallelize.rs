@@ -50,32 +50,17 @@ pub fn check_tp(c: &ModelConfig, tp: usize) -> Result<(), ModelConfigError> {
     if tp <= 1 {
         return Ok(());
     }
-    if !c.n_heads.is_multiple_of(tp) {
-        return fail(
-            "model.n_heads",
-            format!(
-                "{} attention heads cannot be split across parallel.tp = {tp} ranks",
-                c.n_heads
-            ),
-        );
-    }
-    if !c.kv_heads().is_multiple_of(tp) {
-        return fail(
-            "model.n_kv_heads",
-            format!(
-                "{} key/value heads cannot be split across parallel.tp = {tp} ranks",
-                c.kv_heads()
-            ),
-        );
-    }
-    if !c.intermediate.is_multiple_of(tp) {
-        return fail(
-            "model.intermediate",
-            format!(
-                "{} cannot be split across parallel.tp = {tp} ranks",
-                c.intermediate
-            ),
-        );
+    for (key, n, what) in [
+        ("model.n_heads", c.n_heads, "attention heads "),
+        ("model.n_kv_heads", c.kv_heads(), "key/value heads "),
+        ("model.intermediate", c.intermediate, ""),
+    ] {
+        if !n.is_multiple_of(tp) {
+            return fail(
+                key,
+                format!("{n} {what}cannot be split across parallel.tp = {tp} ranks"),
+            );
+        }
     }
     if c.linear == LinearKind::Ternary && !c.scale_groups.is_multiple_of(tp) {
         return fail(
@@ -102,7 +87,7 @@ fn shard<B: Backend>(p: ProjLinear<B>, dim: usize, group: &TpGroup) -> ProjLinea
             .set_require_grad(grad)
     });
     let parallel = match dim {
-        0 => ParallelStyle::Colwise(group.clone()),
+        0 => ParallelStyle::Colwise,
         _ => ParallelStyle::Rowwise(group.clone()),
     };
     ProjLinear {
