@@ -9,7 +9,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
-use tern_dist::{TensorCollectives, TpGroup};
+use tern_dist::{to_host, TensorCollectives, TpGroup};
 
 use crate::config::{OptimConfig, ProjType, SubspaceChange, SvdMethod};
 use crate::svd::{leading_singular_vectors, randomized_singular_vectors, Side};
@@ -215,13 +215,7 @@ impl<B: Backend> GaLoreAdamW<B> {
         let g = self.full(g.clone(), l.shard);
         let p = match self.svd {
             SvdMethod::Exact => {
-                let host: Vec<f32> = g
-                    .clone()
-                    .into_data()
-                    .convert::<f32>()
-                    .into_vec()
-                    .expect("f32 gradient");
-                leading_singular_vectors(&host, l.m, l.n, l.rank, l.side)
+                leading_singular_vectors(&to_host(g.clone()), l.m, l.n, l.rank, l.side)
             }
             // The sketch's seed depends only on the step and the parameter: equal on every rank.
             SvdMethod::Randomized => randomized_singular_vectors(
@@ -344,18 +338,6 @@ impl<B: Backend> GaLoreAdamW<B> {
             out.push(p);
         }
         out
-    }
-
-    /// Bytes of optimizer state on this rank (moments and projections, f32).
-    pub fn state_bytes(&self) -> usize {
-        let moments: usize = self.exp_avg.iter().map(|t| t.dims()[0] * 2).sum();
-        let proj: usize = self
-            .layout
-            .iter()
-            .flatten()
-            .map(|l| l.proj().iter().product::<usize>())
-            .sum();
-        (moments + proj) * 4
     }
 }
 

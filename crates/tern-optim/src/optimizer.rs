@@ -6,7 +6,7 @@ use burn::tensor::Tensor;
 use tern_dist::TpGroup;
 
 use crate::config::{OptimConfig, OptimizerName};
-use crate::galore::{side_of, GaLoreAdamW, LowRank};
+use crate::galore::GaLoreAdamW;
 use crate::AdamW;
 
 pub enum Optimizer<B: Backend> {
@@ -82,76 +82,64 @@ impl<B: Backend> Optimizer<B> {
         }
     }
 
-    /// The keys and shapes of the state of a parameter of `shape` (what a checkpoint holds).
-    pub fn state_shapes(
-        cfg: &OptimConfig,
-        shape: &[usize],
-        low_rank: bool,
-    ) -> Vec<(&'static str, Vec<usize>)> {
-        let full = || vec![("exp_avg", shape.to_vec()), ("exp_avg_sq", shape.to_vec())];
-        match (cfg.name, low_rank && shape.len() == 2) {
-            (OptimizerName::GaloreAdamw, true) => {
-                let (m, n) = (shape[0], shape[1]);
-                let rank = cfg.rank.expect("validated");
-                let l = LowRank::whole(m, n, rank, side_of(cfg.proj_type, m, n));
+    /// The state tensors of parameter `i`: key, shape of the whole tensor (what a one-process run
+    /// holds and a checkpoint stores) and the dimension along which this rank holds a block of it
+    /// (`full_shape` and `shard` are the parameter's own).
+    pub fn layout(
+        &self,
+        i: usize,
+        full_shape: &[usize],
+        shard: Option<usize>,
+    ) -> Vec<(&'static str, Vec<usize>, Option<usize>)> {
+        match self {
+            Self::GaLore(o) if o.layout[i].is_some() => {
+                let l = o.layout[i].expect("checked");
+                let pr = l.projected_full().to_vec();
                 vec![
-                    ("exp_avg", l.projected_full().to_vec()),
-                    ("exp_avg_sq", l.projected_full().to_vec()),
-                    ("galore_proj", l.proj_full().to_vec()),
+                    ("exp_avg", pr.clone(), l.moments_shard()),
+                    ("exp_avg_sq", pr, l.moments_shard()),
+                    ("galore_proj", l.proj_full().to_vec(), l.proj_shard()),
                 ]
             }
-            _ => full(),
+            _ => vec![
+                ("exp_avg", full_shape.to_vec(), shard),
+                ("exp_avg_sq", full_shape.to_vec(), shard),
+            ],
         }
     }
 
-    /// The state of parameter `i`, as [`Self::state_shapes`] lists it for the full parameter
-    /// (`full_shape`), with the block this rank holds (`shard`: the parameter's split dimension).
+    /// The state of parameter `i`, as [`Self::layout`] lists it, with this rank's values (a
+    /// projection not computed yet, before the first step, is left out).
     pub fn state(
         &self,
         i: usize,
         full_shape: &[usize],
         shard: Option<usize>,
     ) -> Vec<StateTensor<B>> {
-        let entry = |key, full_shape: Vec<usize>, shard, value| StateTensor {
-            key,
-            full_shape,
-            shard,
-            value,
+        let (m, v, p) = match self {
+            Self::AdamW(o) => (&o.exp_avg[i], &o.exp_avg_sq[i], None),
+            Self::GaLore(o) => (&o.exp_avg[i], &o.exp_avg_sq[i], o.proj[i].as_ref()),
         };
-        let (m, v) = match self {
-            Self::AdamW(o) => (&o.exp_avg[i], &o.exp_avg_sq[i]),
-            Self::GaLore(o) => (&o.exp_avg[i], &o.exp_avg_sq[i]),
-        };
-        // A projection not computed yet (before the first step) reads as zeros.
-        let low = match self {
-            Self::GaLore(o) => o.layout[i].map(|l| {
-                let p = o.proj[i]
-                    .clone()
-                    .unwrap_or_else(|| Tensor::zeros(l.proj(), &m.device()));
-                (l, p)
-            }),
-            Self::AdamW(_) => None,
-        };
-        match low {
-            None => vec![
-                entry("exp_avg", full_shape.to_vec(), shard, m.clone()),
-                entry("exp_avg_sq", full_shape.to_vec(), shard, v.clone()),
-            ],
-            Some((l, p)) => {
-                let pr = l.projected_full().to_vec();
-                let n = l.proj().iter().product::<usize>();
-                vec![
-                    entry("exp_avg", pr.clone(), l.moments_shard(), m.clone()),
-                    entry("exp_avg_sq", pr, l.moments_shard(), v.clone()),
-                    entry(
-                        "galore_proj",
-                        l.proj_full().to_vec(),
-                        l.proj_shard(),
-                        p.reshape([n]),
-                    ),
-                ]
-            }
-        }
+        self.layout(i, full_shape, shard)
+            .into_iter()
+            .filter_map(|(key, full_shape, shard)| {
+                let value = match key {
+                    "exp_avg" => m.clone(),
+                    "exp_avg_sq" => v.clone(),
+                    _ => {
+                        let p = p?;
+                        let n = p.shape().num_elements();
+                        p.clone().reshape([n])
+                    }
+                };
+                Some(StateTensor {
+                    key,
+                    full_shape,
+                    shard,
+                    value,
+                })
+            })
+            .collect()
     }
 
     /// Sets one state tensor of parameter `i` (shape checked by the caller).
@@ -171,14 +159,6 @@ impl<B: Backend> Optimizer<B> {
             "exp_avg" => m[i] = value,
             "exp_avg_sq" => v[i] = value,
             other => panic!("unknown optimizer state {other}"),
-        }
-    }
-
-    /// Bytes of optimizer state held now.
-    pub fn state_bytes(&self) -> usize {
-        match self {
-            Self::AdamW(o) => o.exp_avg.iter().map(|t| t.dims()[0] * 8).sum(),
-            Self::GaLore(o) => o.state_bytes(),
         }
     }
 }

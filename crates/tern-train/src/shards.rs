@@ -1,24 +1,10 @@
-//! Flat parameter lists (weights, optimizer moments) between the full model and this rank's
-//! tensor-parallel shard. Checkpoints hold full tensors, so a run resumes on any `parallel.tp`.
+//! Flat parameter lists (weights, optimizer state) from this rank's tensor-parallel shard back to
+//! the full model. Checkpoints hold full tensors, so a run resumes on any `parallel.tp`.
 
 use tern_dist::Comm;
-use tern_model::{shard_dim, shard_values, unshard_values};
+use tern_model::{shard_dim, unshard_values};
 
 use crate::params::ParamInfo;
-
-/// This rank's shard of every full value (`full_infos` name the full shapes).
-pub fn shard_all(full: Vec<Vec<f32>>, full_infos: &[ParamInfo], tp: &dyn Comm) -> Vec<Vec<f32>> {
-    if tp.size() == 1 {
-        return full;
-    }
-    full.into_iter()
-        .zip(full_infos)
-        .map(|(v, info)| match shard_dim(&info.name) {
-            Some(dim) => shard_values(&v, &info.shape, dim, tp.rank(), tp.size()),
-            None => v,
-        })
-        .collect()
-}
 
 /// The full values from every rank's shard (a collective: every member of `tp` calls it).
 /// `local_infos` name this rank's shapes; replicated values are taken as they are.
@@ -49,11 +35,11 @@ pub fn gather_whole(local: Vec<f32>, full_shape: &[usize], dim: usize, tp: &dyn 
     unshard_values(&all, &local_shape, dim, tp.size())
 }
 
-/// Whether each parameter is split across the tensor-parallel group.
-pub fn sharded(infos: &[ParamInfo], tp: usize) -> Vec<bool> {
+/// The dimension along which a `tp`-way group splits each parameter (`None`: replicated).
+pub fn shard_dims(infos: &[ParamInfo], tp: usize) -> Vec<Option<usize>> {
     infos
         .iter()
-        .map(|i| tp > 1 && shard_dim(&i.name).is_some())
+        .map(|i| shard_dim(&i.name).filter(|_| tp > 1))
         .collect()
 }
 
@@ -61,6 +47,7 @@ pub fn sharded(infos: &[ParamInfo], tp: usize) -> Vec<bool> {
 mod tests {
     use super::*;
     use tern_dist::ThreadComm;
+    use tern_model::shard_values;
 
     #[test]
     fn shard_then_gather_gives_back_the_full_values() {
@@ -89,7 +76,14 @@ mod tests {
                 .map(|c| {
                     let (full, infos) = (full.clone(), infos.clone());
                     sc.spawn(move || {
-                        let local = shard_all(full, &infos, &c);
+                        let local: Vec<Vec<f32>> = full
+                            .iter()
+                            .zip(&infos)
+                            .map(|(v, i)| match shard_dim(&i.name) {
+                                Some(d) => shard_values(v, &i.shape, d, c.rank(), 2),
+                                None => v.clone(),
+                            })
+                            .collect();
                         let local_infos: Vec<ParamInfo> = infos
                             .iter()
                             .map(|i| ParamInfo {
@@ -119,7 +113,7 @@ mod tests {
         for b in back {
             assert_eq!(b, full);
         }
-        assert_eq!(sharded(&infos, 2), vec![false, true, true]);
-        assert_eq!(sharded(&infos, 1), vec![false, false, false]);
+        assert_eq!(shard_dims(&infos, 2), vec![None, Some(1), Some(0)]);
+        assert_eq!(shard_dims(&infos, 1), vec![None, None, None]);
     }
 }

@@ -10,7 +10,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use tern_data::sampler::{block, dp_slice, num_blocks};
 use tern_data::tokenize::tokenize_split;
 use tern_data::{Sampler, TextTokenizer};
-use tern_dist::{all_reduce_mean_tensors, comm::BUCKET_ELEMS, CollectiveBackend, Dist};
+use tern_dist::{all_reduce_mean_tensors, comm::BUCKET_ELEMS, to_host, CollectiveBackend, Dist};
 use tern_model::{parallelize, shard_dim, shard_values, Llama};
 use tern_optim::{clip_to, squared_norms, Optimizer, Schedule};
 
@@ -19,7 +19,7 @@ use crate::init::init_normal;
 use crate::metrics::{Metrics, StepMetrics};
 use crate::params::{assign_trainable, flat_grads, flat_values, param_infos, ParamInfo};
 use crate::recipe::Recipe;
-use crate::shards::{gather_all, gather_whole, sharded};
+use crate::shards::{gather_all, gather_whole, shard_dims};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resume {
@@ -55,10 +55,6 @@ fn batch_tensor<B: Backend>(
         v.extend(block(tokens, b, block_len).iter().map(|&t| t as i64));
     }
     Tensor::from_data(TensorData::new(v, [blocks.len(), block_len]), device)
-}
-
-fn to_host<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec().expect("f32 data")
 }
 
 fn from_host<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
@@ -251,25 +247,11 @@ where
         let mpath = dir.join("model.safetensors");
         let opath = dir.join("optim.safetensors");
         let w = checkpoint::take_in_order(&mut l.model, &full_infos, "", &mpath)?;
-        // Every state tensor of every parameter, in the shapes the recipe's optimizer keeps.
-        let mut saved = Vec::new();
-        for (i, info) in full_infos.iter().enumerate() {
-            for (key, shape) in
-                Optimizer::<B::InnerBackend>::state_shapes(&recipe.optim, &info.shape, low_rank[i])
-            {
-                let want = ParamInfo {
-                    name: format!("{}.{key}", info.name),
-                    shape,
-                };
-                let v = checkpoint::take_in_order(&mut l.optim, &[want], "", &opath)?;
-                saved.push((i, key, v.into_iter().next().expect("one tensor")));
-            }
-        }
         model = assign_trainable(
             model,
             w.into_iter().map(|w| from_host(w, &inner_device)).collect(),
         );
-        resumed_moments = Some((saved, l.state.optimizer_step));
+        resumed_moments = Some((l.optim, opath, l.state.optimizer_step));
         state = l.state;
         if state.step >= tc.steps {
             bail!(
@@ -284,13 +266,9 @@ where
     let mut model = parallelize(model, &dist.tp);
     let infos = param_infos::<B, _>(&model);
     let decay: Vec<bool> = infos.iter().map(ParamInfo::decays).collect();
-    let is_sharded = sharded(&infos, topo.tp);
     let shapes: Vec<Vec<usize>> = infos.iter().map(|i| i.shape.clone()).collect();
-    // The dimension tensor parallelism splits each parameter along (None: replicated).
-    let shard_dims: Vec<Option<usize>> = full_infos
-        .iter()
-        .map(|i| shard_dim(&i.name).filter(|_| topo.tp > 1))
-        .collect();
+    let shard_dims = shard_dims(&full_infos, topo.tp);
+    let is_sharded: Vec<bool> = shard_dims.iter().map(Option::is_some).collect();
     let mut opt = Optimizer::<B::InnerBackend>::new(
         &recipe.optim,
         &shapes,
@@ -299,20 +277,25 @@ where
         &dist.tp,
         &inner_device,
     );
-    if let Some((saved, step)) = resumed_moments {
+    if let Some((mut saved, opath, step)) = resumed_moments {
         opt.set_steps(step);
-        for (i, key, v) in saved {
-            // A checkpoint holds whole tensors: keep this rank's block of each.
-            let shard = opt
-                .state(i, &full_infos[i].shape, shard_dims[i])
-                .into_iter()
-                .find(|e| e.key == key)
-                .and_then(|e| e.shard.map(|d| (d, e.full_shape)));
-            let v = match shard {
-                Some((dim, full)) => shard_values(&v, &full, dim, topo.tp_rank(), topo.tp),
-                None => v,
-            };
-            opt.set_state(i, key, from_host(v, &inner_device));
+        // Every state tensor of every parameter, in the shapes the recipe's optimizer keeps. A
+        // checkpoint holds whole tensors: this rank keeps its block of each.
+        for (i, info) in full_infos.iter().enumerate() {
+            for (key, full, shard) in opt.layout(i, &info.shape, shard_dims[i]) {
+                let want = ParamInfo {
+                    name: format!("{}.{key}", info.name),
+                    shape: full.clone(),
+                };
+                let v = checkpoint::take_in_order(&mut saved, &[want], "", &opath)?
+                    .pop()
+                    .expect("one tensor");
+                let v = match shard {
+                    Some(dim) => shard_values(&v, &full, dim, topo.tp_rank(), topo.tp),
+                    None => v,
+                };
+                opt.set_state(i, key, from_host(v, &inner_device));
+            }
         }
     }
 
