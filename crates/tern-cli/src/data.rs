@@ -1,8 +1,8 @@
 //! `tern data stats|head`: what token shards hold.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use tern_data::litpkds;
 
@@ -30,34 +30,17 @@ pub enum DataCommand {
     },
 }
 
-/// Shard files under `paths` (a directory is searched recursively), sorted.
+/// Shard files under `paths` (files, directories searched recursively, globs), sorted.
 fn shard_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    fn walk(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-        if p.is_dir() {
-            for e in std::fs::read_dir(p).with_context(|| format!("reading {}", p.display()))? {
-                walk(&e?.path(), out)?;
-            }
-        } else if p.extension().is_some_and(|e| e == "bin") {
-            out.push(p.to_path_buf());
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    for p in paths {
-        if !p.exists() {
-            bail!("{}: no such file or directory", p.display());
-        }
-        if p.is_file() {
-            out.push(p.clone());
-        } else {
-            walk(p, &mut out)?;
-        }
-    }
-    out.sort();
-    if out.is_empty() {
+    let inputs: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    let files: Vec<PathBuf> = tern_data::source::expand(&inputs, "PATH")?
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "bin"))
+        .collect();
+    if files.is_empty() {
         bail!("no shard (*.bin) under {paths:?}");
     }
-    Ok(out)
+    Ok(files)
 }
 
 /// Prints a line; a reader that went away (`| head`) is not an error.

@@ -187,22 +187,21 @@ pub fn prep(
     let files = source::expand(&o.inputs, "--input")?;
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     let start = Instant::now();
-    let total: u64 = files
-        .iter()
-        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
-        .sum();
-    let done = AtomicU64::new(0);
-    let tick = || progress(done.load(Ordering::Relaxed), total);
+    let size = |f: &PathBuf| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
     let parts: Vec<Vec<PathBuf>> = (0..o.workers)
         .map(|w| files.iter().skip(w).step_by(o.workers).cloned().collect())
         .collect();
+    let part_bytes: Vec<u64> = parts.iter().map(|p| p.iter().map(size).sum()).collect();
+    let total: u64 = part_bytes.iter().sum();
+    let done = AtomicU64::new(0);
+    let tick = || progress(done.load(Ordering::Relaxed), total);
     let results: Vec<Result<Option<WorkerReport>>> = std::thread::scope(|sc| {
         let handles: Vec<_> = parts
             .iter()
             .enumerate()
             .filter(|(_, f)| !f.is_empty())
             .map(|(w, files)| {
-                let (done, tick) = (&done, &tick);
+                let (done, tick, part_bytes) = (&done, &tick, &part_bytes);
                 sc.spawn(move || -> Result<Option<WorkerReport>> {
                     let record = done_path(o, w);
                     let names: Vec<String> =
@@ -214,11 +213,7 @@ pub fn prep(
                                 && old.chunk_size == o.chunk_size
                                 && old.shards.iter().all(|s| o.out.join(s).is_file());
                             if complete {
-                                let size: u64 = files
-                                    .iter()
-                                    .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
-                                    .sum();
-                                done.fetch_add(size, Ordering::Relaxed);
+                                done.fetch_add(part_bytes[w], Ordering::Relaxed);
                                 tick();
                                 return Ok(None);
                             }
