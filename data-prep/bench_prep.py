@@ -5,7 +5,7 @@ Decompresses the inputs once (both sides read the same JSONL), runs `tern prep` 
 tokenises the same documents with `tokenizers.Tokenizer.encode_batch` (Rust underneath, all
 cores) and prints MB of text/s and tokens/s for each and the ratio.
 
-Usage: python3 data-prep/bench_prep.py [--input DIR] [--tokenizer FILE] [--repeat N]
+Usage: python3 data-prep/bench_prep.py [--input DIR] [--tokenizer FILE] [--repeat N] [--format hdf5]
        (needs `pip install tokenizers zstandard` or the zstd CLI, and a release build of tern)
 """
 import argparse
@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--input", default=str(ROOT / "data/sample/train"))
     ap.add_argument("--tokenizer", default=str(ROOT / "data/sample/tokenizer.json"))
     ap.add_argument("--repeat", type=int, default=8, help="copies of the input (a bigger corpus)")
+    ap.add_argument("--format", default="litpkds", choices=["litpkds", "hdf5"])
     a = ap.parse_args()
     files = sorted(p for p in pathlib.Path(a.input).rglob("*") if p.name.endswith((".jsonl", ".jsonl.zst")))
     lines = [l for f in files for l in read_lines(f) if l.strip()] * a.repeat
@@ -49,7 +50,7 @@ def main():
         start = time.perf_counter()
         out = subprocess.run(
             [str(ROOT / "target/release/tern"), "prep", "--input", str(inp), "--tokenizer",
-             a.tokenizer, "--out", str(tmp / "out"), "--chunk-size", "2049"],
+             a.tokenizer, "--out", str(tmp / "out"), "--chunk-size", "2049", "--format", a.format],
             check=True, capture_output=True, text=True).stdout
         tern_s = time.perf_counter() - start
         tokens = sum(int(x) for x in re.findall(r"(\d+) tokens written, (\d+) dropped", out)[0])
@@ -60,7 +61,7 @@ def main():
         n += sum(len(e.ids) + 1 for e in tok.encode_batch(docs[i:i + 64], add_special_tokens=False))
     py_s = time.perf_counter() - start
     print(f"text {mb:.1f} MB, {len(docs)} documents")
-    print(f"tern prep (tokenise + write shards, process start included): {tern_s:.2f} s, "
+    print(f"tern prep --format {a.format} (tokenise + write shards, process start included): {tern_s:.2f} s, "
           f"{mb / tern_s:.2f} MB/s, {tokens / tern_s / 1e6:.2f} M tokens/s")
     print(f"python tokenizers encode_batch (tokenise only): {py_s:.2f} s, "
           f"{mb / py_s:.2f} MB/s, {n / py_s / 1e6:.2f} M tokens/s")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what tern needs on a Debian machine (run as root): system libraries, a Rust toolchain
-# when there is none, and the Python packages the tests use (TensorBoard's reader).
+# when there is none, and the Python packages the tests use (TensorBoard's reader, h5py).
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
@@ -17,6 +17,7 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 # Debian's own Python refuses pip installs into the system (PEP 668) unless told otherwise.
-python3 -m pip install -q tensorboard 2>/dev/null \
-  || python3 -m pip install -q --break-system-packages tensorboard
-echo "setup done: $(cargo --version), $(python3 -c 'import tensorboard; print("tensorboard", tensorboard.__version__)')"
+# TensorBoard's reader and h5py check tern's event files and HDF5 shards in the tests.
+python3 -m pip install -q tensorboard h5py 2>/dev/null \
+  || python3 -m pip install -q --break-system-packages tensorboard h5py
+echo "setup done: $(cargo --version), $(python3 -c 'import tensorboard, h5py; print("tensorboard", tensorboard.__version__, "h5py", h5py.__version__)')"

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{tern_cmd, tiny_train, GALORE, SMALL_MODEL};
+use common::{fails_with, tern_cmd, tiny_train, GALORE, SMALL_MODEL};
 use serde_json::Value;
 
 fn run(n: usize, args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -180,13 +180,7 @@ fn a_tp_that_does_not_fit_the_scale_groups_is_an_error() {
     let mut args = small_args(dir.path());
     args.extend_from_slice(&["--set", "parallel.tp=2"]);
     let out = run(2, &args, &[]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("model.scale_groups") && err.contains("parallel.tp = 2"),
-        "{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
+    fails_with(&out, &["model.scale_groups", "parallel.tp = 2"]);
 }
 
 #[test]

@@ -5,21 +5,8 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{repo, tern_cmd, tiny_train, GALORE, SMALL_MODEL};
+use common::{fails_with, ok, repo, tern, tiny_train, GALORE, SMALL_MODEL};
 use serde_json::Value;
-
-fn tern(args: &[&str]) -> Output {
-    tern_cmd(0).args(args).output().expect("tern runs")
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "tern failed:\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn metrics(run: &Path) -> Vec<Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
@@ -272,13 +259,7 @@ fn corrupt_checkpoint_is_refused_naming_the_file() {
     bytes[n - 10] ^= 1;
     std::fs::write(&f, bytes).unwrap();
     let out = train(&run, 6, &["--resume", "auto"]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("optim.safetensors") && err.contains("checksum mismatch"),
-        "{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
+    fails_with(&out, &["optim.safetensors", "checksum mismatch"]);
 }
 
 #[test]
@@ -369,16 +350,7 @@ fn bad_recipe(overrides: &[&str], expect: &[&str]) {
         args.push("--set");
         args.push(o);
     }
-    let out = tern(&args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "accepted {overrides:?}");
-    for e in expect {
-        assert!(
-            err.contains(e),
-            "error for {overrides:?} does not mention {e:?}: {err}"
-        );
-    }
-    assert!(!err.contains("panicked"), "{err}");
+    fails_with(&tern(&args), expect);
     // Rejected before any output was written.
     assert!(!dir.path().join("metrics.jsonl").exists());
 }

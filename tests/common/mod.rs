@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -53,4 +53,30 @@ pub fn tern_cmd(n: usize) -> Command {
         .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
         .env("OMPI_MCA_plm_rsh_agent", "");
     cmd
+}
+
+/// `tern ARGS` in the repository, no launcher.
+pub fn tern(args: &[&str]) -> Output {
+    tern_cmd(0).args(args).output().expect("tern runs")
+}
+
+/// Asserts success, showing both streams otherwise.
+pub fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "tern failed:\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts failure with a message holding every part of `expect`, and no panic: the stderr.
+pub fn fails_with(out: &Output, expect: &[&str]) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "expected a failure; stderr: {err}");
+    for e in expect {
+        assert!(err.contains(e), "expected {e:?} in: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    err
 }

@@ -51,10 +51,11 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Validate a recipe and print its parameters, per-rank memory and FLOPs, building nothing.
     Plan(plan::PlanArgs),
-    /// Inspect token shards (TinyLlama's packed .bin).
+    /// Inspect token shards (.bin, .h5) and time the training sampler's reads.
     Data(data::DataArgs),
-    /// Tokenise SlimPajama-format JSONL(.zst) into token shards (TinyLlama's packed .bin).
-    Prep(prep::PrepArgs),
+    /// Tokenise SlimPajama-format JSONL(.zst) into token shards (TinyLlama's .bin or HDF5), or
+    /// train a tokenizer (`tern prep tokenizer`).
+    Prep(Box<prep::PrepArgs>),
 }
 
 /// The `cuda` build loads the NVIDIA driver at run time; without one, burn-cuda panics deep inside.
@@ -142,7 +143,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Plan(a) => plan::run(a),
         Command::Data(a) => data::run(a),
-        Command::Prep(a) => prep::run(a),
+        Command::Prep(a) => prep::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

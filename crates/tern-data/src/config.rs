@@ -4,9 +4,14 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Training text: files, directories (searched for `*.jsonl` and `*.jsonl.zst`) or globs.
+    /// Training data as one source: text files (`*.jsonl`, `*.jsonl.zst`), token shards (`*.bin`,
+    /// `*.h5`), directories of them, or globs. Give this or `sources`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub train: Vec<String>,
-    /// Held-out text, same forms; read in order for the validation loss.
+    /// Training data as weighted sources (TinyLlama's SlimPajama/StarCoder mix).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceConfig>,
+    /// Held-out data, same forms; read in order for the validation loss.
     pub validation: Vec<String>,
     /// A Hugging Face `tokenizer.json`.
     pub tokenizer: String,
@@ -23,6 +28,20 @@ pub struct DataConfig {
     pub eos_token: String,
 }
 
+/// One `[[data.sources]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Files, directories or globs, as `data.train`.
+    pub paths: Vec<String>,
+    /// Share of the training samples; weights are normalised to sum to 1.
+    #[serde(default = "d_weight")]
+    pub weight: f64,
+    /// Name in logs; defaults to `source<i>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
 fn d_text_field() -> String {
     "text".into()
 }
@@ -32,18 +51,65 @@ fn d_skip_sets() -> Vec<String> {
 fn d_eos() -> String {
     "</s>".into()
 }
+fn d_weight() -> f64 {
+    1.0
+}
 
 impl DataConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.seq_len < 2 {
             return Err("data.seq_len: must be at least 2".into());
         }
-        if self.train.is_empty() {
-            return Err("data.train: lists no input".into());
+        match (self.train.is_empty(), self.sources.is_empty()) {
+            (true, true) => {
+                return Err(
+                    "data.train: lists no input (give data.train or [[data.sources]])".into(),
+                )
+            }
+            (false, false) => {
+                return Err(
+                    "data.sources: give either data.train or [[data.sources]], not both".into(),
+                )
+            }
+            _ => {}
+        }
+        for (i, s) in self.sources.iter().enumerate() {
+            if s.paths.is_empty() {
+                return Err(format!("data.sources[{i}].paths: lists no input"));
+            }
+            if !(s.weight.is_finite() && s.weight > 0.0) {
+                return Err(format!(
+                    "data.sources[{i}].weight: {} is not a positive number",
+                    s.weight
+                ));
+            }
         }
         if self.validation.is_empty() {
             return Err("data.validation: lists no input".into());
         }
         Ok(())
+    }
+
+    /// The training sources with their recipe keys: `data.train` is one source of weight 1.
+    pub fn train_sources(&self) -> Vec<(String, SourceConfig)> {
+        if self.sources.is_empty() {
+            return vec![(
+                "data.train".into(),
+                SourceConfig {
+                    paths: self.train.clone(),
+                    weight: 1.0,
+                    name: Some("train".into()),
+                },
+            )];
+        }
+        self.sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut s = s.clone();
+                s.name.get_or_insert_with(|| format!("source{i}"));
+                (format!("data.sources[{i}].paths"), s)
+            })
+            .collect()
     }
 }

@@ -26,17 +26,21 @@ pub enum TokenType {
     I32,
     I64,
     U16,
+    /// Not a LITPKDS type (it has no code there): tern's HDF5 shards for vocabularies over 65536.
+    U32,
 }
 
 impl TokenType {
-    pub fn code(self) -> u8 {
-        match self {
+    /// The LITPKDS dtype code (`None` for `U32`, which the format lacks).
+    pub fn code(self) -> Option<u8> {
+        Some(match self {
             TokenType::U8 => 1,
             TokenType::I16 => 3,
             TokenType::I32 => 4,
             TokenType::I64 => 5,
             TokenType::U16 => 8,
-        }
+            TokenType::U32 => return None,
+        })
     }
     pub fn from_code(code: u8) -> Option<Self> {
         Some(match code {
@@ -52,7 +56,7 @@ impl TokenType {
         match self {
             TokenType::U8 => 1,
             TokenType::I16 | TokenType::U16 => 2,
-            TokenType::I32 => 4,
+            TokenType::I32 | TokenType::U32 => 4,
             TokenType::I64 => 8,
         }
     }
@@ -69,17 +73,19 @@ impl TokenType {
             TokenType::U8 => out.push(t as u8),
             TokenType::I16 | TokenType::U16 => out.extend_from_slice(&(t as u16).to_le_bytes()),
             TokenType::I32 => out.extend_from_slice(&(t as i32).to_le_bytes()),
+            TokenType::U32 => out.extend_from_slice(&t.to_le_bytes()),
             TokenType::I64 => out.extend_from_slice(&(t as i64).to_le_bytes()),
         }
     }
     /// Token `i` of `data`; negative values (never a token id) come back as `None`.
-    fn get(self, data: &[u8], i: usize) -> Option<u32> {
+    pub(crate) fn get(self, data: &[u8], i: usize) -> Option<u32> {
         let at = |n: usize| &data[i * n..(i + 1) * n];
         let v: i64 = match self {
             TokenType::U8 => data[i] as i64,
             TokenType::I16 => i16::from_le_bytes(at(2).try_into().unwrap()) as i64,
             TokenType::U16 => u16::from_le_bytes(at(2).try_into().unwrap()) as i64,
             TokenType::I32 => i32::from_le_bytes(at(4).try_into().unwrap()) as i64,
+            TokenType::U32 => u32::from_le_bytes(at(4).try_into().unwrap()) as i64,
             TokenType::I64 => i64::from_le_bytes(at(8).try_into().unwrap()),
         };
         u32::try_from(v).ok()
@@ -98,7 +104,8 @@ impl Header {
         let mut h = [0u8; HEADER_BYTES];
         h[..7].copy_from_slice(MAGIC);
         h[7..15].copy_from_slice(&VERSION.to_le_bytes());
-        h[15] = self.dtype.code();
+        // Writers pick their type with `for_vocab`, which never gives `U32`.
+        h[15] = self.dtype.code().expect("a LITPKDS token type");
         h[16..24].copy_from_slice(&(self.chunk_size as u64).to_le_bytes());
         h
     }

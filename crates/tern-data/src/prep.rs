@@ -1,6 +1,7 @@
 //! `tern prep`: SlimPajama-format JSONL(.zst) to token shards, as TinyLlama's
 //! `prepare_slimpajama.py` does it: skip sets by name, tokenise, EOS after every document, pack
-//! into LITPKDS chunks named `{split}_{name}_{worker}_{counter:010d}.bin`.
+//! into LITPKDS chunks named `{split}_{name}_{worker}_{counter:010d}.bin`, or into tern's HDF5
+//! shards `..._{counter:010d}.h5` (whole documents, boundaries kept, nothing dropped).
 //!
 //! Work is split by input file over `workers` threads (file i goes to worker i mod workers), each
 //! writing its own shards, so both cores work and memory stays bounded (one chunk and one batch
@@ -16,7 +17,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::h5;
 use crate::litpkds::{PackedWriter, TokenType};
+use crate::shard::Kind;
 use crate::source;
 use crate::tokenize::TextTokenizer;
 
@@ -27,12 +30,33 @@ pub struct PrepOptions {
     pub split: String,
     /// Dataset name in the shard names (TinyLlama: `slimpajama`, `starcoder`).
     pub name: String,
+    /// Tokens per shard (LITPKDS: exactly; HDF5: at least, up to the end of a document).
     pub chunk_size: usize,
+    pub format: Kind,
     pub workers: usize,
     pub text_field: String,
     pub skip_sets: Vec<String>,
     /// Write the last partial chunk of each worker, padded with EOS (TinyLlama drops it).
     pub keep_remainder: bool,
+}
+
+impl PrepOptions {
+    /// TinyLlama's settings: `train_slimpajama_*` LITPKDS chunks of 2049 x 1024 tokens, GitHub
+    /// left out, the last partial chunk dropped; one worker.
+    pub fn new(input: &Path, out: &Path) -> Self {
+        Self {
+            inputs: vec![input.display().to_string()],
+            out: out.to_path_buf(),
+            split: "train".into(),
+            name: "slimpajama".into(),
+            chunk_size: crate::litpkds::TINYLLAMA_CHUNK,
+            format: Kind::Litpkds,
+            workers: 1,
+            text_field: "text".into(),
+            skip_sets: vec!["RedPajamaGithub".into()],
+            keep_remainder: false,
+        }
+    }
 }
 
 /// What one worker did (also its `.done` record).
@@ -41,6 +65,8 @@ pub struct WorkerReport {
     pub files: Vec<String>,
     pub tokenizer_sha256: String,
     pub chunk_size: usize,
+    #[serde(default)]
+    pub format: String,
     pub documents: u64,
     pub skipped_documents: u64,
     /// Lines that are not JSON objects with a text field: counted and skipped.
@@ -104,16 +130,36 @@ fn run_worker(
     done_bytes: &AtomicU64,
     progress: &(dyn Fn() + Sync),
 ) -> Result<WorkerReport> {
-    let dtype = TokenType::for_vocab(tok.vocab_size);
-    let mut writer = PackedWriter::new(&o.out, &prefix(o, w), o.chunk_size, tok.eos_id, dtype);
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    let mut writer = match o.format {
+        Kind::Litpkds => Sink::Packed(PackedWriter::new(
+            &o.out,
+            &prefix(o, w),
+            o.chunk_size,
+            tok.eos_id,
+            TokenType::for_vocab(tok.vocab_size),
+        )),
+        Kind::Hdf5 => Sink::H5(h5::ShardWriter::new(
+            &o.out,
+            &prefix(o, w),
+            o.chunk_size,
+            h5::Meta {
+                vocab_size: tok.vocab_size as u64,
+                eos_id: tok.eos_id,
+                tokenizer_sha256: tok.sha256.clone(),
+                source_files: names.clone(),
+            },
+        )),
+    };
     let mut r = WorkerReport {
-        files: files.iter().map(|f| f.display().to_string()).collect(),
+        files: names,
         tokenizer_sha256: tok.sha256.clone(),
         chunk_size: o.chunk_size,
+        format: o.format.name().into(),
         ..Default::default()
     };
     let mut pending: Vec<String> = Vec::with_capacity(BATCH);
-    let flush = |pending: &mut Vec<String>, writer: &mut PackedWriter, r: &mut WorkerReport| {
+    let flush = |pending: &mut Vec<String>, writer: &mut Sink, r: &mut WorkerReport| {
         for mut ids in tok.encode_batch(std::mem::take(pending))? {
             ids.push(tok.eos_id);
             if let Some(&bad) = ids.iter().find(|&&t| t as usize >= tok.vocab_size) {
@@ -165,7 +211,10 @@ fn run_worker(
         progress();
     }
     flush(&mut pending, &mut writer, &mut r)?;
-    let (shards, dropped) = writer.finish(o.keep_remainder)?;
+    let (shards, dropped) = match writer {
+        Sink::Packed(w) => w.finish(o.keep_remainder)?,
+        Sink::H5(w) => (w.finish()?, 0),
+    };
     r.tokens_dropped = dropped as u64;
     r.tokens_written -= dropped as u64;
     r.shards = shards
@@ -173,6 +222,21 @@ fn run_worker(
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
     Ok(r)
+}
+
+/// Where a worker's documents go.
+enum Sink {
+    Packed(PackedWriter),
+    H5(h5::ShardWriter),
+}
+
+impl Sink {
+    fn add(&mut self, doc: &[u32]) -> Result<()> {
+        match self {
+            Sink::Packed(w) => w.add(doc),
+            Sink::H5(w) => w.add(doc),
+        }
+    }
 }
 
 /// Prepares the shards; `progress(done_bytes, total_bytes)` is called after every input file.
@@ -211,6 +275,7 @@ pub fn prep(
                             let complete = old.files == names
                                 && old.tokenizer_sha256 == tok.sha256
                                 && old.chunk_size == o.chunk_size
+                                && old.format == o.format.name()
                                 && old.shards.iter().all(|s| o.out.join(s).is_file());
                             if complete {
                                 done.fetch_add(part_bytes[w], Ordering::Relaxed);
@@ -256,7 +321,10 @@ pub fn shards_of(dir: &Path, split: &str, name: &str) -> Result<Vec<PathBuf>> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if let Some(rest) = n.strip_prefix(&p).and_then(|r| r.strip_suffix(".bin")) {
+        let rest = n
+            .strip_prefix(&p)
+            .and_then(|r| r.strip_suffix(".bin").or_else(|| r.strip_suffix(".h5")));
+        if let Some(rest) = rest {
             if let Some((w, _)) = rest.split_once('_') {
                 if let Ok(w) = w.parse::<usize>() {
                     out.push((w, path));
@@ -272,7 +340,7 @@ pub fn shards_of(dir: &Path, split: &str, name: &str) -> Result<Vec<PathBuf>> {
 mod tests {
     use super::*;
     use crate::litpkds::read_tokens;
-    use crate::tokenize::tokenize_split;
+    use crate::tokenize::tokenize_text;
     use crate::DataConfig;
 
     fn sample() -> (PathBuf, TextTokenizer) {
@@ -283,15 +351,9 @@ mod tests {
 
     fn opts(input: &Path, out: &Path, workers: usize) -> PrepOptions {
         PrepOptions {
-            inputs: vec![input.display().to_string()],
-            out: out.to_path_buf(),
-            split: "train".into(),
-            name: "slimpajama".into(),
             chunk_size: 2049 * 8,
             workers,
-            text_field: "text".into(),
-            skip_sets: vec!["RedPajamaGithub".into()],
-            keep_remainder: false,
+            ..PrepOptions::new(input, out)
         }
     }
 
@@ -303,6 +365,7 @@ mod tests {
         let s = prep(&o, &tok, &|_, _| {}).unwrap();
         let cfg = DataConfig {
             train: o.inputs.clone(),
+            sources: vec![],
             validation: o.inputs.clone(),
             tokenizer: String::new(),
             seq_len: 8,
@@ -310,7 +373,7 @@ mod tests {
             skip_sets: o.skip_sets.clone(),
             eos_token: "</s>".into(),
         };
-        let want = tokenize_split(&cfg, &tok, &cfg.train, "test").unwrap();
+        let want = tokenize_text(&cfg, &tok, &source::expand(&cfg.train, "t").unwrap()).unwrap();
         let mut got = Vec::new();
         for f in shards_of(dir.path(), "train", "slimpajama").unwrap() {
             got.extend(read_tokens(&f, Some(tok.vocab_size)).unwrap().1);

@@ -1,15 +1,15 @@
-//! Finding and reading SlimPajama-format JSONL files (plain or zstd-compressed); `.bin` files
-//! found beside them are TinyLlama's packed token shards.
+//! Finding and reading SlimPajama-format JSONL files (plain or zstd-compressed); `.bin` and `.h5`
+//! files found beside them are token shards (TinyLlama's packed format, tern's HDF5).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-/// Text (`.jsonl`, `.jsonl.zst`) or token shards (TinyLlama's packed `.bin`).
+/// Text (`.jsonl`, `.jsonl.zst`) or token shards (`.bin`, `.h5`).
 fn is_source(p: &Path) -> bool {
     let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    name.ends_with(".jsonl") || name.ends_with(".jsonl.zst") || name.ends_with(".bin")
+    name.ends_with(".jsonl") || name.ends_with(".jsonl.zst") || crate::shard::Kind::of(p).is_some()
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -43,7 +43,7 @@ pub fn expand(inputs: &[String], key: &str) -> Result<Vec<PathBuf>> {
             let mut hits: Vec<PathBuf> = glob::glob(input)
                 .with_context(|| format!("{key}: bad glob pattern {input:?}"))?
                 .filter_map(|r| r.ok())
-                .filter(|p| p.is_file())
+                .filter(|p| p.is_file() && is_source(p))
                 .collect();
             hits.sort();
             files.extend(hits);
@@ -51,7 +51,7 @@ pub fn expand(inputs: &[String], key: &str) -> Result<Vec<PathBuf>> {
             bail!("{key}: {input} does not exist");
         }
         if files.len() == before {
-            bail!("{key}: {input} holds no .jsonl, .jsonl.zst or .bin file");
+            bail!("{key}: {input} holds no .jsonl, .jsonl.zst, .bin or .h5 file");
         }
     }
     Ok(files)

@@ -66,16 +66,12 @@ pub struct TokenStream {
 /// Documents are tokenised in batches of this many (the tokenizer spreads a batch over the cores).
 const BATCH_DOCS: usize = 64;
 
-/// Reads and tokenises the files named by `inputs` (`key` names the recipe key for errors);
-/// TinyLlama's packed `.bin` shards among them are read as they are (every id checked against
-/// the tokenizer's vocabulary).
-pub fn tokenize_split(
+/// Reads and tokenises text files (`.jsonl`, `.jsonl.zst`) in order, EOS after every document.
+pub fn tokenize_text(
     cfg: &DataConfig,
     tok: &TextTokenizer,
-    inputs: &[String],
-    key: &str,
+    files: &[PathBuf],
 ) -> Result<TokenStream> {
-    let files = source::expand(inputs, key)?;
     let mut tokens = Vec::new();
     let mut documents = 0;
     let mut pending: Vec<String> = Vec::new();
@@ -86,16 +82,7 @@ pub fn tokenize_split(
         }
         Ok(())
     };
-    for file in &files {
-        if file.extension().is_some_and(|e| e == "bin") {
-            // Already tokenised (TinyLlama's packed shards): taken as they are, in order.
-            flush(&mut pending, &mut tokens)?;
-            let (_, t) = crate::litpkds::read_tokens(file, Some(tok.vocab_size))
-                .with_context(|| format!("{key}: token shard"))?;
-            documents += t.iter().filter(|&&x| x == tok.eos_id).count();
-            tokens.extend(t);
-            continue;
-        }
+    for file in files {
         source::for_each_line(file, |_, line| {
             let v: serde_json::Value = serde_json::from_str(line).context("not a JSON object")?;
             let set = v
@@ -121,14 +108,14 @@ pub fn tokenize_split(
     flush(&mut pending, &mut tokens)?;
     if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= tok.vocab_size) {
         bail!(
-            "{key}: token id {bad} outside the tokenizer's vocabulary of {}",
+            "token id {bad} outside the tokenizer's vocabulary of {}",
             tok.vocab_size
         );
     }
     Ok(TokenStream {
         tokens,
         documents,
-        files,
+        files: files.to_vec(),
     })
 }
 
@@ -145,6 +132,7 @@ mod tests {
     fn cfg(dir: &Path) -> DataConfig {
         DataConfig {
             train: vec![dir.display().to_string()],
+            sources: vec![],
             validation: vec![dir.display().to_string()],
             tokenizer: String::new(),
             seq_len: 8,
@@ -174,7 +162,7 @@ mod tests {
         enc.write_all(raw.as_bytes()).unwrap();
         enc.finish().unwrap();
         let c = cfg(dir.path());
-        let s = tokenize_split(&c, &tok, &c.train, "data.train").unwrap();
+        let s = tokenize_text(&c, &tok, &source::expand(&c.train, "t").unwrap()).unwrap();
         assert_eq!(s.documents, 2);
         let eos: Vec<usize> = s
             .tokens
@@ -196,34 +184,6 @@ mod tests {
     }
 
     #[test]
-    fn packed_shards_read_as_the_text_they_were_made_from() {
-        let tok = sample_tokenizer();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample/validation");
-        let out = tempfile::tempdir().unwrap();
-        let o = crate::prep::PrepOptions {
-            inputs: vec![root.display().to_string()],
-            out: out.path().to_path_buf(),
-            split: "validation".into(),
-            name: "slimpajama".into(),
-            chunk_size: 1000,
-            workers: 1,
-            text_field: "text".into(),
-            skip_sets: vec![],
-            keep_remainder: true,
-        };
-        crate::prep::prep(&o, &tok, &|_, _| {}).unwrap();
-        let c = cfg(&root);
-        let text = tokenize_split(&c, &tok, &c.train, "data.train").unwrap();
-        let shards = vec![out.path().display().to_string()];
-        let packed = tokenize_split(&c, &tok, &shards, "data.train").unwrap();
-        // The remainder chunk is padded with EOS: the text's tokens, then EOS up to a chunk.
-        let n = text.tokens.len();
-        assert_eq!(packed.tokens[..n], text.tokens[..]);
-        assert!(packed.tokens[n..].iter().all(|&t| t == tok.eos_id));
-        assert_eq!(packed.documents, text.documents + packed.tokens.len() - n);
-    }
-
-    #[test]
     fn bad_input_names_file_and_line() {
         let tok = sample_tokenizer();
         let dir = tempfile::tempdir().unwrap();
@@ -233,10 +193,11 @@ mod tests {
         )
         .unwrap();
         let c = cfg(dir.path());
-        let e = format!(
-            "{:#}",
-            tokenize_split(&c, &tok, &c.train, "data.train").unwrap_err()
-        );
+        let split = |c: &DataConfig| {
+            let files = source::expand(&c.train, "data.train")?;
+            tokenize_text(c, &tok, &files)
+        };
+        let e = format!("{:#}", split(&c).unwrap_err());
         assert!(
             e.contains("b.jsonl:2") && e.contains("no field \"text\""),
             "{e}"
@@ -244,16 +205,13 @@ mod tests {
 
         std::fs::write(dir.path().join("b.jsonl"), "").unwrap();
         std::fs::write(dir.path().join("c.jsonl.zst"), b"not zstd at all").unwrap();
-        let e = format!(
-            "{:#}",
-            tokenize_split(&c, &tok, &c.train, "data.train").unwrap_err()
-        );
+        let e = format!("{:#}", split(&c).unwrap_err());
         assert!(e.contains("c.jsonl.zst"), "{e}");
 
         let missing = vec!["/nonexistent/dir".to_string()];
         let e = format!(
             "{:#}",
-            tokenize_split(&c, &tok, &missing, "data.validation").unwrap_err()
+            source::expand(&missing, "data.validation").unwrap_err()
         );
         assert!(
             e.contains("data.validation") && e.contains("/nonexistent/dir"),

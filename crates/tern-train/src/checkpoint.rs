@@ -24,7 +24,7 @@ pub struct TrainState {
     pub format_version: u32,
     /// Optimizer steps completed.
     pub step: u64,
-    /// Training samples consumed: the whole data position (see `tern_data::Sampler`).
+    /// Training samples consumed: the whole data position (see `tern_data::sampler`).
     pub consumed_samples: u64,
     pub tokens_seen: u64,
     /// Steps whose update was skipped (non-finite loss or gradients).
@@ -34,7 +34,11 @@ pub struct TrainState {
     /// The run seed: the initial weights and the data order derive from it (there is no other RNG).
     pub seed: u64,
     pub tokenizer_sha256: String,
-    pub train_blocks: usize,
+    /// Blocks over all training sources.
+    pub train_blocks: u64,
+    /// Identifies the training data and its order (`tern_data::TrainData::fingerprint`).
+    #[serde(default)]
+    pub data_fingerprint: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -302,6 +306,7 @@ mod tests {
             seed: 1,
             tokenizer_sha256: "x".into(),
             train_blocks: 10,
+            data_fingerprint: "y".into(),
         }
     }
 

@@ -242,6 +242,16 @@ impl Recipe {
                 rebase(v, &base);
             }
         }
+        // `[[data.sources]]`: each entry's `paths`.
+        if let Some(toml::Value::Array(sources)) =
+            table.get_mut("data").and_then(|d| d.get_mut("sources"))
+        {
+            for s in sources {
+                if let Some(v) = s.get_mut("paths") {
+                    rebase(v, &base);
+                }
+            }
+        }
         for o in overrides {
             apply_override(&mut table, o)?;
         }

@@ -7,9 +7,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
-use tern_data::sampler::{block, dp_slice, num_blocks};
-use tern_data::tokenize::tokenize_split;
-use tern_data::{Sampler, TextTokenizer};
+use tern_data::sampler::dp_slice;
+use tern_data::{TextTokenizer, TrainData, ValData};
 use tern_dist::{all_reduce_mean_tensors, comm::BUCKET_ELEMS, to_host, CollectiveBackend, Dist};
 use tern_model::{parallelize, shard_dim, shard_values, Llama};
 use tern_optim::{clip_to, squared_norms, Optimizer, Schedule};
@@ -43,18 +42,17 @@ pub struct TrainSummary {
     pub tokens: u64,
 }
 
-/// Tokens of the given blocks as a `[blocks, seq_len + 1]` int tensor.
+/// Blocks of `block_len` tokens, one after another, as a `[blocks, block_len]` int tensor.
 fn batch_tensor<B: Backend>(
     tokens: &[u32],
-    blocks: &[usize],
     block_len: usize,
     device: &B::Device,
 ) -> Tensor<B, 2, Int> {
-    let mut v = Vec::with_capacity(blocks.len() * block_len);
-    for &b in blocks {
-        v.extend(block(tokens, b, block_len).iter().map(|&t| t as i64));
-    }
-    Tensor::from_data(TensorData::new(v, [blocks.len(), block_len]), device)
+    let v: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+    Tensor::from_data(
+        TensorData::new(v, [tokens.len() / block_len, block_len]),
+        device,
+    )
 }
 
 fn from_host<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
@@ -71,24 +69,26 @@ fn named(infos: &[ParamInfo], values: Vec<Vec<f32>>, suffix: &str) -> Named {
 }
 
 /// Mean loss of the model on the first `n` validation blocks, in order.
+/// Mean loss over the first `n` validation blocks, in order.
 fn validation_loss<B: CollectiveBackend>(
     model: &Llama<B>,
-    tokens: &[u32],
+    val: &mut ValData,
     n: usize,
     micro: usize,
     block_len: usize,
     device: &B::Device,
-) -> f64 {
-    let blocks: Vec<usize> = (0..n).collect();
+) -> Result<f64> {
     let mut sum = 0.0;
-    let mut count = 0;
-    for chunk in blocks.chunks(micro) {
-        let x = batch_tensor::<B>(tokens, chunk, block_len, device);
+    let mut start = 0;
+    while start < n {
+        let count = micro.min(n - start);
+        let tokens = val.read(start as u64, count)?;
+        let x = batch_tensor::<B>(&tokens, block_len, device);
         let l: f32 = model.loss(x).into_scalar().elem();
-        sum += l as f64 * chunk.len() as f64;
-        count += chunk.len();
+        sum += l as f64 * count as f64;
+        start += count;
     }
-    sum / count as f64
+    Ok(sum / n as f64)
 }
 
 use burn::tensor::ElementConversion;
@@ -175,23 +175,10 @@ where
         Some(_) => {}
     }
     let t0 = Instant::now();
-    let train_data = tokenize_split(dc, &tok, &dc.train, "data.train")?;
-    let val_data = tokenize_split(dc, &tok, &dc.validation, "data.validation")?;
-    let n_train = num_blocks(train_data.tokens.len(), block_len);
-    if n_train == 0 {
-        bail!(
-            "data.train: {} tokens hold no block of data.seq_len + 1 = {block_len} tokens",
-            train_data.tokens.len()
-        );
-    }
-    let n_val =
-        (tc.eval_batches * tc.micro_batch).min(num_blocks(val_data.tokens.len(), block_len));
-    if tc.eval_every > 0 && n_val == 0 {
-        bail!(
-            "data.validation: {} tokens hold no block of {block_len} tokens",
-            val_data.tokens.len()
-        );
-    }
+    let mut train_data = TrainData::open(dc, &tok, tc.seed)?;
+    let mut val_data = ValData::open(dc, &tok)?;
+    let n_train: u64 = train_data.sources.iter().map(|s| s.blocks()).sum();
+    let n_val = ((tc.eval_batches * tc.micro_batch) as u64).min(val_data.source.blocks()) as usize;
 
     // A fresh start (also `--resume auto` with no checkpoint) never writes into an earlier run.
     if resume_dir.is_none() && main {
@@ -225,6 +212,7 @@ where
         seed: tc.seed,
         tokenizer_sha256: tok.sha256.clone(),
         train_blocks: n_train,
+        data_fingerprint: train_data.fingerprint(),
     };
 
     if let Some(dir) = &resume_dir {
@@ -235,7 +223,7 @@ where
             bail!("{}: the checkpoint's [model] differs from the recipe's; resume needs the same model", dir.display());
         }
         if l.state.tokenizer_sha256 != tok.sha256
-            || l.state.train_blocks != n_train
+            || l.state.data_fingerprint != state.data_fingerprint
             || l.state.seed != tc.seed
         {
             bail!(
@@ -317,15 +305,29 @@ where
         ));
     }
     metrics.say(&format!(
-        "tern: {} | {:.2}M parameters ({:?} linears, {} scale groups) | {} train tokens ({} docs), {} val tokens | tokenised in {:.1}s",
+        "tern: {} | {:.2}M parameters ({:?} linears, {} scale groups) | data ready in {:.1}s",
         recipe.name(),
         mc.num_params() as f64 / 1e6,
         mc.linear,
         mc.scale_groups,
-        train_data.tokens.len(),
-        train_data.documents,
-        val_data.tokens.len(),
         t0.elapsed().as_secs_f64(),
+    ));
+    for (s, w) in train_data.sources.iter().zip(&train_data.weights) {
+        let docs = s
+            .documents()
+            .map_or(String::new(), |d| format!(", {d} docs"));
+        metrics.say(&format!(
+            "data: {} (weight {w}): {} shard(s), {} tokens{docs}, {} blocks",
+            s.name,
+            s.shards.len(),
+            s.tokens(),
+            s.blocks()
+        ));
+    }
+    metrics.say(&format!(
+        "data: validation: {} tokens, {} blocks ({n_val} per evaluation)",
+        val_data.source.tokens(),
+        val_data.source.blocks()
     ));
     match &resume_dir {
         Some(d) => metrics.say(&format!(
@@ -339,7 +341,6 @@ where
     }
 
     let schedule = Schedule::new(&recipe.optim, tc.steps);
-    let mut sampler = Sampler::new(n_train, tc.seed);
     // This rank's share of every global batch, in micro-batches.
     let mine = dp_slice(tc.global_batch, topo.dp_rank(), topo.dp);
     let n_micro = mine.len() / tc.micro_batch;
@@ -352,12 +353,13 @@ where
         let lr = schedule.lr(step);
         let wd = schedule.weight_decay(step);
         test_panic(topo.rank, step + 1);
-        let blocks = sampler.blocks_of(state.consumed_samples, tc.global_batch);
+        let blocks = train_data.samples(state.consumed_samples, tc.global_batch);
         let blocks = &blocks[mine.clone()];
         let mut loss_sum = 0.0f64;
         let mut acc: Option<Vec<Tensor<B::InnerBackend, 1>>> = None;
         for chunk in blocks.chunks(tc.micro_batch) {
-            let x = batch_tensor::<B>(&train_data.tokens, chunk, block_len, device);
+            let tokens = train_data.read(chunk)?;
+            let x = batch_tensor::<B>(&tokens, block_len, device);
             let loss = model.loss(x);
             let l: f32 = loss.clone().into_scalar().elem();
             loss_sum += l as f64;
@@ -440,12 +442,12 @@ where
         {
             let v = validation_loss(
                 &model.valid(),
-                &val_data.tokens,
+                &mut val_data,
                 n_val,
                 tc.micro_batch,
                 block_len,
                 &inner_device,
-            );
+            )?;
             metrics.validation(state.step, v)?;
             last_val = Some(v);
         }
