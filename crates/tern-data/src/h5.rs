@@ -303,6 +303,11 @@ mod tests {
             assert_eq!(back, tokens);
             assert_eq!(doc_offsets(&p).unwrap(), vec![0, 10, 400, 1000]);
             assert!(!dir.path().join(format!("s{vocab}.h5.tmp")).exists());
+            // No timestamps inside: the same input gives the same bytes (reruns are checkable).
+            let again = dir.path().join("again.h5");
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+            write(&again, &tokens, &[10, 400, 1000], &meta(vocab)).unwrap();
+            assert!(std::fs::read(&again).unwrap() == bytes, "{vocab}");
         }
     }
 

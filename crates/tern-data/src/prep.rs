@@ -392,7 +392,6 @@ mod tests {
     #[test]
     fn rerun_skips_finished_workers_and_redoes_broken_ones() {
         let (root, tok) = sample();
-        let dir = tempfile::tempdir().unwrap();
         // The sample's documents cut into two files, so that both workers have work.
         let input = tempfile::tempdir().unwrap();
         let mut lines = Vec::new();
@@ -406,38 +405,52 @@ mod tests {
         let half = lines.len() / 2;
         std::fs::write(input.path().join("part0.jsonl"), lines[..half].concat()).unwrap();
         std::fs::write(input.path().join("part1.jsonl"), lines[half..].concat()).unwrap();
-        let o = opts(input.path(), dir.path(), 2);
-        let first = prep(&o, &tok, &|_, _| {}).unwrap();
-        assert_eq!(first.workers.len(), 2);
-        let snapshot = |d: &Path| -> Vec<(PathBuf, Vec<u8>)> {
-            shards_of(d, "train", "slimpajama")
-                .unwrap()
-                .into_iter()
-                .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
-                .collect()
-        };
-        let before = snapshot(dir.path());
-        let again = prep(&o, &tok, &|_, _| {}).unwrap();
-        assert_eq!((again.skipped_workers, again.workers.len()), (2, 0));
-        // An interrupted worker 1: its record gone, a shard cut short, a temporary file left.
-        std::fs::remove_file(done_path(&o, 1)).unwrap();
-        let w1 = before
-            .iter()
-            .find(|(p, _)| p.to_string_lossy().contains("_1_"))
-            .unwrap();
-        std::fs::write(&w1.0, &w1.1[..100]).unwrap();
-        std::fs::write(
-            dir.path().join("train_slimpajama_1_0000000099.bin.tmp"),
-            b"x",
-        )
-        .unwrap();
-        let fixed = prep(&o, &tok, &|_, _| {}).unwrap();
-        assert_eq!((fixed.skipped_workers, fixed.workers.len()), (1, 1));
-        assert_eq!(snapshot(dir.path()), before);
-        assert!(!dir
-            .path()
-            .join("train_slimpajama_1_0000000099.bin.tmp")
-            .exists());
+        for format in [Kind::Litpkds, Kind::Hdf5] {
+            let dir = tempfile::tempdir().unwrap();
+            let o = PrepOptions {
+                format,
+                ..opts(input.path(), dir.path(), 2)
+            };
+            let ext = if format == Kind::Hdf5 { "h5" } else { "bin" };
+            let first = prep(&o, &tok, &|_, _| {}).unwrap();
+            assert_eq!(first.workers.len(), 2);
+            let snapshot = |d: &Path| -> Vec<(PathBuf, Vec<u8>)> {
+                shards_of(d, "train", "slimpajama")
+                    .unwrap()
+                    .into_iter()
+                    .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+                    .collect()
+            };
+            let before = snapshot(dir.path());
+            assert!(before.iter().all(|(p, _)| p.extension().unwrap() == ext));
+            let again = prep(&o, &tok, &|_, _| {}).unwrap();
+            assert_eq!((again.skipped_workers, again.workers.len()), (2, 0));
+            // An interrupted worker 1: its record gone, a shard cut short, a temporary file left.
+            std::fs::remove_file(done_path(&o, 1)).unwrap();
+            let w1 = before
+                .iter()
+                .find(|(p, _)| p.to_string_lossy().contains("_1_"))
+                .unwrap();
+            std::fs::write(&w1.0, &w1.1[..100]).unwrap();
+            let tmp = dir
+                .path()
+                .join(format!("train_slimpajama_1_0000000099.{ext}.tmp"));
+            std::fs::write(&tmp, b"x").unwrap();
+            let fixed = prep(&o, &tok, &|_, _| {}).unwrap();
+            assert_eq!((fixed.skipped_workers, fixed.workers.len()), (1, 1));
+            assert!(snapshot(dir.path()) == before, "{format:?}");
+            assert!(!tmp.exists());
+            // Another format is other work: both workers run again.
+            let other = PrepOptions {
+                format: if format == Kind::Hdf5 {
+                    Kind::Litpkds
+                } else {
+                    Kind::Hdf5
+                },
+                ..opts(input.path(), dir.path(), 2)
+            };
+            assert_eq!(prep(&other, &tok, &|_, _| {}).unwrap().workers.len(), 2);
+        }
     }
 
     #[test]
