@@ -154,7 +154,8 @@ fn galore_trains_checkpoints_low_rank_state_and_resumes_exactly() {
 
     // The moments are low rank; the projections are saved. hidden 64, intermediate 128, rank 16:
     // q (64 x 64, right) -> 64 x 16 and P 16 x 64; down (64 x 128, left) -> 16 x 128, P 64 x 16.
-    let shapes = safetensors_shapes(&full.join("checkpoints/step_00000012/optim.safetensors"));
+    let shapes =
+        safetensors_shapes(&full.join("checkpoints/step_00000012/optim-tp00-of-01.safetensors"));
     let shape = |name: &str| {
         shapes
             .iter()
@@ -253,13 +254,13 @@ fn corrupt_checkpoint_is_refused_naming_the_file() {
     );
     assert_eq!(losses(&run).len(), 3);
 
-    let f = run.join("checkpoints/step_00000003/optim.safetensors");
+    let f = run.join("checkpoints/step_00000003/optim-tp00-of-01.safetensors");
     let mut bytes = std::fs::read(&f).unwrap();
     let n = bytes.len();
     bytes[n - 10] ^= 1;
     std::fs::write(&f, bytes).unwrap();
     let out = train(&run, 6, &["--resume", "auto"]);
-    fails_with(&out, &["optim.safetensors", "checksum mismatch"]);
+    fails_with(&out, &["optim-tp00-of-01.safetensors", "checksum mismatch"]);
 }
 
 #[test]
@@ -381,6 +382,29 @@ fn bad_recipes_fail_naming_the_key() {
     bad_recipe(
         &["data.train=[\"/nonexistent/x\"]"],
         &["data.train", "/nonexistent/x"],
+    );
+    bad_recipe(&["train.max_bad_steps=0"], &["train.max_bad_steps"]);
+    bad_recipe(
+        &["checkpoint.keep_lst=2"],
+        &["checkpoint.keep_lst", "unknown field"],
+    );
+    bad_recipe(
+        &["data.sources=[{paths=[\"data/sample/train\"]}]"],
+        &["data.sources", "not both"],
+    );
+    bad_recipe(
+        &[
+            "data.train=[]",
+            "data.sources=[{paths=[\"data/sample/train\"], weight=-1}]",
+        ],
+        &["data.sources[0].weight", "-1"],
+    );
+    bad_recipe(
+        &[
+            "data.train=[]",
+            "data.sources=[{paths=[\"data/sample/train\"], wieght=1}]",
+        ],
+        &["data.sources[0].wieght", "unknown field"],
     );
 
     // The same from a file with a typo.

@@ -8,6 +8,8 @@ use clap::{Args, Subcommand};
 use tern_data::shard::{Kind, ShardInfo, ShardReader};
 use tern_data::{DataConfig, TextTokenizer, TrainData};
 
+use crate::say;
+
 #[derive(Args)]
 pub struct DataArgs {
     #[command(subcommand)]
@@ -60,12 +62,6 @@ fn shard_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
         bail!("no shard (*.bin, *.h5) under {paths:?}");
     }
     Ok(files)
-}
-
-/// Prints a line; a reader that went away (`| head`) is not an error.
-fn say(text: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stdout().lock(), "{text}");
 }
 
 /// Adds `v` to `list` unless it is there.

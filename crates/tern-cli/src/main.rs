@@ -1,6 +1,7 @@
 //! `tern`: pretraining of ternary LLaMA models.
 
 mod bench;
+mod ckpt;
 mod data;
 mod plan;
 mod prep;
@@ -56,6 +57,8 @@ enum Command {
     /// Tokenise SlimPajama-format JSONL(.zst) into token shards (TinyLlama's .bin or HDF5), or
     /// train a tokenizer (`tern prep tokenizer`).
     Prep(Box<prep::PrepArgs>),
+    /// Inspect a checkpoint, or consolidate its parts into one safetensors file.
+    Ckpt(ckpt::CkptArgs),
 }
 
 /// The `cuda` build loads the NVIDIA driver at run time; without one, burn-cuda panics deep inside.
@@ -102,6 +105,12 @@ pub fn compute_device(
     Default::default()
 }
 
+/// Prints a line; a reader that went away (`| head`) is not an error.
+pub fn say(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
+}
+
 static RANK: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
 
 /// Records this process's place in the job, for error messages.
@@ -144,6 +153,7 @@ fn main() -> ExitCode {
         Command::Plan(a) => plan::run(a),
         Command::Data(a) => data::run(a),
         Command::Prep(a) => prep::run(*a),
+        Command::Ckpt(a) => ckpt::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,6 @@
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::Result;
 use clap::Args;
@@ -57,9 +59,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
             Resume::Path(PathBuf::from(r))
         }
     });
+    // SIGTERM (what Slurm sends before a time limit, and `kill`'s default) ends the run at the
+    // next step with a checkpoint; the process then exits 0.
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))
+        .map_err(|e| anyhow::anyhow!("installing the SIGTERM handler: {e}"))?;
     let opts = TrainOptions {
         run_dir: run_dir.clone(),
         resume,
+        stop: Some(stop),
     };
     if main {
         println!(

@@ -1,10 +1,14 @@
-//! Single-process checkpoints: everything needed to continue a run exactly.
+//! Sharded checkpoints: everything needed to continue a run exactly, on any layout.
 //!
-//! `checkpoints/step_00000020/` holds `model.safetensors` (weights by module path),
-//! `optim.safetensors` (AdamW moments as `<name>.exp_avg` / `<name>.exp_avg_sq`), `state.json`
-//! (step, data position, seed, optimizer step), `recipe.toml`, and `manifest.json` with the sha256
-//! of every file. A checkpoint is written under a temporary name, synced, then renamed: a directory
-//! named `step_*` with a matching manifest is complete.
+//! `checkpoints/step_00000020/` holds, for each tensor-parallel rank `r` of `n`,
+//! `model-tp{r}-of-{n}.safetensors` and `optim-tp{r}-of-{n}.safetensors`: that rank's slice of
+//! every split tensor and (rank 0 only) the replicated ones, each described in the file's metadata
+//! (global shape, split dimension, part, parts). Beside them `state.json` (step, data position,
+//! seed, optimizer step), `recipe.toml` and `manifest.json` (topology and the sha256 of every
+//! file). The writers (the first data-parallel group: the other groups hold the same values) write
+//! into `.tmp-step_00000020/`, sync, agree that all succeeded, and only then does the first rank
+//! write the manifest and rename the directory into place: a `step_*` directory with a valid
+//! manifest is complete, and a failure or a kill at any point leaves the previous ones untouched.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -14,10 +18,11 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tern_dist::Comm;
 
 use crate::params::ParamInfo;
 
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
@@ -41,17 +46,46 @@ pub struct TrainState {
     pub data_fingerprint: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Manifest {
-    format_version: u32,
-    step: u64,
-    files: BTreeMap<String, FileEntry>,
+/// The layout a checkpoint was written with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Topology {
+    pub tp: usize,
+    pub dp: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct FileEntry {
-    bytes: u64,
-    sha256: String,
+pub struct Manifest {
+    pub format_version: u32,
+    pub step: u64,
+    pub topology: Topology,
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Where a stored tensor belongs in the whole one (the safetensors metadata of each tensor).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Slice {
+    /// The whole tensor's shape.
+    pub shape: Vec<usize>,
+    /// The dimension split between parts (`None`: the tensor is whole).
+    pub dim: Option<usize>,
+    pub part: usize,
+    pub parts: usize,
+}
+
+/// This rank's part of a tensor, to be saved.
+#[derive(Debug, Clone)]
+pub struct Piece {
+    pub name: String,
+    pub full_shape: Vec<usize>,
+    /// Split dimension; `None` for tensors every rank holds whole (written by part 0 only).
+    pub dim: Option<usize>,
+    pub values: Vec<f32>,
 }
 
 /// Tensors of a safetensors file by name: shape and values.
@@ -64,42 +98,148 @@ fn to_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn safetensors_bytes(tensors: &Named) -> Result<Vec<u8>> {
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| to_bytes(v)).collect();
-    let views = tensors
+/// A safetensors file of this part's pieces, each described in the metadata.
+fn pieces_bytes(pieces: &[Piece], part: usize, parts: usize) -> Result<Vec<u8>> {
+    let kept: Vec<&Piece> = pieces
         .iter()
-        .zip(&bytes)
-        .map(|((name, shape, _), b)| {
-            Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?))
-        })
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    Ok(safetensors::tensor::serialize(views, None)?)
-}
-
-fn read_safetensors(path: &Path, bytes: &[u8]) -> Result<TensorMap> {
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| anyhow!("{}: not a safetensors file: {e}", path.display()))?;
-    let mut out = HashMap::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != Dtype::F32 {
+        .filter(|p| p.dim.is_some() || part == 0)
+        .collect();
+    let mut meta = HashMap::new();
+    let mut shapes = Vec::new();
+    for p in &kept {
+        let (slice, shape) = match p.dim {
+            Some(d) => {
+                let mut s = p.full_shape.clone();
+                s[d] /= parts;
+                (
+                    Slice {
+                        shape: p.full_shape.clone(),
+                        dim: Some(d),
+                        part,
+                        parts,
+                    },
+                    s,
+                )
+            }
+            None => (
+                Slice {
+                    shape: p.full_shape.clone(),
+                    dim: None,
+                    part: 0,
+                    parts: 1,
+                },
+                p.full_shape.clone(),
+            ),
+        };
+        if shape.iter().product::<usize>() != p.values.len() {
             bail!(
-                "{}: tensor {name} is {:?}, expected F32",
-                path.display(),
-                view.dtype()
+                "{}: {} values for a part of shape {shape:?}",
+                p.name,
+                p.values.len()
             );
         }
+        meta.insert(p.name.clone(), serde_json::to_string(&slice)?);
+        shapes.push(shape);
+    }
+    let bytes: Vec<Vec<u8>> = kept.iter().map(|p| to_bytes(&p.values)).collect();
+    let views = kept
+        .iter()
+        .zip(&bytes)
+        .zip(shapes)
+        .map(|((p, b), shape)| Ok((p.name.clone(), TensorView::new(Dtype::F32, shape, b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    Ok(safetensors::tensor::serialize(views, Some(meta))?)
+}
+
+/// A stored tensor: its name, where it belongs in the whole one, its values.
+type StoredPart = (String, Slice, Vec<f32>);
+
+/// Reads a safetensors file: every tensor with its slice description (a file without one, as
+/// `tern ckpt consolidate` writes, holds whole tensors).
+fn read_pieces(path: &Path, bytes: &[u8]) -> Result<Vec<StoredPart>> {
+    let p = path.display();
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| anyhow!("{p}: not a safetensors file: {e}"))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let st =
+        SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{p}: not a safetensors file: {e}"))?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            bail!("{p}: tensor {name} is {:?}, expected F32", view.dtype());
+        }
+        let slice = match meta.get(&name) {
+            Some(m) => {
+                serde_json::from_str(m).map_err(|e| anyhow!("{p}: metadata of {name}: {e}"))?
+            }
+            None => Slice {
+                shape: view.shape().to_vec(),
+                dim: None,
+                part: 0,
+                parts: 1,
+            },
+        };
         let v = view
             .data()
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        out.insert(name, (view.shape().to_vec(), v));
+        out.push((name, slice, v));
+    }
+    Ok(out)
+}
+
+/// Whole tensors from the parts of every file (`parts` in file order).
+fn assemble(files: Vec<(PathBuf, Vec<StoredPart>)>) -> Result<TensorMap> {
+    let mut groups: BTreeMap<String, Vec<(Slice, Vec<f32>, PathBuf)>> = BTreeMap::new();
+    for (path, pieces) in files {
+        for (name, slice, v) in pieces {
+            groups
+                .entry(name)
+                .or_default()
+                .push((slice, v, path.clone()));
+        }
+    }
+    let mut out = HashMap::new();
+    for (name, mut parts) in groups {
+        parts.sort_by_key(|(s, _, _)| s.part);
+        let (first, path) = (parts[0].0.clone(), parts[0].2.clone());
+        let n = first.parts;
+        let ok = parts.len() == n
+            && parts.iter().enumerate().all(|(i, (s, _, _))| {
+                s.part == i && s.parts == n && s.shape == first.shape && s.dim == first.dim
+            });
+        if !ok {
+            bail!(
+                "{}: tensor {name}: parts {:?} of {n} found: the checkpoint is incomplete",
+                path.display(),
+                parts.iter().map(|(s, _, _)| s.part).collect::<Vec<_>>()
+            );
+        }
+        let shape = first.shape.clone();
+        let whole = match first.dim {
+            None => parts.pop().unwrap().1,
+            Some(d) => {
+                let mut local = shape.clone();
+                local[d] /= n;
+                let all: Vec<f32> = parts.into_iter().flat_map(|(_, v, _)| v).collect();
+                tern_model::unshard_values(&all, &local, d, n)
+            }
+        };
+        if whole.len() != shape.iter().product::<usize>() {
+            bail!(
+                "{}: tensor {name}: values do not fill {shape:?}",
+                path.display()
+            );
+        }
+        out.insert(name, (shape, whole));
     }
     Ok(out)
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
+    test_fault("write", path)?;
     let mut f =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     f.write_all(bytes)
@@ -109,74 +249,219 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Test switch for the fault tests: `TERN_TEST_FAULT=write:NAME` fails the write of a file named
+/// `NAME` as a full disk would (ENOSPC); `TERN_TEST_FAULT=slow:MS` sleeps before each write, so
+/// that a test can kill the process in the middle of a save.
+fn test_fault(what: &str, path: &Path) -> Result<()> {
+    let Ok(v) = std::env::var("TERN_TEST_FAULT") else {
+        return Ok(());
+    };
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if let Some(f) = v.strip_prefix("write:") {
+        if what == "write" && name == f {
+            return Err(std::io::Error::from_raw_os_error(28))
+                .with_context(|| format!("writing {}", path.display()));
+        }
+    }
+    if let Some(ms) = v.strip_prefix("slow:").and_then(|m| m.parse().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+    Ok(())
+}
+
+fn entry(bytes: &[u8]) -> FileEntry {
+    FileEntry {
+        bytes: bytes.len() as u64,
+        sha256: format!("{:x}", Sha256::digest(bytes)),
+    }
+}
+
 pub fn step_dir_name(step: u64) -> String {
     format!("step_{step:08}")
 }
 
-/// Writes a complete checkpoint under `root`, atomically. Returns its directory.
+/// Whether every member of `group` reports success (a collective).
+fn all_ok(group: &dyn Comm, ok: bool) -> bool {
+    group.all_reduce_sum_f64(if ok { 0.0 } else { 1.0 }) == 0.0
+}
+
+/// Writes this rank's part of a checkpoint; a collective over `group` (the tensor-parallel ranks
+/// of the first data-parallel group), whose first rank completes it. Returns its directory.
+/// `keep_last > 0` then removes all but the newest `keep_last` complete checkpoints.
+#[allow(clippy::too_many_arguments)]
 pub fn save(
     root: &Path,
     state: &TrainState,
-    model: &Named,
-    optim: &Named,
     recipe_toml: &str,
+    model: &[Piece],
+    optim: &[Piece],
+    topology: &Topology,
+    keep_last: usize,
+    group: &dyn Comm,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let (part, parts) = (group.rank(), group.size());
     let final_dir = root.join(step_dir_name(state.step));
-    let tmp = root.join(format!(
-        ".tmp-{}-{}",
-        step_dir_name(state.step),
-        std::process::id()
-    ));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
-    let files: Vec<(&str, Vec<u8>)> = vec![
-        ("model.safetensors", safetensors_bytes(model)?),
-        ("optim.safetensors", safetensors_bytes(optim)?),
-        ("state.json", serde_json::to_vec_pretty(state)?),
-        ("recipe.toml", recipe_toml.as_bytes().to_vec()),
-    ];
-    let mut manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        step: state.step,
-        files: BTreeMap::new(),
+    let tmp = root.join(format!(".tmp-{}", step_dir_name(state.step)));
+    // The first rank makes a clean temporary directory; the others wait for it.
+    let made = if part == 0 {
+        (|| -> Result<()> {
+            std::fs::create_dir_all(root)
+                .with_context(|| format!("creating {}", root.display()))?;
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp)
+                    .with_context(|| format!("removing {}", tmp.display()))?;
+            }
+            std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))
+        })()
+    } else {
+        Ok(())
     };
-    for (name, bytes) in &files {
-        write_synced(&tmp.join(name), bytes)?;
-        manifest.files.insert(
-            name.to_string(),
-            FileEntry {
-                bytes: bytes.len() as u64,
-                sha256: format!("{:x}", Sha256::digest(bytes)),
-            },
+    if !all_ok(group, made.is_ok()) {
+        made?;
+        bail!("tensor-parallel rank 0 could not create {}", tmp.display());
+    }
+    let suffix = format!("tp{part:02}-of-{parts:02}.safetensors");
+    let written = (|| -> Result<Vec<(String, FileEntry)>> {
+        let mut entries = Vec::new();
+        for (kind, pieces) in [("model", model), ("optim", optim)] {
+            let name = format!("{kind}-{suffix}");
+            let bytes = pieces_bytes(pieces, part, parts)?;
+            write_synced(&tmp.join(&name), &bytes)?;
+            entries.push((name, entry(&bytes)));
+        }
+        if part == 0 {
+            for (name, bytes) in [
+                ("state.json", serde_json::to_vec_pretty(state)?),
+                ("recipe.toml", recipe_toml.as_bytes().to_vec()),
+            ] {
+                write_synced(&tmp.join(name), &bytes)?;
+                entries.push((name.to_string(), entry(&bytes)));
+            }
+        }
+        // This rank's entries, for the first rank to put in the manifest.
+        let list = serde_json::to_vec(&entries.iter().cloned().collect::<BTreeMap<_, _>>())?;
+        write_synced(&tmp.join(format!(".entries-{part}.json")), &list)?;
+        Ok(entries)
+    })();
+    if !all_ok(group, written.is_ok()) {
+        if part == 0 {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        written?;
+        bail!(
+            "another tensor-parallel rank failed to write its part of {}; the previous checkpoints are kept",
+            final_dir.display()
         );
     }
-    write_synced(
-        &tmp.join("manifest.json"),
-        &serde_json::to_vec_pretty(&manifest)?,
-    )?;
-    if final_dir.exists() {
-        // A checkpoint of the same step from an earlier attempt: replace it only now that the new
-        // one is complete.
-        std::fs::remove_dir_all(&final_dir)?;
-    }
-    std::fs::rename(&tmp, &final_dir)
-        .with_context(|| format!("renaming {} into place", tmp.display()))?;
-    if let Ok(d) = std::fs::File::open(root) {
-        d.sync_all().ok();
+    let finished = if part == 0 {
+        (|| -> Result<()> {
+            let mut files = BTreeMap::new();
+            for r in 0..parts {
+                let p = tmp.join(format!(".entries-{r}.json"));
+                let e: BTreeMap<String, FileEntry> = serde_json::from_slice(
+                    &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+                )?;
+                files.extend(e);
+                std::fs::remove_file(&p).ok();
+            }
+            let m = Manifest {
+                format_version: FORMAT_VERSION,
+                step: state.step,
+                topology: topology.clone(),
+                files,
+            };
+            write_synced(&tmp.join("manifest.json"), &serde_json::to_vec_pretty(&m)?)?;
+            if final_dir.exists() {
+                // A checkpoint of the same step from an earlier attempt: replaced only now that
+                // the new one is complete.
+                std::fs::remove_dir_all(&final_dir)?;
+            }
+            std::fs::rename(&tmp, &final_dir)
+                .with_context(|| format!("renaming {} into place", tmp.display()))?;
+            if let Ok(d) = std::fs::File::open(root) {
+                d.sync_all().ok();
+            }
+            prune(root, keep_last)
+        })()
+    } else {
+        Ok(())
+    };
+    if !all_ok(group, finished.is_ok()) {
+        if part == 0 {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        finished?;
+        bail!(
+            "tensor-parallel rank 0 could not complete {}",
+            final_dir.display()
+        );
     }
     Ok(final_dir)
 }
 
+/// Removes all but the newest `keep` complete checkpoints (0: keep all), and temporary
+/// directories of interrupted saves.
+fn prune(root: &Path, keep: usize) -> Result<()> {
+    // One save runs at a time: any temporary directory left now is from a killed save.
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".tmp-step_") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let complete = complete_dirs(root);
+    if keep > 0 && complete.len() > keep {
+        for d in &complete[..complete.len() - keep] {
+            std::fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `step_*` directories with a valid manifest, oldest first (others are reported and skipped).
+fn complete_dirs(root: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut dirs: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("step_"))
+        })
+        .collect();
+    dirs.sort();
+    dirs.into_iter()
+        .filter(|d| match manifest(d) {
+            Ok(_) => true,
+            Err(e) => {
+                eprintln!(
+                    "warning: skipping incomplete checkpoint {}: {e:#}",
+                    d.display()
+                );
+                false
+            }
+        })
+        .collect()
+}
+
 /// Reads `manifest.json` and checks that every file it lists exists with the recorded size.
-fn manifest(dir: &Path) -> Result<Manifest> {
+pub fn manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");
     let m: Manifest = serde_json::from_slice(
         &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
     )
     .with_context(|| format!("{}: not a manifest", path.display()))?;
+    if m.format_version != FORMAT_VERSION {
+        bail!(
+            "{}: checkpoint format {} (this tern reads {FORMAT_VERSION})",
+            path.display(),
+            m.format_version
+        );
+    }
     for (name, e) in &m.files {
         let p = dir.join(name);
         let len = std::fs::metadata(&p)
@@ -195,42 +480,23 @@ fn manifest(dir: &Path) -> Result<Manifest> {
 
 /// The newest complete checkpoint under `root` (incomplete ones are reported and skipped).
 pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
-    let Ok(rd) = std::fs::read_dir(root) else {
-        return Ok(None);
-    };
-    let mut dirs: Vec<PathBuf> = rd
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("step_"))
-        })
-        .collect();
-    dirs.sort();
-    for d in dirs.into_iter().rev() {
-        match manifest(&d) {
-            Ok(_) => return Ok(Some(d)),
-            Err(e) => eprintln!(
-                "warning: skipping incomplete checkpoint {}: {e:#}",
-                d.display()
-            ),
-        }
-    }
-    Ok(None)
+    Ok(complete_dirs(root).pop())
 }
 
 pub struct Loaded {
     pub state: TrainState,
+    pub topology: Topology,
     pub recipe_toml: String,
+    /// Whole tensors, assembled from every part.
     pub model: TensorMap,
     pub optim: TensorMap,
 }
 
-/// Loads a checkpoint, verifying every file against the manifest's sha256.
+/// Loads a checkpoint, verifying every file against the manifest's sha256, and assembles whole
+/// tensors whatever layout wrote them.
 pub fn load(dir: &Path) -> Result<Loaded> {
     let m = manifest(dir)?;
-    let mut files = HashMap::new();
+    let mut files = BTreeMap::new();
     for (name, e) in &m.files {
         let p = dir.join(name);
         let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
@@ -250,19 +516,43 @@ pub fn load(dir: &Path) -> Result<Loaded> {
             .ok_or_else(|| anyhow!("{}: manifest lists no {n}", dir.display()))
     };
     let state: TrainState = serde_json::from_slice(get("state.json")?).context("state.json")?;
-    if state.format_version != FORMAT_VERSION {
-        bail!(
-            "{}: checkpoint format {} (this tern reads {FORMAT_VERSION})",
-            dir.display(),
-            state.format_version
-        );
-    }
+    let tensors = |kind: &str| -> Result<TensorMap> {
+        let mut parts = Vec::new();
+        for (name, bytes) in files
+            .iter()
+            .filter(|(n, _)| n.starts_with(&format!("{kind}-")) && n.ends_with(".safetensors"))
+        {
+            let p = dir.join(name);
+            parts.push((p.clone(), read_pieces(&p, bytes)?));
+        }
+        if parts.is_empty() {
+            bail!("{}: no {kind}-*.safetensors in the manifest", dir.display());
+        }
+        assemble(parts)
+    };
     Ok(Loaded {
         recipe_toml: String::from_utf8_lossy(get("recipe.toml")?).into_owned(),
-        model: read_safetensors(&dir.join("model.safetensors"), get("model.safetensors")?)?,
-        optim: read_safetensors(&dir.join("optim.safetensors"), get("optim.safetensors")?)?,
+        model: tensors("model")?,
+        optim: tensors("optim")?,
+        topology: m.topology,
         state,
     })
+}
+
+/// Writes whole tensors as one plain safetensors file (`tern ckpt consolidate`), atomically.
+pub fn write_whole(path: &Path, tensors: &Named) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| to_bytes(v)).collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| {
+            Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?))
+        })
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let out = safetensors::tensor::serialize(views, None)?;
+    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+    write_synced(&tmp, &out)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))
 }
 
 /// Takes the tensors of `infos` (with `suffix`) out of a loaded map, checking names and shapes.
@@ -294,6 +584,7 @@ pub fn take_in_order(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tern_dist::{SoloComm, ThreadComm};
 
     fn state(step: u64) -> TrainState {
         TrainState {
@@ -310,36 +601,135 @@ mod tests {
         }
     }
 
+    fn topo(tp: usize) -> Topology {
+        Topology { tp, dp: 1 }
+    }
+
+    /// A 4x2 split matrix (rows by part) and a replicated vector, as part `r` of `n` holds them.
+    fn pieces(r: usize, n: usize) -> (Vec<Piece>, Vec<Piece>) {
+        let full: Vec<f32> = (0..8).map(|i| i as f32 + 0.5).collect();
+        let rows = 4 / n;
+        let model = vec![
+            Piece {
+                name: "w".into(),
+                full_shape: vec![4, 2],
+                dim: Some(0),
+                values: full[r * rows * 2..(r + 1) * rows * 2].to_vec(),
+            },
+            Piece {
+                name: "norm".into(),
+                full_shape: vec![2],
+                dim: None,
+                values: vec![1.0, f32::MIN_POSITIVE],
+            },
+        ];
+        let optim = vec![Piece {
+            name: "w.exp_avg".into(),
+            full_shape: vec![4, 2],
+            dim: Some(0),
+            values: vec![r as f32; rows * 2],
+        }];
+        (model, optim)
+    }
+
+    fn save_solo(root: &Path, step: u64, keep: usize) -> Result<PathBuf> {
+        let (m, o) = pieces(0, 1);
+        save(
+            root,
+            &state(step),
+            "x = 1",
+            &m,
+            &o,
+            &topo(1),
+            keep,
+            &SoloComm,
+        )
+    }
+
     #[test]
     fn roundtrip_latest_and_corruption() {
         let dir = tempfile::tempdir().unwrap();
-        let model: Named = vec![(
-            "w".into(),
-            vec![2, 2],
-            vec![1.0, -2.0, 3.5, f32::MIN_POSITIVE],
-        )];
-        let optim: Named = vec![("w.exp_avg".into(), vec![2, 2], vec![0.0; 4])];
-        save(dir.path(), &state(5), &model, &optim, "x = 1").unwrap();
-        let d10 = save(dir.path(), &state(10), &model, &optim, "x = 1").unwrap();
+        save_solo(dir.path(), 5, 0).unwrap();
+        let d10 = save_solo(dir.path(), 10, 0).unwrap();
         // A half-written directory without a manifest is not picked.
         std::fs::create_dir_all(dir.path().join("step_00000020")).unwrap();
         assert_eq!(latest(dir.path()).unwrap().unwrap(), d10);
         let l = load(&d10).unwrap();
         assert_eq!(l.state, state(10));
-        assert_eq!(
-            l.model["w"],
-            (vec![2, 2], vec![1.0, -2.0, 3.5, f32::MIN_POSITIVE])
-        );
+        assert_eq!(l.topology, topo(1));
+        assert_eq!(l.model["norm"], (vec![2], vec![1.0, f32::MIN_POSITIVE]));
+        assert_eq!(l.model["w"].1[7], 7.5);
         // Flip one byte of the weights: refused, naming the file.
-        let p = d10.join("model.safetensors");
+        let p = d10.join("model-tp00-of-01.safetensors");
         let mut b = std::fs::read(&p).unwrap();
         let last = b.len() - 1;
         b[last] ^= 0x40;
         std::fs::write(&p, b).unwrap();
         let e = load(&d10).err().unwrap().to_string();
         assert!(
-            e.contains("model.safetensors") && e.contains("checksum mismatch"),
+            e.contains("model-tp00-of-01.safetensors") && e.contains("checksum mismatch"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn tensor_parallel_parts_assemble_into_whole_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let out: Vec<PathBuf> = std::thread::scope(|s| {
+            let hs: Vec<_> = ThreadComm::group(2)
+                .into_iter()
+                .map(|c| {
+                    let root = root.clone();
+                    s.spawn(move || {
+                        let (m, o) = pieces(c.rank(), 2);
+                        save(&root, &state(3), "x", &m, &o, &topo(2), 0, &c).unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(out[0], out[1]);
+        let mut names: Vec<String> = std::fs::read_dir(&out[0])
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        #[rustfmt::skip]
+        assert_eq!(names, [
+            "manifest.json", "model-tp00-of-02.safetensors", "model-tp01-of-02.safetensors",
+            "optim-tp00-of-02.safetensors", "optim-tp01-of-02.safetensors", "recipe.toml", "state.json",
+        ]);
+        let l = load(&out[0]).unwrap();
+        let whole = load(&save_solo(&dir.path().join("solo"), 3, 0).unwrap()).unwrap();
+        assert_eq!(l.model, whole.model);
+        assert_eq!(l.optim["w.exp_avg"].1, vec![0., 0., 0., 0., 1., 1., 1., 1.]);
+        assert_eq!(l.topology, topo(2));
+        // A part missing from the manifest's files: refused as incomplete.
+        let m = dir.path().join("step_00000003/manifest.json");
+        let mut man: Manifest = serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
+        man.files.remove("model-tp01-of-02.safetensors");
+        std::fs::write(&m, serde_json::to_vec(&man).unwrap()).unwrap();
+        let e = format!("{:#}", load(&out[0]).err().unwrap());
+        assert!(e.contains("tensor w: parts [0] of 2"), "{e}");
+    }
+
+    #[test]
+    fn keep_last_prunes_older_checkpoints_after_a_complete_save() {
+        let dir = tempfile::tempdir().unwrap();
+        for step in 1..=4 {
+            save_solo(dir.path(), step, 2).unwrap();
+        }
+        let left = |d: &Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(left(dir.path()), ["step_00000003", "step_00000004"]);
+        // (A full disk while saving is tested end to end, tests/fault_cli.rs: the fault switch
+        // is an environment variable, which tests running in parallel here would share.)
     }
 }

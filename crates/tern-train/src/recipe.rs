@@ -34,6 +34,14 @@ pub struct TrainConfig {
     /// Checkpoint every this many steps (and at the last step); 0: only at the last step.
     #[serde(default)]
     pub checkpoint_every: u64,
+    /// Non-finite losses or gradients in a row after which the job stops (with a checkpoint of
+    /// the last good state); each such step's update is skipped.
+    #[serde(default = "d_max_bad_steps")]
+    pub max_bad_steps: u64,
+}
+
+fn d_max_bad_steps() -> u64 {
+    10
 }
 
 fn d_seed() -> u64 {
@@ -54,6 +62,9 @@ impl TrainConfig {
     pub fn validate(&self, dp: usize) -> Result<(), String> {
         if self.steps == 0 {
             return Err("train.steps: must be at least 1".into());
+        }
+        if self.max_bad_steps == 0 {
+            return Err("train.max_bad_steps: must be at least 1".into());
         }
         if self.micro_batch == 0 {
             return Err("train.micro_batch: must be at least 1".into());
@@ -112,6 +123,15 @@ fn d_one() -> usize {
     1
 }
 
+/// `[checkpoint]`: what is kept on disk.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Complete checkpoints kept (older ones are removed once a newer one is complete); 0: all.
+    #[serde(default)]
+    pub keep_last: usize,
+}
+
 impl Default for ParallelConfig {
     fn default() -> Self {
         Self { tp: 1, dp: None }
@@ -130,6 +150,8 @@ pub struct Recipe {
     pub run: RunConfig,
     #[serde(default)]
     pub parallel: ParallelConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
 }
 
 /// Where a recipe came from.

@@ -13,12 +13,12 @@ use tern_dist::{all_reduce_mean_tensors, comm::BUCKET_ELEMS, to_host, Collective
 use tern_model::{parallelize, shard_dim, shard_values, Llama};
 use tern_optim::{clip_to, squared_norms, Optimizer, Schedule};
 
-use crate::checkpoint::{self, Named, TrainState};
+use crate::checkpoint::{self, Piece, TrainState};
 use crate::init::init_normal;
 use crate::metrics::{Metrics, StepMetrics};
 use crate::params::{assign_trainable, flat_grads, flat_values, param_infos, ParamInfo};
 use crate::recipe::Recipe;
-use crate::shards::{gather_all, gather_whole, shard_dims};
+use crate::shards::shard_dims;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resume {
@@ -31,6 +31,8 @@ pub enum Resume {
 pub struct TrainOptions {
     pub run_dir: PathBuf,
     pub resume: Option<Resume>,
+    /// Set (by a SIGTERM handler) to end the run at the next step with a checkpoint.
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[derive(Debug, Clone)]
@@ -58,14 +60,6 @@ fn batch_tensor<B: Backend>(
 fn from_host<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
     let n = v.len();
     Tensor::from_data(TensorData::new(v, [n]), device)
-}
-
-fn named(infos: &[ParamInfo], values: Vec<Vec<f32>>, suffix: &str) -> Named {
-    infos
-        .iter()
-        .zip(values)
-        .map(|(i, v)| (format!("{}{suffix}", i.name), i.shape.clone(), v))
-        .collect()
 }
 
 /// Mean loss of the model on the first `n` validation blocks, in order.
@@ -116,6 +110,12 @@ fn move_aside_earlier_run(run_dir: &Path) -> Result<()> {
         free.display()
     );
     Ok(())
+}
+
+/// Test switch for the fault tests: `TERN_TEST_NAN=STEP[,STEP...]` makes the loss and the gradients
+/// of those steps non-finite on every rank, as an overflow would.
+fn test_nan(step: u64) -> bool {
+    std::env::var("TERN_TEST_NAN").is_ok_and(|v| v.split(',').any(|s| s.trim().parse() == Ok(step)))
 }
 
 /// Test switch for the failure tests: `TERN_TEST_PANIC=RANK:STEP` panics that rank at that step.
@@ -232,8 +232,8 @@ where
                 dir.display()
             );
         }
-        let mpath = dir.join("model.safetensors");
-        let opath = dir.join("optim.safetensors");
+        let mpath = dir.join("model-*.safetensors");
+        let opath = dir.join("optim-*.safetensors");
         let w = checkpoint::take_in_order(&mut l.model, &full_infos, "", &mpath)?;
         model = assign_trainable(
             model,
@@ -340,11 +340,54 @@ where
         None => {}
     }
 
+    // This rank's part of a checkpoint (a collective over the tensor-parallel group).
+    let save_checkpoint = |state: &TrainState,
+                           values: Vec<Vec<f32>>,
+                           opt: &Optimizer<B::InnerBackend>|
+     -> Result<PathBuf> {
+        let model_pieces: Vec<Piece> = values
+            .into_iter()
+            .zip(&full_infos)
+            .zip(&shard_dims)
+            .map(|((v, info), dim)| Piece {
+                name: info.name.clone(),
+                full_shape: info.shape.clone(),
+                dim: *dim,
+                values: v,
+            })
+            .collect();
+        let mut optim_pieces = Vec::new();
+        for (i, info) in full_infos.iter().enumerate() {
+            for e in opt.state(i, &info.shape, shard_dims[i]) {
+                optim_pieces.push(Piece {
+                    name: format!("{}.{}", info.name, e.key),
+                    full_shape: e.full_shape,
+                    dim: e.shard,
+                    values: to_host(e.value),
+                });
+            }
+        }
+        checkpoint::save(
+            &ckpt_root,
+            state,
+            &recipe_toml,
+            &model_pieces,
+            &optim_pieces,
+            &checkpoint::Topology {
+                tp: topo.tp,
+                dp: topo.dp,
+            },
+            recipe.checkpoint.keep_last,
+            tp,
+        )
+        .map_err(|e| anyhow!("saving checkpoint of step {}: {e:#}", state.step))
+    };
     let schedule = Schedule::new(&recipe.optim, tc.steps);
     // This rank's share of every global batch, in micro-batches.
     let mine = dp_slice(tc.global_batch, topo.dp_rank(), topo.dp);
     let n_micro = mine.len() / tc.micro_batch;
     let mut last_loss = f64::NAN;
+    let mut bad_in_a_row = 0u64;
     let mut last_val = None;
     let mut interval_start = Instant::now();
     let mut interval_tokens = 0u64;
@@ -377,7 +420,11 @@ where
             .collect();
         // Equal shares: the mean over data-parallel ranks is the mean of the global batch.
         let mut grads = all_reduce_mean_tensors(dist.dp.as_ref(), grads, BUCKET_ELEMS);
-        let loss = dist.dp.all_reduce_sum_f64(loss_sum / n_micro as f64) / topo.dp as f64;
+        let mut loss = dist.dp.all_reduce_sum_f64(loss_sum / n_micro as f64) / topo.dp as f64;
+        if test_nan(step + 1) {
+            loss = f64::NAN;
+            grads[0] = grads[0].clone().mul_scalar(f64::NAN);
+        }
         // Global norm: replicated gradients once (they are equal on every tensor-parallel rank),
         // the shards' squares summed over the group.
         let sq = squared_norms(&grads);
@@ -392,10 +439,12 @@ where
             let params = flat_values::<B::InnerBackend, _>(&model.valid());
             let updated = opt.step(params, &grads, lr, wd, &decay);
             model = assign_trainable(model, updated);
+            bad_in_a_row = 0;
         } else {
             state.skipped_steps += 1;
+            bad_in_a_row += 1;
             metrics.say(&format!(
-                "step {}: non-finite loss {loss} or gradient norm {grad_norm}: update skipped",
+                "step {}: non-finite loss {loss} or gradient norm {grad_norm}: update skipped ({bad_in_a_row} in a row)",
                 step + 1
             ));
         }
@@ -407,7 +456,15 @@ where
         interval_tokens += step_tokens;
         last_loss = loss;
 
-        let last = state.step == tc.steps;
+        // Every rank learns of a stop request that reached any of them (Slurm signals each task,
+        // but a signal sent to one process must stop the whole job in step).
+        let stop_here = opts
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+        let stop_here = dist.world.all_reduce_sum_f64(stop_here as u8 as f64) > 0.0;
+        let too_bad = bad_in_a_row >= tc.max_bad_steps;
+        let last = state.step == tc.steps || stop_here || too_bad;
         if state.step.is_multiple_of(tc.log_every) || state.step == 1 || last {
             let secs = interval_start.elapsed().as_secs_f64();
             let mut zeros = model.valid().ternary_zero_fractions();
@@ -478,42 +535,37 @@ where
                     state.step
                 );
             }
-            // The first data-parallel group gathers full tensors; the first rank writes them.
-            if topo.dp_rank() != 0 {
-                continue;
+            // The first data-parallel group writes: each tensor-parallel rank its own part.
+            if topo.dp_rank() == 0 {
+                let dir = save_checkpoint(&state, values, &opt)?;
+                metrics.say(&format!(
+                    "step {} | checkpoint {} | weights checksum {:.6e} on {} rank(s)",
+                    state.step,
+                    dir.display(),
+                    sums[0],
+                    sums.len()
+                ));
             }
-            let values = gather_all(values, &infos, tp);
-            // Whole optimizer state: every rank's block gathered (the same walk on every rank
-            // of the group, so the collectives line up).
-            let mut optim = Named::new();
-            for (i, info) in full_infos.iter().enumerate() {
-                for e in opt.state(i, &info.shape, shard_dims[i]) {
-                    let v = to_host(e.value);
-                    let v = match e.shard {
-                        Some(dim) => gather_whole(v, &e.full_shape, dim, tp),
-                        None => v,
-                    };
-                    optim.push((format!("{}.{}", info.name, e.key), e.full_shape, v));
-                }
-            }
-            if !main {
-                continue;
-            }
-            let dir = checkpoint::save(
-                &ckpt_root,
-                &state,
-                &named(&full_infos, values, ""),
-                &optim,
-                &recipe_toml,
-            )
-            .map_err(|e| anyhow!("saving checkpoint of step {}: {e:#}", state.step))?;
-            metrics.say(&format!(
-                "step {} | checkpoint {} | weights checksum {:.6e} on {} rank(s)",
+        }
+        if last {
+            // No rank leaves (or aborts the job) while the last checkpoint is being written.
+            dist.world.barrier();
+        }
+        if too_bad {
+            bail!(
+                "step {}: {bad_in_a_row} non-finite steps in a row (train.max_bad_steps = {}): stopped; \
+                 the weights of the last good step are in the checkpoint {}",
                 state.step,
-                dir.display(),
-                sums[0],
-                sums.len()
+                tc.max_bad_steps,
+                ckpt_root.join(checkpoint::step_dir_name(state.step)).display()
+            );
+        }
+        if stop_here {
+            metrics.say(&format!(
+                "step {}: stop requested (SIGTERM): checkpoint written, exiting; resume with --resume auto",
+                state.step
             ));
+            break;
         }
     }
     metrics.finish()?;
