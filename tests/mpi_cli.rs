@@ -238,7 +238,7 @@ fn bench_reports_compute_and_all_reduce() {
         "{text}"
     );
     assert!(text.contains("tp 1 x dp 2"), "{text}");
-    let params = 4096 * 128 * 2 + 128 * 128 * 2 + 2 * 128 * 64 + 3 * 128 * 352 + 3 * 128;
+    let params = 4096 * 128 * 2 + 128 * 128 * 2 + 2 * 128 * 64 + 3 * 128 * 384 + 3 * 128;
     let mb = format!("of {:.1} MB", (params * 4) as f64 / 1e6);
     assert!(text.contains(&mb), "expected {mb:?} in {text}");
 }

@@ -79,10 +79,36 @@ pub fn check_device() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// burn 0.21's CUDA matmul gave wrong gradients on an H100 for an inner dimension of 352, while
+/// every multiple of 64 seen was right (docs/backends.md): the cuda build refuses such models
+/// rather than train on wrong gradients.
+#[cfg(feature = "cuda")]
+fn check_cuda_shapes(m: &tern_model::ModelConfig) -> anyhow::Result<()> {
+    for (key, v) in [
+        ("model.hidden", m.hidden),
+        ("model.intermediate", m.intermediate),
+        ("model.n_kv_heads x head_dim", m.kv_heads() * m.head_dim()),
+    ] {
+        if v % 64 != 0 {
+            anyhow::bail!(
+                "{key} = {v} is not a multiple of 64: burn 0.21's CUDA matmul computed wrong gradients \
+                 for such an inner dimension (352) on an H100 (docs/backends.md); use a multiple of 64"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn check_cuda_shapes(_: &tern_model::ModelConfig) -> anyhow::Result<()> {
+    Ok(())
+}
+
 /// Starts this process's part of the job: the device check, MPI (under a launcher), and with the
 /// `cuda` feature NCCL for the tensor- and data-parallel groups.
 pub fn start_job(recipe: &tern_train::Recipe) -> anyhow::Result<tern_dist::Dist> {
     check_device()?;
+    check_cuda_shapes(&recipe.model)?;
     let dist = tern_dist::Dist::init(
         recipe.parallel.tp,
         recipe.parallel.dp,
