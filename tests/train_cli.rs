@@ -5,16 +5,8 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{fails_with, ok, repo, tern, tiny_train, GALORE, SMALL_MODEL};
+use common::{fails_with, metrics, ok, repo, tern, tiny_train, GALORE, SMALL_MODEL};
 use serde_json::Value;
-
-fn metrics(run: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 /// `(step, loss)` of the training lines, the loss as printed (bitwise comparable).
 fn losses(run: &Path) -> Vec<(u64, String)> {

@@ -3,6 +3,7 @@
 mod bench;
 mod ckpt;
 mod data;
+mod logits;
 mod plan;
 mod prep;
 mod train;
@@ -59,6 +60,8 @@ enum Command {
     Prep(Box<prep::PrepArgs>),
     /// Inspect a checkpoint, or consolidate its parts into one safetensors file.
     Ckpt(ckpt::CkptArgs),
+    /// Write a model's logits for given token ids (Hugging Face directory or tern checkpoint).
+    Logits(logits::LogitsArgs),
 }
 
 /// The `cuda` build loads the NVIDIA driver at run time; without one, burn-cuda panics deep inside.
@@ -180,6 +183,7 @@ fn main() -> ExitCode {
         Command::Data(a) => data::run(a),
         Command::Prep(a) => prep::run(*a),
         Command::Ckpt(a) => ckpt::run(a),
+        Command::Logits(a) => logits::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

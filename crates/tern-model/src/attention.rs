@@ -7,7 +7,7 @@ use burn::tensor::{Bool, Tensor};
 use tern_dist::CollectiveBackend;
 
 use crate::config::ModelConfig;
-use crate::linear::{InputStyle, ProjLinear, ProjLinearConfig, ScaleAxis};
+use crate::linear::{tapped, InputStyle, ProjLinear, ProjLinearConfig, ScaleAxis, Tap};
 use crate::rope::apply_rope;
 
 #[derive(Module, Debug)]
@@ -46,13 +46,29 @@ impl<B: Backend> Attention<B> {
 impl<B: CollectiveBackend> Attention<B> {
     /// `x: [batch, seq, hidden]`; `cos`/`sin`: `[seq, head_dim]` RoPE tables.
     pub fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
+        self.forward_tapped(x, cos, sin, None)
+    }
+
+    /// [`Self::forward`], also recording each projection's input and output in `taps`.
+    pub fn forward_tapped(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 2>,
+        sin: &Tensor<B, 2>,
+        mut taps: Option<&mut Vec<Tap<B>>>,
+    ) -> Tensor<B, 3> {
         let x = self.input.prepare(x);
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let mut proj = |name, p: &ProjLinear<B>, x: Tensor<B, 3>| tapped(&mut taps, name, p, x);
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
-        let q = apply_rope(heads(self.q_proj.forward(x.clone()), nh), cos, sin);
-        let k = apply_rope(heads(self.k_proj.forward(x.clone()), nkv), cos, sin);
-        let v = heads(self.v_proj.forward(x), nkv);
+        let q = apply_rope(heads(proj("q_proj", &self.q_proj, x.clone()), nh), cos, sin);
+        let k = apply_rope(
+            heads(proj("k_proj", &self.k_proj, x.clone()), nkv),
+            cos,
+            sin,
+        );
+        let v = heads(proj("v_proj", &self.v_proj, x), nkv);
         // Query head j reads key/value head j / (nh / nkv), as HF's repeat_kv.
         let repeat = |y: Tensor<B, 4>| {
             if nh == nkv {
@@ -72,6 +88,6 @@ impl<B: CollectiveBackend> Attention<B> {
         // -inf * 0 would be NaN.
         let probs = softmax(scores.mask_fill(mask, -1e9), 3);
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
-        self.o_proj.forward(out)
+        proj("o_proj", &self.o_proj, out)
     }
 }

@@ -4,14 +4,18 @@
 
 pub mod attention;
 pub mod config;
+pub mod encoder;
 pub mod linear;
 pub mod mlp;
 pub mod model;
 pub mod norm;
 pub mod parallelize;
 pub mod rope;
+pub mod student;
 
 pub use config::{ModelConfig, ModelConfigError};
-pub use linear::{InputStyle, LinearKind, ParallelStyle, ProjLinear, ScaleAxis};
+pub use encoder::{Encoder, EncoderConfig, Surrogate};
+pub use linear::{InputStyle, LinearKind, ParallelStyle, ProjLinear, ScaleAxis, Tap};
 pub use model::{cross_entropy, Llama};
 pub use parallelize::{check_tp, parallelize, shard_dim, shard_values, unshard_values};
+pub use student::{studentize, StudentConfig};

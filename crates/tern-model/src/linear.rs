@@ -6,6 +6,8 @@ use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 use tern_dist::{CollectiveBackend, TpGroup};
 
+use crate::encoder::Encoder;
+
 /// What the block projections are made of (`model.linear`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -64,6 +66,8 @@ impl InputStyle {
 #[derive(Module, Debug)]
 pub struct ProjLinear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
+    /// A distillation student's 1-bit input encoder (`None` in plain models).
+    pub encoder: Option<Encoder<B>>,
     #[module(skip)]
     pub parallel: ParallelStyle,
     #[module(skip)]
@@ -110,6 +114,7 @@ impl ProjLinearConfig {
         .init([self.d_out, self.d_in], device);
         ProjLinear {
             weight,
+            encoder: None,
             parallel: ParallelStyle::Replicated,
             kind: self.kind,
             groups: self.groups,
@@ -217,6 +222,10 @@ impl<B: Backend> ProjLinear<B> {
 
 impl<B: CollectiveBackend> ProjLinear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = match &self.encoder {
+            Some(e) => e.forward(x),
+            None => x,
+        };
         let w = self.effective_weight();
         let dims = x.dims();
         let d_in = dims[D - 1];
@@ -231,6 +240,33 @@ impl<B: CollectiveBackend> ProjLinear<B> {
             _ => y,
         }
     }
+}
+
+/// A projection's input and output in one forward pass: what layer-wise distillation matches.
+#[derive(Debug, Clone)]
+pub struct Tap<B: Backend> {
+    /// `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj` or `down_proj`.
+    pub name: &'static str,
+    pub input: Tensor<B, 3>,
+    pub output: Tensor<B, 3>,
+}
+
+/// `p.forward(x)`, recorded in `taps` when there are any.
+pub(crate) fn tapped<B: CollectiveBackend>(
+    taps: &mut Option<&mut Vec<Tap<B>>>,
+    name: &'static str,
+    p: &ProjLinear<B>,
+    x: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    let y = p.forward(x.clone());
+    if let Some(t) = taps.as_deref_mut() {
+        t.push(Tap {
+            name,
+            input: x,
+            output: y.clone(),
+        });
+    }
+    y
 }
 
 fn num_to_f64<E: burn::tensor::ElementConversion>(e: E) -> f64 {

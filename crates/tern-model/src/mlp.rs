@@ -6,7 +6,7 @@ use burn::tensor::Tensor;
 use tern_dist::CollectiveBackend;
 
 use crate::config::ModelConfig;
-use crate::linear::{InputStyle, ProjLinear, ProjLinearConfig, ScaleAxis};
+use crate::linear::{tapped, InputStyle, ProjLinear, ProjLinearConfig, ScaleAxis, Tap};
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
@@ -31,12 +31,23 @@ impl<B: Backend> Mlp<B> {
 
 impl<B: CollectiveBackend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_tapped(x, None)
+    }
+
+    /// [`Self::forward`], also recording each projection's input and output in `taps`.
+    pub fn forward_tapped(
+        &self,
+        x: Tensor<B, 3>,
+        mut taps: Option<&mut Vec<Tap<B>>>,
+    ) -> Tensor<B, 3> {
         let x = self.input.prepare(x);
+        let mut proj = |name, p: &ProjLinear<B>, x: Tensor<B, 3>| tapped(&mut taps, name, p, x);
         // silu(x) = x * sigmoid(x) with sigmoid(x) = (1 + tanh(x / 2)) / 2: burn's sigmoid goes
         // through f32 whatever the tensor's precision, which breaks f64 gradient checks.
         let silu =
             |x: Tensor<B, 3>| x.clone() * x.div_scalar(2.0).tanh().add_scalar(1.0).div_scalar(2.0);
-        let h = silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x);
-        self.down_proj.forward(h)
+        let h =
+            silu(proj("gate_proj", &self.gate_proj, x.clone())) * proj("up_proj", &self.up_proj, x);
+        proj("down_proj", &self.down_proj, h)
     }
 }

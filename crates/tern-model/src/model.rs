@@ -10,7 +10,7 @@ use tern_dist::CollectiveBackend;
 
 use crate::attention::Attention;
 use crate::config::ModelConfig;
-use crate::linear::{LinearKind, ProjLinear, ProjLinearConfig, ScaleAxis};
+use crate::linear::{LinearKind, ProjLinear, ProjLinearConfig, ScaleAxis, Tap};
 use crate::mlp::Mlp;
 use crate::norm::RmsNorm;
 use crate::rope::rope_tables;
@@ -35,13 +35,50 @@ impl<B: Backend> Block<B> {
     }
 }
 
+impl<B: Backend> Block<B> {
+    /// The seven projections with their Hugging Face names (`self_attn.q_proj`, ...).
+    pub fn projections(&self) -> [(&'static str, &ProjLinear<B>); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ]
+    }
+
+    /// The projection a [`Tap`] of this block's forward pass was recorded from.
+    pub fn projection(&self, tap_name: &str) -> &ProjLinear<B> {
+        self.projections()
+            .into_iter()
+            .find(|(n, _)| n.rsplit('.').next() == Some(tap_name))
+            .map(|(_, p)| p)
+            .unwrap_or_else(|| panic!("no projection {tap_name}"))
+    }
+}
+
 impl<B: CollectiveBackend> Block<B> {
-    fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 2>,
+        sin: &Tensor<B, 2>,
+        mut taps: Option<&mut Vec<Tap<B>>>,
+    ) -> Tensor<B, 3> {
         let x = x.clone()
+            + self.self_attn.forward_tapped(
+                self.input_layernorm.forward(x),
+                cos,
+                sin,
+                taps.as_deref_mut(),
+            );
+        x.clone()
             + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), cos, sin);
-        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+                .mlp
+                .forward_tapped(self.post_attention_layernorm.forward(x), taps)
     }
 }
 
@@ -94,13 +131,33 @@ impl<B: Backend> Llama<B> {
 impl<B: CollectiveBackend> Llama<B> {
     /// `tokens: [batch, seq]` -> logits `[batch, seq, vocab]`.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.forward_tapped(tokens, &[]).0
+    }
+
+    /// [`Self::forward`], also returning for each block listed in `tap_layers` (in that order)
+    /// every projection's input and output.
+    pub fn forward_tapped(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        tap_layers: &[usize],
+    ) -> (Tensor<B, 3>, Vec<Vec<Tap<B>>>) {
         let [_, t] = tokens.dims();
         let device = tokens.device();
         let (cos, sin) = rope_tables::<B>(t, self.head_dim, self.rope_theta, &device);
+        let mut taps: Vec<Vec<Tap<B>>> = tap_layers.iter().map(|_| Vec::new()).collect();
         let mut x = self.embed_tokens.forward(tokens);
-        for block in &self.layers {
-            x = block.forward(x, &cos, &sin);
+        for (i, block) in self.layers.iter().enumerate() {
+            let tap = tap_layers
+                .iter()
+                .position(|&l| l == i)
+                .map(|k| &mut taps[k]);
+            x = block.forward(x, &cos, &sin, tap);
         }
+        (self.head(x), taps)
+    }
+
+    /// Final norm and LM head: hidden states -> logits.
+    fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.norm.forward(x);
         match &self.lm_head {
             Some(head) => head.forward(x),
@@ -130,17 +187,7 @@ impl<B: Backend> Llama<B> {
     pub fn ternary_zero_fractions(&self) -> Vec<(String, f64)> {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            let a = &l.self_attn;
-            let m = &l.mlp;
-            for (name, p) in [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
-            ] {
+            for (name, p) in l.projections() {
                 if let Some(z) = p.zero_fraction() {
                     out.push((format!("layers.{i}.{name}"), z));
                 }
@@ -211,6 +258,79 @@ mod tests {
                 Tensor::<Flex, 2, Int>::from_data(TensorData::new(vec![1i32, 2, 3], [1, 3]), &dev);
             assert_eq!(m.forward(x).dims(), [1, 3, 50]);
         }
+    }
+
+    #[test]
+    fn taps_are_the_plain_forward_passes_values() {
+        let dev = Default::default();
+        let c = ModelConfig::tiny(50, LinearKind::Float);
+        let m = Llama::<Flex>::new(&c, &dev);
+        let tokens = Tensor::<Flex, 2, Int>::from_data(
+            TensorData::new(vec![1i32, 7, 3, 4, 5, 9, 2, 8], [2, 4]),
+            &dev,
+        );
+        let (logits, taps) = m.forward_tapped(tokens.clone(), &[1, 0]);
+        let same = |a: Tensor<Flex, 3>, b: Tensor<Flex, 3>, what: &str| {
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                a.into_data().to_vec().unwrap(),
+                b.into_data().to_vec().unwrap(),
+            );
+            let diff = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(diff <= 1e-6, "{what}: max diff {diff}");
+        };
+        same(logits, m.forward(tokens.clone()), "logits");
+        let names: Vec<&str> = taps[1].iter().map(|t| t.name).collect();
+        assert_eq!(
+            names,
+            [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj"
+            ]
+        );
+        // Every tap's output is its projection applied to its input.
+        for (k, layer) in [(0, 1), (1, 0)] {
+            for t in &taps[k] {
+                let p = m.layers[layer].projection(t.name);
+                same(p.forward(t.input.clone()), t.output.clone(), t.name);
+            }
+        }
+        // The inputs are the residual stream as a plain pass computes it.
+        let l0 = &m.layers[0];
+        let t0 = &taps[1];
+        let h0 = m.embed_tokens.forward(tokens);
+        same(
+            t0[0].input.clone(),
+            l0.input_layernorm.forward(h0.clone()),
+            "q input",
+        );
+        let h1 = h0 + t0[3].output.clone();
+        same(
+            t0[4].input.clone(),
+            l0.post_attention_layernorm.forward(h1.clone()),
+            "gate input",
+        );
+        let g = t0[4].output.clone();
+        let silu = g.clone() * burn::tensor::activation::sigmoid(g);
+        same(
+            t0[6].input.clone(),
+            silu * t0[5].output.clone(),
+            "down input",
+        );
+        let h2 = h1 + t0[6].output.clone();
+        same(
+            taps[0][0].input.clone(),
+            m.layers[1].input_layernorm.forward(h2),
+            "layer 1 q input",
+        );
     }
 
     type F64 = NdArray<f64>;

@@ -35,7 +35,8 @@ impl<B: Backend> AdamW<B> {
         }
     }
 
-    /// One update. `decay[i]` says whether parameter i takes weight decay.
+    /// One update. `decay[i]` says whether parameter i takes weight decay; parameters with
+    /// `trainable[i]` false are left as they are, state included (frozen).
     pub fn step(
         &mut self,
         params: Vec<Tensor<B, 1>>,
@@ -43,6 +44,7 @@ impl<B: Backend> AdamW<B> {
         lr: f64,
         weight_decay: f64,
         decay: &[bool],
+        trainable: &[bool],
     ) -> Vec<Tensor<B, 1>> {
         assert_eq!(params.len(), grads.len());
         assert_eq!(params.len(), self.exp_avg.len());
@@ -56,6 +58,9 @@ impl<B: Backend> AdamW<B> {
             .into_iter()
             .enumerate()
             .map(|(i, p)| {
+                if !trainable[i] {
+                    return p;
+                }
                 let g = grads[i].clone();
                 let p = if decay[i] && weight_decay > 0.0 {
                     p.mul_scalar(1.0 - lr * weight_decay)
@@ -106,7 +111,7 @@ mod tests {
         let mut p = vec![Tensor::<Flex, 1>::from_floats(p0, &dev)];
         for (k, g) in gs.iter().enumerate() {
             let g = [Tensor::<Flex, 1>::from_floats(*g, &dev)];
-            p = opt.step(p, &g, 0.01, 0.1, &[true]);
+            p = opt.step(p, &g, 0.01, 0.1, &[true], &[true]);
             if k == 0 {
                 // m_hat = g, v_hat = g^2: the first update is lr * sign(g) after decay.
                 let v: Vec<f32> = p[0].to_data().to_vec().unwrap();
@@ -123,5 +128,23 @@ mod tests {
             assert!((v[j] as f64 - r).abs() < 1e-5, "{} vs {r}", v[j]);
         }
         assert_eq!(opt.step, 3);
+    }
+
+    #[test]
+    fn frozen_parameters_and_their_state_stay_as_they_are() {
+        let dev = Default::default();
+        let mut opt = AdamW::<Flex>::new(&OptimConfig::default(), &[2, 2], &dev);
+        let p0 = [0.5f32, -0.25];
+        let mut p = vec![Tensor::<Flex, 1>::from_floats(p0, &dev); 2];
+        let g = vec![Tensor::<Flex, 1>::from_floats([1.0, -1.0], &dev); 2];
+        for _ in 0..3 {
+            p = opt.step(p, &g, 0.1, 0.1, &[true, true], &[true, false]);
+        }
+        let frozen: Vec<f32> = p[1].to_data().to_vec().unwrap();
+        assert_eq!(frozen, p0);
+        let m: Vec<f32> = opt.exp_avg[1].to_data().to_vec().unwrap();
+        assert_eq!(m, [0.0, 0.0]);
+        let moved: Vec<f32> = p[0].to_data().to_vec().unwrap();
+        assert!(moved[0] < p0[0] - 0.2, "{moved:?}");
     }
 }

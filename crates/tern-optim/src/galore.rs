@@ -275,6 +275,7 @@ impl<B: Backend> GaLoreAdamW<B> {
         lr: f64,
         weight_decay: f64,
         decay: &[bool],
+        trainable: &[bool],
     ) -> Vec<Tensor<B, 1>> {
         assert_eq!(params.len(), grads.len());
         assert_eq!(params.len(), self.layout.len());
@@ -285,6 +286,10 @@ impl<B: Backend> GaLoreAdamW<B> {
         let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
         let mut out = Vec::with_capacity(params.len());
         for (i, p) in params.into_iter().enumerate() {
+            if !trainable[i] {
+                out.push(p);
+                continue;
+            }
             let g = grads[i].clone();
             let low = self.layout[i];
             // The gradient as Adam sees it: projected for block matrices.
@@ -418,7 +423,7 @@ mod tests {
             .collect();
         for (t, step) in fx["grads"].as_array().unwrap().iter().enumerate() {
             let grads: Vec<_> = names.iter().map(|k| tensor(floats(&step[k]))).collect();
-            params = opt.step(params, &grads, lr, wd, &decay);
+            params = opt.step(params, &grads, lr, wd, &decay, &vec![true; decay.len()]);
             for (k, p) in names.iter().zip(&params) {
                 let want = floats(&fx["after"][t][k]);
                 let got: Vec<f32> = p.to_data().to_vec().unwrap();

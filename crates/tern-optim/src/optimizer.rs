@@ -60,10 +60,11 @@ impl<B: Backend> Optimizer<B> {
         lr: f64,
         weight_decay: f64,
         decay: &[bool],
+        trainable: &[bool],
     ) -> Vec<Tensor<B, 1>> {
         match self {
-            Self::AdamW(o) => o.step(params, grads, lr, weight_decay, decay),
-            Self::GaLore(o) => o.step(params, grads, lr, weight_decay, decay),
+            Self::AdamW(o) => o.step(params, grads, lr, weight_decay, decay, trainable),
+            Self::GaLore(o) => o.step(params, grads, lr, weight_decay, decay, trainable),
         }
     }
 

@@ -1,10 +1,12 @@
 //! Recipes, the training loop and its outputs (metrics, TensorBoard, checkpoints).
 
 pub mod checkpoint;
+pub mod distill;
 pub mod init;
 pub mod metrics;
 pub mod params;
 pub mod plan;
+pub mod pretrained;
 pub mod recipe;
 pub mod shards;
 pub mod tensorboard;

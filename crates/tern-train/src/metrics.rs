@@ -22,6 +22,9 @@ pub struct StepMetrics {
     pub tokens: u64,
     pub tokens_per_s: f64,
     pub skipped_steps: u64,
+    /// More fields of the `metrics.jsonl` line (a distillation's `mse`, `ce`, `kl`, `block`);
+    /// numeric ones also go to TensorBoard as `train/<key>`.
+    pub extra: serde_json::Map<String, Value>,
 }
 
 /// The run's outputs; silent on every rank but the first of a job.
@@ -129,9 +132,7 @@ impl Metrics {
         let Some(o) = &mut self.out else {
             return Ok(());
         };
-        Self::write_line(
-            o,
-            json!({
+        let mut line = json!({
                 "step": m.step,
                 "loss": m.loss,
                 "lr": m.lr,
@@ -140,8 +141,10 @@ impl Metrics {
                 "tokens": m.tokens,
                 "tokens_per_s": m.tokens_per_s,
                 "skipped_steps": m.skipped_steps,
-            }),
-        )?;
+        });
+        let fields = line.as_object_mut().expect("an object");
+        fields.extend(m.extra.clone());
+        Self::write_line(o, line)?;
         let mut scalars: Vec<(String, f64)> = vec![
             ("train/loss".into(), m.loss),
             ("train/lr".into(), m.lr),
@@ -149,6 +152,11 @@ impl Metrics {
             ("train/tokens".into(), m.tokens as f64),
             ("train/tokens_per_s".into(), m.tokens_per_s),
         ];
+        for (k, v) in &m.extra {
+            if let Some(x) = v.as_f64() {
+                scalars.push((format!("train/{k}"), x));
+            }
+        }
         if !zero_fractions.is_empty() {
             let mean =
                 zero_fractions.iter().map(|(_, z)| z).sum::<f64>() / zero_fractions.len() as f64;
@@ -160,9 +168,24 @@ impl Metrics {
         let refs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         o.tb.scalars(m.step, &refs)?;
         o.tb.flush()?;
-        let msg = format!(
-            "loss {:.4} | lr {:.3e} | grad_norm {:.3} | {:.0} tok/s",
-            m.loss, m.lr, m.grad_norm, m.tokens_per_s
+        let mut msg = format!("loss {:.4}", m.loss);
+        // Labels first, then the float parts of the loss; integers (a block number) are in the
+        // label already.
+        for v in m.extra.values() {
+            if let Value::String(s) = v {
+                msg += &format!(" | {s}");
+            }
+        }
+        for (k, v) in &m.extra {
+            if let Value::Number(n) = v {
+                if n.is_f64() {
+                    msg += &format!(" | {k} {:.4}", n.as_f64().unwrap_or(f64::NAN));
+                }
+            }
+        }
+        msg += &format!(
+            " | lr {:.3e} | grad_norm {:.3} | {:.0} tok/s",
+            m.lr, m.grad_norm, m.tokens_per_s
         );
         match &o.bar {
             Some(b) => {
@@ -172,6 +195,14 @@ impl Metrics {
             None => println!("step {} | {msg}", m.step),
         }
         Ok(())
+    }
+
+    /// Writes one more line to `metrics.jsonl` (it must carry a `step`).
+    pub fn note(&mut self, line: Value) -> Result<()> {
+        match &mut self.out {
+            Some(o) => Self::write_line(o, line),
+            None => Ok(()),
+        }
     }
 
     pub fn validation(&mut self, step: u64, val_loss: f64) -> Result<()> {

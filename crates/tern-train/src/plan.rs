@@ -25,6 +25,10 @@ pub struct Plan {
     pub embedding_params: usize,
     /// Attention and MLP matrices of the blocks.
     pub block_params: usize,
+    /// A distillation student's encoders.
+    pub encoder_params: usize,
+    /// A distillation teacher's (weights only; in `weight_bytes`).
+    pub teacher_params: usize,
     /// Per rank.
     pub weight_bytes: usize,
     pub grad_bytes: usize,
@@ -57,9 +61,26 @@ pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
     recipe.train.validate(dp)?;
     let m = &recipe.model;
     let o = &recipe.optim;
-    let (mut params, mut emb, mut block) = (0, 0, 0);
+    let (mut params, mut emb, mut block, mut enc) = (0, 0, 0, 0);
     let (mut local, mut optim, mut block_optim, mut block_adamw) = (0, 0, 0, 0);
-    for (name, shape) in m.param_shapes() {
+    // A distillation student also holds its encoders (replicated, plain AdamW state) and a
+    // teacher (weights only).
+    let encoders = match &recipe.distill {
+        Some(d) => d.encoder_shapes(m),
+        None => vec![],
+    };
+    let mut encoder_matmul = 0;
+    for (_, shape) in &encoders {
+        if shape.len() == 2 {
+            encoder_matmul += shape[0] * shape[1];
+        }
+    }
+    let teacher = if recipe.distill.is_some() {
+        m.num_params()
+    } else {
+        0
+    };
+    for (name, shape) in m.param_shapes().into_iter().chain(encoders) {
         let n: usize = shape.iter().product();
         params += n;
         let dim = shard_dim(&name);
@@ -84,6 +105,8 @@ pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
             block += n;
             block_optim += state;
             block_adamw += adamw;
+        } else if name.contains(".encoder.") {
+            enc += n;
         } else if shape.len() == 2 {
             emb += n;
         }
@@ -91,7 +114,7 @@ pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
     // Matmul FLOPs: every matrix but the embedding lookup (the tied head still multiplies).
     let h = m.hidden as f64;
     let head = (m.vocab() * m.hidden) as f64;
-    let matmul_params = block as f64 + head;
+    let matmul_params = block as f64 + head + encoder_matmul as f64;
     // Scores and weighted values: 2 x 2 x seq_len x hidden per layer (PaLM's accounting, no
     // discount for the causal mask).
     let attention = 4.0 * m.n_layers as f64 * recipe.data.seq_len as f64 * h;
@@ -104,8 +127,10 @@ pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
         dp,
         params,
         embedding_params: emb,
+        encoder_params: enc,
+        teacher_params: teacher,
         block_params: block,
-        weight_bytes: local * F32,
+        weight_bytes: (local + teacher) * F32,
         grad_bytes: local * F32,
         optim_bytes: optim * F32,
         block_optim_bytes: block_optim * F32,
@@ -149,6 +174,14 @@ impl fmt::Display for Plan {
             self.block_params as f64 / 1e6,
             self.embedding_params as f64 / 1e6
         )?;
+        if self.encoder_params > 0 {
+            writeln!(
+                f,
+                "distillation     {:>10.2} M in the student's encoders; the teacher adds {:.2} M (weights only)",
+                self.encoder_params as f64 / 1e6,
+                self.teacher_params as f64 / 1e6
+            )?;
+        }
         writeln!(f, "per rank (f32):")?;
         writeln!(f, "  weights        {:>10}", gib(self.weight_bytes))?;
         writeln!(f, "  gradients      {:>10}", gib(self.grad_bytes))?;

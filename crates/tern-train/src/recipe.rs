@@ -11,6 +11,8 @@ use tern_data::DataConfig;
 use tern_model::ModelConfig;
 use tern_optim::OptimConfig;
 
+use crate::distill::DistillConfig;
+
 /// `[train]`: the step loop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -152,6 +154,9 @@ pub struct Recipe {
     pub parallel: ParallelConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// Present for a layer-wise distillation run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
 }
 
 /// Where a recipe came from.
@@ -189,10 +194,11 @@ impl RecipeSource {
 /// Recipe keys that hold input paths: relative values in a recipe file are relative to the file's
 /// directory (as paths in Cargo.toml are); values given with `--set` are relative to the working
 /// directory.
-const PATH_KEYS: [(&str, &str); 3] = [
+const PATH_KEYS: [(&str, &str); 4] = [
     ("data", "train"),
     ("data", "validation"),
     ("data", "tokenizer"),
+    ("distill", "teacher"),
 ];
 
 fn rebase(v: &mut toml::Value, base: &Path) {
@@ -323,6 +329,9 @@ impl Recipe {
             return Err("parallel.dp: must be at least 1".into());
         }
         self.train.validate(dp)?;
+        if let Some(d) = &self.distill {
+            d.validate(&self.model, self.train.steps, self.parallel.tp)?;
+        }
         Ok(())
     }
 

@@ -14,11 +14,15 @@ use tern_model::{parallelize, shard_dim, shard_values, Llama};
 use tern_optim::{clip_to, squared_norms, Optimizer, Schedule};
 
 use crate::checkpoint::{self, Piece, TrainState};
+use crate::distill::{check_teacher, distill_loss, projection_mse, Phase};
 use crate::init::init_normal;
 use crate::metrics::{Metrics, StepMetrics};
 use crate::params::{assign_trainable, flat_grads, flat_values, param_infos, ParamInfo};
+use crate::pretrained;
 use crate::recipe::Recipe;
 use crate::shards::shard_dims;
+use serde_json::json;
+use tern_model::studentize;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resume {
@@ -62,30 +66,45 @@ fn from_host<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
     Tensor::from_data(TensorData::new(v, [n]), device)
 }
 
-/// Mean loss of the model on the first `n` validation blocks, in order.
-/// Mean loss over the first `n` validation blocks, in order.
-fn validation_loss<B: CollectiveBackend>(
-    model: &Llama<B>,
+/// The first `n` validation blocks, in order, as micro-batches.
+fn validation_batches<B: Backend>(
     val: &mut ValData,
     n: usize,
     micro: usize,
     block_len: usize,
     device: &B::Device,
-) -> Result<f64> {
-    let mut sum = 0.0;
+) -> Result<Vec<Tensor<B, 2, Int>>> {
+    let mut out = Vec::new();
     let mut start = 0;
     while start < n {
         let count = micro.min(n - start);
-        let tokens = val.read(start as u64, count)?;
-        let x = batch_tensor::<B>(&tokens, block_len, device);
-        let l: f32 = model.loss(x).into_scalar().elem();
-        sum += l as f64 * count as f64;
+        out.push(batch_tensor::<B>(
+            &val.read(start as u64, count)?,
+            block_len,
+            device,
+        ));
         start += count;
     }
-    Ok(sum / n as f64)
+    Ok(out)
+}
+
+/// Mean loss of the model over validation micro-batches (weighted by their sizes).
+fn validation_loss<B: CollectiveBackend>(model: &Llama<B>, batches: &[Tensor<B, 2, Int>]) -> f64 {
+    let (mut sum, mut n) = (0.0, 0);
+    for x in batches {
+        let count = x.dims()[0];
+        let l: f32 = model.loss(x.clone()).into_scalar().elem();
+        sum += l as f64 * count as f64;
+        n += count;
+    }
+    sum / n as f64
 }
 
 use burn::tensor::ElementConversion;
+
+fn mse_json(mse: &[(String, f64)]) -> serde_json::Value {
+    serde_json::Value::Object(mse.iter().map(|(k, v)| (k.clone(), json!(v))).collect())
+}
 
 /// A fresh run never writes into an earlier run's folder (their checkpoints and metrics would mix):
 /// a non-empty `run_dir` is renamed to `<run_dir>.1` (or the next free number) first.
@@ -165,6 +184,24 @@ where
     // Data.
     let tok = TextTokenizer::load(Path::new(&dc.tokenizer), &dc.eos_token)?;
     let mut recipe = recipe.clone();
+    // A distillation's teacher, whose architecture (and vocabulary) the student takes.
+    let teacher_weights = match &recipe.distill {
+        None => None,
+        Some(d) => {
+            let p = pretrained::load(Path::new(&d.teacher))
+                .with_context(|| format!("distill.teacher = {}", d.teacher))?;
+            if p.student.is_some() {
+                bail!(
+                    "distill.teacher: {} is itself a distillation student; give a plain model",
+                    p.source.display()
+                );
+            }
+            check_teacher(&recipe.model, &p.config, &p.source.display().to_string())
+                .map_err(|e| anyhow!(e))?;
+            recipe.model.vocab_size = p.config.vocab_size;
+            Some(p)
+        }
+    };
     match recipe.model.vocab_size {
         None => recipe.model.vocab_size = Some(tok.vocab_size),
         Some(v) if v < tok.vocab_size => bail!(
@@ -191,10 +228,51 @@ where
     // the layout.
     let mc = &recipe.model;
     let tp = dist.tp.comm();
-    let mut model: Llama<B> = init_normal(Llama::new(mc, device), tc.seed, mc.init_std, device);
+    let distill = recipe.distill.clone();
+    let mut model: Llama<B> = match (&distill, &teacher_weights) {
+        (Some(d), Some(t)) => {
+            // The teacher's weights; the encoders keep their seeded initial values.
+            let m = studentize(
+                Llama::new(mc, device),
+                &d.student(mc.n_layers, tc.seed),
+                device,
+            );
+            let current = flat_values::<B::InnerBackend, _>(&m.valid());
+            let mut map = t.tensors.clone();
+            let infos = param_infos::<B, _>(&m);
+            let values = infos
+                .iter()
+                .zip(current)
+                .map(|(info, cur)| {
+                    if info.name.contains(".encoder.") {
+                        return Ok(cur);
+                    }
+                    let (shape, v) = map.remove(&info.name).ok_or_else(|| {
+                        anyhow!("{}: the teacher has no {}", t.source.display(), info.name)
+                    })?;
+                    if shape != info.shape {
+                        bail!(
+                            "{}: the teacher's {} has shape {shape:?}, the student's {:?}",
+                            t.source.display(),
+                            info.name,
+                            info.shape
+                        );
+                    }
+                    Ok(from_host(v, &cur.device()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            assign_trainable(m, values)
+        }
+        _ => init_normal(Llama::new(mc, device), tc.seed, mc.init_std, device),
+    };
     let full_infos = param_infos::<B, _>(&model);
     // The same device seen from the inner (non-autodiff) backend, where optimizer state lives.
     let inner_device = model.valid().embed_tokens.weight.val().device();
+    let teacher: Option<Llama<B::InnerBackend>> = match &teacher_weights {
+        Some(t) => Some(t.build(&inner_device)?),
+        None => None,
+    };
+    drop(teacher_weights);
     let mut resumed_moments = None;
     // The matrices GaLore projects: the block matrices (those tensor parallelism splits).
     let low_rank: Vec<bool> = full_infos
@@ -307,7 +385,7 @@ where
     metrics.say(&format!(
         "tern: {} | {:.2}M parameters ({:?} linears, {} scale groups) | data ready in {:.1}s",
         recipe.name(),
-        mc.num_params() as f64 / 1e6,
+        full_infos.iter().map(ParamInfo::numel).sum::<usize>() as f64 / 1e6,
         mc.linear,
         mc.scale_groups,
         t0.elapsed().as_secs_f64(),
@@ -329,6 +407,38 @@ where
         val_data.source.tokens(),
         val_data.source.blocks()
     ));
+    // The first data-parallel group evaluates (all its tensor-parallel ranks take part), always
+    // on the same blocks.
+    let val_batches = if topo.dp_rank() == 0 && tc.eval_every > 0 {
+        validation_batches::<B::InnerBackend>(
+            &mut val_data,
+            n_val,
+            tc.micro_batch,
+            block_len,
+            &inner_device,
+        )?
+    } else {
+        Vec::new()
+    };
+    if let (Some(d), Some(t)) = (&distill, &teacher) {
+        let blocks = d.blocks(mc.n_layers);
+        metrics.say(&format!(
+            "distill: teacher {} | blocks {blocks:?}: {} steps each, then {} all together, then {} end to end | loss {} mse + {} ce + {} kl",
+            d.teacher, d.block_steps, d.all_steps, d.e2e_steps, d.mse_weight, d.ce_weight, d.kl_weight
+        ));
+        if !val_batches.is_empty() {
+            let v = validation_loss(t, &val_batches);
+            metrics.note(json!({"step": start_step, "teacher_val_loss": v}))?;
+            metrics.say(&format!(
+                "teacher: validation loss {v:.4} (perplexity {:.2})",
+                v.exp()
+            ));
+            if start_step == 0 {
+                let mse = projection_mse(&model.valid(), t, &blocks, &val_batches);
+                metrics.note(json!({"step": 0, "val_mse": mse_json(&mse)}))?;
+            }
+        }
+    }
     match &resume_dir {
         Some(d) => metrics.say(&format!(
             "resumed from {} at step {start_step}",
@@ -393,6 +503,15 @@ where
     let mut interval_tokens = 0u64;
 
     for step in start_step..tc.steps {
+        let phase = distill.as_ref().map(|d| d.phase(step, mc.n_layers));
+        let trainable: Vec<bool> = match (&distill, phase) {
+            (Some(d), Some(ph)) => infos
+                .iter()
+                .map(|i| d.trains(ph, &i.name, mc.n_layers))
+                .collect(),
+            _ => vec![true; infos.len()],
+        };
+        let mut parts = [0.0f64; 3];
         let lr = schedule.lr(step);
         let wd = schedule.weight_decay(step);
         test_panic(topo.rank, step + 1);
@@ -402,8 +521,17 @@ where
         let mut acc: Option<Vec<Tensor<B::InnerBackend, 1>>> = None;
         for chunk in blocks.chunks(tc.micro_batch) {
             let tokens = train_data.read(chunk)?;
-            let x = batch_tensor::<B>(&tokens, block_len, device);
-            let loss = model.loss(x);
+            let loss = match (&distill, &teacher, phase) {
+                (Some(d), Some(t), Some(ph)) => {
+                    let x = batch_tensor::<B::InnerBackend>(&tokens, block_len, &inner_device);
+                    let l = distill_loss(d, ph, &model, t, x);
+                    for (acc, v) in parts.iter_mut().zip([l.mse, l.ce, l.kl]) {
+                        *acc += v / n_micro as f64;
+                    }
+                    l.total
+                }
+                _ => model.loss(batch_tensor::<B>(&tokens, block_len, device)),
+            };
             let l: f32 = loss.clone().into_scalar().elem();
             loss_sum += l as f64;
             let grads = loss.backward();
@@ -425,6 +553,12 @@ where
             loss = f64::NAN;
             grads[0] = grads[0].clone().mul_scalar(f64::NAN);
         }
+        // Frozen parameters: no gradient in the norm, no update, no optimizer state change.
+        for (g, &t) in grads.iter_mut().zip(&trainable) {
+            if !t {
+                *g = g.zeros_like();
+            }
+        }
         // Global norm: replicated gradients once (they are equal on every tensor-parallel rank),
         // the shards' squares summed over the group.
         let sq = squared_norms(&grads);
@@ -437,7 +571,7 @@ where
 
         if loss.is_finite() && grad_norm.is_finite() {
             let params = flat_values::<B::InnerBackend, _>(&model.valid());
-            let updated = opt.step(params, &grads, lr, wd, &decay);
+            let updated = opt.step(params, &grads, lr, wd, &decay, &trainable);
             model = assign_trainable(model, updated);
             bad_in_a_row = 0;
         } else {
@@ -465,6 +599,25 @@ where
         let stop_here = dist.world.all_reduce_sum_f64(stop_here as u8 as f64) > 0.0;
         let too_bad = bad_in_a_row >= tc.max_bad_steps;
         let last = state.step == tc.steps || stop_here || too_bad;
+        let mut extra = serde_json::Map::new();
+        if let (Some(d), Some(ph)) = (&distill, phase) {
+            let [mse, ce, kl] = parts.map(|v| dist.dp.all_reduce_sum_f64(v) / topo.dp as f64);
+            if ph != Phase::EndToEnd {
+                extra.insert("mse".into(), json!(mse));
+            }
+            extra.insert("ce".into(), json!(ce));
+            if d.kl_weight > 0.0 {
+                extra.insert("kl".into(), json!(kl));
+            }
+            extra.insert("phase".into(), json!(ph.label()));
+            extra.insert(
+                "block".into(),
+                match ph {
+                    Phase::Block(b) => json!(b),
+                    _ => serde_json::Value::Null,
+                },
+            );
+        }
         if state.step.is_multiple_of(tc.log_every) || state.step == 1 || last {
             let secs = interval_start.elapsed().as_secs_f64();
             let mut zeros = model.valid().ternary_zero_fractions();
@@ -486,6 +639,7 @@ where
                     tokens: state.tokens_seen,
                     tokens_per_s: interval_tokens as f64 / secs.max(1e-9),
                     skipped_steps: state.skipped_steps,
+                    extra,
                 },
                 &zeros,
             )?;
@@ -497,16 +651,13 @@ where
             && tc.eval_every > 0
             && (state.step.is_multiple_of(tc.eval_every) || last)
         {
-            let v = validation_loss(
-                &model.valid(),
-                &mut val_data,
-                n_val,
-                tc.micro_batch,
-                block_len,
-                &inner_device,
-            )?;
+            let v = validation_loss(&model.valid(), &val_batches);
             metrics.validation(state.step, v)?;
             last_val = Some(v);
+            if let (Some(d), Some(t)) = (&distill, &teacher) {
+                let mse = projection_mse(&model.valid(), t, &d.blocks(mc.n_layers), &val_batches);
+                metrics.note(json!({"step": state.step, "val_mse": mse_json(&mse)}))?;
+            }
         }
         if (tc.checkpoint_every > 0 && state.step.is_multiple_of(tc.checkpoint_every)) || last {
             let values: Vec<Vec<f32>> = flat_values::<B::InnerBackend, _>(&model.valid())

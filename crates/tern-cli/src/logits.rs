@@ -1,0 +1,96 @@
+//! `tern logits`: a model's logits for given token ids, for checking a loaded model against
+//! another implementation (Hugging Face transformers, a training run's checkpoint).
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+use burn::tensor::{Int, Tensor, TensorData};
+use clap::Args;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::Compute;
+
+#[derive(Args)]
+pub struct LogitsArgs {
+    /// A Hugging Face Llama directory, a tern checkpoint, or a run's checkpoints folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// safetensors file with tensor `input_ids`: [batch, seq], int64 (or int32).
+    #[arg(long)]
+    input_ids: PathBuf,
+    /// Where to write tensor `logits`: [batch, seq, vocab], f32.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// `input_ids` of a safetensors file, with its shape.
+fn read_ids(path: &PathBuf) -> Result<(Vec<i64>, [usize; 2])> {
+    let p = path.display();
+    let bytes = std::fs::read(path).with_context(|| format!("reading {p}"))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow!("{p}: not a safetensors file: {e}"))?;
+    let view = st
+        .tensor("input_ids")
+        .map_err(|_| anyhow!("{p}: no tensor input_ids (it holds {:?})", st.names()))?;
+    let shape: [usize; 2] = view.shape().try_into().map_err(|_| {
+        anyhow!(
+            "{p}: input_ids has shape {:?}; expected [batch, seq]",
+            view.shape()
+        )
+    })?;
+    let d = view.data();
+    let ids: Vec<i64> = match view.dtype() {
+        Dtype::I64 => d
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        Dtype::I32 => d
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+            .collect(),
+        other => bail!("{p}: input_ids is {other:?}; expected I64 or I32"),
+    };
+    if shape[0] == 0 || shape[1] == 0 {
+        bail!("{p}: input_ids is empty (shape {shape:?})");
+    }
+    Ok((ids, shape))
+}
+
+pub fn run(a: LogitsArgs) -> Result<()> {
+    crate::check_device()?;
+    let (ids, [b, s]) = read_ids(&a.input_ids)?;
+    let pre = tern_train::pretrained::load(&a.model)?;
+    let vocab = pre.config.vocab();
+    if let Some((k, id)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id < 0 || id as usize >= vocab)
+    {
+        bail!(
+            "{}: input_ids[{}][{}] = {id} is outside the model's vocabulary 0..{vocab}",
+            a.input_ids.display(),
+            k / s,
+            k % s
+        );
+    }
+    let device = Default::default();
+    let model = pre.build::<Compute>(&device)?;
+    let x = Tensor::<Compute, 2, Int>::from_data(TensorData::new(ids, [b, s]), &device);
+    let logits: Vec<f32> = model
+        .forward(x)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| anyhow!("reading logits: {e:?}"))?;
+    let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = TensorView::new(Dtype::F32, vec![b, s, vocab], &bytes)?;
+    let out = safetensors::tensor::serialize([("logits", view)], None)?;
+    std::fs::write(&a.out, out).with_context(|| format!("writing {}", a.out.display()))?;
+    crate::say(&format!(
+        "logits [{b}, {s}, {vocab}] of {} written to {}",
+        pre.source.display(),
+        a.out.display()
+    ));
+    Ok(())
+}

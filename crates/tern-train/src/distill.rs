@@ -1,0 +1,521 @@
+//! Layer-wise distillation (`[distill]`): a float teacher, a student made of the teacher's
+//! weights with a 1-bit input encoder in front of every projection of the distilled blocks, and
+//! the loss `mse_weight * sum_i MSE(W_i Enc_i(x_i), y_i) + ce_weight * CE + kl_weight * KL`, where
+//! `x_i`, `y_i` are projection i's input and output in the teacher's forward pass (SPEC section 5).
+//!
+//! Schedule: each distilled block alone for `block_steps` steps (the others frozen), then all of
+//! them together for `all_steps`, then `e2e_steps` end to end (every parameter, CE and KL only).
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor};
+use serde::{Deserialize, Serialize};
+use tern_dist::CollectiveBackend;
+use tern_model::{cross_entropy, EncoderConfig, Llama, ModelConfig, StudentConfig, Surrogate};
+
+/// `[distill]` of a recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    /// The teacher: a Hugging Face Llama directory, a tern checkpoint, or a run's checkpoints.
+    pub teacher: String,
+    /// Blocks to distil (0-based); all when absent.
+    #[serde(default)]
+    pub blocks: Option<Vec<usize>>,
+    /// Steps for each block alone, in order.
+    #[serde(default)]
+    pub block_steps: u64,
+    /// Steps for all distilled blocks at once, after the per-block phase.
+    #[serde(default)]
+    pub all_steps: u64,
+    /// Steps end to end (every parameter, loss `ce_weight * CE + kl_weight * KL`), last.
+    #[serde(default)]
+    pub e2e_steps: u64,
+    #[serde(default = "d_mse")]
+    pub mse_weight: f64,
+    #[serde(default = "d_ce")]
+    pub ce_weight: f64,
+    #[serde(default)]
+    pub kl_weight: f64,
+    /// Softmax temperature of the KL term (scaled by temperature^2, as Hinton et al.).
+    #[serde(default = "d_one")]
+    pub temperature: f64,
+    #[serde(default)]
+    pub surrogate: Surrogate,
+    /// Scale `s` of the surrogate gradient.
+    #[serde(default = "d_scale")]
+    pub surrogate_scale: f64,
+    /// Train the embedding during the block phases too (frozen by default).
+    #[serde(default)]
+    pub train_embeddings: bool,
+    /// Train the final norm and LM head during the block phases too (frozen by default).
+    #[serde(default)]
+    pub train_head: bool,
+}
+
+fn d_mse() -> f64 {
+    0.7
+}
+fn d_ce() -> f64 {
+    0.3
+}
+fn d_one() -> f64 {
+    1.0
+}
+fn d_scale() -> f64 {
+    4.0
+}
+
+/// What a step trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Block(usize),
+    AllBlocks,
+    EndToEnd,
+}
+
+impl Phase {
+    pub fn label(&self) -> String {
+        match self {
+            Phase::Block(b) => format!("block {b}"),
+            Phase::AllBlocks => "all blocks".into(),
+            Phase::EndToEnd => "end to end".into(),
+        }
+    }
+}
+
+impl DistillConfig {
+    pub fn blocks(&self, n_layers: usize) -> Vec<usize> {
+        self.blocks
+            .clone()
+            .unwrap_or_else(|| (0..n_layers).collect())
+    }
+
+    /// Steps of the whole schedule.
+    pub fn total_steps(&self, n_layers: usize) -> u64 {
+        self.blocks(n_layers).len() as u64 * self.block_steps + self.all_steps + self.e2e_steps
+    }
+
+    /// The phase of (0-based) step `step`.
+    pub fn phase(&self, step: u64, n_layers: usize) -> Phase {
+        let blocks = self.blocks(n_layers);
+        let per_block = blocks.len() as u64 * self.block_steps;
+        if step < per_block {
+            Phase::Block(blocks[(step / self.block_steps) as usize])
+        } else if step < per_block + self.all_steps {
+            Phase::AllBlocks
+        } else {
+            Phase::EndToEnd
+        }
+    }
+
+    /// The blocks whose projections the loss matches in `phase`.
+    pub fn matched_blocks(&self, phase: Phase, n_layers: usize) -> Vec<usize> {
+        match phase {
+            Phase::Block(b) => vec![b],
+            Phase::AllBlocks => self.blocks(n_layers),
+            Phase::EndToEnd => vec![],
+        }
+    }
+
+    /// Whether parameter `name` (tern's module path) is trained in `phase`.
+    pub fn trains(&self, phase: Phase, name: &str, n_layers: usize) -> bool {
+        let layer = name
+            .strip_prefix("layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        match (phase, layer) {
+            (Phase::EndToEnd, _) => true,
+            (_, Some(l)) => self.matched_blocks(phase, n_layers).contains(&l),
+            (_, None) if name.starts_with("embed_tokens.") => self.train_embeddings,
+            (_, None) => self.train_head,
+        }
+    }
+
+    pub fn student(&self, n_layers: usize, seed: u64) -> StudentConfig {
+        StudentConfig {
+            layers: self.blocks(n_layers),
+            encoder: EncoderConfig {
+                surrogate: self.surrogate,
+                scale: self.surrogate_scale,
+            },
+            seed,
+        }
+    }
+
+    /// Names and shapes of the student's encoder parameters (what `studentize` adds).
+    pub fn encoder_shapes(&self, m: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+        let mut out = Vec::new();
+        for l in self.blocks(m.n_layers) {
+            for (name, d) in [
+                ("self_attn.q_proj", m.hidden),
+                ("self_attn.k_proj", m.hidden),
+                ("self_attn.v_proj", m.hidden),
+                ("self_attn.o_proj", m.hidden),
+                ("mlp.gate_proj", m.hidden),
+                ("mlp.up_proj", m.hidden),
+                ("mlp.down_proj", m.intermediate),
+            ] {
+                let h = (d / 2).max(1);
+                let p = format!("layers.{l}.{name}.encoder");
+                out.push((format!("{p}.fc1"), vec![h, d]));
+                out.push((format!("{p}.fc2"), vec![d, h]));
+                out.push((format!("{p}.alpha"), vec![d]));
+                out.push((format!("{p}.beta"), vec![d]));
+            }
+        }
+        out
+    }
+
+    /// The rules that need only the recipe.
+    pub fn validate(&self, model: &ModelConfig, train_steps: u64, tp: usize) -> Result<(), String> {
+        let n = model.n_layers;
+        let blocks = self.blocks(n);
+        if blocks.is_empty() {
+            return Err("distill.blocks: must name at least one block".into());
+        }
+        for (k, &b) in blocks.iter().enumerate() {
+            if b >= n {
+                return Err(format!(
+                    "distill.blocks: block {b} does not exist (model.n_layers = {n})"
+                ));
+            }
+            if blocks[..k].contains(&b) {
+                return Err(format!("distill.blocks: block {b} is listed twice"));
+            }
+        }
+        for (key, v) in [
+            ("distill.mse_weight", self.mse_weight),
+            ("distill.ce_weight", self.ce_weight),
+            ("distill.kl_weight", self.kl_weight),
+        ] {
+            if v.is_nan() || v < 0.0 {
+                return Err(format!("{key}: must be at least 0"));
+            }
+        }
+        if self.mse_weight + self.ce_weight + self.kl_weight == 0.0 {
+            return Err(
+                "distill: mse_weight, ce_weight and kl_weight are all 0: nothing to learn".into(),
+            );
+        }
+        if self.e2e_steps > 0 && self.ce_weight + self.kl_weight == 0.0 {
+            return Err("distill.e2e_steps: the end-to-end phase trains on ce_weight * CE + kl_weight * KL, both 0".into());
+        }
+        for (key, v) in [
+            ("distill.temperature", self.temperature),
+            ("distill.surrogate_scale", self.surrogate_scale),
+        ] {
+            if v.is_nan() || v <= 0.0 {
+                return Err(format!("{key}: must be positive"));
+            }
+        }
+        let total = self.total_steps(n);
+        if total != train_steps {
+            return Err(format!(
+                "distill: the schedule has {total} steps ({} blocks x block_steps {} + all_steps {} + e2e_steps {}) \
+                 but train.steps = {train_steps}; make them equal",
+                blocks.len(),
+                self.block_steps,
+                self.all_steps,
+                self.e2e_steps
+            ));
+        }
+        if tp > 1 {
+            return Err(format!(
+                "distill: parallel.tp = {tp}: distillation runs data-parallel only so far (an encoder in front \
+                 of a row-parallel projection needs its whole input); use parallel.tp = 1"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The student's `[model]` must be the teacher's architecture; only the kind of linear and its
+/// ternary settings may differ.
+pub fn check_teacher(
+    student: &ModelConfig,
+    teacher: &ModelConfig,
+    source: &str,
+) -> Result<(), String> {
+    let pairs: [(&str, f64, f64); 8] = [
+        ("model.hidden", student.hidden as f64, teacher.hidden as f64),
+        (
+            "model.intermediate",
+            student.intermediate as f64,
+            teacher.intermediate as f64,
+        ),
+        (
+            "model.n_layers",
+            student.n_layers as f64,
+            teacher.n_layers as f64,
+        ),
+        (
+            "model.n_heads",
+            student.n_heads as f64,
+            teacher.n_heads as f64,
+        ),
+        (
+            "model.n_kv_heads",
+            student.kv_heads() as f64,
+            teacher.kv_heads() as f64,
+        ),
+        ("model.rope_theta", student.rope_theta, teacher.rope_theta),
+        ("model.rms_eps", student.rms_eps, teacher.rms_eps),
+        (
+            "model.tie_embeddings",
+            student.tie_embeddings as u8 as f64,
+            teacher.tie_embeddings as u8 as f64,
+        ),
+    ];
+    for (key, s, t) in pairs {
+        if s != t {
+            return Err(format!("{key} = {s} but the teacher {source} has {t}: the student is the teacher's architecture"));
+        }
+    }
+    if student.vocab_size.is_some() && student.vocab_size != teacher.vocab_size {
+        return Err(format!(
+            "model.vocab_size = {} but the teacher {source} has {}",
+            student.vocab(),
+            teacher.vocab()
+        ));
+    }
+    Ok(())
+}
+
+/// One micro-batch's loss and its parts (host values for the logs).
+pub struct DistillLoss<B: Backend> {
+    pub total: Tensor<B, 1>,
+    pub mse: f64,
+    pub ce: f64,
+    pub kl: f64,
+}
+
+fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
+    let v: f32 = t.clone().into_scalar().elem();
+    v as f64
+}
+
+/// The loss of `student` on `block` (`[batch, seq + 1]` tokens) in `phase`; the teacher runs
+/// once, without gradients.
+pub fn distill_loss<B>(
+    cfg: &DistillConfig,
+    phase: Phase,
+    student: &Llama<B>,
+    teacher: &Llama<B::InnerBackend>,
+    block: Tensor<B::InnerBackend, 2, Int>,
+) -> DistillLoss<B>
+where
+    B: AutodiffBackend + CollectiveBackend,
+    B::InnerBackend: CollectiveBackend,
+{
+    let [_, t1] = block.dims();
+    let inputs = block.clone().narrow(1, 0, t1 - 1);
+    let targets = block.narrow(1, 1, t1 - 1);
+    let n_layers = student.layers.len();
+    let matched = cfg.matched_blocks(phase, n_layers);
+    let (t_logits, taps) = teacher.forward_tapped(inputs.clone(), &matched);
+
+    let device = student.embed_tokens.weight.device();
+    let zero = || Tensor::<B, 1>::zeros([1], &device);
+    let mut mse = zero();
+    for (&l, taps) in matched.iter().zip(taps) {
+        for tap in taps {
+            let proj = student.layers[l].projection(tap.name);
+            let y = proj.forward(Tensor::<B, 3>::from_inner(tap.input));
+            let diff = y - Tensor::<B, 3>::from_inner(tap.output);
+            mse = mse + diff.powi_scalar(2).mean();
+        }
+    }
+    let s_logits = student.forward(Tensor::from_inner(inputs));
+    let ce = cross_entropy(s_logits.clone(), Tensor::from_inner(targets));
+    let kl = if cfg.kl_weight > 0.0 {
+        let temp = cfg.temperature;
+        let log_t = log_softmax(Tensor::<B, 3>::from_inner(t_logits).div_scalar(temp), 2);
+        let log_s = log_softmax(s_logits.div_scalar(temp), 2);
+        let [b, t, _] = log_s.dims();
+        (log_t.clone().exp() * (log_t - log_s))
+            .sum()
+            .div_scalar((b * t) as f64)
+            .mul_scalar(temp * temp)
+    } else {
+        zero()
+    };
+    let mse_weight = if phase == Phase::EndToEnd {
+        0.0
+    } else {
+        cfg.mse_weight
+    };
+    let total = mse.clone().mul_scalar(mse_weight)
+        + ce.clone().mul_scalar(cfg.ce_weight)
+        + kl.clone().mul_scalar(cfg.kl_weight);
+    DistillLoss {
+        mse: scalar(&mse),
+        ce: scalar(&ce),
+        kl: scalar(&kl),
+        total,
+    }
+}
+
+/// Per projection of the distilled blocks, `MSE(W Enc(x), y)` against the teacher on `blocks`
+/// (`[batch, seq + 1]` tokens each), averaged over them: the figure the layer-wise phase lowers.
+pub fn projection_mse<B: CollectiveBackend>(
+    student: &Llama<B>,
+    teacher: &Llama<B>,
+    layers: &[usize],
+    blocks: &[Tensor<B, 2, Int>],
+) -> Vec<(String, f64)> {
+    let mut sums: Vec<(String, f64)> = Vec::new();
+    for block in blocks {
+        let [_, t1] = block.dims();
+        let (_, taps) = teacher.forward_tapped(block.clone().narrow(1, 0, t1 - 1), layers);
+        let mut k = 0;
+        for (&l, taps) in layers.iter().zip(taps) {
+            for tap in taps {
+                let y = student.layers[l].projection(tap.name).forward(tap.input);
+                let v: f32 = (y - tap.output).powi_scalar(2).mean().into_scalar().elem();
+                if sums.len() <= k {
+                    let full = student.layers[l]
+                        .projections()
+                        .into_iter()
+                        .find(|(n, _)| n.ends_with(tap.name))
+                        .map(|(n, _)| n)
+                        .unwrap_or(tap.name);
+                    sums.push((format!("layers.{l}.{full}"), 0.0));
+                }
+                sums[k].1 += v as f64 / blocks.len() as f64;
+                k += 1;
+            }
+        }
+    }
+    sums
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> DistillConfig {
+        toml::from_str(
+            r#"
+            teacher = "t"
+            blocks = [2, 0]
+            block_steps = 3
+            all_steps = 2
+            e2e_steps = 1
+            "#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn schedule_goes_block_by_block_then_all_then_end_to_end() {
+        let c = cfg();
+        let phases: Vec<Phase> = (0..9).map(|s| c.phase(s, 4)).collect();
+        use Phase::*;
+        assert_eq!(
+            phases,
+            [
+                Block(2),
+                Block(2),
+                Block(2),
+                Block(0),
+                Block(0),
+                Block(0),
+                AllBlocks,
+                AllBlocks,
+                EndToEnd
+            ]
+        );
+        assert_eq!(c.total_steps(4), 9);
+        assert!(c.trains(Block(2), "layers.2.mlp.up_proj.encoder.alpha", 4));
+        assert!(!c.trains(Block(2), "layers.0.mlp.up_proj.weight", 4));
+        assert!(!c.trains(Block(2), "embed_tokens.weight", 4));
+        assert!(!c.trains(AllBlocks, "layers.1.input_layernorm.weight", 4));
+        assert!(c.trains(AllBlocks, "layers.0.input_layernorm.weight", 4));
+        assert!(!c.trains(AllBlocks, "lm_head.weight", 4));
+        assert!(c.trains(EndToEnd, "lm_head.weight", 4));
+        assert!(c.trains(EndToEnd, "layers.1.self_attn.q_proj.weight", 4));
+        let c = DistillConfig {
+            train_head: true,
+            train_embeddings: true,
+            ..cfg()
+        };
+        assert!(
+            c.trains(Block(0), "norm.weight", 4) && c.trains(Block(0), "embed_tokens.weight", 4)
+        );
+    }
+
+    #[test]
+    fn bad_settings_name_the_key() {
+        let m = ModelConfig::tiny(10, tern_model::LinearKind::Ternary);
+        let c = cfg();
+        assert!(c
+            .validate(&m, 9, 1)
+            .unwrap_err()
+            .contains("block 2 does not exist"));
+        let c = DistillConfig {
+            blocks: Some(vec![1, 1]),
+            ..cfg()
+        };
+        assert!(c.validate(&m, 9, 1).unwrap_err().contains("listed twice"));
+        let c = DistillConfig {
+            blocks: Some(vec![1, 0]),
+            ..cfg()
+        };
+        assert!(c.validate(&m, 9, 1).is_ok());
+        assert!(c
+            .validate(&m, 8, 1)
+            .unwrap_err()
+            .contains("the schedule has 9 steps"));
+        assert!(c
+            .validate(&m, 9, 2)
+            .unwrap_err()
+            .contains("parallel.tp = 2"));
+        let c = DistillConfig {
+            mse_weight: -1.0,
+            blocks: Some(vec![0]),
+            ..cfg()
+        };
+        assert!(c
+            .validate(&m, 6, 1)
+            .unwrap_err()
+            .starts_with("distill.mse_weight"));
+        let c = DistillConfig {
+            ce_weight: 0.0,
+            blocks: Some(vec![0]),
+            ..cfg()
+        };
+        assert!(c
+            .validate(&m, 6, 1)
+            .unwrap_err()
+            .starts_with("distill.e2e_steps"));
+    }
+
+    #[test]
+    fn encoder_shapes_are_what_studentize_adds() {
+        use burn::backend::Flex;
+        let m = ModelConfig::tiny(10, tern_model::LinearKind::Ternary);
+        let c = DistillConfig {
+            blocks: Some(vec![1]),
+            ..cfg()
+        };
+        let dev = Default::default();
+        let student = tern_model::studentize(Llama::<Flex>::new(&m, &dev), &c.student(2, 1), &dev);
+        let added: Vec<(String, Vec<usize>)> = crate::params::param_infos::<Flex, _>(&student)
+            .into_iter()
+            .filter(|i| i.name.contains(".encoder."))
+            .map(|i| (i.name, i.shape))
+            .collect();
+        assert_eq!(added, c.encoder_shapes(&m));
+        // Block 0 stays a float copy, block 1 keeps the recipe's ternary kind.
+        assert_eq!(
+            student.layers[0].mlp.up_proj.kind,
+            tern_model::LinearKind::Float
+        );
+        assert_eq!(
+            student.layers[1].mlp.up_proj.kind,
+            tern_model::LinearKind::Ternary
+        );
+        assert!(student.layers[0].mlp.up_proj.encoder.is_none());
+    }
+}

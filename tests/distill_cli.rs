@@ -1,0 +1,312 @@
+//! Layer-wise distillation and Hugging Face models, end to end through the `tern` binary.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::*;
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A float teacher of the small test model, trained 10 steps on the sample (made once).
+fn teacher() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep().join("teacher");
+        let mut args = tiny_train(&dir);
+        args.extend(SMALL_MODEL);
+        #[rustfmt::skip]
+        args.extend(["--set", "model.linear=\"float\"", "--set", "train.steps=10", "--set", "train.eval_every=0"]);
+        ok(&tern(&args));
+        dir
+    })
+}
+
+/// `train recipes/distill-tiny.toml` on the small model with `teacher()`: 2 blocks x 8 steps, then
+/// 2 steps of all blocks and 2 end to end.
+fn distill_args<'a>(run: &'a Path, teacher_arg: &'a str) -> Vec<&'a str> {
+    let mut a = vec!["train", "recipes/distill-tiny.toml", "--run-dir", s(run)];
+    a.extend(SMALL_MODEL);
+    #[rustfmt::skip]
+    a.extend([
+        "--set", "optim.warmup_steps=2", "--set", "train.steps=20", "--set", "train.log_every=1",
+        "--set", "train.eval_every=16", "--set", "train.eval_batches=2", "--set", "train.checkpoint_every=8",
+        "--set", "distill.block_steps=8", "--set", "distill.all_steps=2", "--set", "distill.e2e_steps=2",
+    ]);
+    a.extend(["--set", teacher_arg]);
+    a
+}
+
+/// Every tensor of a checkpoint, consolidated.
+fn weights(run: &Path, step: u64) -> HashMap<String, Vec<u8>> {
+    let dir = run.join(format!("checkpoints/step_{step:08}"));
+    let f = run.join(format!("whole-{step}.safetensors"));
+    ok(&tern(&["ckpt", "consolidate", s(&dir), "--out", s(&f)]));
+    let bytes = std::fs::read(&f).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec()))
+        .collect()
+}
+
+fn newest_step(run: &Path) -> u64 {
+    let mut steps: Vec<u64> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("step_")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    steps.sort();
+    *steps.last().unwrap()
+}
+
+#[test]
+fn distillation_lowers_the_projections_mse_and_freezes_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("student");
+    let teacher_arg = format!("distill.teacher=\"{}\"", teacher().display());
+    ok(&tern(&distill_args(&run, &teacher_arg)));
+    let m = metrics(&run);
+
+    // The logged phases, and the MSE falling within each block's phase.
+    let steps: Vec<&Value> = m.iter().filter(|l| l.get("loss").is_some()).collect();
+    assert_eq!(steps.len(), 20);
+    for (i, l) in steps.iter().enumerate() {
+        let expect = match i {
+            0..=7 => "block 0",
+            8..=15 => "block 1",
+            16..=17 => "all blocks",
+            _ => "end to end",
+        };
+        assert_eq!(l["phase"], expect, "step {}", i + 1);
+        assert!(l["ce"].as_f64().unwrap().is_finite());
+        assert_eq!(
+            l.get("mse").is_some(),
+            i < 18,
+            "step {}: mse only outside end to end",
+            i + 1
+        );
+    }
+    for (first, last) in [(0, 7), (8, 15)] {
+        let (a, b) = (
+            steps[first]["mse"].as_f64().unwrap(),
+            steps[last]["mse"].as_f64().unwrap(),
+        );
+        assert!(
+            b < 0.8 * a,
+            "mse of steps {}..{}: {a} -> {b}",
+            first + 1,
+            last + 1
+        );
+    }
+
+    // Per projection, on the same validation blocks: before training and after the block phases.
+    let val_mse = |step: u64| -> HashMap<String, f64> {
+        let l = m
+            .iter()
+            .find(|l| l["step"] == step && l.get("val_mse").is_some())
+            .unwrap_or_else(|| panic!("no val_mse at step {step}"));
+        l["val_mse"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
+            .collect()
+    };
+    let (before, after) = (val_mse(0), val_mse(16));
+    assert_eq!(before.len(), 14, "7 projections x 2 blocks: {before:?}");
+    // Each block's total falls clearly; single projections may not (the CE term pulls too, and
+    // some start near zero), but nearly all do.
+    for block in ["layers.0.", "layers.1."] {
+        let sum = |m: &HashMap<String, f64>| -> f64 {
+            m.iter()
+                .filter(|(k, _)| k.starts_with(block))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        let (b, a) = (sum(&before), sum(&after));
+        assert!(
+            a < 0.8 * b,
+            "{block}: validation MSE {b} -> {a}: {before:?} -> {after:?}"
+        );
+    }
+    let fell = before.iter().filter(|(k, b)| after[*k] < **b).count();
+    assert!(
+        fell >= 12,
+        "only {fell} of 14 projections' MSE fell: {before:?} -> {after:?}"
+    );
+    let teacher_val = m
+        .iter()
+        .find_map(|l| l.get("teacher_val_loss"))
+        .and_then(Value::as_f64);
+    assert!(teacher_val.is_some_and(f64::is_finite), "{m:?}");
+
+    // Frozen parameters stay bit-identical: after block 0's phase only block 0 differs from the
+    // teacher; after block 1's, block 0 is as it was and embedding, final norm and head are still
+    // the teacher's.
+    let t = weights(teacher(), newest_step(teacher()));
+    let w8 = weights(&run, 8);
+    let w16 = weights(&run, 16);
+    let mut checked = 0;
+    for (name, v) in &w8 {
+        if name.contains(".encoder.") {
+            assert!(
+                name.starts_with("layers.0.") || name.starts_with("layers.1."),
+                "{name}"
+            );
+            if name.starts_with("layers.0.") {
+                assert_eq!(
+                    &w16[name], v,
+                    "{name}: block 0's encoder moved after its phase"
+                );
+            }
+            continue;
+        }
+        let same_as_teacher = t[name] == *v;
+        if name.starts_with("layers.0.") {
+            assert_eq!(&w16[name], v, "{name}: block 0 moved after its phase");
+            if name.ends_with("_proj.weight") {
+                assert!(
+                    !same_as_teacher,
+                    "{name}: block 0's projection did not train"
+                );
+            }
+        } else {
+            assert!(
+                same_as_teacher,
+                "{name}: frozen during block 0's phase, but changed"
+            );
+            if !name.starts_with("layers.1.") {
+                assert_eq!(
+                    &w16[name], v,
+                    "{name}: frozen in the block phases, but changed"
+                );
+            }
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, t.len(), "every teacher tensor compared");
+    // The end-to-end phase trains everything: the head moves.
+    let w20 = weights(&run, 20);
+    assert_ne!(w20["lm_head.weight"], t["lm_head.weight"]);
+
+    // The student checkpoint loads for inference with its encoders: `tern logits` on it.
+    let ids = dir.path().join("ids.safetensors");
+    let bytes: Vec<u8> = [1i64, 5, 9, 300, 2, 7]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![2, 3], &bytes).unwrap();
+    std::fs::write(
+        &ids,
+        safetensors::tensor::serialize([("input_ids", view)], None).unwrap(),
+    )
+    .unwrap();
+    let out = dir.path().join("logits.safetensors");
+    ok(&tern(&[
+        "logits",
+        "--model",
+        s(&run),
+        "--input-ids",
+        s(&ids),
+        "--out",
+        s(&out),
+    ]));
+    let lb = std::fs::read(&out).unwrap();
+    let st = SafeTensors::deserialize(&lb).unwrap();
+    assert_eq!(st.tensor("logits").unwrap().shape(), [2, 3, 4096]);
+}
+
+#[test]
+fn data_parallel_distillation_logs_the_single_process_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher_arg = format!("distill.teacher=\"{}\"", teacher().display());
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    #[rustfmt::skip]
+    let short = [
+        "--set", "train.micro_batch=4", "--set",
+        "train.steps=10",
+        "--set",
+        "distill.block_steps=4",
+        "--set",
+        "distill.e2e_steps=0",
+    ];
+    let mut a = distill_args(&one, &teacher_arg);
+    a.extend(short);
+    ok(&tern(&a));
+    let mut a = distill_args(&two, &teacher_arg);
+    a.extend(short);
+    let out = tern_cmd(2).args(&a).output().unwrap();
+    ok(&out);
+    let (m1, m2) = (metrics(&one), metrics(&two));
+    let steps = |m: &[Value]| -> Vec<Value> {
+        m.iter()
+            .filter(|l| l.get("loss").is_some())
+            .cloned()
+            .collect()
+    };
+    let (s1, s2) = (steps(&m1), steps(&m2));
+    assert_eq!(s1.len(), 10);
+    assert_eq!(s1.len(), s2.len());
+    for (x, y) in s1.iter().zip(&s2) {
+        assert_eq!(x["phase"], y["phase"]);
+        for key in ["loss", "mse", "ce"] {
+            let (a, b) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs().max(1e-3),
+                "step {}: {key} {a} (1 process) vs {b} (2)",
+                x["step"]
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_distillation_settings_are_errors_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    let teacher_arg = format!("distill.teacher=\"{}\"", teacher().display());
+    let with = |more: &[&str]| {
+        let mut a = distill_args(&run, &teacher_arg);
+        a.extend(more);
+        tern(&a)
+    };
+    fails_with(
+        &with(&["--set", "model.hidden=32"]),
+        &["model.hidden = 32 but the teacher", "has 64"],
+    );
+    fails_with(
+        &with(&["--set", "distill.blocks=[0, 2]"]),
+        &["distill.blocks", "block 2 does not exist"],
+    );
+    fails_with(
+        &with(&["--set", "train.steps=21"]),
+        &["the schedule has 20 steps", "train.steps = 21"],
+    );
+    fails_with(
+        &with(&["--set", "distill.block_step=3"]),
+        &["distill", "block_step"],
+    );
+    fails_with(
+        &with(&["--set", "distill.surrogate=\"sigmoid\""]),
+        &["distill.surrogate", "sigmoid"],
+    );
+    fails_with(
+        &with(&["--set", "distill.teacher=\"/nonexistent/teacher\""]),
+        &["distill.teacher", "/nonexistent/teacher"],
+    );
+    assert!(!run.join("checkpoints").exists());
+}
