@@ -202,6 +202,27 @@ fn distillation_lowers_the_projections_mse_and_freezes_the_rest() {
     let w20 = weights(&run, 20);
     assert_ne!(w20["lm_head.weight"], t["lm_head.weight"]);
 
+    // Resuming from step 8 (its later checkpoints removed) redoes steps 9-20 bit for bit.
+    let again = dir.path().join("again");
+    std::fs::create_dir_all(again.join("checkpoints")).unwrap();
+    let step8 = run.join("checkpoints/step_00000008");
+    let copy = again.join("checkpoints/step_00000008");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in std::fs::read_dir(&step8).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), copy.join(f.file_name())).unwrap();
+    }
+    let mut a = distill_args(&again, &teacher_arg);
+    a.extend(["--resume", "auto"]);
+    ok(&tern(&a));
+    let losses = |m: &[Value]| -> Vec<(u64, String)> {
+        m.iter()
+            .filter(|l| l.get("loss").is_some() && l["step"].as_u64().unwrap() > 8)
+            .map(|l| (l["step"].as_u64().unwrap(), l["loss"].to_string()))
+            .collect()
+    };
+    assert_eq!(losses(&metrics(&again)), losses(&m));
+
     // The student checkpoint loads for inference with its encoders: `tern logits` on it.
     let ids = dir.path().join("ids.safetensors");
     let bytes: Vec<u8> = [1i64, 5, 9, 300, 2, 7]
@@ -230,28 +251,32 @@ fn distillation_lowers_the_projections_mse_and_freezes_the_rest() {
     assert_eq!(st.tensor("logits").unwrap().shape(), [2, 3, 4096]);
 }
 
-#[test]
-fn data_parallel_distillation_logs_the_single_process_losses() {
+/// Runs the short distillation in one process with `one` and under `mpirun -np 2` with `two`,
+/// and checks that the two log the same losses, step by step, and the same validation MSEs.
+fn same_as_one_process(one: &[&str], two: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let teacher_arg = format!("distill.teacher=\"{}\"", teacher().display());
-    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let (r1, r2) = (dir.path().join("one"), dir.path().join("two"));
     #[rustfmt::skip]
     let short = [
-        "--set", "train.micro_batch=4", "--set",
-        "train.steps=10",
-        "--set",
-        "distill.block_steps=4",
-        "--set",
-        "distill.e2e_steps=0",
+        "--set", "train.micro_batch=4", "--set", "train.steps=10", "--set", "train.eval_every=8",
+        "--set", "distill.block_steps=4", "--set", "distill.e2e_steps=0",
     ];
-    let mut a = distill_args(&one, &teacher_arg);
+    let mut a = distill_args(&r1, &teacher_arg);
     a.extend(short);
+    a.extend(one);
     ok(&tern(&a));
-    let mut a = distill_args(&two, &teacher_arg);
+    let mut a = distill_args(&r2, &teacher_arg);
     a.extend(short);
-    let out = tern_cmd(2).args(&a).output().unwrap();
-    ok(&out);
-    let (m1, m2) = (metrics(&one), metrics(&two));
+    a.extend(two);
+    ok(&tern_cmd(2).args(&a).output().unwrap());
+    let (m1, m2) = (metrics(&r1), metrics(&r2));
+    let close = |a: f64, b: f64, what: &str| {
+        assert!(
+            (a - b).abs() <= 1e-4 * a.abs().max(1e-3),
+            "{what}: {a} (1 process) vs {b} (2)"
+        );
+    };
     let steps = |m: &[Value]| -> Vec<Value> {
         m.iter()
             .filter(|l| l.get("loss").is_some())
@@ -264,14 +289,39 @@ fn data_parallel_distillation_logs_the_single_process_losses() {
     for (x, y) in s1.iter().zip(&s2) {
         assert_eq!(x["phase"], y["phase"]);
         for key in ["loss", "mse", "ce"] {
-            let (a, b) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
-            assert!(
-                (a - b).abs() <= 1e-4 * a.abs().max(1e-3),
-                "step {}: {key} {a} (1 process) vs {b} (2)",
-                x["step"]
+            close(
+                x[key].as_f64().unwrap(),
+                y[key].as_f64().unwrap(),
+                &format!("step {} {key}", x["step"]),
             );
         }
     }
+    let val_mse = |m: &[Value]| -> Vec<Value> {
+        m.iter().filter_map(|l| l.get("val_mse").cloned()).collect()
+    };
+    let (v1, v2) = (val_mse(&m1), val_mse(&m2));
+    assert_eq!(v1.len(), 3, "steps 0, 8, 10");
+    assert_eq!(v1.len(), v2.len());
+    for (x, y) in v1.iter().zip(&v2) {
+        for (name, a) in x.as_object().unwrap() {
+            close(a.as_f64().unwrap(), y[name].as_f64().unwrap(), name);
+        }
+    }
+}
+
+#[test]
+fn data_parallel_distillation_logs_the_single_process_losses() {
+    same_as_one_process(&[], &[]);
+}
+
+/// The student and the teacher split two ways; one ternary scale per shard, as one process with
+/// two scale groups.
+#[test]
+fn tensor_parallel_distillation_logs_the_single_process_losses() {
+    same_as_one_process(
+        &["--set", "model.scale_groups=2"],
+        &["--set", "model.scale_groups=2", "--set", "parallel.tp=2"],
+    );
 }
 
 #[test]

@@ -8,6 +8,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+use tern_dist::{CollectiveBackend, TpGroup};
 
 /// The surrogate derivative of the Heaviside step (`distill.surrogate`), with `y = z - beta` and
 /// scale `s`: `arctan`: `alpha (2/pi) s / (1 + (s y)^2)`; `asinh`: `alpha (2/pi) s / sqrt((s y)^2 + 1)`
@@ -41,6 +42,22 @@ pub struct Encoder<B: Backend> {
     pub surrogate: Surrogate,
     #[module(skip)]
     pub scale: f64,
+    #[module(skip)]
+    pub parallel: EncoderParallel,
+}
+
+/// How an encoder works under tensor parallelism (set by `parallelize`).
+#[derive(Debug, Clone, Default)]
+pub enum EncoderParallel {
+    #[default]
+    Replicated,
+    /// Whole, in front of a column-parallel projection: f on its output, since the projection's
+    /// shard sends back only its part of the gradient.
+    BeforeColwise(TpGroup),
+    /// In front of a row-parallel projection, whose input holds this rank's channels: `fc1`
+    /// row-parallel (g after it), `fc2` column-parallel (f before it), `alpha`, `beta` this
+    /// rank's channels (Megatron's MLP split, the other way round).
+    BeforeRowwise(TpGroup),
 }
 
 impl EncoderConfig {
@@ -72,27 +89,38 @@ impl EncoderConfig {
             beta: Param::from_tensor(Tensor::zeros([d], device)),
             surrogate: self.surrogate,
             scale: self.scale,
+            parallel: EncoderParallel::Replicated,
         }
     }
 }
 
-impl<B: Backend> Encoder<B> {
+impl<B: CollectiveBackend> Encoder<B> {
     /// `x: [..., d]` -> values in `{-alpha, 0, alpha}` per channel, same shape.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dims = x.dims();
         let d = dims[D - 1];
         let rows = x.shape().num_elements() / d;
         let x = x.reshape([rows, d]);
-        let h = relu(x.matmul(self.fc1.val().transpose()));
+        let h = x.matmul(self.fc1.val().transpose());
+        let h = match &self.parallel {
+            EncoderParallel::BeforeRowwise(g) => {
+                B::copy_to_group(relu(B::reduce_from_group(h, g)), g)
+            }
+            _ => relu(h),
+        };
         let z = h.matmul(self.fc2.val().transpose());
-        heaviside(
+        let out = heaviside(
             z,
             self.alpha.val(),
             self.beta.val(),
             self.surrogate,
             self.scale,
         )
-        .reshape(dims)
+        .reshape(dims);
+        match &self.parallel {
+            EncoderParallel::BeforeColwise(g) => B::copy_to_group(out, g),
+            _ => out,
+        }
     }
 }
 

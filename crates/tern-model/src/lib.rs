@@ -14,8 +14,10 @@ pub mod rope;
 pub mod student;
 
 pub use config::{ModelConfig, ModelConfigError};
-pub use encoder::{Encoder, EncoderConfig, Surrogate};
+pub use encoder::{Encoder, EncoderConfig, EncoderParallel, Surrogate};
 pub use linear::{InputStyle, LinearKind, ParallelStyle, ProjLinear, ScaleAxis, Tap};
 pub use model::{cross_entropy, Llama};
-pub use parallelize::{check_tp, parallelize, shard_dim, shard_values, unshard_values};
+pub use parallelize::{
+    block_matrix_dim, check_tp, parallelize, shard_dim, shard_values, unshard_values,
+};
 pub use student::{studentize, StudentConfig};

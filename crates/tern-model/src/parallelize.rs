@@ -11,11 +11,14 @@
 //! Ternary scales: a shard owns `scale_groups / tp` whole groups and computes their scales
 //! itself, with no communication, as TriLM's per-shard scales.
 
+use burn::module::Param;
 use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
 use tern_dist::TpGroup;
 
 use crate::attention::Attention;
 use crate::config::{ModelConfig, ModelConfigError};
+use crate::encoder::{Encoder, EncoderParallel};
 use crate::linear::{InputStyle, LinearKind, ParallelStyle, ProjLinear};
 use crate::mlp::Mlp;
 use crate::model::{Block, Llama};
@@ -35,8 +38,31 @@ pub const TP_PLAN: [(&str, usize); 7] = [
 /// The dimension along which parameter `name` (e.g. `layers.3.mlp.up_proj.weight`) is split, or
 /// `None` for a replicated parameter.
 pub fn shard_dim(name: &str) -> Option<usize> {
+    block_matrix_dim(name).or_else(|| encoder_shard_dim(name))
+}
+
+/// [`shard_dim`] of the seven block matrices only (the matrices GaLore projects).
+pub fn block_matrix_dim(name: &str) -> Option<usize> {
     let (_, within) = name.strip_prefix("layers.")?.split_once('.')?;
     TP_PLAN.iter().find(|(p, _)| *p == within).map(|&(_, d)| d)
+}
+
+/// A distillation student's encoder in front of a row-parallel projection sees only this rank's
+/// input channels: its `fc1 [d/2, d]` is split by input columns (row-parallel), `fc2 [d, d/2]`
+/// by output rows (column-parallel) and `alpha`, `beta` `[d]` by channel. Encoders in front of
+/// column-parallel projections are replicated.
+fn encoder_shard_dim(name: &str) -> Option<usize> {
+    let (_, within) = name.strip_prefix("layers.")?.split_once('.')?;
+    let (proj, param) = within.split_once(".encoder.")?;
+    let rowwise = TP_PLAN
+        .iter()
+        .any(|&(p, d)| d == 1 && p.strip_suffix(".weight") == Some(proj));
+    match (rowwise, param) {
+        (false, _) => None,
+        (true, "fc1") => Some(1),
+        (true, "fc2" | "alpha" | "beta") => Some(0),
+        _ => None,
+    }
 }
 
 /// Whether a model can be split `tp` ways; the error names the key and the numbers.
@@ -76,22 +102,48 @@ pub fn check_tp(c: &ModelConfig, tp: usize) -> Result<(), ModelConfigError> {
     Ok(())
 }
 
-fn shard<B: Backend>(p: ProjLinear<B>, dim: usize, group: &TpGroup) -> ProjLinear<B> {
+/// This rank's block of a parameter along `dim`.
+fn shard_param<B: Backend, const D: usize>(
+    p: Param<Tensor<B, D>>,
+    dim: usize,
+    group: &TpGroup,
+) -> Param<Tensor<B, D>> {
     let (rank, n) = (group.rank(), group.size());
-    let weight = p.weight.map(|w| {
+    p.map(|w| {
         let len = w.dims()[dim] / n;
         let grad = w.is_require_grad();
         // detach: the shard must be a leaf of the autodiff graph, as a parameter is.
         w.narrow(dim, rank * len, len)
             .detach()
             .set_require_grad(grad)
-    });
+    })
+}
+
+fn shard<B: Backend>(p: ProjLinear<B>, dim: usize, group: &TpGroup) -> ProjLinear<B> {
+    let n = group.size();
+    let weight = shard_param(p.weight, dim, group);
     let parallel = match dim {
         0 => ParallelStyle::Colwise,
         _ => ParallelStyle::Rowwise(group.clone()),
     };
+    // See `encoder_shard_dim`.
+    let encoder = p.encoder.map(|e| match dim {
+        0 => Encoder {
+            parallel: EncoderParallel::BeforeColwise(group.clone()),
+            ..e
+        },
+        _ => Encoder {
+            fc1: shard_param(e.fc1, 1, group),
+            fc2: shard_param(e.fc2, 0, group),
+            alpha: shard_param(e.alpha, 0, group),
+            beta: shard_param(e.beta, 0, group),
+            parallel: EncoderParallel::BeforeRowwise(group.clone()),
+            ..e
+        },
+    });
     ProjLinear {
         weight,
+        encoder,
         parallel,
         // Float layers ignore the groups; ternary ones were checked by `check_tp`.
         groups: (p.groups / n).max(1),
@@ -112,13 +164,23 @@ pub fn parallelize<B: Backend>(model: Llama<B>, group: &TpGroup) -> Llama<B> {
         .map(|b| {
             let a = b.self_attn;
             let m = b.mlp;
+            // Projections behind encoders get their gradient all-reduce (f) after each encoder
+            // instead of once on the module's input.
+            let input = |has_encoder: bool| match has_encoder {
+                true => InputStyle::AsIs,
+                false => InputStyle::CopyToGroup(group.clone()),
+            };
+            let (attn_input, mlp_input) = (
+                input(a.q_proj.encoder.is_some()),
+                input(m.gate_proj.encoder.is_some()),
+            );
             Block {
                 self_attn: Attention {
                     q_proj: shard(a.q_proj, 0, group),
                     k_proj: shard(a.k_proj, 0, group),
                     v_proj: shard(a.v_proj, 0, group),
                     o_proj: shard(a.o_proj, 1, group),
-                    input: InputStyle::CopyToGroup(group.clone()),
+                    input: attn_input,
                     n_heads: a.n_heads / n,
                     n_kv_heads: a.n_kv_heads / n,
                     head_dim: a.head_dim,
@@ -127,7 +189,7 @@ pub fn parallelize<B: Backend>(model: Llama<B>, group: &TpGroup) -> Llama<B> {
                     gate_proj: shard(m.gate_proj, 0, group),
                     up_proj: shard(m.up_proj, 0, group),
                     down_proj: shard(m.down_proj, 1, group),
-                    input: InputStyle::CopyToGroup(group.clone()),
+                    input: mlp_input,
                 },
                 ..b
             }
@@ -138,7 +200,8 @@ pub fn parallelize<B: Backend>(model: Llama<B>, group: &TpGroup) -> Llama<B> {
 
 /// Shard `rank` of `tp` of a row-major matrix `full` of `shape`, split along `dim`.
 pub fn shard_values(full: &[f32], shape: &[usize], dim: usize, rank: usize, tp: usize) -> Vec<f32> {
-    let [rows, cols] = [shape[0], shape[1]];
+    // A vector is a one-column matrix.
+    let [rows, cols] = [shape[0], shape.get(1).copied().unwrap_or(1)];
     assert_eq!(full.len(), rows * cols, "shape {shape:?}");
     match dim {
         0 => {
@@ -158,7 +221,7 @@ pub fn shard_values(full: &[f32], shape: &[usize], dim: usize, rank: usize, tp: 
 /// The full matrix from its `tp` shards laid end to end (what an all-gather returns);
 /// `local_shape` is one shard's shape. Inverse of [`shard_values`].
 pub fn unshard_values(gathered: &[f32], local_shape: &[usize], dim: usize, tp: usize) -> Vec<f32> {
-    let [rows, cols] = [local_shape[0], local_shape[1]];
+    let [rows, cols] = [local_shape[0], local_shape.get(1).copied().unwrap_or(1)];
     let per = rows * cols;
     assert_eq!(gathered.len(), per * tp, "local shape {local_shape:?}");
     match dim {
@@ -183,6 +246,13 @@ mod tests {
         assert_eq!(shard_dim("layers.2.input_layernorm.weight"), None);
         assert_eq!(shard_dim("embed_tokens.weight"), None);
         assert_eq!(shard_dim("lm_head.weight"), None);
+        assert_eq!(shard_dim("layers.1.mlp.down_proj.encoder.fc1"), Some(1));
+        assert_eq!(
+            shard_dim("layers.1.self_attn.o_proj.encoder.alpha"),
+            Some(0)
+        );
+        assert_eq!(shard_dim("layers.1.mlp.up_proj.encoder.fc1"), None);
+        assert_eq!(block_matrix_dim("layers.1.mlp.down_proj.encoder.fc1"), None);
     }
 
     #[test]

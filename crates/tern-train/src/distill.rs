@@ -11,7 +11,9 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor};
 use serde::{Deserialize, Serialize};
 use tern_dist::CollectiveBackend;
-use tern_model::{cross_entropy, EncoderConfig, Llama, ModelConfig, StudentConfig, Surrogate};
+use tern_model::{
+    cross_entropy, EncoderConfig, Llama, ModelConfig, ParallelStyle, StudentConfig, Surrogate,
+};
 
 /// `[distill]` of a recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,7 +170,7 @@ impl DistillConfig {
     }
 
     /// The rules that need only the recipe.
-    pub fn validate(&self, model: &ModelConfig, train_steps: u64, tp: usize) -> Result<(), String> {
+    pub fn validate(&self, model: &ModelConfig, train_steps: u64) -> Result<(), String> {
         let n = model.n_layers;
         let blocks = self.blocks(n);
         if blocks.is_empty() {
@@ -218,12 +220,6 @@ impl DistillConfig {
                 self.block_steps,
                 self.all_steps,
                 self.e2e_steps
-            ));
-        }
-        if tp > 1 {
-            return Err(format!(
-                "distill: parallel.tp = {tp}: distillation runs data-parallel only so far (an encoder in front \
-                 of a row-parallel projection needs its whole input); use parallel.tp = 1"
             ));
         }
         Ok(())
@@ -285,7 +281,11 @@ pub fn check_teacher(
 /// One micro-batch's loss and its parts (host values for the logs).
 pub struct DistillLoss<B: Backend> {
     pub total: Tensor<B, 1>,
-    pub mse: f64,
+    /// The MSE of projections whose output this tensor-parallel rank holds a block of (column-
+    /// parallel), divided by the group size: summed over the group it is their MSE.
+    pub mse_split: f64,
+    /// The MSE of the other projections (equal on every rank of the group).
+    pub mse_whole: f64,
     pub ce: f64,
     pub kl: f64,
 }
@@ -303,6 +303,7 @@ pub fn distill_loss<B>(
     student: &Llama<B>,
     teacher: &Llama<B::InnerBackend>,
     block: Tensor<B::InnerBackend, 2, Int>,
+    tp: usize,
 ) -> DistillLoss<B>
 where
     B: AutodiffBackend + CollectiveBackend,
@@ -317,15 +318,25 @@ where
 
     let device = student.embed_tokens.weight.device();
     let zero = || Tensor::<B, 1>::zeros([1], &device);
-    let mut mse = zero();
+    let (mut split, mut whole) = (zero(), zero());
     for (&l, taps) in matched.iter().zip(taps) {
         for tap in taps {
             let proj = student.layers[l].projection(tap.name);
             let y = proj.forward(Tensor::<B, 3>::from_inner(tap.input));
-            let diff = y - Tensor::<B, 3>::from_inner(tap.output);
-            mse = mse + diff.powi_scalar(2).mean();
+            let mse = (y - Tensor::<B, 3>::from_inner(tap.output))
+                .powi_scalar(2)
+                .mean();
+            // Under tensor parallelism the teacher is split like the student: a column-parallel
+            // projection's tap holds this rank's block of outputs. Its share of the loss is
+            // divided by the group size, so that the gradient all-reduce after its encoder sums
+            // to the whole projection's gradient.
+            match proj.parallel {
+                ParallelStyle::Colwise => split = split + mse.div_scalar(tp as f64),
+                _ => whole = whole + mse,
+            }
         }
     }
+    let mse = split.clone() + whole.clone();
     let s_logits = student.forward(Tensor::from_inner(inputs));
     let ce = cross_entropy(s_logits.clone(), Tensor::from_inner(targets));
     let kl = if cfg.kl_weight > 0.0 {
@@ -349,7 +360,8 @@ where
         + ce.clone().mul_scalar(cfg.ce_weight)
         + kl.clone().mul_scalar(cfg.kl_weight);
     DistillLoss {
-        mse: scalar(&mse),
+        mse_split: scalar(&split),
+        mse_whole: scalar(&whole),
         ce: scalar(&ce),
         kl: scalar(&kl),
         total,
@@ -358,11 +370,16 @@ where
 
 /// Per projection of the distilled blocks, `MSE(W Enc(x), y)` against the teacher on `blocks`
 /// (`[batch, seq + 1]` tokens each), averaged over them: the figure the layer-wise phase lowers.
+///
+/// Under tensor parallelism every rank of the group must call it; each returns its share (column-
+/// parallel projections' MSE over its block of outputs, divided by the group size; the others'
+/// divided too), so that a sum over the group gives the projections' MSE.
 pub fn projection_mse<B: CollectiveBackend>(
     student: &Llama<B>,
     teacher: &Llama<B>,
     layers: &[usize],
     blocks: &[Tensor<B, 2, Int>],
+    tp: usize,
 ) -> Vec<(String, f64)> {
     let mut sums: Vec<(String, f64)> = Vec::new();
     for block in blocks {
@@ -382,7 +399,7 @@ pub fn projection_mse<B: CollectiveBackend>(
                         .unwrap_or(tap.name);
                     sums.push((format!("layers.{l}.{full}"), 0.0));
                 }
-                sums[k].1 += v as f64 / blocks.len() as f64;
+                sums[k].1 += v as f64 / blocks.len() as f64 / tp as f64;
                 k += 1;
             }
         }
@@ -450,34 +467,30 @@ mod tests {
         let m = ModelConfig::tiny(10, tern_model::LinearKind::Ternary);
         let c = cfg();
         assert!(c
-            .validate(&m, 9, 1)
+            .validate(&m, 9)
             .unwrap_err()
             .contains("block 2 does not exist"));
         let c = DistillConfig {
             blocks: Some(vec![1, 1]),
             ..cfg()
         };
-        assert!(c.validate(&m, 9, 1).unwrap_err().contains("listed twice"));
+        assert!(c.validate(&m, 9).unwrap_err().contains("listed twice"));
         let c = DistillConfig {
             blocks: Some(vec![1, 0]),
             ..cfg()
         };
-        assert!(c.validate(&m, 9, 1).is_ok());
+        assert!(c.validate(&m, 9).is_ok());
         assert!(c
-            .validate(&m, 8, 1)
+            .validate(&m, 8)
             .unwrap_err()
             .contains("the schedule has 9 steps"));
-        assert!(c
-            .validate(&m, 9, 2)
-            .unwrap_err()
-            .contains("parallel.tp = 2"));
         let c = DistillConfig {
             mse_weight: -1.0,
             blocks: Some(vec![0]),
             ..cfg()
         };
         assert!(c
-            .validate(&m, 6, 1)
+            .validate(&m, 6)
             .unwrap_err()
             .starts_with("distill.mse_weight"));
         let c = DistillConfig {
@@ -486,7 +499,7 @@ mod tests {
             ..cfg()
         };
         assert!(c
-            .validate(&m, 6, 1)
+            .validate(&m, 6)
             .unwrap_err()
             .starts_with("distill.e2e_steps"));
     }

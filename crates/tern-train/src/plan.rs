@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use tern_model::shard_dim;
+use tern_model::{block_matrix_dim, shard_dim};
 use tern_optim::galore::side_of;
 use tern_optim::{LowRank, OptimizerName};
 
@@ -87,7 +87,7 @@ pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
         let local_n = if dim.is_some() { n / tp } else { n };
         local += local_n;
         let adamw = 2 * local_n;
-        let state = match (o.name, dim) {
+        let state = match (o.name, block_matrix_dim(&name)) {
             (OptimizerName::GaloreAdamw, Some(d)) => {
                 let (rows, cols) = (shape[0], shape[1]);
                 let rank = o.rank.expect("validated");
@@ -101,7 +101,7 @@ pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
             _ => adamw,
         };
         optim += state;
-        if dim.is_some() {
+        if block_matrix_dim(&name).is_some() {
             block += n;
             block_optim += state;
             block_adamw += adamw;

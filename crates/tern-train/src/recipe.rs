@@ -330,7 +330,7 @@ impl Recipe {
         }
         self.train.validate(dp)?;
         if let Some(d) = &self.distill {
-            d.validate(&self.model, self.train.steps, self.parallel.tp)?;
+            d.validate(&self.model, self.train.steps)?;
         }
         Ok(())
     }

@@ -10,7 +10,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use tern_data::sampler::dp_slice;
 use tern_data::{TextTokenizer, TrainData, ValData};
 use tern_dist::{all_reduce_mean_tensors, comm::BUCKET_ELEMS, to_host, CollectiveBackend, Dist};
-use tern_model::{parallelize, shard_dim, shard_values, Llama};
+use tern_model::{block_matrix_dim, parallelize, shard_values, Llama};
 use tern_optim::{clip_to, squared_norms, Optimizer, Schedule};
 
 use crate::checkpoint::{self, Piece, TrainState};
@@ -101,6 +101,16 @@ fn validation_loss<B: CollectiveBackend>(model: &Llama<B>, batches: &[Tensor<B, 
 }
 
 use burn::tensor::ElementConversion;
+
+/// Named values summed over a tensor-parallel group.
+fn group_sum(tp: &dyn tern_dist::Comm, mut named: Vec<(String, f64)>) -> Vec<(String, f64)> {
+    let mut v: Vec<f32> = named.iter().map(|(_, x)| *x as f32).collect();
+    tp.all_reduce_sum(&mut v);
+    for ((_, x), s) in named.iter_mut().zip(v) {
+        *x = s as f64;
+    }
+    named
+}
 
 fn mse_json(mse: &[(String, f64)]) -> serde_json::Value {
     serde_json::Value::Object(mse.iter().map(|(k, v)| (k.clone(), json!(v))).collect())
@@ -269,7 +279,8 @@ where
     // The same device seen from the inner (non-autodiff) backend, where optimizer state lives.
     let inner_device = model.valid().embed_tokens.weight.val().device();
     let teacher: Option<Llama<B::InnerBackend>> = match &teacher_weights {
-        Some(t) => Some(t.build(&inner_device)?),
+        // Split like the student: each rank's taps are then the blocks its projections hold.
+        Some(t) => Some(parallelize(t.build(&inner_device)?, &dist.tp)),
         None => None,
     };
     drop(teacher_weights);
@@ -277,7 +288,7 @@ where
     // The matrices GaLore projects: the block matrices (those tensor parallelism splits).
     let low_rank: Vec<bool> = full_infos
         .iter()
-        .map(|i| shard_dim(&i.name).is_some())
+        .map(|i| block_matrix_dim(&i.name).is_some())
         .collect();
 
     let mut state = TrainState {
@@ -434,7 +445,10 @@ where
                 v.exp()
             ));
             if start_step == 0 {
-                let mse = projection_mse(&model.valid(), t, &blocks, &val_batches);
+                let mse = group_sum(
+                    tp,
+                    projection_mse(&model.valid(), t, &blocks, &val_batches, topo.tp),
+                );
                 metrics.note(json!({"step": 0, "val_mse": mse_json(&mse)}))?;
             }
         }
@@ -511,7 +525,7 @@ where
                 .collect(),
             _ => vec![true; infos.len()],
         };
-        let mut parts = [0.0f64; 3];
+        let mut parts = [0.0f64; 4];
         let lr = schedule.lr(step);
         let wd = schedule.weight_decay(step);
         test_panic(topo.rank, step + 1);
@@ -524,8 +538,8 @@ where
             let loss = match (&distill, &teacher, phase) {
                 (Some(d), Some(t), Some(ph)) => {
                     let x = batch_tensor::<B::InnerBackend>(&tokens, block_len, &inner_device);
-                    let l = distill_loss(d, ph, &model, t, x);
-                    for (acc, v) in parts.iter_mut().zip([l.mse, l.ce, l.kl]) {
+                    let l = distill_loss(d, ph, &model, t, x, topo.tp);
+                    for (acc, v) in parts.iter_mut().zip([l.mse_split, l.mse_whole, l.ce, l.kl]) {
                         *acc += v / n_micro as f64;
                     }
                     l.total
@@ -601,7 +615,18 @@ where
         let last = state.step == tc.steps || stop_here || too_bad;
         let mut extra = serde_json::Map::new();
         if let (Some(d), Some(ph)) = (&distill, phase) {
-            let [mse, ce, kl] = parts.map(|v| dist.dp.all_reduce_sum_f64(v) / topo.dp as f64);
+            let [split, whole, ce, kl] =
+                parts.map(|v| dist.dp.all_reduce_sum_f64(v) / topo.dp as f64);
+            let mse = tp.all_reduce_sum_f64(split) + whole;
+            // Under tensor parallelism the ranks' totals differ (each holds its share of the
+            // MSE): the logged loss is the whole one.
+            let mse_weight = if ph == Phase::EndToEnd {
+                0.0
+            } else {
+                d.mse_weight
+            };
+            loss = mse_weight * mse + d.ce_weight * ce + d.kl_weight * kl;
+            last_loss = loss;
             if ph != Phase::EndToEnd {
                 extra.insert("mse".into(), json!(mse));
             }
@@ -655,7 +680,14 @@ where
             metrics.validation(state.step, v)?;
             last_val = Some(v);
             if let (Some(d), Some(t)) = (&distill, &teacher) {
-                let mse = projection_mse(&model.valid(), t, &d.blocks(mc.n_layers), &val_batches);
+                let mse = projection_mse(
+                    &model.valid(),
+                    t,
+                    &d.blocks(mc.n_layers),
+                    &val_batches,
+                    topo.tp,
+                );
+                let mse = group_sum(tp, mse);
                 metrics.note(json!({"step": state.step, "val_mse": mse_json(&mse)}))?;
             }
         }
