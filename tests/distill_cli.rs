@@ -72,6 +72,124 @@ fn newest_step(run: &Path) -> u64 {
     *steps.last().unwrap()
 }
 
+/// The `logits` tensor of a safetensors file.
+fn read_logits(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let v = st.tensor("logits").unwrap();
+    assert_eq!(v.dtype(), safetensors::Dtype::F32);
+    let values = v
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (v.shape().to_vec(), values)
+}
+
+/// Hugging Face transformers' logits (tests/fixtures/hf-llama, data-prep/hf_llama_fixture.py)
+/// for a GQA model with an untied head in f32 and a tied one stored in bf16.
+#[test]
+fn logits_match_hugging_face_transformers() {
+    let fixtures = repo().join("tests/fixtures/hf-llama");
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["untied-f32", "tied-bf16"] {
+        let out = dir.path().join(format!("{name}.safetensors"));
+        let ids = fixtures.join("input_ids.safetensors");
+        ok(&tern(&[
+            "logits",
+            "--model",
+            s(&fixtures.join(name)),
+            "--input-ids",
+            s(&ids),
+            "--out",
+            s(&out),
+        ]));
+        let (shape, ours) = read_logits(&out);
+        let (want_shape, want) = read_logits(&fixtures.join(format!("logits-{name}.safetensors")));
+        assert_eq!(shape, want_shape);
+        assert_eq!(shape, [2, 11, 96]);
+        let diff = ours
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let biggest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(
+            diff <= 1e-4,
+            "{name}: max |difference| {diff} (logits up to {biggest})"
+        );
+        assert!(biggest > 1.0, "{name}: logits too small to tell anything");
+    }
+    // A sharded copy (index + two files) gives the same logits.
+    let sharded = dir.path().join("sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    let src = fixtures.join("untied-f32");
+    std::fs::copy(src.join("config.json"), sharded.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let mut map = serde_json::Map::new();
+    for (k, half) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", k + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView)> = half
+            .iter()
+            .map(|n| (n.clone(), st.tensor(n).unwrap()))
+            .collect();
+        std::fs::write(
+            sharded.join(&file),
+            safetensors::tensor::serialize(views, None).unwrap(),
+        )
+        .unwrap();
+        for n in half {
+            map.insert(n.clone(), Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let out = dir.path().join("sharded.safetensors");
+    let ids = fixtures.join("input_ids.safetensors");
+    ok(&tern(&[
+        "logits",
+        "--model",
+        s(&sharded),
+        "--input-ids",
+        s(&ids),
+        "--out",
+        s(&out),
+    ]));
+    assert_eq!(
+        read_logits(&out),
+        read_logits(&dir.path().join("untied-f32.safetensors"))
+    );
+    // Ids outside the vocabulary are refused, naming the position.
+    let bad = dir.path().join("bad.safetensors");
+    let b: Vec<u8> = [3i64, 96].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 2], &b).unwrap();
+    std::fs::write(
+        &bad,
+        safetensors::tensor::serialize([("input_ids", view)], None).unwrap(),
+    )
+    .unwrap();
+    fails_with(
+        &tern(&[
+            "logits",
+            "--model",
+            s(&src),
+            "--input-ids",
+            s(&bad),
+            "--out",
+            s(&out),
+        ]),
+        &["input_ids[0][1] = 96 is outside the model's vocabulary 0..96"],
+    );
+}
+
 #[test]
 fn distillation_lowers_the_projections_mse_and_freezes_the_rest() {
     let dir = tempfile::tempdir().unwrap();
