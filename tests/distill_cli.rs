@@ -442,6 +442,33 @@ fn tensor_parallel_distillation_logs_the_single_process_losses() {
     );
 }
 
+/// With CE and KL off, a block phase runs only the teacher up to the block and the block's
+/// projections: the loss is the MSE, and no CE is logged.
+#[test]
+fn mse_only_distillation_logs_no_cross_entropy() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("mse");
+    let teacher_arg = format!("distill.teacher=\"{}\"", teacher().display());
+    let mut a = distill_args(&run, &teacher_arg);
+    #[rustfmt::skip]
+    a.extend([
+        "--set", "distill.ce_weight=0", "--set", "distill.mse_weight=1", "--set", "distill.e2e_steps=0",
+        "--set", "train.steps=18", "--set", "train.eval_every=0",
+    ]);
+    ok(&tern(&a));
+    let steps: Vec<Value> = metrics(&run)
+        .into_iter()
+        .filter(|l| l.get("loss").is_some())
+        .collect();
+    assert_eq!(steps.len(), 18);
+    for l in &steps {
+        assert!(l.get("ce").is_none(), "{l}");
+        assert_eq!(l["loss"], l["mse"], "{l}");
+    }
+    let mse = |i: usize| steps[i]["mse"].as_f64().unwrap();
+    assert!(mse(7) < 0.8 * mse(0) && mse(15) < 0.8 * mse(8), "{steps:?}");
+}
+
 #[test]
 fn bad_distillation_settings_are_errors_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();

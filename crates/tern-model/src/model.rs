@@ -156,6 +156,25 @@ impl<B: CollectiveBackend> Llama<B> {
         (self.head(x), taps)
     }
 
+    /// Only the taps of [`Self::forward_tapped`]: the pass stops after the last block listed, so
+    /// matching early blocks costs a few blocks' compute, not the whole model's.
+    pub fn taps_only(&self, tokens: Tensor<B, 2, Int>, tap_layers: &[usize]) -> Vec<Vec<Tap<B>>> {
+        let [_, t] = tokens.dims();
+        let device = tokens.device();
+        let (cos, sin) = rope_tables::<B>(t, self.head_dim, self.rope_theta, &device);
+        let mut taps: Vec<Vec<Tap<B>>> = tap_layers.iter().map(|_| Vec::new()).collect();
+        let last = tap_layers.iter().max().map_or(0, |&l| l + 1);
+        let mut x = self.embed_tokens.forward(tokens);
+        for (i, block) in self.layers.iter().enumerate().take(last) {
+            let tap = tap_layers
+                .iter()
+                .position(|&l| l == i)
+                .map(|k| &mut taps[k]);
+            x = block.forward(x, &cos, &sin, tap);
+        }
+        taps
+    }
+
     /// Final norm and LM head: hidden states -> logits.
     fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.norm.forward(x);
@@ -283,6 +302,11 @@ mod tests {
             assert!(diff <= 1e-6, "{what}: max diff {diff}");
         };
         same(logits, m.forward(tokens.clone()), "logits");
+        let early = m.taps_only(tokens.clone(), &[0]);
+        assert_eq!(early.len(), 1);
+        for (a, b) in early[0].iter().zip(&taps[1]) {
+            same(a.output.clone(), b.output.clone(), "taps_only");
+        }
         let names: Vec<&str> = taps[1].iter().map(|t| t.name).collect();
         assert_eq!(
             names,

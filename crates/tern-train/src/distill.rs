@@ -286,6 +286,7 @@ pub struct DistillLoss<B: Backend> {
     pub mse_split: f64,
     /// The MSE of the other projections (equal on every rank of the group).
     pub mse_whole: f64,
+    /// NaN when the phase does not compute it (CE and KL weights 0).
     pub ce: f64,
     pub kl: f64,
 }
@@ -314,7 +315,17 @@ where
     let targets = block.narrow(1, 1, t1 - 1);
     let n_layers = student.layers.len();
     let matched = cfg.matched_blocks(phase, n_layers);
-    let (t_logits, taps) = teacher.forward_tapped(inputs.clone(), &matched);
+    // What this phase needs: the teacher's logits only for KL, the student's whole forward pass
+    // only for CE or KL (an MSE-only block phase runs the teacher up to the block and the
+    // student's projections of the block, nothing else).
+    let needs_logits = cfg.kl_weight > 0.0;
+    let needs_student = phase == Phase::EndToEnd || cfg.ce_weight > 0.0 || needs_logits;
+    let (t_logits, taps) = if needs_logits {
+        let (l, t) = teacher.forward_tapped(inputs.clone(), &matched);
+        (Some(l), t)
+    } else {
+        (None, teacher.taps_only(inputs.clone(), &matched))
+    };
 
     let device = student.embed_tokens.weight.device();
     let zero = || Tensor::<B, 1>::zeros([1], &device);
@@ -337,20 +348,30 @@ where
         }
     }
     let mse = split.clone() + whole.clone();
-    let s_logits = student.forward(Tensor::from_inner(inputs));
-    let ce = cross_entropy(s_logits.clone(), Tensor::from_inner(targets));
-    let kl = if cfg.kl_weight > 0.0 {
-        let temp = cfg.temperature;
-        let log_t = log_softmax(Tensor::<B, 3>::from_inner(t_logits).div_scalar(temp), 2);
-        let log_s = log_softmax(s_logits.div_scalar(temp), 2);
-        let [b, t, _] = log_s.dims();
-        (log_t.clone().exp() * (log_t - log_s))
-            .sum()
-            .div_scalar((b * t) as f64)
-            .mul_scalar(temp * temp)
-    } else {
-        zero()
+    let (ce, kl) = match needs_student {
+        false => (None, zero()),
+        true => {
+            let s_logits = student.forward(Tensor::from_inner(inputs));
+            let ce = cross_entropy(s_logits.clone(), Tensor::from_inner(targets));
+            let kl = match t_logits {
+                Some(t_logits) => {
+                    let temp = cfg.temperature;
+                    let log_t =
+                        log_softmax(Tensor::<B, 3>::from_inner(t_logits).div_scalar(temp), 2);
+                    let log_s = log_softmax(s_logits.div_scalar(temp), 2);
+                    let [b, t, _] = log_s.dims();
+                    (log_t.clone().exp() * (log_t - log_s))
+                        .sum()
+                        .div_scalar((b * t) as f64)
+                        .mul_scalar(temp * temp)
+                }
+                None => zero(),
+            };
+            (Some(ce), kl)
+        }
     };
+    let ce_value = ce.as_ref().map_or(f64::NAN, scalar);
+    let ce = ce.unwrap_or_else(zero);
     let mse_weight = if phase == Phase::EndToEnd {
         0.0
     } else {
@@ -362,7 +383,7 @@ where
     DistillLoss {
         mse_split: scalar(&split),
         mse_whole: scalar(&whole),
-        ce: scalar(&ce),
+        ce: ce_value,
         kl: scalar(&kl),
         total,
     }

@@ -625,12 +625,20 @@ where
             } else {
                 d.mse_weight
             };
-            loss = mse_weight * mse + d.ce_weight * ce + d.kl_weight * kl;
+            // (CE is NaN when not computed, and then its weight is 0.)
+            let ce_part = if d.ce_weight > 0.0 {
+                d.ce_weight * ce
+            } else {
+                0.0
+            };
+            loss = mse_weight * mse + ce_part + d.kl_weight * kl;
             last_loss = loss;
             if ph != Phase::EndToEnd {
                 extra.insert("mse".into(), json!(mse));
             }
-            extra.insert("ce".into(), json!(ce));
+            if ce.is_finite() || d.ce_weight > 0.0 || ph == Phase::EndToEnd {
+                extra.insert("ce".into(), json!(ce));
+            }
             if d.kl_weight > 0.0 {
                 extra.insert("kl".into(), json!(kl));
             }
