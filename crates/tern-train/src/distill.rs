@@ -395,8 +395,11 @@ where
 /// Under tensor parallelism every rank of the group must call it; each returns its share (column-
 /// parallel projections' MSE over its block of outputs, divided by the group size; the others'
 /// divided too), so that a sum over the group gives the projections' MSE.
+///
+/// With no student it gives `mean(y^2)`, the MSE of predicting zero: the scale to read the
+/// others against.
 pub fn projection_mse<B: CollectiveBackend>(
-    student: &Llama<B>,
+    student: Option<&Llama<B>>,
     teacher: &Llama<B>,
     layers: &[usize],
     blocks: &[Tensor<B, 2, Int>],
@@ -409,10 +412,13 @@ pub fn projection_mse<B: CollectiveBackend>(
         let mut k = 0;
         for (&l, taps) in layers.iter().zip(taps) {
             for tap in taps {
-                let y = student.layers[l].projection(tap.name).forward(tap.input);
-                let v: f32 = (y - tap.output).powi_scalar(2).mean().into_scalar().elem();
+                let err = match student {
+                    Some(s) => s.layers[l].projection(tap.name).forward(tap.input) - tap.output,
+                    None => tap.output,
+                };
+                let v: f32 = err.powi_scalar(2).mean().into_scalar().elem();
                 if sums.len() <= k {
-                    let full = student.layers[l]
+                    let full = teacher.layers[l]
                         .projections()
                         .into_iter()
                         .find(|(n, _)| n.ends_with(tap.name))
@@ -551,5 +557,39 @@ mod tests {
             tern_model::LinearKind::Ternary
         );
         assert!(student.layers[0].mlp.up_proj.encoder.is_none());
+    }
+
+    #[test]
+    fn kl_is_zero_for_the_teacher_itself_and_positive_otherwise() {
+        use burn::backend::{Autodiff, Flex};
+        use burn::module::AutodiffModule;
+        use burn::tensor::TensorData;
+        type AB = Autodiff<Flex>;
+        let m = ModelConfig::tiny(20, tern_model::LinearKind::Float);
+        let dev = Default::default();
+        let student = crate::init::init_normal(Llama::<AB>::new(&m, &dev), 3, 0.3, &dev);
+        let teacher = student.valid();
+        let c = DistillConfig {
+            kl_weight: 1.0,
+            temperature: 2.0,
+            ..cfg()
+        };
+        let block = Tensor::<Flex, 2, Int>::from_data(
+            TensorData::new(vec![1i64, 4, 7, 2, 9, 3, 0, 5, 8, 6], [2, 5]),
+            &dev,
+        );
+        let l = distill_loss(&c, Phase::EndToEnd, &student, &teacher, block.clone(), 1);
+        assert!(l.kl.abs() < 1e-6, "KL(p || p) = {}", l.kl);
+        let ce = scalar(&teacher.loss(block.clone()));
+        assert!((l.ce - ce).abs() < 1e-6, "{} vs {ce}", l.ce);
+        // Another student: KL > 0, and the total is ce_weight * CE + kl_weight * KL (no MSE end to end).
+        let other = crate::init::init_normal(Llama::<AB>::new(&m, &dev), 4, 0.3, &dev);
+        let l = distill_loss(&c, Phase::EndToEnd, &other, &teacher, block, 1);
+        assert!(l.kl > 1e-3, "{}", l.kl);
+        let total = scalar(&l.total);
+        assert!(
+            (total - (0.3 * l.ce + l.kl)).abs() < 1e-5 * total.abs(),
+            "{total}"
+        );
     }
 }

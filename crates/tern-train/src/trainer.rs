@@ -445,11 +445,13 @@ where
                 v.exp()
             ));
             if start_step == 0 {
-                let mse = group_sum(
-                    tp,
-                    projection_mse(&model.valid(), t, &blocks, &val_batches, topo.tp),
-                );
-                metrics.note(json!({"step": 0, "val_mse": mse_json(&mse)}))?;
+                let student = model.valid();
+                let mse = projection_mse(Some(&student), t, &blocks, &val_batches, topo.tp);
+                let y2 = projection_mse(None, t, &blocks, &val_batches, topo.tp);
+                let (mse, y2) = (group_sum(tp, mse), group_sum(tp, y2));
+                metrics.note(
+                    json!({"step": 0, "val_mse": mse_json(&mse), "val_teacher_y2": mse_json(&y2)}),
+                )?;
             }
         }
     }
@@ -689,7 +691,7 @@ where
             last_val = Some(v);
             if let (Some(d), Some(t)) = (&distill, &teacher) {
                 let mse = projection_mse(
-                    &model.valid(),
+                    Some(&model.valid()),
                     t,
                     &d.blocks(mc.n_layers),
                     &val_batches,
