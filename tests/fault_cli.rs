@@ -47,10 +47,12 @@ fn spawn(n: usize, a: &[String], env: &[(&str, &str)]) -> Child {
     c.spawn().expect("tern starts")
 }
 
-/// `(step, loss as printed)` of a run's training lines.
+/// `(step, loss as printed)` of a run's training lines (complete lines only: the run may be
+/// writing while a test polls).
 fn losses(run: &Path) -> Vec<(u64, String)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+    complete
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .filter(|v| v.get("loss").is_some())

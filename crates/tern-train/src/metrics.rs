@@ -116,7 +116,10 @@ impl Metrics {
     }
 
     fn write_line(o: &mut Outputs, v: Value) -> Result<()> {
-        writeln!(o.jsonl, "{v}").with_context(|| format!("writing {}", o.jsonl_path.display()))
+        // One write per line: a reader never sees a line's first half.
+        o.jsonl
+            .write_all(format!("{v}\n").as_bytes())
+            .with_context(|| format!("writing {}", o.jsonl_path.display()))
     }
 
     /// A plain line, or a message above the progress bar.
