@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::Args;
-use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::Compute;
@@ -74,6 +73,7 @@ pub fn run(a: LogitsArgs) -> Result<()> {
             k % s
         );
     }
+    let source = pre.source.clone();
     let device = Default::default();
     let model = pre.build::<Compute>(&device)?;
     let x = Tensor::<Compute, 2, Int>::from_data(TensorData::new(ids, [b, s]), &device);
@@ -83,13 +83,12 @@ pub fn run(a: LogitsArgs) -> Result<()> {
         .convert::<f32>()
         .to_vec()
         .map_err(|e| anyhow!("reading logits: {e:?}"))?;
-    let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = TensorView::new(Dtype::F32, vec![b, s, vocab], &bytes)?;
-    let out = safetensors::tensor::serialize([("logits", view)], None)?;
-    std::fs::write(&a.out, out).with_context(|| format!("writing {}", a.out.display()))?;
+    let named = vec![("logits".to_string(), vec![b, s, vocab], logits)];
+    tern_train::checkpoint::write_whole(&a.out, &named)
+        .with_context(|| format!("writing {}", a.out.display()))?;
     crate::say(&format!(
         "logits [{b}, {s}, {vocab}] of {} written to {}",
-        pre.source.display(),
+        source.display(),
         a.out.display()
     ));
     Ok(())

@@ -62,13 +62,17 @@ impl<B: CollectiveBackend> Attention<B> {
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let mut proj = |name, p: &ProjLinear<B>, x: Tensor<B, 3>| tapped(&mut taps, name, p, x);
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
-        let q = apply_rope(heads(proj("q_proj", &self.q_proj, x.clone()), nh), cos, sin);
-        let k = apply_rope(
-            heads(proj("k_proj", &self.k_proj, x.clone()), nkv),
+        let q = apply_rope(
+            heads(proj("self_attn.q_proj", &self.q_proj, x.clone()), nh),
             cos,
             sin,
         );
-        let v = heads(proj("v_proj", &self.v_proj, x), nkv);
+        let k = apply_rope(
+            heads(proj("self_attn.k_proj", &self.k_proj, x.clone()), nkv),
+            cos,
+            sin,
+        );
+        let v = heads(proj("self_attn.v_proj", &self.v_proj, x), nkv);
         // Query head j reads key/value head j / (nh / nkv), as HF's repeat_kv.
         let repeat = |y: Tensor<B, 4>| {
             if nh == nkv {
@@ -88,6 +92,6 @@ impl<B: CollectiveBackend> Attention<B> {
         // -inf * 0 would be NaN.
         let probs = softmax(scores.mask_fill(mask, -1e9), 3);
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
-        proj("o_proj", &self.o_proj, out)
+        proj("self_attn.o_proj", &self.o_proj, out)
     }
 }

@@ -11,6 +11,7 @@ pub mod model;
 pub mod norm;
 pub mod parallelize;
 pub mod rope;
+pub mod seed;
 pub mod student;
 
 pub use config::{ModelConfig, ModelConfigError};
@@ -20,4 +21,5 @@ pub use model::{cross_entropy, Llama};
 pub use parallelize::{
     block_matrix_dim, check_tp, parallelize, shard_dim, shard_values, unshard_values,
 };
+pub use seed::name_seed;
 pub use student::{studentize, StudentConfig};

@@ -245,7 +245,8 @@ impl<B: CollectiveBackend> ProjLinear<B> {
 /// A projection's input and output in one forward pass: what layer-wise distillation matches.
 #[derive(Debug, Clone)]
 pub struct Tap<B: Backend> {
-    /// `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj` or `down_proj`.
+    /// The projection's path in its block, as [`crate::model::Block::projections`] names it
+    /// (`self_attn.q_proj`, ..., `mlp.down_proj`).
     pub name: &'static str,
     pub input: Tensor<B, 3>,
     pub output: Tensor<B, 3>,

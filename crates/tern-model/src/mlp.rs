@@ -46,8 +46,8 @@ impl<B: CollectiveBackend> Mlp<B> {
         // through f32 whatever the tensor's precision, which breaks f64 gradient checks.
         let silu =
             |x: Tensor<B, 3>| x.clone() * x.div_scalar(2.0).tanh().add_scalar(1.0).div_scalar(2.0);
-        let h =
-            silu(proj("gate_proj", &self.gate_proj, x.clone())) * proj("up_proj", &self.up_proj, x);
-        proj("down_proj", &self.down_proj, h)
+        let h = silu(proj("mlp.gate_proj", &self.gate_proj, x.clone()))
+            * proj("mlp.up_proj", &self.up_proj, x);
+        proj("mlp.down_proj", &self.down_proj, h)
     }
 }

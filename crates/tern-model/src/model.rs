@@ -54,7 +54,7 @@ impl<B: Backend> Block<B> {
     pub fn projection(&self, tap_name: &str) -> &ProjLinear<B> {
         self.projections()
             .into_iter()
-            .find(|(n, _)| n.rsplit('.').next() == Some(tap_name))
+            .find(|(n, _)| *n == tap_name)
             .map(|(_, p)| p)
             .unwrap_or_else(|| panic!("no projection {tap_name}"))
     }
@@ -141,38 +141,37 @@ impl<B: CollectiveBackend> Llama<B> {
         tokens: Tensor<B, 2, Int>,
         tap_layers: &[usize],
     ) -> (Tensor<B, 3>, Vec<Vec<Tap<B>>>) {
-        let [_, t] = tokens.dims();
-        let device = tokens.device();
-        let (cos, sin) = rope_tables::<B>(t, self.head_dim, self.rope_theta, &device);
-        let mut taps: Vec<Vec<Tap<B>>> = tap_layers.iter().map(|_| Vec::new()).collect();
-        let mut x = self.embed_tokens.forward(tokens);
-        for (i, block) in self.layers.iter().enumerate() {
-            let tap = tap_layers
-                .iter()
-                .position(|&l| l == i)
-                .map(|k| &mut taps[k]);
-            x = block.forward(x, &cos, &sin, tap);
-        }
+        let (x, taps) = self.run_blocks(tokens, tap_layers, self.layers.len());
         (self.head(x), taps)
     }
 
     /// Only the taps of [`Self::forward_tapped`]: the pass stops after the last block listed, so
     /// matching early blocks costs a few blocks' compute, not the whole model's.
     pub fn taps_only(&self, tokens: Tensor<B, 2, Int>, tap_layers: &[usize]) -> Vec<Vec<Tap<B>>> {
+        let last = tap_layers.iter().max().map_or(0, |&l| l + 1);
+        self.run_blocks(tokens, tap_layers, last).1
+    }
+
+    /// Embedding and the first `n_blocks` blocks, with the taps of those in `tap_layers`.
+    fn run_blocks(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        tap_layers: &[usize],
+        n_blocks: usize,
+    ) -> (Tensor<B, 3>, Vec<Vec<Tap<B>>>) {
         let [_, t] = tokens.dims();
         let device = tokens.device();
         let (cos, sin) = rope_tables::<B>(t, self.head_dim, self.rope_theta, &device);
         let mut taps: Vec<Vec<Tap<B>>> = tap_layers.iter().map(|_| Vec::new()).collect();
-        let last = tap_layers.iter().max().map_or(0, |&l| l + 1);
         let mut x = self.embed_tokens.forward(tokens);
-        for (i, block) in self.layers.iter().enumerate().take(last) {
+        for (i, block) in self.layers.iter().enumerate().take(n_blocks) {
             let tap = tap_layers
                 .iter()
                 .position(|&l| l == i)
                 .map(|k| &mut taps[k]);
             x = block.forward(x, &cos, &sin, tap);
         }
-        taps
+        (x, taps)
     }
 
     /// Final norm and LM head: hidden states -> logits.
@@ -311,13 +310,13 @@ mod tests {
         assert_eq!(
             names,
             [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj"
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj"
             ]
         );
         // Every tap's output is its projection applied to its input.

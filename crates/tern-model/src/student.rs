@@ -5,9 +5,12 @@
 
 use burn::tensor::backend::Backend;
 
+use crate::attention::Attention;
 use crate::encoder::EncoderConfig;
 use crate::linear::{LinearKind, ProjLinear};
-use crate::model::Llama;
+use crate::mlp::Mlp;
+use crate::model::{Block, Llama};
+use crate::seed::name_seed;
 
 #[derive(Debug, Clone)]
 pub struct StudentConfig {
@@ -18,13 +21,6 @@ pub struct StudentConfig {
     pub seed: u64,
 }
 
-fn name_seed(seed: u64, name: &str) -> u64 {
-    // FNV-1a of the name: stable across Rust versions.
-    seed ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// Turns a plain model into the student of `c` (see the module comment). Encoder parameters are
 /// named `layers.{i}.{projection}.encoder.{fc1,fc2,alpha,beta}`.
 pub fn studentize<B: Backend>(model: Llama<B>, c: &StudentConfig, device: &B::Device) -> Llama<B> {
@@ -32,7 +28,7 @@ pub fn studentize<B: Backend>(model: Llama<B>, c: &StudentConfig, device: &B::De
         .layers
         .into_iter()
         .enumerate()
-        .map(|(i, mut b)| {
+        .map(|(i, b)| {
             let distilled = c.layers.contains(&i);
             let convert = |name: &str, p: ProjLinear<B>| -> ProjLinear<B> {
                 if distilled {
@@ -49,22 +45,24 @@ pub fn studentize<B: Backend>(model: Llama<B>, c: &StudentConfig, device: &B::De
                     }
                 }
             };
-            let a = &mut b.self_attn;
-            take(&mut a.q_proj, |p| convert("self_attn.q_proj", p));
-            take(&mut a.k_proj, |p| convert("self_attn.k_proj", p));
-            take(&mut a.v_proj, |p| convert("self_attn.v_proj", p));
-            take(&mut a.o_proj, |p| convert("self_attn.o_proj", p));
-            let m = &mut b.mlp;
-            take(&mut m.gate_proj, |p| convert("mlp.gate_proj", p));
-            take(&mut m.up_proj, |p| convert("mlp.up_proj", p));
-            take(&mut m.down_proj, |p| convert("mlp.down_proj", p));
-            b
+            let (a, m) = (b.self_attn, b.mlp);
+            Block {
+                self_attn: Attention {
+                    q_proj: convert("self_attn.q_proj", a.q_proj),
+                    k_proj: convert("self_attn.k_proj", a.k_proj),
+                    v_proj: convert("self_attn.v_proj", a.v_proj),
+                    o_proj: convert("self_attn.o_proj", a.o_proj),
+                    ..a
+                },
+                mlp: Mlp {
+                    gate_proj: convert("mlp.gate_proj", m.gate_proj),
+                    up_proj: convert("mlp.up_proj", m.up_proj),
+                    down_proj: convert("mlp.down_proj", m.down_proj),
+                    ..m
+                },
+                ..b
+            }
         })
         .collect();
     Llama { layers, ..model }
-}
-
-/// Replaces `*slot` by `f(*slot)`.
-fn take<T: Clone>(slot: &mut T, f: impl FnOnce(T) -> T) {
-    *slot = f(slot.clone());
 }

@@ -6,13 +6,18 @@
 //! Schedule: each distilled block alone for `block_steps` steps (the others frozen), then all of
 //! them together for `all_steps`, then `e2e_steps` end to end (every parameter, CE and KL only).
 
+use std::collections::HashMap;
+
+use crate::params::{assign_trainable, flat_values, param_infos};
+use burn::module::AutodiffModule;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor};
 use serde::{Deserialize, Serialize};
-use tern_dist::CollectiveBackend;
+use tern_dist::{CollectiveBackend, Comm};
 use tern_model::{
-    cross_entropy, EncoderConfig, Llama, ModelConfig, ParallelStyle, StudentConfig, Surrogate,
+    cross_entropy, studentize, EncoderConfig, Llama, ModelConfig, ParallelStyle, StudentConfig,
+    Surrogate,
 };
 
 /// `[distill]` of a recipe.
@@ -143,6 +148,54 @@ impl DistillConfig {
             },
             seed,
         }
+    }
+
+    /// The weights of (MSE, CE, KL) in `phase`: the end-to-end phase has no MSE.
+    pub fn weights(&self, phase: Phase) -> [f64; 3] {
+        let mse = if phase == Phase::EndToEnd {
+            0.0
+        } else {
+            self.mse_weight
+        };
+        [mse, self.ce_weight, self.kl_weight]
+    }
+
+    /// Whether `phase` runs the student's whole forward pass (for CE or KL); an MSE-only block
+    /// phase runs only the block's projections.
+    pub fn runs_student(&self, phase: Phase) -> bool {
+        phase == Phase::EndToEnd || self.ce_weight > 0.0 || self.kl_weight > 0.0
+    }
+
+    /// A step's loss and its `metrics.jsonl` fields (`mse`, `ce`, `kl`, `phase`, `block`) from
+    /// its whole-batch MSE, CE and KL (CE is not a number when the phase did not compute it).
+    pub fn step_fields(
+        &self,
+        phase: Phase,
+        mse: f64,
+        ce: f64,
+        kl: f64,
+    ) -> (f64, serde_json::Map<String, serde_json::Value>) {
+        use serde_json::json;
+        let [wm, wc, wk] = self.weights(phase);
+        let ran = self.runs_student(phase);
+        let loss = wm * mse + if ran { wc * ce } else { 0.0 } + wk * kl;
+        let mut f = serde_json::Map::new();
+        if phase != Phase::EndToEnd {
+            f.insert("mse".into(), json!(mse));
+        }
+        if ran {
+            f.insert("ce".into(), json!(ce));
+        }
+        if self.kl_weight > 0.0 {
+            f.insert("kl".into(), json!(kl));
+        }
+        f.insert("phase".into(), json!(phase.label()));
+        let block = match phase {
+            Phase::Block(b) => json!(b),
+            _ => serde_json::Value::Null,
+        };
+        f.insert("block".into(), block);
+        (loss, f)
     }
 
     /// Names and shapes of the student's encoder parameters (what `studentize` adds).
@@ -278,6 +331,46 @@ pub fn check_teacher(
     Ok(())
 }
 
+/// The student of `teacher`: `Llama::new(model)` made a student (`studentize`), holding the
+/// teacher's weights; its encoders keep their seeded initial values. `check_teacher` must have
+/// passed, so every other parameter has its twin, by name and shape, in the teacher.
+pub fn student_of<B: AutodiffBackend>(
+    teacher: &Llama<B::InnerBackend>,
+    cfg: &DistillConfig,
+    model: &ModelConfig,
+    seed: u64,
+    device: &B::Device,
+) -> Llama<B> {
+    let student = studentize(
+        Llama::<B>::new(model, device),
+        &cfg.student(model.n_layers, seed),
+        device,
+    );
+    let mut by_name: HashMap<String, Tensor<B::InnerBackend, 1>> =
+        param_infos::<B::InnerBackend, _>(teacher)
+            .into_iter()
+            .map(|i| i.name)
+            .zip(flat_values::<B::InnerBackend, _>(teacher))
+            .collect();
+    let own = flat_values::<B::InnerBackend, _>(&student.valid());
+    let values = param_infos::<B, _>(&student)
+        .into_iter()
+        .zip(own)
+        .map(|(info, own)| match by_name.remove(&info.name) {
+            Some(t) => t,
+            None => {
+                assert!(
+                    info.name.contains(".encoder."),
+                    "the teacher has no {}",
+                    info.name
+                );
+                own
+            }
+        })
+        .collect();
+    assign_trainable(student, values)
+}
+
 /// One micro-batch's loss and its parts (host values for the logs).
 pub struct DistillLoss<B: Backend> {
     pub total: Tensor<B, 1>,
@@ -319,7 +412,6 @@ where
     // only for CE or KL (an MSE-only block phase runs the teacher up to the block and the
     // student's projections of the block, nothing else).
     let needs_logits = cfg.kl_weight > 0.0;
-    let needs_student = phase == Phase::EndToEnd || cfg.ce_weight > 0.0 || needs_logits;
     let (t_logits, taps) = if needs_logits {
         let (l, t) = teacher.forward_tapped(inputs.clone(), &matched);
         (Some(l), t)
@@ -348,7 +440,7 @@ where
         }
     }
     let mse = split.clone() + whole.clone();
-    let (ce, kl) = match needs_student {
+    let (ce, kl) = match cfg.runs_student(phase) {
         false => (None, zero()),
         true => {
             let s_logits = student.forward(Tensor::from_inner(inputs));
@@ -372,14 +464,8 @@ where
     };
     let ce_value = ce.as_ref().map_or(f64::NAN, scalar);
     let ce = ce.unwrap_or_else(zero);
-    let mse_weight = if phase == Phase::EndToEnd {
-        0.0
-    } else {
-        cfg.mse_weight
-    };
-    let total = mse.clone().mul_scalar(mse_weight)
-        + ce.clone().mul_scalar(cfg.ce_weight)
-        + kl.clone().mul_scalar(cfg.kl_weight);
+    let [wm, wc, wk] = cfg.weights(phase);
+    let total = mse.mul_scalar(wm) + ce.mul_scalar(wc) + kl.clone().mul_scalar(wk);
     DistillLoss {
         mse_split: scalar(&split),
         mse_whole: scalar(&whole),
@@ -389,49 +475,66 @@ where
     }
 }
 
-/// Per projection of the distilled blocks, `MSE(W Enc(x), y)` against the teacher on `blocks`
-/// (`[batch, seq + 1]` tokens each), averaged over them: the figure the layer-wise phase lowers.
-///
-/// Under tensor parallelism every rank of the group must call it; each returns its share (column-
-/// parallel projections' MSE over its block of outputs, divided by the group size; the others'
-/// divided too), so that a sum over the group gives the projections' MSE.
-///
-/// With no student it gives `mean(y^2)`, the MSE of predicting zero: the scale to read the
-/// others against.
-pub fn projection_mse<B: CollectiveBackend>(
-    student: Option<&Llama<B>>,
+/// One projection's figures on the validation blocks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectionStat {
+    /// `layers.{i}.self_attn.q_proj`, ...
+    pub name: String,
+    /// `MSE(W Enc(x), y)` against the teacher: the figure the layer-wise phase lowers.
+    pub mse: f64,
+    /// `mean(y^2)` of the teacher's output, the MSE of predicting zero: the scale to read `mse`
+    /// against.
+    pub teacher_y2: f64,
+}
+
+/// [`ProjectionStat`] of every projection of the distilled `layers`, averaged over `blocks`
+/// (`[batch, seq + 1]` tokens each). Every rank of the tensor-parallel group `tp` must call it
+/// (each holds its block of the column-parallel projections' outputs); all get the whole figures.
+pub fn projection_stats<B: CollectiveBackend>(
+    student: &Llama<B>,
     teacher: &Llama<B>,
     layers: &[usize],
     blocks: &[Tensor<B, 2, Int>],
-    tp: usize,
-) -> Vec<(String, f64)> {
-    let mut sums: Vec<(String, f64)> = Vec::new();
+    tp: &dyn Comm,
+) -> Vec<ProjectionStat> {
+    let mut stats: Vec<ProjectionStat> = Vec::new();
+    // Each rank's share: its block's mean, divided by the group size (replicated outputs too),
+    // so that a sum over the group is the whole projection's mean.
+    let share = 1.0 / (blocks.len() * tp.size()) as f64;
+    let mean_sq = |t: Tensor<B, 3>| -> f64 {
+        let v: f32 = t.powi_scalar(2).mean().into_scalar().elem();
+        v as f64 * share
+    };
     for block in blocks {
         let [_, t1] = block.dims();
-        let (_, taps) = teacher.forward_tapped(block.clone().narrow(1, 0, t1 - 1), layers);
-        let mut k = 0;
-        for (&l, taps) in layers.iter().zip(taps) {
-            for tap in taps {
-                let err = match student {
-                    Some(s) => s.layers[l].projection(tap.name).forward(tap.input) - tap.output,
-                    None => tap.output,
-                };
-                let v: f32 = err.powi_scalar(2).mean().into_scalar().elem();
-                if sums.len() <= k {
-                    let full = teacher.layers[l]
-                        .projections()
-                        .into_iter()
-                        .find(|(n, _)| n.ends_with(tap.name))
-                        .map(|(n, _)| n)
-                        .unwrap_or(tap.name);
-                    sums.push((format!("layers.{l}.{full}"), 0.0));
-                }
-                sums[k].1 += v as f64 / blocks.len() as f64 / tp as f64;
-                k += 1;
+        let taps = teacher.taps_only(block.clone().narrow(1, 0, t1 - 1), layers);
+        let taps = layers
+            .iter()
+            .zip(taps)
+            .flat_map(|(&l, t)| t.into_iter().map(move |t| (l, t)));
+        for (k, (l, tap)) in taps.enumerate() {
+            let y = student.layers[l].projection(tap.name).forward(tap.input);
+            if stats.len() <= k {
+                stats.push(ProjectionStat {
+                    name: format!("layers.{l}.{}", tap.name),
+                    mse: 0.0,
+                    teacher_y2: 0.0,
+                });
             }
+            stats[k].mse += mean_sq(y - tap.output.clone());
+            stats[k].teacher_y2 += mean_sq(tap.output);
         }
     }
-    sums
+    let mut v: Vec<f32> = stats
+        .iter()
+        .flat_map(|s| [s.mse as f32, s.teacher_y2 as f32])
+        .collect();
+    tp.all_reduce_sum(&mut v);
+    for (s, pair) in stats.iter_mut().zip(v.chunks(2)) {
+        s.mse = pair[0] as f64;
+        s.teacher_y2 = pair[1] as f64;
+    }
+    stats
 }
 
 #[cfg(test)]

@@ -6,19 +6,13 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use tern_data::sampler::SplitMix64;
+use tern_model::name_seed;
 
 use crate::params::{assign, flat_values, param_infos};
 
-fn name_hash(name: &str) -> u64 {
-    // FNV-1a: stable across Rust versions, unlike std's hasher.
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// `n` samples of N(0, std) (Box-Muller) from the stream of (`seed`, `name`).
 pub fn normal_values(seed: u64, name: &str, n: usize, std: f64) -> Vec<f32> {
-    let mut rng = SplitMix64(seed ^ name_hash(name));
+    let mut rng = SplitMix64(name_seed(seed, name));
     let mut out = Vec::with_capacity(n + 1);
     let unit = |r: &mut SplitMix64| ((r.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
     while out.len() < n {

@@ -79,14 +79,14 @@ pub fn load(path: &Path) -> Result<Pretrained> {
 }
 
 impl Pretrained {
-    /// The model with these weights (module order, names and shapes checked).
-    pub fn build<B: Backend>(&self, device: &B::Device) -> Result<Llama<B>> {
+    /// The model with these weights (module order, names and shapes checked); the host copies
+    /// are consumed.
+    pub fn build<B: Backend>(mut self, device: &B::Device) -> Result<Llama<B>> {
         let mut model = Llama::new(&self.config, device);
         if let Some(s) = &self.student {
             model = studentize(model, s, device);
         }
-        let mut map = self.tensors.clone();
-        let values = take_named(&mut map, &model, &self.source)?;
+        let values = take_named(&mut self.tensors, &model, &self.source)?;
         Ok(assign(model, values))
     }
 }

@@ -14,7 +14,7 @@ use tern_model::{block_matrix_dim, parallelize, shard_values, Llama};
 use tern_optim::{clip_to, squared_norms, Optimizer, Schedule};
 
 use crate::checkpoint::{self, Piece, TrainState};
-use crate::distill::{check_teacher, distill_loss, projection_mse, Phase};
+use crate::distill::{check_teacher, distill_loss, projection_stats, student_of, ProjectionStat};
 use crate::init::init_normal;
 use crate::metrics::{Metrics, StepMetrics};
 use crate::params::{assign_trainable, flat_grads, flat_values, param_infos, ParamInfo};
@@ -22,7 +22,6 @@ use crate::pretrained;
 use crate::recipe::Recipe;
 use crate::shards::shard_dims;
 use serde_json::json;
-use tern_model::studentize;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resume {
@@ -102,18 +101,14 @@ fn validation_loss<B: CollectiveBackend>(model: &Llama<B>, batches: &[Tensor<B, 
 
 use burn::tensor::ElementConversion;
 
-/// Named values summed over a tensor-parallel group.
-fn group_sum(tp: &dyn tern_dist::Comm, mut named: Vec<(String, f64)>) -> Vec<(String, f64)> {
-    let mut v: Vec<f32> = named.iter().map(|(_, x)| *x as f32).collect();
-    tp.all_reduce_sum(&mut v);
-    for ((_, x), s) in named.iter_mut().zip(v) {
-        *x = s as f64;
-    }
-    named
-}
-
-fn mse_json(mse: &[(String, f64)]) -> serde_json::Value {
-    serde_json::Value::Object(mse.iter().map(|(k, v)| (k.clone(), json!(v))).collect())
+/// `{projection: figure}` for `metrics.jsonl`.
+fn stats_json(stats: &[ProjectionStat], figure: fn(&ProjectionStat) -> f64) -> serde_json::Value {
+    serde_json::Value::Object(
+        stats
+            .iter()
+            .map(|s| (s.name.clone(), json!(figure(s))))
+            .collect(),
+    )
 }
 
 /// A fresh run never writes into an earlier run's folder (their checkpoints and metrics would mix):
@@ -239,51 +234,18 @@ where
     let mc = &recipe.model;
     let tp = dist.tp.comm();
     let distill = recipe.distill.clone();
-    let mut model: Llama<B> = match (&distill, &teacher_weights) {
-        (Some(d), Some(t)) => {
-            // The teacher's weights; the encoders keep their seeded initial values.
-            let m = studentize(
-                Llama::new(mc, device),
-                &d.student(mc.n_layers, tc.seed),
-                device,
-            );
-            let current = flat_values::<B::InnerBackend, _>(&m.valid());
-            let mut map = t.tensors.clone();
-            let infos = param_infos::<B, _>(&m);
-            let values = infos
-                .iter()
-                .zip(current)
-                .map(|(info, cur)| {
-                    if info.name.contains(".encoder.") {
-                        return Ok(cur);
-                    }
-                    let (shape, v) = map.remove(&info.name).ok_or_else(|| {
-                        anyhow!("{}: the teacher has no {}", t.source.display(), info.name)
-                    })?;
-                    if shape != info.shape {
-                        bail!(
-                            "{}: the teacher's {} has shape {shape:?}, the student's {:?}",
-                            t.source.display(),
-                            info.name,
-                            info.shape
-                        );
-                    }
-                    Ok(from_host(v, &cur.device()))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            assign_trainable(m, values)
-        }
+    // The teacher is built whole first: the student starts from its weights.
+    let teacher: Option<Llama<B::InnerBackend>> =
+        teacher_weights.map(|t| t.build(device)).transpose()?;
+    let mut model: Llama<B> = match (&distill, &teacher) {
+        (Some(d), Some(t)) => student_of::<B>(t, d, mc, tc.seed, device),
         _ => init_normal(Llama::new(mc, device), tc.seed, mc.init_std, device),
     };
     let full_infos = param_infos::<B, _>(&model);
     // The same device seen from the inner (non-autodiff) backend, where optimizer state lives.
     let inner_device = model.valid().embed_tokens.weight.val().device();
-    let teacher: Option<Llama<B::InnerBackend>> = match &teacher_weights {
-        // Split like the student: each rank's taps are then the blocks its projections hold.
-        Some(t) => Some(parallelize(t.build(&inner_device)?, &dist.tp)),
-        None => None,
-    };
-    drop(teacher_weights);
+    // Split like the student: each rank's taps are then the blocks its projections hold.
+    let teacher = teacher.map(|t| parallelize(t, &dist.tp));
     let mut resumed_moments = None;
     // The matrices GaLore projects: the block matrices (those tensor parallelism splits).
     let low_rank: Vec<bool> = full_infos
@@ -445,13 +407,12 @@ where
                 v.exp()
             ));
             if start_step == 0 {
-                let student = model.valid();
-                let mse = projection_mse(Some(&student), t, &blocks, &val_batches, topo.tp);
-                let y2 = projection_mse(None, t, &blocks, &val_batches, topo.tp);
-                let (mse, y2) = (group_sum(tp, mse), group_sum(tp, y2));
-                metrics.note(
-                    json!({"step": 0, "val_mse": mse_json(&mse), "val_teacher_y2": mse_json(&y2)}),
-                )?;
+                let stats = projection_stats(&model.valid(), t, &blocks, &val_batches, tp);
+                metrics.note(json!({
+                    "step": 0,
+                    "val_mse": stats_json(&stats, |s| s.mse),
+                    "val_teacher_y2": stats_json(&stats, |s| s.teacher_y2),
+                }))?;
             }
         }
     }
@@ -619,39 +580,11 @@ where
         if let (Some(d), Some(ph)) = (&distill, phase) {
             let [split, whole, ce, kl] =
                 parts.map(|v| dist.dp.all_reduce_sum_f64(v) / topo.dp as f64);
-            let mse = tp.all_reduce_sum_f64(split) + whole;
             // Under tensor parallelism the ranks' totals differ (each holds its share of the
             // MSE): the logged loss is the whole one.
-            let mse_weight = if ph == Phase::EndToEnd {
-                0.0
-            } else {
-                d.mse_weight
-            };
-            // (CE is NaN when not computed, and then its weight is 0.)
-            let ce_part = if d.ce_weight > 0.0 {
-                d.ce_weight * ce
-            } else {
-                0.0
-            };
-            loss = mse_weight * mse + ce_part + d.kl_weight * kl;
+            let mse = tp.all_reduce_sum_f64(split) + whole;
+            (loss, extra) = d.step_fields(ph, mse, ce, kl);
             last_loss = loss;
-            if ph != Phase::EndToEnd {
-                extra.insert("mse".into(), json!(mse));
-            }
-            if ce.is_finite() || d.ce_weight > 0.0 || ph == Phase::EndToEnd {
-                extra.insert("ce".into(), json!(ce));
-            }
-            if d.kl_weight > 0.0 {
-                extra.insert("kl".into(), json!(kl));
-            }
-            extra.insert("phase".into(), json!(ph.label()));
-            extra.insert(
-                "block".into(),
-                match ph {
-                    Phase::Block(b) => json!(b),
-                    _ => serde_json::Value::Null,
-                },
-            );
         }
         if state.step.is_multiple_of(tc.log_every) || state.step == 1 || last {
             let secs = interval_start.elapsed().as_secs_f64();
@@ -690,15 +623,10 @@ where
             metrics.validation(state.step, v)?;
             last_val = Some(v);
             if let (Some(d), Some(t)) = (&distill, &teacher) {
-                let mse = projection_mse(
-                    Some(&model.valid()),
-                    t,
-                    &d.blocks(mc.n_layers),
-                    &val_batches,
-                    topo.tp,
-                );
-                let mse = group_sum(tp, mse);
-                metrics.note(json!({"step": state.step, "val_mse": mse_json(&mse)}))?;
+                let blocks = d.blocks(mc.n_layers);
+                let stats = projection_stats(&model.valid(), t, &blocks, &val_batches, tp);
+                metrics
+                    .note(json!({"step": state.step, "val_mse": stats_json(&stats, |s| s.mse)}))?;
             }
         }
         if (tc.checkpoint_every > 0 && state.step.is_multiple_of(tc.checkpoint_every)) || last {
