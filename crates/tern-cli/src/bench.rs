@@ -21,6 +21,15 @@ pub struct BenchArgs {
     /// Vocabulary size when the recipe leaves it to the tokenizer.
     #[arg(long, default_value_t = 4096)]
     pub vocab: usize,
+    /// Time the packed ternary matmul kernel against f32 products instead (no recipe used).
+    #[arg(long)]
+    pub matmul: bool,
+    /// With --matmul: matrix shapes OUTxIN (repeatable; TinyLlama-1.1B's four when omitted).
+    #[arg(long = "shape", requires = "matmul")]
+    pub shapes: Vec<String>,
+    /// With --matmul: batch sizes (repeatable; 1 and 64 when omitted).
+    #[arg(long = "batch", requires = "matmul")]
+    pub batches: Vec<usize>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -34,6 +43,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// backward, and the gradient all-reduce with its bus bandwidth (NCCL's convention:
 /// 2 (n-1)/n x bytes / time).
 pub fn run(a: BenchArgs) -> Result<()> {
+    if a.matmul {
+        return crate::bench_matmul::run(&a.shapes, &a.batches);
+    }
     let mut recipe = a.recipe.load()?;
     let dist = crate::start_job(&recipe)?;
     let vocab = *recipe.model.vocab_size.get_or_insert(a.vocab);

@@ -12,7 +12,8 @@ use crate::Compute;
 
 #[derive(Args)]
 pub struct LogitsArgs {
-    /// A Hugging Face Llama directory, a tern checkpoint, or a run's checkpoints folder.
+    /// A Hugging Face Llama directory, a tern checkpoint, a run's checkpoints folder, or a packed
+    /// file (run on the packed ternary kernel, without unpacking).
     #[arg(long)]
     model: PathBuf,
     /// safetensors file with tensor `input_ids`: [batch, seq], int64 (or int32).
@@ -56,11 +57,8 @@ fn read_ids(path: &PathBuf) -> Result<(Vec<i64>, [usize; 2])> {
     Ok((ids, shape))
 }
 
-pub fn run(a: LogitsArgs) -> Result<()> {
-    crate::check_device()?;
-    let (ids, [b, s]) = read_ids(&a.input_ids)?;
-    let pre = tern_train::pretrained::load(&a.model)?;
-    let vocab = pre.config.vocab();
+/// Ids outside `0..vocab` are an error naming the position.
+fn check_ids(ids: &[i64], s: usize, vocab: usize, path: &std::path::Path) -> Result<()> {
     if let Some((k, id)) = ids
         .iter()
         .enumerate()
@@ -68,11 +66,46 @@ pub fn run(a: LogitsArgs) -> Result<()> {
     {
         bail!(
             "{}: input_ids[{}][{}] = {id} is outside the model's vocabulary 0..{vocab}",
-            a.input_ids.display(),
+            path.display(),
             k / s,
             k % s
         );
     }
+    Ok(())
+}
+
+/// The packed model's logits, one sequence at a time through the inference kernel.
+fn packed_logits(a: &LogitsArgs, ids: &[i64], b: usize, s: usize) -> Result<()> {
+    let packed = tern_pack::PackedModel::read(&a.model)?;
+    let model = tern_infer::InferModel::from_packed(packed)?;
+    let vocab = model.vocab();
+    check_ids(ids, s, vocab, &a.input_ids)?;
+    let mut logits = Vec::with_capacity(b * s * vocab);
+    for row in ids.chunks(s) {
+        let tokens: Vec<u32> = row.iter().map(|&t| t as u32).collect();
+        let mut cache = tern_infer::KvCache::new(model.config.n_layers);
+        logits.extend(model.forward(&tokens, &mut cache, true)?);
+    }
+    let named = vec![("logits".to_string(), vec![b, s, vocab], logits)];
+    tern_train::checkpoint::write_whole(&a.out, &named)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    crate::say(&format!(
+        "logits [{b}, {s}, {vocab}] of packed {} written to {}",
+        a.model.display(),
+        a.out.display()
+    ));
+    Ok(())
+}
+
+pub fn run(a: LogitsArgs) -> Result<()> {
+    let (ids, [b, s]) = read_ids(&a.input_ids)?;
+    if tern_pack::PackedModel::is_packed_file(&a.model) {
+        return packed_logits(&a, &ids, b, s);
+    }
+    crate::check_device()?;
+    let pre = tern_train::pretrained::load(&a.model)?;
+    let vocab = pre.config.vocab();
+    check_ids(&ids, s, vocab, &a.input_ids)?;
     let source = pre.source.clone();
     let device = Default::default();
     let model = pre.build::<Compute>(&device)?;

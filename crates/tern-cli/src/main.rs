@@ -1,8 +1,13 @@
 //! `tern`: pretraining of ternary LLaMA models.
 
 mod bench;
+mod bench_matmul;
 mod ckpt;
 mod data;
+mod eval;
+mod export;
+mod generate;
+mod load;
 mod logits;
 mod plan;
 mod prep;
@@ -60,8 +65,15 @@ enum Command {
     Prep(Box<prep::PrepArgs>),
     /// Inspect a checkpoint, or consolidate its parts into one safetensors file.
     Ckpt(ckpt::CkptArgs),
-    /// Write a model's logits for given token ids (Hugging Face directory or tern checkpoint).
+    /// Write a model's logits for given token ids (Hugging Face directory, tern checkpoint, or
+    /// packed file: then on the packed-code kernel).
     Logits(logits::LogitsArgs),
+    /// Export a trained model: packed ternary file, Hugging Face directory, or GGUF.
+    Export(export::ExportArgs),
+    /// Generate text from a prompt (packed file, checkpoint or Hugging Face directory).
+    Generate(generate::GenerateArgs),
+    /// Loss and perplexity of a model on held-out data (shards, text, or a recipe's validation).
+    Eval(eval::EvalArgs),
 }
 
 /// The `cuda` build loads the NVIDIA driver at run time; without one, burn-cuda panics deep inside.
@@ -184,6 +196,9 @@ fn main() -> ExitCode {
         Command::Prep(a) => prep::run(*a),
         Command::Ckpt(a) => ckpt::run(a),
         Command::Logits(a) => logits::run(a),
+        Command::Export(a) => export::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Eval(a) => eval::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

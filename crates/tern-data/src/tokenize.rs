@@ -21,17 +21,18 @@ impl TextTokenizer {
     pub fn load(path: &Path, eos_token: &str) -> Result<Self> {
         let bytes = std::fs::read(path)
             .with_context(|| format!("data.tokenizer: reading {}", path.display()))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
-            anyhow!(
-                "data.tokenizer: {} is not a tokenizer.json: {e}",
-                path.display()
-            )
-        })?;
+        Self::from_bytes(&bytes, &path.display().to_string(), eos_token)
+    }
+
+    /// A tokenizer.json's bytes; `label` names it in errors.
+    pub fn from_bytes(bytes: &[u8], label: &str, eos_token: &str) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| anyhow!("data.tokenizer: {label} is not a tokenizer.json: {e}"))?;
         let eos_id = inner
             .token_to_id(eos_token)
-            .ok_or_else(|| anyhow!("data.eos_token: {eos_token:?} is not in {}", path.display()))?;
+            .ok_or_else(|| anyhow!("data.eos_token: {eos_token:?} is not in {label}"))?;
         let vocab_size = inner.get_vocab_size(true);
-        let sha256 = format!("{:x}", Sha256::digest(&bytes));
+        let sha256 = format!("{:x}", Sha256::digest(bytes));
         Ok(Self {
             inner,
             eos_id,

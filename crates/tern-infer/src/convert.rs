@@ -1,0 +1,117 @@
+//! A trained model's tensors (latent weights, as checkpoints hold them) -> its packed form: the
+//! ternary codes and scales the training forward pass uses, computed by the same function
+//! (`tern_model::linear::ternary_codes`), so the packed model is the trained one exactly.
+
+use anyhow::{bail, Result};
+use burn::backend::Flex;
+use burn::tensor::{Tensor, TensorData};
+use tern_model::linear::ternary_codes;
+use tern_model::{LinearKind, ModelConfig, ScaleAxis};
+use tern_pack::file::FloatDtype;
+use tern_pack::{Encoding, PackedModel, PackedTensor, TernaryMatrix};
+
+/// How a parameter is split into scale groups when it is a ternary block projection.
+pub fn ternary_axis(config: &ModelConfig, name: &str) -> Option<ScaleAxis> {
+    if config.linear != LinearKind::Ternary || !name.starts_with("layers.") {
+        return None;
+    }
+    if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+        Some(ScaleAxis::Cols)
+    } else if name.ends_with("_proj.weight") {
+        Some(ScaleAxis::Rows)
+    } else {
+        None
+    }
+}
+
+/// The codes and scales of a latent weight `[rows, cols]`.
+pub fn ternary_matrix(
+    values: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    groups: usize,
+    axis: ScaleAxis,
+    eps: f64,
+) -> TernaryMatrix {
+    let device = Default::default();
+    let w = Tensor::<Flex, 2>::from_data(TensorData::new(values, [rows, cols]), &device);
+    let (codes, gamma) = ternary_codes(w, groups, axis, eps);
+    let codes: Vec<f32> = codes.into_data().convert::<f32>().to_vec().unwrap();
+    let scales: Vec<f32> = gamma.into_data().convert::<f32>().to_vec().unwrap();
+    let (row_groups, col_groups) = match axis {
+        ScaleAxis::Rows => (groups, 1),
+        ScaleAxis::Cols => (1, groups),
+    };
+    TernaryMatrix {
+        rows,
+        cols,
+        row_groups,
+        col_groups,
+        codes: codes.iter().map(|&c| c as i8).collect(),
+        scales,
+    }
+}
+
+/// The packed model of `config` from its tensors in module order (`ModelConfig::param_shapes`).
+pub fn pack_model(
+    config: &ModelConfig,
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    encoding: Encoding,
+    float_dtype: FloatDtype,
+) -> Result<PackedModel> {
+    let expected = config.param_shapes();
+    if tensors.len() != expected.len() {
+        bail!(
+            "{} tensors for a model of {} parameters tensors",
+            tensors.len(),
+            expected.len()
+        );
+    }
+    let mut out = Vec::with_capacity(tensors.len());
+    for ((name, shape, values), (want, want_shape)) in tensors.into_iter().zip(expected) {
+        if name != want || shape != want_shape {
+            bail!("tensor {name} {shape:?} where the model has {want} {want_shape:?}");
+        }
+        let t = match ternary_axis(config, &name) {
+            Some(axis) => PackedTensor::Ternary(ternary_matrix(
+                values,
+                shape[0],
+                shape[1],
+                config.scale_groups,
+                axis,
+                config.ternary_eps,
+            )),
+            None => PackedTensor::Float { shape, values },
+        };
+        out.push((name, t));
+    }
+    Ok(PackedModel {
+        config: serde_json::to_value(config)?,
+        encoding,
+        float_dtype,
+        tensors: out,
+        tokenizer: None,
+        source: None,
+    })
+}
+
+/// The float tensors a standard Llama implementation computes the same function with: each
+/// ternary matrix as `scale * code` (what the training forward pass multiplies by).
+pub fn effective_tensors(p: &PackedModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    p.tensors
+        .iter()
+        .map(|(n, t)| match t {
+            PackedTensor::Ternary(m) => (n.clone(), vec![m.rows, m.cols], m.dequantize()),
+            PackedTensor::Float { shape, values } => (n.clone(), shape.clone(), values.clone()),
+        })
+        .collect()
+}
+
+/// The model config of a packed file.
+pub fn packed_config(p: &PackedModel) -> Result<ModelConfig> {
+    let c: ModelConfig = serde_json::from_value(p.config.clone())
+        .map_err(|e| anyhow::anyhow!("packed file's config: {e}"))?;
+    c.validate()
+        .map_err(|e| anyhow::anyhow!("packed file's config: {e}"))?;
+    Ok(c)
+}

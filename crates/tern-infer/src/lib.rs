@@ -1,0 +1,13 @@
+//! Inference on packed ternary models: the packed-code matmul kernel ([`kernel`]), a LLaMA
+//! forward pass with a KV cache ([`model`]), sampling and generation ([`sample`]), and the step
+//! from a trained model's tensors to its packed form ([`convert`]).
+
+pub mod convert;
+pub mod kernel;
+pub mod model;
+pub mod sample;
+
+pub use convert::{effective_tensors, pack_model, packed_config, ternary_matrix};
+pub use kernel::{Dense, Matrix, PackedTernary};
+pub use model::{InferModel, KvCache};
+pub use sample::{generate, Conversation, Generated, Sampler, SamplerConfig};

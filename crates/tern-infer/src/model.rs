@@ -1,0 +1,309 @@
+//! The LLaMA forward pass for inference, on the packed model: plain f32 arrays, the matrices of
+//! [`crate::kernel`], and a KV cache so that generating a token costs one position, not the
+//! whole prefix. Computes what `tern_model::Llama::forward` computes (RMSNorm, RoPE in
+//! `rotate_half` layout, grouped-query attention, SwiGLU, tied or untied head).
+
+use anyhow::{anyhow, bail, Result};
+use rayon::prelude::*;
+use tern_model::ModelConfig;
+use tern_pack::{PackedModel, PackedTensor};
+
+use crate::convert::packed_config;
+use crate::kernel::{Dense, Matrix, PackedTernary};
+
+pub struct Layer {
+    pub input_layernorm: Vec<f32>,
+    pub q_proj: Matrix,
+    pub k_proj: Matrix,
+    pub v_proj: Matrix,
+    pub o_proj: Matrix,
+    pub post_attention_layernorm: Vec<f32>,
+    pub gate_proj: Matrix,
+    pub up_proj: Matrix,
+    pub down_proj: Matrix,
+}
+
+pub struct InferModel {
+    pub config: ModelConfig,
+    /// `None` when tied to the head (then the head's matrix is the embedding).
+    pub embed_tokens: Option<Dense>,
+    pub layers: Vec<Layer>,
+    pub norm: Vec<f32>,
+    pub lm_head: Matrix,
+}
+
+/// Keys and values of the positions seen so far, per layer (`[positions, kv_heads * head_dim]`).
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(layers: usize) -> Self {
+        Self {
+            k: vec![Vec::new(); layers],
+            v: vec![Vec::new(); layers],
+            len: 0,
+        }
+    }
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl InferModel {
+    /// The model of a packed file (ternary matrices stay packed).
+    pub fn from_packed(p: PackedModel) -> Result<Self> {
+        let config = packed_config(&p)?;
+        let mut map: std::collections::HashMap<String, PackedTensor> =
+            p.tensors.into_iter().collect();
+        let mut take = |name: &str, shape: &[usize]| -> Result<Matrix> {
+            let t = map
+                .remove(name)
+                .ok_or_else(|| anyhow!("the packed file has no tensor {name}"))?;
+            let m = match t {
+                PackedTensor::Ternary(m) => {
+                    if [m.rows, m.cols] != shape {
+                        bail!(
+                            "{name} is [{}, {}]; the config needs {shape:?}",
+                            m.rows,
+                            m.cols
+                        );
+                    }
+                    Matrix::Ternary(PackedTernary::new(&m))
+                }
+                PackedTensor::Float { shape: s, values } => {
+                    if s != shape {
+                        bail!("{name} is {s:?}; the config needs {shape:?}");
+                    }
+                    let cols = if s.len() == 2 { s[1] } else { s[0] };
+                    Matrix::Dense(Dense {
+                        rows: values.len() / cols.max(1),
+                        cols,
+                        values,
+                    })
+                }
+            };
+            Ok(m)
+        };
+        let vector = |m: Matrix| match m {
+            Matrix::Dense(d) => Ok(d.values),
+            Matrix::Ternary(_) => Err(anyhow!("a norm weight cannot be ternary")),
+        };
+        let (h, i, v) = (config.hidden, config.intermediate, config.vocab());
+        let kv = config.kv_heads() * config.head_dim();
+        let embed_tokens = match take("embed_tokens.weight", &[v, h])? {
+            Matrix::Dense(d) => d,
+            Matrix::Ternary(_) => bail!("embed_tokens.weight cannot be ternary"),
+        };
+        let mut layers = Vec::new();
+        for l in 0..config.n_layers {
+            let n = |s: &str| format!("layers.{l}.{s}");
+            layers.push(Layer {
+                input_layernorm: vector(take(&n("input_layernorm.weight"), &[h])?)?,
+                q_proj: take(&n("self_attn.q_proj.weight"), &[h, h])?,
+                k_proj: take(&n("self_attn.k_proj.weight"), &[kv, h])?,
+                v_proj: take(&n("self_attn.v_proj.weight"), &[kv, h])?,
+                o_proj: take(&n("self_attn.o_proj.weight"), &[h, h])?,
+                post_attention_layernorm: vector(take(
+                    &n("post_attention_layernorm.weight"),
+                    &[h],
+                )?)?,
+                gate_proj: take(&n("mlp.gate_proj.weight"), &[i, h])?,
+                up_proj: take(&n("mlp.up_proj.weight"), &[i, h])?,
+                down_proj: take(&n("mlp.down_proj.weight"), &[h, i])?,
+            });
+        }
+        let norm = vector(take("norm.weight", &[h])?)?;
+        let (embed_tokens, lm_head) = if config.tie_embeddings {
+            (None, Matrix::Dense(embed_tokens))
+        } else {
+            (Some(embed_tokens), take("lm_head.weight", &[v, h])?)
+        };
+        if let Some(extra) = map.keys().next() {
+            bail!("the packed file has a tensor the config does not explain: {extra}");
+        }
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// Bytes of weights held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let mats = self.layers.iter().flat_map(|l| {
+            [
+                &l.q_proj,
+                &l.k_proj,
+                &l.v_proj,
+                &l.o_proj,
+                &l.gate_proj,
+                &l.up_proj,
+                &l.down_proj,
+            ]
+        });
+        mats.map(|m| m.bytes()).sum::<usize>()
+            + self.embed_tokens.as_ref().map_or(0, |e| 4 * e.values.len())
+            + self.lm_head.bytes()
+    }
+
+    fn embedding(&self) -> &Dense {
+        match (&self.embed_tokens, &self.lm_head) {
+            (Some(e), _) => e,
+            (None, Matrix::Dense(d)) => d,
+            (None, Matrix::Ternary(_)) => unreachable!("a tied head is the dense embedding"),
+        }
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.config.vocab()
+    }
+
+    /// Runs `tokens` (positions `cache.len()..`) through the model, appending to the cache.
+    /// Returns the logits of every position (`[tokens, vocab]`) when `all` is set, else of the last.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all: bool) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (h, vocab) = (c.hidden, c.vocab());
+        let t = tokens.len();
+        if t == 0 {
+            bail!("no tokens to run");
+        }
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            bail!("token id {bad} is outside the model's vocabulary 0..{vocab}");
+        }
+        let mut x: Vec<f32> = tokens
+            .iter()
+            .flat_map(|&id| {
+                self.embedding().values[id as usize * h..][..h]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        let pos0 = cache.len;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let a = rms_norm(&x, &layer.input_layernorm, c.rms_eps);
+            let attn = self.attention(layer, &a, t, pos0, &mut cache.k[l], &mut cache.v[l]);
+            add(&mut x, &layer.o_proj.matmul(&attn, t));
+            let m = rms_norm(&x, &layer.post_attention_layernorm, c.rms_eps);
+            let mut g = layer.gate_proj.matmul(&m, t);
+            let u = layer.up_proj.matmul(&m, t);
+            for (gi, ui) in g.iter_mut().zip(&u) {
+                *gi = *gi / (1.0 + (-*gi).exp()) * ui;
+            }
+            add(&mut x, &layer.down_proj.matmul(&g, t));
+        }
+        cache.len += t;
+        let rows = if all { t } else { 1 };
+        let last = &x[(t - rows) * h..];
+        let xn = rms_norm(last, &self.norm, c.rms_eps);
+        Ok(self.lm_head.matmul(&xn, rows))
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        a: &[f32],
+        t: usize,
+        pos0: usize,
+        k_cache: &mut Vec<f32>,
+        v_cache: &mut Vec<f32>,
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.n_heads, c.kv_heads(), c.head_dim());
+        let mut q = layer.q_proj.matmul(a, t);
+        let mut k = layer.k_proj.matmul(a, t);
+        let v = layer.v_proj.matmul(a, t);
+        for i in 0..t {
+            let (cos, sin) = rope_row(pos0 + i, hd, c.rope_theta);
+            for head in q[i * nh * hd..][..nh * hd].chunks_mut(hd) {
+                rotate(head, &cos, &sin);
+            }
+            for head in k[i * nkv * hd..][..nkv * hd].chunks_mut(hd) {
+                rotate(head, &cos, &sin);
+            }
+        }
+        k_cache.extend_from_slice(&k);
+        v_cache.extend_from_slice(&v);
+        let (k_all, v_all) = (&*k_cache, &*v_cache);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let group = nh / nkv;
+        let mut out = vec![0f32; t * nh * hd];
+        out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
+            let (i, head) = (idx / nh, idx % nh);
+            let kvh = head / group;
+            let qv = &q[(i * nh + head) * hd..][..hd];
+            let n = pos0 + i + 1; // causal: positions 0..=pos0+i
+            let mut scores: Vec<f32> = (0..n)
+                .map(|s| {
+                    let kv_row = &k_all[(s * nkv + kvh) * hd..][..hd];
+                    qv.iter().zip(kv_row).map(|(a, b)| a * b).sum::<f32>() * scale
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            for (s, p) in scores.iter().enumerate() {
+                let vr = &v_all[(s * nkv + kvh) * hd..][..hd];
+                for (oj, vj) in o.iter_mut().zip(vr) {
+                    *oj += p / sum * vj;
+                }
+            }
+        });
+        out
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// `x / sqrt(mean(x^2) + eps) * w` for each row of `x`.
+fn rms_norm(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
+    let h = w.len();
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks(h) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+        let rms = (ms + eps as f32).sqrt();
+        out.extend(row.iter().zip(w).map(|(v, g)| v / rms * g));
+    }
+    out
+}
+
+/// RoPE tables of one position, as `tern_model::rope::rope_tables` computes them.
+fn rope_row(pos: usize, hd: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
+    let half = hd / 2;
+    (0..hd)
+        .map(|j| {
+            let inv_freq = theta.powf(-(2.0 * (j % half) as f64) / hd as f64);
+            let angle = pos as f64 * inv_freq;
+            (angle.cos() as f32, angle.sin() as f32)
+        })
+        .unzip()
+}
+
+/// `x * cos + rotate_half(x) * sin`.
+fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    let orig = x.to_vec();
+    for j in 0..x.len() {
+        let rot = if j < half {
+            -orig[j + half]
+        } else {
+            orig[j - half]
+        };
+        x[j] = orig[j] * cos[j] + rot * sin[j];
+    }
+}

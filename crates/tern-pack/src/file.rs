@@ -1,0 +1,439 @@
+//! tern's packed model file: one safetensors file.
+//!
+//! - a ternary matrix `NAME` is stored as `NAME.codes` (U8, `[rows, row_bytes]`, see
+//!   [`crate::codes`]) and `NAME.scales` (F32, `[row_groups, col_groups]`);
+//! - every other tensor as `NAME`, in F32 (as trained) or, on request, F16 / BF16;
+//! - metadata: `format = "tern-packed"`, `version = "1"`, `encoding` (`2bit` | `base3`), `config`
+//!   (the model's `[model]` section as JSON), `ternary` (JSON: name -> shape and scale groups),
+//!   `order` (JSON list: every tensor in module order), optionally `tokenizer` (the tokenizer.json
+//!   text, so the file alone can generate text) and `source`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::codes::{unpack, Encoding, TernaryMatrix};
+
+pub const FORMAT: &str = "tern-packed";
+pub const VERSION: &str = "1";
+
+/// How the tensors that are not ternary are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloatDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl FloatDtype {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            "bf16" => Ok(Self::Bf16),
+            _ => bail!("unknown float type {s:?}; expected f32, f16 or bf16"),
+        }
+    }
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            _ => 2,
+        }
+    }
+    fn dtype(self) -> Dtype {
+        match self {
+            Self::F32 => Dtype::F32,
+            Self::F16 => Dtype::F16,
+            Self::Bf16 => Dtype::BF16,
+        }
+    }
+    fn encode(self, v: &[f32]) -> Vec<u8> {
+        match self {
+            Self::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Self::F16 => v
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect(),
+            Self::Bf16 => v
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PackedTensor {
+    Ternary(TernaryMatrix),
+    Float { shape: Vec<usize>, values: Vec<f32> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct TernaryMeta {
+    shape: [usize; 2],
+    row_groups: usize,
+    col_groups: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedModel {
+    /// The `[model]` section (tern's `ModelConfig`) as JSON.
+    pub config: Value,
+    pub encoding: Encoding,
+    pub float_dtype: FloatDtype,
+    /// Every tensor by tern name, in module order.
+    pub tensors: Vec<(String, PackedTensor)>,
+    /// tokenizer.json's text.
+    pub tokenizer: Option<String>,
+    /// Where the weights came from (a checkpoint directory).
+    pub source: Option<String>,
+}
+
+/// Sizes of a model's tensors as stored (headers and tokenizer not counted).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SizeReport {
+    pub ternary_params: u64,
+    /// Codes and scales of the ternary matrices.
+    pub ternary_bytes: u64,
+    pub other_params: u64,
+    pub other_bytes: u64,
+}
+
+impl SizeReport {
+    pub fn add_ternary(&mut self, rows: usize, cols: usize, groups: usize, enc: Encoding) {
+        self.ternary_params += (rows * cols) as u64;
+        self.ternary_bytes += (rows * enc.row_bytes(cols) + 4 * groups) as u64;
+    }
+    pub fn add_float(&mut self, n: usize, dtype: FloatDtype) {
+        self.other_params += n as u64;
+        self.other_bytes += (n * dtype.bytes()) as u64;
+    }
+    pub fn params(&self) -> u64 {
+        self.ternary_params + self.other_params
+    }
+    pub fn bytes(&self) -> u64 {
+        self.ternary_bytes + self.other_bytes
+    }
+    pub fn ternary_bits(&self) -> f64 {
+        8.0 * self.ternary_bytes as f64 / self.ternary_params.max(1) as f64
+    }
+    pub fn bits(&self) -> f64 {
+        8.0 * self.bytes() as f64 / self.params().max(1) as f64
+    }
+    /// How many times smaller than the same parameters in fp32 / fp16.
+    pub fn vs_fp32(&self) -> f64 {
+        4.0 * self.params() as f64 / self.bytes() as f64
+    }
+    pub fn vs_fp16(&self) -> f64 {
+        2.0 * self.params() as f64 / self.bytes() as f64
+    }
+    /// A few lines for people.
+    pub fn describe(&self) -> String {
+        format!(
+            "ternary matrices: {} params in {} bytes = {:.3} bits/param\n\
+             other tensors:    {} params in {} bytes\n\
+             whole model:      {} params in {} bytes = {:.3} bits/param, {:.2}x smaller than fp32, \
+             {:.2}x smaller than fp16",
+            self.ternary_params,
+            self.ternary_bytes,
+            self.ternary_bits(),
+            self.other_params,
+            self.other_bytes,
+            self.params(),
+            self.bytes(),
+            self.bits(),
+            self.vs_fp32(),
+            self.vs_fp16()
+        )
+    }
+}
+
+impl PackedModel {
+    pub fn size(&self) -> SizeReport {
+        let mut s = SizeReport::default();
+        for (_, t) in &self.tensors {
+            match t {
+                PackedTensor::Ternary(m) => {
+                    s.add_ternary(m.rows, m.cols, m.row_groups * m.col_groups, self.encoding)
+                }
+                PackedTensor::Float { values, .. } => s.add_float(values.len(), self.float_dtype),
+            }
+        }
+        s
+    }
+
+    /// The file's bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut blobs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut ternary = BTreeMap::new();
+        for (name, t) in &self.tensors {
+            match t {
+                PackedTensor::Ternary(m) => {
+                    m.check(name)?;
+                    let stride = self.encoding.row_bytes(m.cols);
+                    blobs.push((
+                        format!("{name}.codes"),
+                        Dtype::U8,
+                        vec![m.rows, stride],
+                        m.pack(self.encoding),
+                    ));
+                    blobs.push((
+                        format!("{name}.scales"),
+                        Dtype::F32,
+                        vec![m.row_groups, m.col_groups],
+                        m.scales.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    ));
+                    ternary.insert(
+                        name.clone(),
+                        TernaryMeta {
+                            shape: [m.rows, m.cols],
+                            row_groups: m.row_groups,
+                            col_groups: m.col_groups,
+                        },
+                    );
+                }
+                PackedTensor::Float { shape, values } => {
+                    if shape.iter().product::<usize>() != values.len() {
+                        bail!("{name}: {} values for shape {shape:?}", values.len());
+                    }
+                    blobs.push((
+                        name.clone(),
+                        self.float_dtype.dtype(),
+                        shape.clone(),
+                        self.float_dtype.encode(values),
+                    ));
+                }
+            }
+        }
+        let order: Vec<&String> = self.tensors.iter().map(|(n, _)| n).collect();
+        let mut meta = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("version".to_string(), VERSION.to_string()),
+            ("encoding".to_string(), self.encoding.name().to_string()),
+            ("config".to_string(), self.config.to_string()),
+            ("ternary".to_string(), serde_json::to_string(&ternary)?),
+            ("order".to_string(), serde_json::to_string(&order)?),
+        ]);
+        if let Some(t) = &self.tokenizer {
+            meta.insert("tokenizer".into(), t.clone());
+        }
+        if let Some(s) = &self.source {
+            meta.insert("source".into(), s.clone());
+        }
+        let views = blobs
+            .iter()
+            .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
+            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+        Ok(safetensors::tensor::serialize(views, Some(meta))?)
+    }
+
+    /// Writes the file atomically (a temporary file renamed into place); returns its size.
+    pub fn write(&self, path: &Path) -> Result<u64> {
+        let bytes = self.to_bytes()?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+        Ok(bytes.len() as u64)
+    }
+
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_bytes(&bytes).with_context(|| format!("{}", path.display()))
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let (_, header) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| anyhow!("not a safetensors file: {e}"))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let get = |k: &str| {
+            meta.get(k)
+                .ok_or_else(|| anyhow!("metadata has no {k:?}: not a tern packed file"))
+        };
+        if get("format")? != FORMAT {
+            bail!("metadata format = {:?}, not {FORMAT:?}", get("format")?);
+        }
+        if get("version")? != VERSION {
+            bail!(
+                "packed format version {} (this tern reads {VERSION})",
+                get("version")?
+            );
+        }
+        let encoding = Encoding::parse(get("encoding")?)?;
+        let config: Value = serde_json::from_str(get("config")?).context("metadata config")?;
+        let ternary: BTreeMap<String, TernaryMeta> =
+            serde_json::from_str(get("ternary")?).context("metadata ternary")?;
+        let order: Vec<String> = serde_json::from_str(get("order")?).context("metadata order")?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{e}"))?;
+        let tensor = |n: &str| st.tensor(n).map_err(|_| anyhow!("tensor {n} is missing"));
+        let mut float_dtype = FloatDtype::F32;
+        let mut tensors = Vec::new();
+        for name in order {
+            if let Some(m) = ternary.get(&name) {
+                let codes = tensor(&format!("{name}.codes"))?;
+                let scales = tensor(&format!("{name}.scales"))?;
+                let [rows, cols] = m.shape;
+                if codes.dtype() != Dtype::U8 || scales.dtype() != Dtype::F32 {
+                    bail!("{name}: codes must be U8 and scales F32");
+                }
+                if scales.shape() != [m.row_groups, m.col_groups] {
+                    bail!(
+                        "{name}.scales has shape {:?}; metadata says {} x {} groups",
+                        scales.shape(),
+                        m.row_groups,
+                        m.col_groups
+                    );
+                }
+                let matrix = TernaryMatrix {
+                    rows,
+                    cols,
+                    row_groups: m.row_groups,
+                    col_groups: m.col_groups,
+                    codes: unpack(codes.data(), rows, cols, encoding, &name)?,
+                    scales: scales
+                        .data()
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                };
+                matrix.check(&name)?;
+                tensors.push((name, PackedTensor::Ternary(matrix)));
+            } else {
+                let t = tensor(&name)?;
+                let d = t.data();
+                let values: Vec<f32> = match t.dtype() {
+                    Dtype::F32 => d
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                    Dtype::F16 => {
+                        float_dtype = FloatDtype::F16;
+                        d.chunks_exact(2)
+                            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                            .collect()
+                    }
+                    Dtype::BF16 => {
+                        float_dtype = FloatDtype::Bf16;
+                        d.chunks_exact(2)
+                            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                            .collect()
+                    }
+                    other => bail!("{name} is {other:?}; expected F32, F16 or BF16"),
+                };
+                tensors.push((
+                    name,
+                    PackedTensor::Float {
+                        shape: t.shape().to_vec(),
+                        values,
+                    },
+                ));
+            }
+        }
+        Ok(Self {
+            config,
+            encoding,
+            float_dtype,
+            tensors,
+            tokenizer: meta.get("tokenizer").cloned(),
+            source: meta.get("source").cloned(),
+        })
+    }
+
+    /// Whether `path` starts like a tern packed file (cheap: reads the header only).
+    pub fn is_packed_file(path: &Path) -> bool {
+        use std::io::Read;
+        let Ok(mut f) = std::fs::File::open(path) else {
+            return false;
+        };
+        let mut n = [0u8; 8];
+        if f.read_exact(&mut n).is_err() {
+            return false;
+        }
+        let len = u64::from_le_bytes(n);
+        if len > 200 << 20 {
+            return false;
+        }
+        let mut h = vec![0u8; len as usize];
+        f.read_exact(&mut h).is_ok()
+            && serde_json::from_slice::<Value>(&h)
+                .ok()
+                .and_then(|v| {
+                    v.get("__metadata__")?
+                        .get("format")?
+                        .as_str()
+                        .map(|s| s == FORMAT)
+                })
+                .unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(enc: Encoding, dtype: FloatDtype) -> PackedModel {
+        let codes: Vec<i8> = (0..6 * 10).map(|i| ((i * 7 + 3) % 3) as i8 - 1).collect();
+        PackedModel {
+            config: serde_json::json!({"hidden": 10}),
+            encoding: enc,
+            float_dtype: dtype,
+            tensors: vec![
+                (
+                    "embed_tokens.weight".into(),
+                    PackedTensor::Float {
+                        shape: vec![3, 10],
+                        values: (0..30).map(|i| i as f32 * 0.25 - 3.0).collect(),
+                    },
+                ),
+                (
+                    "layers.0.mlp.down_proj.weight".into(),
+                    PackedTensor::Ternary(TernaryMatrix {
+                        rows: 6,
+                        cols: 10,
+                        row_groups: 1,
+                        col_groups: 2,
+                        codes,
+                        scales: vec![0.1, 0.37],
+                    }),
+                ),
+            ],
+            tokenizer: Some("{\"model\": {}}".into()),
+            source: Some("run/checkpoints/step_9".into()),
+        }
+    }
+
+    #[test]
+    fn round_trip_is_exact() {
+        for enc in [Encoding::Bits2, Encoding::Base3] {
+            for dt in [FloatDtype::F32, FloatDtype::F16, FloatDtype::Bf16] {
+                let m = model(enc, dt);
+                let back = PackedModel::from_bytes(&m.to_bytes().unwrap()).unwrap();
+                // Values that are exact in f16 / bf16 (multiples of 1/4 below 8) survive all three.
+                assert_eq!(back, m, "{enc:?} {dt:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn sizes_count_codes_scales_and_floats() {
+        let s = model(Encoding::Base3, FloatDtype::F16).size();
+        assert_eq!(s.ternary_params, 60);
+        assert_eq!(s.ternary_bytes, 6 * 2 + 8);
+        assert_eq!(s.other_bytes, 60);
+        let s2 = model(Encoding::Bits2, FloatDtype::F32).size();
+        assert_eq!(s2.ternary_bytes, 6 * 3 + 8);
+        assert!((s2.bits() - 8.0 * (26.0 + 120.0) / 90.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn other_files_are_refused() {
+        let v = TensorView::new(Dtype::F32, vec![1], &[0, 0, 0, 0]).unwrap();
+        let plain = safetensors::tensor::serialize(vec![("x", v)], None).unwrap();
+        let e = PackedModel::from_bytes(&plain).unwrap_err().to_string();
+        assert!(e.contains("not a tern packed file"), "{e}");
+    }
+}
