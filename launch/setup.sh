@@ -17,7 +17,8 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 # Debian's own Python refuses pip installs into the system (PEP 668) unless told otherwise.
-# TensorBoard's reader and h5py check tern's event files and HDF5 shards in the tests.
-python3 -m pip install -q tensorboard h5py 2>/dev/null \
-  || python3 -m pip install -q --break-system-packages tensorboard h5py
+# TensorBoard's reader and h5py check tern's event files and HDF5 shards in the tests; gguf (llama.cpp's
+# gguf-py) checks its GGUF exports.
+python3 -m pip install -q tensorboard h5py gguf safetensors numpy 2>/dev/null \
+  || python3 -m pip install -q --break-system-packages tensorboard h5py gguf safetensors numpy
 echo "setup done: $(cargo --version), $(python3 -c 'import tensorboard, h5py; print("tensorboard", tensorboard.__version__, "h5py", h5py.__version__)')"

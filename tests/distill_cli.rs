@@ -72,20 +72,6 @@ fn newest_step(run: &Path) -> u64 {
     *steps.last().unwrap()
 }
 
-/// The `logits` tensor of a safetensors file.
-fn read_logits(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let v = st.tensor("logits").unwrap();
-    assert_eq!(v.dtype(), safetensors::Dtype::F32);
-    let values = v
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (v.shape().to_vec(), values)
-}
-
 /// Hugging Face transformers' logits (tests/fixtures/hf-llama, data-prep/hf_llama_fixture.py)
 /// for a GQA model with an untied head in f32 and a tied one stored in bf16.
 #[test]
