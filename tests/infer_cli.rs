@@ -415,7 +415,6 @@ fn gguf_tensors(bytes: &[u8]) -> std::collections::HashMap<String, (Vec<u64>, u3
         let off = u64::from_le_bytes(owned(8).try_into().unwrap()) as usize;
         infos.push((name, dims, ty, off));
     }
-    drop(owned);
     let data_start = p.div_ceil(32) * 32;
     infos
         .into_iter()

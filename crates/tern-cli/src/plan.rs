@@ -31,5 +31,36 @@ pub fn run(a: PlanArgs) -> Result<()> {
     let world = a.world.unwrap_or(p.tp * p.dp.unwrap_or(1));
     let plan = tern_train::plan::plan(&recipe, world).map_err(|e| anyhow!(e))?;
     println!("{plan}");
+    if recipe.model.linear == tern_model::LinearKind::Ternary {
+        println!("{}", packed_sizes(&recipe.model));
+    }
     Ok(())
+}
+
+/// What `tern export --format packed` would write for this model (tensor bytes; the header and
+/// tokenizer add a few hundred KB), for the two code encodings.
+fn packed_sizes(m: &tern_model::ModelConfig) -> String {
+    use tern_pack::file::FloatDtype;
+    use tern_pack::{Encoding, SizeReport};
+    let mut parts = Vec::new();
+    for (enc, dtype, label) in [
+        (Encoding::Bits2, FloatDtype::F32, "2bit + f32"),
+        (Encoding::Base3, FloatDtype::F16, "base3 + f16"),
+    ] {
+        let mut r = SizeReport::default();
+        for (name, shape) in m.param_shapes() {
+            match tern_infer::convert::ternary_axis(m, &name) {
+                Some(_) => r.add_ternary(shape[0], shape[1], m.scale_groups, enc),
+                None => r.add_float(shape.iter().product(), dtype),
+            }
+        }
+        parts.push(format!(
+            "{label}: {:.1} MB, {:.3} bits/param ({:.3} in the ternary matrices), {:.2}x smaller than fp32",
+            r.bytes() as f64 / 1e6,
+            r.bits(),
+            r.ternary_bits(),
+            r.vs_fp32()
+        ));
+    }
+    format!("packed export    {}", parts.join(" | "))
 }
