@@ -353,6 +353,14 @@ fn distillation_lowers_the_projections_mse_and_freezes_the_rest() {
     let lb = std::fs::read(&out).unwrap();
     let st = SafeTensors::deserialize(&lb).unwrap();
     assert_eq!(st.tensor("logits").unwrap().shape(), [2, 3, 4096]);
+    // Its encoders have no packed / Hugging Face / GGUF form: export says so.
+    let packed = dir.path().join("student.tpk");
+    #[rustfmt::skip]
+    fails_with(
+        &tern(&["export", "--checkpoint", s(&run), "--format", "packed", "--out", s(&packed)]),
+        &["distillation student", "encoders"],
+    );
+    assert!(!packed.exists());
 }
 
 /// Runs the short distillation in one process with `one` and under `mpirun -np 2` with `two`,

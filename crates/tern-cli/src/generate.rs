@@ -60,16 +60,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let loaded = crate::load::for_inference(&a.model, a.tokenizer.as_deref())?;
     let tok = loaded.tokenizer()?;
-    let eos = if a.ignore_eos {
-        None
-    } else {
-        loaded
-            .tokenizer
-            .as_deref()
-            .map(tern_pack::gguf::special_tokens)
-            .transpose()?
-            .and_then(|s| s.eos)
-    };
+    let eos = if a.ignore_eos { None } else { loaded.eos()? };
     let model = InferModel::from_packed(loaded.packed)?;
     let mut sampler = Sampler::new(cfg);
     let mut conv = Conversation::new(&model);

@@ -15,10 +15,25 @@ pub struct Loaded {
     pub tokenizer: Option<String>,
     /// The training sequence length, when the source says it.
     pub seq_len: Option<usize>,
+    /// The end-of-sequence id a Hugging Face config.json names (it wins over the tokenizer's).
+    pub config_eos: Option<u32>,
     pub source: PathBuf,
 }
 
 impl Loaded {
+    /// Where generation stops: config.json's eos_token_id, else the tokenizer's end token.
+    pub fn eos(&self) -> Result<Option<u32>> {
+        if self.config_eos.is_some() {
+            return Ok(self.config_eos);
+        }
+        Ok(self
+            .tokenizer
+            .as_deref()
+            .map(tern_pack::gguf::special_tokens)
+            .transpose()?
+            .and_then(|s| s.eos))
+    }
+
     pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
         let Some(text) = &self.tokenizer else {
             bail!(
@@ -65,6 +80,7 @@ pub fn load(
             config,
             tokenizer,
             seq_len: None,
+            config_eos: None,
             source: path.to_path_buf(),
         });
     }
@@ -93,7 +109,9 @@ pub fn load(
         tensors.push((name, shape, v));
     }
     let mut packed = tern_infer::pack_model(&config, tensors, encoding, float_dtype)?;
+    let mut config_eos = None;
     let (found, seq_len) = if tern_hf::is_hf_dir(&source) {
+        config_eos = tern_hf::read_config(&source)?.1.eos_token_id;
         let t = source.join("tokenizer.json");
         (t.is_file().then(|| read_tokenizer(&t)).transpose()?, None)
     } else {
@@ -116,6 +134,7 @@ pub fn load(
         config,
         tokenizer,
         seq_len,
+        config_eos,
         source,
     })
 }

@@ -297,7 +297,7 @@ pub fn tokenizer_meta(tokenizer_json: &str, vocab: usize) -> Result<Vec<(String,
         ("tokenizer.ggml.model".into(), MetaValue::Str("gpt2".into())),
         (
             "tokenizer.ggml.pre".into(),
-            MetaValue::Str("default".into()),
+            MetaValue::Str(pre_tokenizer(&t).into()),
         ),
         ("tokenizer.ggml.tokens".into(), MetaValue::Strs(tokens)),
         ("tokenizer.ggml.token_type".into(), MetaValue::I32s(types)),
@@ -317,6 +317,19 @@ pub fn tokenizer_meta(tokenizer_json: &str, vocab: usize) -> Result<Vec<(String,
         MetaValue::Bool(false),
     ));
     Ok(kv)
+}
+
+/// llama.cpp's name for the tokenizer's pre-tokenizer: "gpt-2" is exactly Hugging Face's plain
+/// ByteLevel split (GPT-2's regex); anything else gets "default", which llama.cpp loads with a
+/// warning (its "default" regexes differ from Hugging Face's, so text may split differently; an
+/// unknown name would not load at all).
+fn pre_tokenizer(t: &Value) -> &'static str {
+    let p = &t["pre_tokenizer"];
+    if p["type"] == "ByteLevel" && p["use_regex"].as_bool().unwrap_or(true) {
+        "gpt-2"
+    } else {
+        "default"
+    }
 }
 
 /// Begin / end of sequence and unknown token ids of a tokenizer.
