@@ -111,9 +111,11 @@ def main():
         tol = 1e-3 if want_type != GGMLQuantizationType.F32 else 0.0
         check(rel <= tol, f"{g}: max relative difference {rel:.3g} > {tol}")
         if want_type == ternary_type:
-            # Every weight is one of {-d, 0, d} for its row's scale.
-            nz = np.abs(v[v != 0])
-            check(nz.size > 0, f"{g}: all zero")
+            # Every 256-weight block holds only {-d, 0, d}, d its largest |value|.
+            blocks = np.abs(v.reshape(-1, 256))
+            d = blocks.max(axis=1, keepdims=True)
+            check(bool(np.all((blocks == 0) | (blocks == d))), f"{g}: a block is not ternary")
+            check(bool(np.any(d > 0)), f"{g}: all zero")
     check(counted == len(r.tensors), f"{len(r.tensors)} GGUF tensors, {counted} matched")
     print(json.dumps({"tensors": counted, "max_rel_diff": max_rel, "failures": fail}))
     sys.exit(1 if fail else 0)

@@ -156,6 +156,19 @@ fn packed_model_is_the_trained_checkpoint() {
     );
     let size = |p: &Path| std::fs::metadata(p).unwrap().len();
     assert!(size(&p3) < size(&p2) && size(&p3h) < size(&p3));
+    // A packed file re-exported with other codes is stored as asked.
+    let p3b = dir.path().join("m3b.tpk");
+    #[rustfmt::skip]
+    ok(&tern(&["export", "--checkpoint", s(&p2), "--format", "packed", "--codes", "base3", "--out", s(&p3b)]));
+    let b = std::fs::read(&p3b).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    assert_eq!(header["__metadata__"]["encoding"], "base3");
+    // down_proj [64, 128]: 26 bytes a row in base 3.
+    assert_eq!(
+        header["layers.0.mlp.down_proj.weight.codes"]["shape"],
+        serde_json::json!([64, 26])
+    );
 
     // Logits: checkpoint through burn vs the packed kernel.
     let ids_file = dir.path().join("ids.safetensors");

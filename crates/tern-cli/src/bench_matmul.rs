@@ -57,6 +57,9 @@ pub fn run(shapes: &[String], batches: &[usize]) -> Result<()> {
             .map(|s| parse_shape(s))
             .collect::<Result<_>>()?
     };
+    if batches.contains(&0) {
+        bail!("--batch must be at least 1");
+    }
     let batches = if batches.is_empty() {
         vec![1, 64]
     } else {

@@ -78,6 +78,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if dc.seq_len < 1 {
         bail!("--seq-len must be at least 1");
     }
+    if a.max_blocks == Some(0) {
+        bail!("--max-blocks must be at least 1");
+    }
     let model = InferModel::from_packed(loaded.packed)?;
     if tok.vocab_size > model.vocab() {
         bail!(

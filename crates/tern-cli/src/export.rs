@@ -82,17 +82,12 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 .collect();
             let mut config = loaded.config.clone();
             config.linear = tern_model::LinearKind::Float;
-            let special = loaded
-                .tokenizer
-                .as_deref()
-                .map(tern_pack::gguf::special_tokens)
-                .transpose()?
-                .map(|s| tern_hf::Special {
-                    bos_token_id: s.bos,
-                    eos_token_id: s.eos,
-                })
-                .unwrap_or_default();
-            let positions = loaded.seq_len.unwrap_or(2048).max(2048);
+            let s = loaded.special()?;
+            let special = tern_hf::Special {
+                bos_token_id: s.bos,
+                eos_token_id: s.eos,
+            };
+            let positions = loaded.max_positions.unwrap_or(2048);
             tern_hf::save(&a.out, &config, &special, &tensors, positions, None)?;
             if let Some(t) = &loaded.tokenizer {
                 let p = a.out.join("tokenizer.json");
@@ -123,7 +118,15 @@ pub fn run(a: ExportArgs) -> Result<()> {
             let Some(tok) = &loaded.tokenizer else {
                 bail!("{src}: GGUF needs the tokenizer; pass --tokenizer tokenizer.json");
             };
-            let file = gguf(&loaded.config, &loaded.packed.tensors, ty, float, tok, &src)?;
+            let info = GgufInfo {
+                ternary: ty,
+                float,
+                tokenizer: tok,
+                special: loaded.special()?,
+                context_length: loaded.max_positions.unwrap_or(2048),
+                name: &src,
+            };
+            let file = gguf(&loaded.config, &loaded.packed.tensors, &info)?;
             let bytes = file.write(&a.out)?;
             crate::say(&format!(
                 "GGUF {} from {src}: {} tensors, ternary matrices in {}, {bytes} bytes",
@@ -187,20 +190,30 @@ fn reorder_rows<T: Clone>(v: &[T], cols: usize, order: &[usize]) -> Vec<T> {
         .collect()
 }
 
+/// What a GGUF file holds besides the tensors.
+pub struct GgufInfo<'a> {
+    /// TQ2_0 or TQ1_0.
+    pub ternary: GgmlType,
+    /// F32 or F16, for the embedding and head.
+    pub float: GgmlType,
+    pub tokenizer: &'a str,
+    pub special: tern_pack::gguf::SpecialTokens,
+    pub context_length: usize,
+    pub name: &'a str,
+}
+
 /// The GGUF file of a model.
 pub fn gguf(
     c: &ModelConfig,
     tensors: &[(String, PackedTensor)],
-    ty: GgmlType,
-    float: GgmlType,
-    tokenizer: &str,
-    name: &str,
+    info: &GgufInfo,
 ) -> Result<GgufFile> {
+    let (ty, float) = (info.ternary, info.float);
     let mut f = GgufFile::default();
     let u = |v: usize| MetaValue::U32(v as u32);
     f.set("general.architecture", MetaValue::Str("llama".into()));
-    f.set("general.name", MetaValue::Str(name.into()));
-    f.set("llama.context_length", u(2048));
+    f.set("general.name", MetaValue::Str(info.name.into()));
+    f.set("llama.context_length", u(info.context_length));
     f.set("llama.embedding_length", u(c.hidden));
     f.set("llama.block_count", u(c.n_layers));
     f.set("llama.feed_forward_length", u(c.intermediate));
@@ -213,11 +226,18 @@ pub fn gguf(
     );
     f.set("llama.rope.freq_base", MetaValue::F32(c.rope_theta as f32));
     f.set("llama.vocab_size", u(c.vocab()));
-    f.set(
-        "general.file_type",
-        u(if ty == GgmlType::Tq1_0 { 36 } else { 37 }),
-    );
-    for (k, v) in tern_pack::gguf::tokenizer_meta(tokenizer, c.vocab())? {
+    // llama_ftype: MOSTLY_TQ1_0 = 36, MOSTLY_TQ2_0 = 37; a float model ALL_F32 = 0, MOSTLY_F16 = 1.
+    let any_ternary = tensors
+        .iter()
+        .any(|(_, t)| matches!(t, PackedTensor::Ternary(_)));
+    let file_type = match (any_ternary, ty, float) {
+        (true, GgmlType::Tq1_0, _) => 36,
+        (true, _, _) => 37,
+        (false, _, GgmlType::F16) => 1,
+        (false, _, _) => 0,
+    };
+    f.set("general.file_type", u(file_type));
+    for (k, v) in tern_pack::gguf::tokenizer_meta(info.tokenizer, c.vocab(), info.special)? {
         f.meta.push((k, v));
     }
     for (tname, t) in tensors {

@@ -60,7 +60,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let loaded = crate::load::for_inference(&a.model, a.tokenizer.as_deref())?;
     let tok = loaded.tokenizer()?;
-    let eos = if a.ignore_eos { None } else { loaded.eos()? };
+    let eos = if a.ignore_eos {
+        None
+    } else {
+        loaded.special()?.eos
+    };
     let model = InferModel::from_packed(loaded.packed)?;
     let mut sampler = Sampler::new(cfg);
     let mut conv = Conversation::new(&model);

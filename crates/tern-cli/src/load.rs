@@ -15,23 +15,24 @@ pub struct Loaded {
     pub tokenizer: Option<String>,
     /// The training sequence length, when the source says it.
     pub seq_len: Option<usize>,
-    /// The end-of-sequence id a Hugging Face config.json names (it wins over the tokenizer's).
-    pub config_eos: Option<u32>,
+    /// Positions the model is meant for: config.json's max_position_embeddings, else seq_len.
+    pub max_positions: Option<usize>,
     pub source: PathBuf,
 }
 
 impl Loaded {
-    /// Where generation stops: config.json's eos_token_id, else the tokenizer's end token.
-    pub fn eos(&self) -> Result<Option<u32>> {
-        if self.config_eos.is_some() {
-            return Ok(self.config_eos);
-        }
-        Ok(self
+    /// Begin / end of sequence ids: those the source names (a Hugging Face config.json, kept in
+    /// packed files), else the tokenizer's usual special tokens.
+    pub fn special(&self) -> Result<tern_pack::gguf::SpecialTokens> {
+        let mut s = self
             .tokenizer
             .as_deref()
             .map(tern_pack::gguf::special_tokens)
             .transpose()?
-            .and_then(|s| s.eos))
+            .unwrap_or_default();
+        s.bos = self.packed.bos_token_id.or(s.bos);
+        s.eos = self.packed.eos_token_id.or(s.eos);
+        Ok(s)
     }
 
     pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
@@ -71,16 +72,21 @@ pub fn load(
                 path.display()
             );
         }
-        let packed = PackedModel::read(path)?;
+        let mut packed = PackedModel::read(path)?;
         let config =
             tern_infer::packed_config(&packed).with_context(|| path.display().to_string())?;
-        let tokenizer = given.or_else(|| packed.tokenizer.clone());
+        // Re-exported as asked: the codes and float types only change how the file stores them.
+        packed.encoding = encoding;
+        packed.float_dtype = float_dtype;
+        if given.is_some() {
+            packed.tokenizer = given;
+        }
         return Ok(Loaded {
+            tokenizer: packed.tokenizer.clone(),
             packed,
             config,
-            tokenizer,
             seq_len: None,
-            config_eos: None,
+            max_positions: None,
             source: path.to_path_buf(),
         });
     }
@@ -109,9 +115,16 @@ pub fn load(
         tensors.push((name, shape, v));
     }
     let mut packed = tern_infer::pack_model(&config, tensors, encoding, float_dtype)?;
-    let mut config_eos = None;
+    let mut max_positions = None;
     let (found, seq_len) = if tern_hf::is_hf_dir(&source) {
-        config_eos = tern_hf::read_config(&source)?.1.eos_token_id;
+        let special = tern_hf::read_config(&source)?.1;
+        packed.bos_token_id = special.bos_token_id;
+        packed.eos_token_id = special.eos_token_id;
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(source.join(tern_hf::CONFIG)).unwrap_or_default(),
+        )
+        .unwrap_or_default();
+        max_positions = cfg["max_position_embeddings"].as_u64().map(|n| n as usize);
         let t = source.join("tokenizer.json");
         (t.is_file().then(|| read_tokenizer(&t)).transpose()?, None)
     } else {
@@ -134,7 +147,7 @@ pub fn load(
         config,
         tokenizer,
         seq_len,
-        config_eos,
+        max_positions: max_positions.or(seq_len),
         source,
     })
 }

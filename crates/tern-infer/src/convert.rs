@@ -92,6 +92,8 @@ pub fn pack_model(
         tensors: out,
         tokenizer: None,
         source: None,
+        bos_token_id: None,
+        eos_token_id: None,
     })
 }
 
@@ -107,11 +109,39 @@ pub fn effective_tensors(p: &PackedModel) -> Vec<(String, Vec<usize>, Vec<f32>)>
         .collect()
 }
 
-/// The model config of a packed file.
+/// The model config of a packed file, checked against its tensors: the names and shapes the config
+/// implies, in order, ternary where the config's linear kind says so.
 pub fn packed_config(p: &PackedModel) -> Result<ModelConfig> {
     let c: ModelConfig = serde_json::from_value(p.config.clone())
         .map_err(|e| anyhow::anyhow!("packed file's config: {e}"))?;
     c.validate()
         .map_err(|e| anyhow::anyhow!("packed file's config: {e}"))?;
+    if c.vocab_size.is_none() {
+        bail!("packed file's config has no vocab_size");
+    }
+    let want = c.param_shapes();
+    if want.len() != p.tensors.len() {
+        bail!(
+            "the packed file holds {} tensors; its config's model has {}",
+            p.tensors.len(),
+            want.len()
+        );
+    }
+    for ((name, t), (wname, wshape)) in p.tensors.iter().zip(&want) {
+        let (shape, ternary) = match t {
+            PackedTensor::Ternary(m) => (vec![m.rows, m.cols], true),
+            PackedTensor::Float { shape, .. } => (shape.clone(), false),
+        };
+        if name != wname || &shape != wshape {
+            bail!("tensor {name} {shape:?} where the config's model has {wname} {wshape:?}");
+        }
+        if ternary != ternary_axis(&c, name).is_some() {
+            bail!(
+                "{name} is {} but the config's linear kind is {:?}",
+                if ternary { "ternary" } else { "float" },
+                c.linear
+            );
+        }
+    }
     Ok(c)
 }

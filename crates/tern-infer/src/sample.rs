@@ -150,6 +150,9 @@ pub struct Generated {
 pub struct Conversation {
     pub cache: KvCache,
     pub context: Vec<u32>,
+    /// The last sampled token: in the context but not yet run through the model (the next turn
+    /// runs it first).
+    pub pending: Option<u32>,
 }
 
 impl Conversation {
@@ -157,6 +160,7 @@ impl Conversation {
         Self {
             cache: KvCache::new(model.config.n_layers),
             context: Vec::new(),
+            pending: None,
         }
     }
 }
@@ -173,8 +177,17 @@ pub fn generate(
     mut on_token: impl FnMut(u32),
 ) -> Result<Generated> {
     let t0 = std::time::Instant::now();
-    let Conversation { cache, context } = conv;
-    let mut logits = model.forward(prompt, cache, false)?;
+    let Conversation {
+        cache,
+        context,
+        pending,
+    } = conv;
+    let run: Vec<u32> = pending
+        .take()
+        .into_iter()
+        .chain(prompt.iter().copied())
+        .collect();
+    let mut logits = model.forward(&run, cache, false)?;
     context.extend_from_slice(prompt);
     let prompt_seconds = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
@@ -183,6 +196,8 @@ pub fn generate(
     for k in 0..max_tokens {
         let next = sampler.sample(&logits, context);
         context.push(next);
+        // Run by the next forward pass, in this turn or the next one.
+        *pending = Some(next);
         if Some(next) == eos {
             stopped_at_eos = true;
             break;
@@ -191,11 +206,13 @@ pub fn generate(
         on_token(next);
         if k + 1 < max_tokens {
             logits = model.forward(&[next], cache, false)?;
+            *pending = None;
         }
     }
+    debug_assert_eq!(cache.len() + pending.is_some() as usize, context.len());
     Ok(Generated {
         tokens,
-        prompt_tokens: prompt.len(),
+        prompt_tokens: run.len(),
         prompt_seconds,
         decode_seconds: t1.elapsed().as_secs_f64(),
         stopped_at_eos,
@@ -250,6 +267,115 @@ mod tests {
         }
         let ratio = seen[1] / seen[2];
         assert!((ratio - 0.1f64.exp()).abs() < 0.08, "{ratio}");
+    }
+
+    /// A tiny random ternary model (vocab 50).
+    fn tiny_model() -> InferModel {
+        let config = tern_model::ModelConfig::tiny(50, tern_model::LinearKind::Ternary);
+        let mut s = 1u64;
+        let tensors = config
+            .param_shapes()
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let values = (0..n)
+                    .map(|_| {
+                        if name.ends_with("norm.weight") {
+                            return 1.0;
+                        }
+                        s = s
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.6
+                    })
+                    .collect();
+                (name, shape, values)
+            })
+            .collect();
+        let p = crate::pack_model(
+            &config,
+            tensors,
+            tern_pack::Encoding::Bits2,
+            tern_pack::file::FloatDtype::F32,
+        )
+        .unwrap();
+        InferModel::from_packed(p).unwrap()
+    }
+
+    fn greedy_from_scratch(model: &InferModel, context: &[u32], n: usize) -> Vec<u32> {
+        let mut ctx = context.to_vec();
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let mut cache = KvCache::new(model.config.n_layers);
+            let l = model.forward(&ctx, &mut cache, false).unwrap();
+            let best = Sampler::new(cfg(0.0, 0, 1.0, 1.0)).sample(&l, &[]);
+            out.push(best);
+            ctx.push(best);
+        }
+        out
+    }
+
+    /// Two turns of a conversation with the KV cache give what full forward passes over the whole
+    /// context give: the last token of a turn is run at the start of the next.
+    #[test]
+    fn conversation_turns_equal_full_passes() {
+        let model = tiny_model();
+        let mut conv = Conversation::new(&model);
+        let mut s = Sampler::new(cfg(0.0, 0, 1.0, 1.0));
+        let t1 = generate(&model, &mut conv, &[1, 2, 3], 4, &mut s, None, |_| {}).unwrap();
+        assert_eq!(t1.tokens, greedy_from_scratch(&model, &[1, 2, 3], 4));
+        assert_eq!(conv.cache.len() + 1, conv.context.len());
+        let before: Vec<u32> = conv.context.iter().copied().chain([4, 5]).collect();
+        let t2 = generate(&model, &mut conv, &[4, 5], 3, &mut s, None, |_| {}).unwrap();
+        assert_eq!(t2.tokens, greedy_from_scratch(&model, &before, 3));
+        // An end-of-sequence token stops the turn and is kept in the context.
+        let mut conv = Conversation::new(&model);
+        let before: Vec<u32> = vec![4, 5];
+        let g = generate(
+            &model,
+            &mut conv,
+            &before,
+            5,
+            &mut s,
+            Some(greedy_from_scratch(&model, &before, 1)[0]),
+            |_| {},
+        )
+        .unwrap();
+        assert!(g.stopped_at_eos && g.tokens.is_empty());
+        assert_eq!(conv.context.len(), 3);
+    }
+
+    /// A packed file whose tensors disagree with its config is refused, naming the tensor.
+    #[test]
+    fn packed_config_is_checked_against_the_tensors() {
+        let config = tern_model::ModelConfig::tiny(50, tern_model::LinearKind::Ternary);
+        let tensors = config
+            .param_shapes()
+            .into_iter()
+            .map(|(name, shape)| {
+                let n = shape.iter().product();
+                (name, shape, vec![0.5f32; n])
+            })
+            .collect();
+        let mut p = crate::pack_model(
+            &config,
+            tensors,
+            tern_pack::Encoding::Bits2,
+            tern_pack::file::FloatDtype::F32,
+        )
+        .unwrap();
+        assert!(crate::packed_config(&p).is_ok());
+        p.config["n_heads"] = serde_json::json!(8);
+        p.config["n_kv_heads"] = serde_json::json!(8);
+        p.config["intermediate"] = serde_json::json!(32);
+        let e = crate::packed_config(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("layers.0.self_attn.k_proj.weight") || e.contains("gate_proj"),
+            "{e}"
+        );
+        p.config["vocab_size"] = serde_json::Value::Null;
+        let e = crate::packed_config(&p).unwrap_err().to_string();
+        assert!(e.contains("vocab_size"), "{e}");
     }
 
     #[test]

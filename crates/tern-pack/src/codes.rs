@@ -70,6 +70,9 @@ impl TernaryMatrix {
         if rg == 0 || cg == 0 || r % rg != 0 || c % cg != 0 {
             bail!("{name}: [{r}, {c}] cannot be split into {rg} x {cg} scale groups");
         }
+        if r.checked_mul(c).is_none() || rg.checked_mul(cg).is_none() {
+            bail!("{name}: shape [{r}, {c}] with {rg} x {cg} groups is too large");
+        }
         if self.codes.len() != r * c {
             bail!("{name}: {} codes for shape [{r}, {c}]", self.codes.len());
         }
@@ -153,7 +156,10 @@ pub fn unpack(
     name: &str,
 ) -> Result<Vec<i8>> {
     let stride = enc.row_bytes(cols);
-    if bytes.len() != rows * stride {
+    let (Some(need), Some(_)) = (rows.checked_mul(stride), rows.checked_mul(cols)) else {
+        bail!("{name}: shape [{rows}, {cols}] is too large");
+    };
+    if bytes.len() != need {
         bail!(
             "{name}: {} bytes of {} codes; [{rows}, {cols}] needs {}",
             bytes.len(),

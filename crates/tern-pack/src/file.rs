@@ -92,6 +92,9 @@ pub struct PackedModel {
     pub tokenizer: Option<String>,
     /// Where the weights came from (a checkpoint directory).
     pub source: Option<String>,
+    /// Begin / end of sequence ids, when the source says them (a Hugging Face config.json).
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
 }
 
 /// Sizes of a model's tensors as stored (headers and tokenizer not counted).
@@ -225,6 +228,14 @@ impl PackedModel {
         if let Some(s) = &self.source {
             meta.insert("source".into(), s.clone());
         }
+        for (k, v) in [
+            ("bos_token_id", self.bos_token_id),
+            ("eos_token_id", self.eos_token_id),
+        ] {
+            if let Some(v) = v {
+                meta.insert(k.into(), v.to_string());
+            }
+        }
         let views = blobs
             .iter()
             .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
@@ -279,6 +290,14 @@ impl PackedModel {
                 let [rows, cols] = m.shape;
                 if codes.dtype() != Dtype::U8 || scales.dtype() != Dtype::F32 {
                     bail!("{name}: codes must be U8 and scales F32");
+                }
+                let row_bytes = encoding.row_bytes(cols);
+                if codes.shape() != [rows, row_bytes] {
+                    bail!(
+                        "{name}.codes has shape {:?}; [{rows}, {cols}] in {} codes needs [{rows}, {row_bytes}]",
+                        codes.shape(),
+                        encoding.name()
+                    );
                 }
                 if scales.shape() != [m.row_groups, m.col_groups] {
                     bail!(
@@ -340,6 +359,8 @@ impl PackedModel {
             tensors,
             tokenizer: meta.get("tokenizer").cloned(),
             source: meta.get("source").cloned(),
+            bos_token_id: token_id(&meta, "bos_token_id")?,
+            eos_token_id: token_id(&meta, "eos_token_id")?,
         })
     }
 
@@ -369,6 +390,15 @@ impl PackedModel {
                 })
                 .unwrap_or(false)
     }
+}
+
+fn token_id(meta: &HashMap<String, String>, key: &str) -> Result<Option<u32>> {
+    meta.get(key)
+        .map(|v| {
+            v.parse()
+                .map_err(|_| anyhow!("metadata {key} = {v:?} is not a token id"))
+        })
+        .transpose()
 }
 
 #[cfg(test)]
@@ -403,6 +433,8 @@ mod tests {
             ],
             tokenizer: Some("{\"model\": {}}".into()),
             source: Some("run/checkpoints/step_9".into()),
+            bos_token_id: None,
+            eos_token_id: Some(2),
         }
     }
 

@@ -230,7 +230,13 @@ impl GgufFile {
 /// Tokenizer metadata for a Hugging Face byte-level BPE `tokenizer.json` (llama.cpp's "gpt2"
 /// tokenizer model): tokens by id, their types (3 = control for special added tokens, 1 = normal,
 /// 5 = unused for padding ids past the tokenizer's vocabulary up to the model's), merges.
-pub fn tokenizer_meta(tokenizer_json: &str, vocab: usize) -> Result<Vec<(String, MetaValue)>> {
+/// `ids` gives the begin / end of sequence ids (the model's own, when known); the unknown token is
+/// looked up by name.
+pub fn tokenizer_meta(
+    tokenizer_json: &str,
+    vocab: usize,
+    ids: SpecialTokens,
+) -> Result<Vec<(String, MetaValue)>> {
     let t: Value = serde_json::from_str(tokenizer_json).context("tokenizer.json")?;
     let model = &t["model"];
     if model["type"].as_str() != Some("BPE") {
@@ -262,9 +268,13 @@ pub fn tokenizer_meta(tokenizer_json: &str, vocab: usize) -> Result<Vec<(String,
             continue;
         };
         put(tok, id)?;
+        // llama.cpp matches added tokens whole: control (3) for special ones, user-defined (4)
+        // for the others, as convert_hf_to_gguf.py writes them.
         if a["special"].as_bool().unwrap_or(false) {
             types[id as usize] = 3;
             special.push((tok.to_string(), id as u32));
+        } else {
+            types[id as usize] = 4;
         }
     }
     let tokens: Vec<String> = tokens
@@ -292,7 +302,7 @@ pub fn tokenizer_meta(tokenizer_json: &str, vocab: usize) -> Result<Vec<(String,
             other => bail!("tokenizer.json: merge {other} is neither \"a b\" nor [a, b]"),
         })
         .collect::<Result<Vec<_>>>()?;
-    let ids = find_special(&special);
+    let unk = find_special(&special).unk;
     let mut kv = vec![
         ("tokenizer.ggml.model".into(), MetaValue::Str("gpt2".into())),
         (
@@ -309,7 +319,7 @@ pub fn tokenizer_meta(tokenizer_json: &str, vocab: usize) -> Result<Vec<(String,
     if let Some(e) = ids.eos {
         kv.push(("tokenizer.ggml.eos_token_id".into(), MetaValue::U32(e)));
     }
-    if let Some(u) = ids.unk {
+    if let Some(u) = unk {
         kv.push(("tokenizer.ggml.unknown_token_id".into(), MetaValue::U32(u)));
     }
     kv.push((
