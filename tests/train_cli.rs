@@ -320,6 +320,56 @@ fn tiny_recipe_loss_falls_and_tensorboard_reads_the_run() {
     assert!(z > 0.05 && z < 0.95, "zero fraction {z}");
 }
 
+/// `recipes/bitnet-b158-tiny.toml` and `recipes/qsparse-tiny.toml` (30 steps each): the loss falls;
+/// BitNet's weight sparsity and Q-Sparse's achieved activation sparsity are in metrics.jsonl and
+/// TensorBoard.
+#[test]
+fn bitnet_and_qsparse_recipes_train_and_report_sparsity() {
+    let dir = tempfile::tempdir().unwrap();
+    for recipe in ["bitnet-b158-tiny", "qsparse-tiny"] {
+        let run = dir.path().join(recipe);
+        let path = format!("recipes/{recipe}.toml");
+        #[rustfmt::skip]
+        ok(&tern(&["train", &path, "--run-dir", run.to_str().unwrap(), "--set", "train.steps=30",
+                   "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0"]));
+        let l: Vec<f64> = losses(&run)
+            .iter()
+            .map(|(_, v)| v.parse().unwrap())
+            .collect();
+        assert_eq!(l.len(), 30);
+        let last5 = l[25..].iter().sum::<f64>() / 5.0;
+        assert!(
+            last5 < l[0] - 0.8,
+            "{recipe}: loss did not fall: {} -> {last5}",
+            l[0]
+        );
+        let m = metrics(&run);
+        let last = m.iter().rev().find(|v| v.get("loss").is_some()).unwrap();
+        let w = last["ternary_zero_fraction/layers.1.mlp.down_proj"]
+            .as_f64()
+            .unwrap();
+        assert!(w > 0.05 && w < 0.95, "{recipe}: weight sparsity {w}");
+        let tb = tensorboard_scalars(&run);
+        if recipe == "qsparse-tiny" {
+            // Top-K 50% of 128 or 384 entries: exactly half of each attention input is zero; the
+            // MLP's down projection also sees ReLU²'s own zeros.
+            for v in m.iter().filter(|v| v.get("loss").is_some()) {
+                let attn = v["act_sparsity/attn"].as_f64().unwrap();
+                let mlp = v["act_sparsity/mlp"].as_f64().unwrap();
+                assert!((attn - 0.5).abs() < 1e-3, "act_sparsity/attn {attn}");
+                assert!((0.5..0.9).contains(&mlp), "act_sparsity/mlp {mlp}");
+            }
+            assert_eq!(tb["act_sparsity/mlp"].as_array().unwrap().len(), 30);
+        } else {
+            assert!(
+                last.get("act_sparsity/attn").is_none(),
+                "dense BitNet has no top-K"
+            );
+            assert!(tb.get("act_sparsity/attn").is_none());
+        }
+    }
+}
+
 /// The run's TensorBoard scalars as TensorBoard's own `EventAccumulator` reads them:
 /// `{tag: [[step, value], ...]}`.
 fn tensorboard_scalars(run: &Path) -> Value {
@@ -376,6 +426,16 @@ fn bad_recipes_fail_naming_the_key() {
         &["data.train", "/nonexistent/x"],
     );
     bad_recipe(&["train.max_bad_steps=0"], &["train.max_bad_steps"]);
+    bad_recipe(
+        &["model.sparsity.top_k=1.5"],
+        &["model.sparsity.top_k", "(0, 1]"],
+    );
+    bad_recipe(&["model.sparsity.topk=0.5"], &["topk", "unknown field"]);
+    bad_recipe(&["model.mlp=gelu"], &["model.mlp", "unknown variant"]);
+    bad_recipe(
+        &["model.linear=bitnet158"],
+        &["model.linear", "unknown variant"],
+    );
     bad_recipe(
         &["checkpoint.keep_lst=2"],
         &["checkpoint.keep_lst", "unknown field"],

@@ -168,6 +168,8 @@ pub fn read_config(dir: &Path) -> Result<(ModelConfig, Special)> {
         scale_groups: 1,
         ternary_eps: 1e-5,
         init_std: get_f64(&v, "initializer_range", &path)?.unwrap_or(0.02),
+        mlp: tern_model::MlpKind::Swiglu,
+        sparsity: None,
     };
     if let Some(hd) = get_usize(&v, "head_dim", &path)? {
         if n_heads > 0 && hd * n_heads != hidden {

@@ -52,6 +52,24 @@ pub fn ternary_matrix(
     }
 }
 
+/// Models the packed runtime and the exports compute: float or TriLM projections, SwiGLU, dense
+/// inputs. BitNet's activation quantization, Q-Sparse's top-K and ReLU² GLU are not there yet.
+pub fn check_supported(config: &ModelConfig) -> Result<()> {
+    if config.linear == LinearKind::Bitnet {
+        bail!("model.linear = \"bitnet\": packed inference and export handle float and ternary (TriLM) models only, not BitNet's 8-bit activations yet");
+    }
+    if config.sparsity.is_some() {
+        bail!("model.sparsity: packed inference and export do not apply Q-Sparse's top-K yet");
+    }
+    if config.mlp != tern_model::MlpKind::Swiglu {
+        bail!(
+            "model.mlp = {:?}: packed inference and export compute SwiGLU only",
+            config.mlp
+        );
+    }
+    Ok(())
+}
+
 /// The packed model of `config` from its tensors in module order (`ModelConfig::param_shapes`).
 pub fn pack_model(
     config: &ModelConfig,
@@ -59,6 +77,7 @@ pub fn pack_model(
     encoding: Encoding,
     float_dtype: FloatDtype,
 ) -> Result<PackedModel> {
+    check_supported(config)?;
     let expected = config.param_shapes();
     if tensors.len() != expected.len() {
         bail!(
@@ -119,6 +138,7 @@ pub fn packed_config(p: &PackedModel) -> Result<ModelConfig> {
     if c.vocab_size.is_none() {
         bail!("packed file's config has no vocab_size");
     }
+    check_supported(&c)?;
     let want = c.param_shapes();
     if want.len() != p.tensors.len() {
         bail!(

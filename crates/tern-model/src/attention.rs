@@ -9,6 +9,7 @@ use tern_dist::CollectiveBackend;
 use crate::config::ModelConfig;
 use crate::linear::{tapped, InputStyle, ProjLinear, ProjLinearConfig, ScaleAxis, Tap};
 use crate::rope::apply_rope;
+use crate::sparsity::LayerType;
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
@@ -28,7 +29,9 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     pub fn new(c: &ModelConfig, device: &B::Device) -> Self {
-        let proj = |d_in, d_out, axis| ProjLinearConfig::block(c, d_in, d_out, axis).init(device);
+        let proj = |d_in, d_out, axis| {
+            ProjLinearConfig::block(c, d_in, d_out, axis, LayerType::Attention).init(device)
+        };
         let kv_dim = c.kv_heads() * c.head_dim();
         Self {
             q_proj: proj(c.hidden, c.hidden, ScaleAxis::Rows),

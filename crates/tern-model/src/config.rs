@@ -1,6 +1,18 @@
 use serde::{Deserialize, Serialize};
 
 use crate::linear::LinearKind;
+use crate::sparsity::SparsityConfig;
+
+/// The feed-forward block (`model.mlp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MlpKind {
+    /// `down(silu(gate(x)) * up(x))` (LLaMA).
+    #[default]
+    Swiglu,
+    /// `down(relu(gate(x))^2 * up(x))` (Q-Sparse's squared-ReLU GLU).
+    Relu2glu,
+}
 
 /// `[model]` section of a recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +46,11 @@ pub struct ModelConfig {
     /// Standard deviation of the normal initialisation of every matrix.
     #[serde(default = "default_init_std")]
     pub init_std: f64,
+    #[serde(default)]
+    pub mlp: MlpKind,
+    /// Q-Sparse top-K activation sparsity (`[model.sparsity]`); dense when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparsity: Option<SparsityConfig>,
 }
 
 fn default_rope_theta() -> f64 {
@@ -91,6 +108,8 @@ impl ModelConfig {
             scale_groups: 1,
             ternary_eps: 1e-5,
             init_std: 0.02,
+            mlp: MlpKind::Swiglu,
+            sparsity: None,
         }
     }
 
@@ -159,6 +178,11 @@ impl ModelConfig {
         }
         if self.init_std.is_nan() || self.init_std <= 0.0 {
             return err("model.init_std", "must be positive".into());
+        }
+        if let Some(s) = &self.sparsity {
+            if let Err((key, message)) = s.validate() {
+                return err(&key, message);
+            }
         }
         let g = self.scale_groups;
         // Column-parallel matrices (q, k, v, gate, up) split their output rows, row-parallel ones

@@ -12,9 +12,10 @@ pub mod norm;
 pub mod parallelize;
 pub mod rope;
 pub mod seed;
+pub mod sparsity;
 pub mod student;
 
-pub use config::{ModelConfig, ModelConfigError};
+pub use config::{MlpKind, ModelConfig, ModelConfigError};
 pub use encoder::{Encoder, EncoderConfig, EncoderParallel, Surrogate};
 pub use linear::{InputStyle, LinearKind, ParallelStyle, ProjLinear, ScaleAxis, Tap};
 pub use model::{cross_entropy, Llama};
@@ -22,4 +23,5 @@ pub use parallelize::{
     block_matrix_dim, check_tp, parallelize, shard_dim, shard_values, unshard_values,
 };
 pub use seed::name_seed;
+pub use sparsity::{LayerType, SparsityConfig, TopK};
 pub use student::{studentize, StudentConfig};

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use tern_dist::{CollectiveBackend, TpGroup};
 
 use crate::encoder::Encoder;
+use crate::sparsity::{absmax_quantize, TopK};
 
 /// What the block projections are made of (`model.linear`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -17,6 +18,9 @@ pub enum LinearKind {
     /// TriLM: `gamma_g * clamp(round(W / gamma_g), -1, 1)` with a straight-through gradient.
     #[default]
     Ternary,
+    /// BitNet b1.58's BitLinear: a weightless RMSNorm of the input, 8-bit absmax quantization per
+    /// token, absmean ternary weights per scale group (`max(mean|W_g|, 1e-5)`), STE on both.
+    Bitnet,
 }
 
 /// Which blocks of `W[out, in]` share one ternary scale. Column-parallel layers (q, k, v, gate, up)
@@ -78,6 +82,12 @@ pub struct ProjLinear<B: Backend> {
     pub axis: ScaleAxis,
     #[module(skip)]
     pub eps: f64,
+    /// Q-Sparse top-K of the input (`None`: dense).
+    #[module(skip)]
+    pub sparsity: Option<TopK>,
+    /// Epsilon of BitNet's RMSNorm of the input.
+    #[module(skip)]
+    pub rms_eps: f64,
 }
 
 /// Everything needed to build a [`ProjLinear`].
@@ -90,11 +100,20 @@ pub struct ProjLinearConfig {
     pub axis: ScaleAxis,
     pub eps: f64,
     pub init_std: f64,
+    pub sparsity: Option<TopK>,
+    pub rms_eps: f64,
 }
 
 impl ProjLinearConfig {
-    /// A projection of a decoder block: the model's linear kind, scale groups and init.
-    pub fn block(c: &crate::ModelConfig, d_in: usize, d_out: usize, axis: ScaleAxis) -> Self {
+    /// A projection of a decoder block: the model's linear kind, scale groups, init and the
+    /// top-K of its layer type.
+    pub fn block(
+        c: &crate::ModelConfig,
+        d_in: usize,
+        d_out: usize,
+        axis: ScaleAxis,
+        layer: crate::sparsity::LayerType,
+    ) -> Self {
         Self {
             d_in,
             d_out,
@@ -103,6 +122,8 @@ impl ProjLinearConfig {
             axis,
             eps: c.ternary_eps,
             init_std: c.init_std,
+            sparsity: c.sparsity.as_ref().and_then(|s| s.top_k(layer)),
+            rms_eps: c.rms_eps,
         }
     }
 
@@ -120,6 +141,8 @@ impl ProjLinearConfig {
             groups: self.groups,
             axis: self.axis,
             eps: self.eps,
+            sparsity: self.sparsity,
+            rms_eps: self.rms_eps,
         }
     }
 }
@@ -189,6 +212,64 @@ pub fn ternary_quantize<B: Backend>(
     grouped(codes, groups, axis).mul(gamma).reshape(dims)
 }
 
+/// BitNet b1.58's weight `W_q = gamma_g * clamp(round(W / gamma_g), -1, 1)` with
+/// `gamma_g = max(mean|W_g|, 1e-5)` per scale group, and its codes and scales.
+pub fn bitnet_codes<B: Backend>(
+    w: Tensor<B, 2>,
+    groups: usize,
+    axis: ScaleAxis,
+) -> (Tensor<B, 2>, Tensor<B, 3>) {
+    let dims = w.dims();
+    // group_scales adds its eps; BitNet clamps instead.
+    let gamma = group_scales(&w, groups, axis, 0.0).clamp_min(1e-5);
+    let codes = grouped(w, groups, axis)
+        .div(gamma.clone())
+        .round()
+        .clamp(-1.0, 1.0)
+        .reshape(dims);
+    (codes, gamma)
+}
+
+/// BitNet's input: a weightless RMSNorm over the whole row (the row is split over `group` for a
+/// row-parallel projection: the sum of squares is all-reduced both ways), then 8-bit absmax
+/// quantization per token with a straight-through gradient (forward exactly the quantized value).
+pub fn bitnet_input<B: CollectiveBackend, const D: usize>(
+    x: Tensor<B, D>,
+    eps: f64,
+    group: Option<&TpGroup>,
+) -> Tensor<B, D> {
+    let d_local = x.dims()[D - 1];
+    let parts = group.map_or(1, |g| g.size());
+    let ss = x.clone().powi_scalar(2).sum_dim(D - 1);
+    let ss = match group {
+        // f then g: the sum is all-reduced forward and its gradient all-reduced backward, since
+        // every rank's block of the row depends on it.
+        Some(g) if parts > 1 => B::reduce_from_group(B::copy_to_group(ss, g), g),
+        _ => ss,
+    };
+    let xn = x.div(
+        ss.div_scalar((d_local * parts) as f64)
+            .add_scalar(eps)
+            .sqrt(),
+    );
+    let plain = xn.clone().detach();
+    let q = match group {
+        Some(g) if parts > 1 => {
+            // The absmax of the whole row: each rank's row maxima, gathered.
+            let amax = crate::sparsity::group_row_max(plain.clone().abs().max_dim(D - 1), g);
+            let s = amax.clamp_min(1e-5).recip().mul_scalar(127.0);
+            plain
+                .clone()
+                .mul(s.clone())
+                .round()
+                .clamp(-128.0, 127.0)
+                .div(s)
+        }
+        _ => absmax_quantize(plain.clone()),
+    };
+    q + (xn - plain)
+}
+
 impl<B: Backend> ProjLinear<B> {
     /// The weight the forward pass multiplies by. For ternary layers the straight-through
     /// estimator makes dL/dW equal dL/dW~. It is written `W~.detach() + (W - W.detach())` rather
@@ -202,29 +283,63 @@ impl<B: Backend> ProjLinear<B> {
                 let q = ternary_quantize(w.clone().detach(), self.groups, self.axis, self.eps);
                 q + (w.clone() - w.detach())
             }
+            LinearKind::Bitnet => {
+                let (codes, gamma) = bitnet_codes(w.clone().detach(), self.groups, self.axis);
+                let dims = codes.dims();
+                let q = grouped(codes, self.groups, self.axis)
+                    .mul(gamma)
+                    .reshape(dims);
+                q + (w.clone() - w.detach())
+            }
         }
     }
 
-    /// Fraction of zero codes of a ternary layer (`None` for float layers).
-    pub fn zero_fraction(&self) -> Option<f64> {
+    /// The codes and scales of a ternary or BitNet layer (`None` for float layers).
+    pub fn codes(&self) -> Option<(Tensor<B, 2>, Tensor<B, 3>)> {
+        let w = self.weight.val().detach();
         match self.kind {
             LinearKind::Float => None,
-            LinearKind::Ternary => {
-                let w = self.weight.val().detach();
-                let n = w.shape().num_elements() as f64;
-                let (codes, _) = ternary_codes(w, self.groups, self.axis, self.eps);
-                let zeros = codes.equal_elem(0.0).int().sum().into_scalar();
-                Some(num_to_f64(zeros) / n)
-            }
+            LinearKind::Ternary => Some(ternary_codes(w, self.groups, self.axis, self.eps)),
+            LinearKind::Bitnet => Some(bitnet_codes(w, self.groups, self.axis)),
         }
+    }
+
+    /// Fraction of zero codes of a ternary or BitNet layer (`None` for float layers).
+    pub fn zero_fraction(&self) -> Option<f64> {
+        let (codes, _) = self.codes()?;
+        let n = codes.shape().num_elements() as f64;
+        let zeros = codes.equal_elem(0.0).int().sum().into_scalar();
+        Some(num_to_f64(zeros) / n)
     }
 }
 
 impl<B: CollectiveBackend> ProjLinear<B> {
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+    /// The group a row-parallel projection's input is split over.
+    fn input_group(&self) -> Option<&TpGroup> {
+        match &self.parallel {
+            ParallelStyle::Rowwise(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// The input after the encoder (distillation students) and the top-K (Q-Sparse): what the
+    /// layer's own transform (BitNet's norm and quantization) and matmul see.
+    pub fn sparse_input<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = match &self.encoder {
             Some(e) => e.forward(x),
             None => x,
+        };
+        match &self.sparsity {
+            Some(t) => t.apply(x, self.input_group()),
+            None => x,
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = self.sparse_input(x);
+        let x = match self.kind {
+            LinearKind::Bitnet => bitnet_input(x, self.rms_eps, self.input_group()),
+            _ => x,
         };
         let w = self.effective_weight();
         let dims = x.dims();
@@ -292,7 +407,30 @@ mod tests {
             axis,
             eps: 1e-5,
             init_std: 0.5,
+            sparsity: None,
+            rms_eps: 1e-5,
         }
+    }
+
+    /// The scale group of element (r, c) of an [8, 12] matrix and each group's mean |w|, computed
+    /// independently of the code under test.
+    fn group_means(
+        wv: &[f32],
+        groups: usize,
+        axis: ScaleAxis,
+    ) -> (impl Fn(usize, usize) -> usize, Vec<f64>) {
+        let group_of = move |r: usize, c: usize| match axis {
+            ScaleAxis::Rows => r / (8 / groups),
+            ScaleAxis::Cols => c / (12 / groups),
+        };
+        let mut sums = vec![0f64; groups];
+        for r in 0..8 {
+            for c in 0..12 {
+                sums[group_of(r, c)] += wv[r * 12 + c].abs() as f64;
+            }
+        }
+        let means = sums.iter().map(|s| s / (96 / groups) as f64).collect();
+        (group_of, means)
     }
 
     #[test]
@@ -310,24 +448,12 @@ mod tests {
                 .into_data()
                 .to_vec()
                 .unwrap();
-            // The group of element (r, c) and its expected scale, computed independently here.
-            let group_of = |r: usize, c: usize| match axis {
-                ScaleAxis::Rows => r / (8 / groups),
-                ScaleAxis::Cols => c / (12 / groups),
-            };
-            let mut sums = vec![0f64; groups];
-            let mut counts = vec![0usize; groups];
-            for r in 0..8 {
-                for c in 0..12 {
-                    sums[group_of(r, c)] += wv[r * 12 + c].abs() as f64;
-                    counts[group_of(r, c)] += 1;
-                }
-            }
+            let (group_of, means) = group_means(&wv, groups, axis);
             let mut seen_zero = false;
             for r in 0..8 {
                 for c in 0..12 {
                     let g = group_of(r, c);
-                    let gamma = 1e-5 + sums[g] / counts[g] as f64;
+                    let gamma = 1e-5 + means[g];
                     let v = q[r * 12 + c] as f64;
                     let code = (wv[r * 12 + c] as f64 / gamma).round().clamp(-1.0, 1.0);
                     assert!(
@@ -386,6 +512,173 @@ mod tests {
         y.into_data()
             .assert_approx_eq::<f32>(&expect.into_data(), burn::tensor::Tolerance::default());
         let _ = TensorData::from([1.0f32]);
+    }
+
+    /// BitNet's weight: per group `gamma = max(mean|W_g|, 1e-5)`, values in {-gamma, 0, gamma}.
+    #[test]
+    fn bitnet_weight_closed_form() {
+        let dev = Default::default();
+        for (groups, axis) in [
+            (1, ScaleAxis::Rows),
+            (2, ScaleAxis::Rows),
+            (3, ScaleAxis::Cols),
+        ] {
+            let mut layer = cfg(LinearKind::Bitnet, groups, axis).init::<B>(&dev);
+            let wv: Vec<f32> = layer.weight.val().into_data().to_vec().unwrap();
+            let q: Vec<f32> = layer.effective_weight().into_data().to_vec().unwrap();
+            let (group_of, means) = group_means(&wv, groups, axis);
+            for r in 0..8 {
+                for c in 0..12 {
+                    let gamma = means[group_of(r, c)].max(1e-5);
+                    let want = (wv[r * 12 + c] as f64 / gamma).round().clamp(-1.0, 1.0) * gamma;
+                    assert!((q[r * 12 + c] as f64 - want).abs() < 1e-6 * gamma.max(1.0));
+                }
+            }
+            // An all-zero matrix: gamma clamps to 1e-5 instead of dividing by zero.
+            layer.weight = Param::from_tensor(Tensor::zeros([8, 12], &dev));
+            let q: Vec<f32> = layer.effective_weight().into_data().to_vec().unwrap();
+            assert!(q.iter().all(|v| *v == 0.0));
+        }
+    }
+
+    /// BitNet's input: RMSNorm without weight, then per-token absmax to 8 bits.
+    #[test]
+    fn bitnet_input_closed_form() {
+        let dev = Default::default();
+        let xv = [0.5f32, -2.0, 0.25, 1.0, 3.0, 0.0, -0.1, 0.7];
+        let x = Tensor::<B, 2>::from_data(TensorData::new(xv.to_vec(), [2, 4]), &dev);
+        let y: Vec<f32> = bitnet_input(x, 1e-5, None).into_data().to_vec().unwrap();
+        for row in 0..2 {
+            let r = &xv[row * 4..][..4];
+            let rms = (r.iter().map(|v| (v * v) as f64).sum::<f64>() / 4.0 + 1e-5).sqrt();
+            let xn: Vec<f64> = r.iter().map(|&v| v as f64 / rms).collect();
+            let s = 127.0 / xn.iter().fold(0f64, |m, v| m.max(v.abs()));
+            for j in 0..4 {
+                let want = (xn[j] * s).round().clamp(-128.0, 127.0) / s;
+                assert!((y[row * 4 + j] as f64 - want).abs() < 1e-5, "{y:?}");
+                // An 8-bit level: an integer once scaled.
+                let level = y[row * 4 + j] as f64 * s;
+                assert!((level - level.round()).abs() < 1e-3);
+            }
+        }
+    }
+
+    /// STE on both: dL/dW = dL/dW_q and dL/dx = the gradient through the RMSNorm alone (the
+    /// quantization passes gradients straight through).
+    #[test]
+    fn bitnet_straight_through_gradients() {
+        let dev = Default::default();
+        let layer = cfg(LinearKind::Bitnet, 2, ScaleAxis::Rows).init::<AB>(&dev);
+        let x =
+            Tensor::<AB, 2>::random([5, 12], Distribution::Normal(0.0, 1.0), &dev).require_grad();
+        let target = Tensor::<AB, 2>::random([5, 8], Distribution::Normal(0.0, 1.0), &dev);
+        let g = (layer.forward(x.clone()) - target.clone())
+            .powi_scalar(2)
+            .sum()
+            .backward();
+        let gw: Vec<f32> = layer
+            .weight
+            .val()
+            .grad(&g)
+            .unwrap()
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let gx: Vec<f32> = x.grad(&g).unwrap().into_data().to_vec().unwrap();
+
+        // Reference: W_q and the quantized input as they are forward, gradients as if neither
+        // were rounded: W_q a leaf, the input x / rms(x) without the rounding.
+        let wq = Tensor::<AB, 2>::from_inner(layer.effective_weight().inner()).require_grad();
+        let x2 = Tensor::<AB, 2>::from_inner(x.clone().inner()).require_grad();
+        let xn = x2.clone().div(
+            x2.clone()
+                .powi_scalar(2)
+                .mean_dim(1)
+                .add_scalar(1e-5)
+                .sqrt(),
+        );
+        let xq = Tensor::<AB, 2>::from_inner(bitnet_input(x.clone().inner(), 1e-5, None));
+        let input = xq + (xn.clone() - xn.detach());
+        let g2 = (input.matmul(wq.clone().transpose()) - target)
+            .powi_scalar(2)
+            .sum()
+            .backward();
+        let gw2: Vec<f32> = wq.grad(&g2).unwrap().into_data().to_vec().unwrap();
+        let gx2: Vec<f32> = x2.grad(&g2).unwrap().into_data().to_vec().unwrap();
+        for (a, b) in gw.iter().zip(&gw2).chain(gx.iter().zip(&gx2)) {
+            assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        assert!(gx.iter().any(|v| v.abs() > 1e-3));
+    }
+
+    /// A row-parallel BitNet input on two ranks (threads): the same values and the same gradient
+    /// as the whole row in one process. The sum of squares goes through f then g, so each rank's
+    /// gradient includes what the other rank's block contributes through the shared norm.
+    #[test]
+    fn bitnet_input_split_over_two_ranks_equals_the_whole_row() {
+        use std::sync::Arc;
+        use tern_dist::ThreadComm;
+        let dev = Default::default();
+        let (rows, d) = (3, 8);
+        let xv: Vec<f32> = (0..rows * d)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3)
+            .collect();
+        let wv: Vec<f32> = (0..rows * d)
+            .map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.5)
+            .collect();
+        let full_x =
+            Tensor::<AB, 2>::from_data(TensorData::new(xv.clone(), [rows, d]), &dev).require_grad();
+        let w = Tensor::<AB, 2>::from_data(TensorData::new(wv.clone(), [rows, d]), &dev);
+        let y = bitnet_input(full_x.clone(), 1e-5, None);
+        let want_y: Vec<f32> = y.clone().inner().into_data().to_vec().unwrap();
+        let g = (y * w).sum().backward();
+        let want_g: Vec<f32> = full_x.grad(&g).unwrap().into_data().to_vec().unwrap();
+        let halves: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|sc| {
+            let hs: Vec<_> = ThreadComm::group(2)
+                .into_iter()
+                .enumerate()
+                .map(|(r, comm)| {
+                    let (xv, wv) = (xv.clone(), wv.clone());
+                    sc.spawn(move || {
+                        let group = TpGroup::new(Arc::new(comm));
+                        let cols = |v: &[f32]| -> Vec<f32> {
+                            v.chunks(d)
+                                .flat_map(|row| row[r * d / 2..][..d / 2].to_vec())
+                                .collect()
+                        };
+                        let dev = Default::default();
+                        let x = Tensor::<AB, 2>::from_data(
+                            TensorData::new(cols(&xv), [rows, d / 2]),
+                            &dev,
+                        )
+                        .require_grad();
+                        let w = Tensor::<AB, 2>::from_data(
+                            TensorData::new(cols(&wv), [rows, d / 2]),
+                            &dev,
+                        );
+                        let y = bitnet_input(x.clone(), 1e-5, Some(&group));
+                        let yv: Vec<f32> = y.clone().inner().into_data().to_vec().unwrap();
+                        let g = (y * w).sum().backward();
+                        (yv, x.grad(&g).unwrap().into_data().to_vec().unwrap())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in 0..rows {
+            for c in 0..d {
+                let (part, j) = (c / (d / 2), c % (d / 2));
+                let (y, g) = (&halves[part].0, &halves[part].1);
+                let k = r * d / 2 + j;
+                assert!((y[k] - want_y[r * d + c]).abs() < 1e-6, "value ({r}, {c})");
+                assert!(
+                    (g[k] - want_g[r * d + c]).abs() < 1e-5,
+                    "gradient ({r}, {c}): {} vs {}",
+                    g[k],
+                    want_g[r * d + c]
+                );
+            }
+        }
     }
 
     #[test]

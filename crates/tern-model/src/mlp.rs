@@ -1,12 +1,14 @@
-//! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+//! Gated feed-forward: SwiGLU `down(silu(gate(x)) * up(x))` or, for Q-Sparse, ReLU² GLU
+//! `down(relu(gate(x))^2 * up(x))`.
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use tern_dist::CollectiveBackend;
 
-use crate::config::ModelConfig;
+use crate::config::{MlpKind, ModelConfig};
 use crate::linear::{tapped, InputStyle, ProjLinear, ProjLinearConfig, ScaleAxis, Tap};
+use crate::sparsity::LayerType;
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
@@ -15,16 +17,21 @@ pub struct Mlp<B: Backend> {
     pub down_proj: ProjLinear<B>,
     #[module(skip)]
     pub input: InputStyle,
+    #[module(skip)]
+    pub kind: MlpKind,
 }
 
 impl<B: Backend> Mlp<B> {
     pub fn new(c: &ModelConfig, device: &B::Device) -> Self {
-        let proj = |d_in, d_out, axis| ProjLinearConfig::block(c, d_in, d_out, axis).init(device);
+        let proj = |d_in, d_out, axis| {
+            ProjLinearConfig::block(c, d_in, d_out, axis, LayerType::Mlp).init(device)
+        };
         Self {
             gate_proj: proj(c.hidden, c.intermediate, ScaleAxis::Rows),
             up_proj: proj(c.hidden, c.intermediate, ScaleAxis::Rows),
             down_proj: proj(c.intermediate, c.hidden, ScaleAxis::Cols),
             input: InputStyle::AsIs,
+            kind: c.mlp,
         }
     }
 }
@@ -46,8 +53,12 @@ impl<B: CollectiveBackend> Mlp<B> {
         // through f32 whatever the tensor's precision, which breaks f64 gradient checks.
         let silu =
             |x: Tensor<B, 3>| x.clone() * x.div_scalar(2.0).tanh().add_scalar(1.0).div_scalar(2.0);
-        let h = silu(proj("mlp.gate_proj", &self.gate_proj, x.clone()))
-            * proj("mlp.up_proj", &self.up_proj, x);
+        let gate = proj("mlp.gate_proj", &self.gate_proj, x.clone());
+        let gate = match self.kind {
+            MlpKind::Swiglu => silu(gate),
+            MlpKind::Relu2glu => burn::tensor::activation::relu(gate).powi_scalar(2),
+        };
+        let h = gate * proj("mlp.up_proj", &self.up_proj, x);
         proj("mlp.down_proj", &self.down_proj, h)
     }
 }

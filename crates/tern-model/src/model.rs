@@ -5,7 +5,7 @@ use burn::module::{Initializer, Module};
 use burn::nn::{Embedding, EmbeddingConfig};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{ElementConversion, Int, Tensor};
 use tern_dist::CollectiveBackend;
 
 use crate::attention::Attention;
@@ -114,6 +114,8 @@ impl<B: Backend> Llama<B> {
                 axis: ScaleAxis::Rows,
                 eps: c.ternary_eps,
                 init_std: c.init_std,
+                sparsity: None,
+                rms_eps: c.rms_eps,
             }
             .init(device)
         });
@@ -209,6 +211,45 @@ impl<B: Backend> Llama<B> {
                 if let Some(z) = p.zero_fraction() {
                     out.push((format!("layers.{i}.{name}"), z));
                 }
+            }
+        }
+        out
+    }
+}
+
+/// Zero entries in the inputs a type of projection multiplies (after the top-K, when there is
+/// one): Q-Sparse's achieved activation sparsity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActivationCount {
+    pub layer: crate::sparsity::LayerType,
+    pub zeros: f64,
+    pub total: f64,
+    /// The input is this rank's block of the columns (row-parallel): counts add over the group.
+    pub sharded: bool,
+}
+
+impl<B: CollectiveBackend> Llama<B> {
+    /// One forward pass over `tokens`, counting zero inputs of every projection by layer type.
+    pub fn activation_counts(&self, tokens: Tensor<B, 2, Int>) -> Vec<ActivationCount> {
+        let layers: Vec<usize> = (0..self.layers.len()).collect();
+        let taps = self.taps_only(tokens, &layers);
+        let mut out = Vec::new();
+        for (block, taps) in self.layers.iter().zip(taps) {
+            for tap in taps {
+                let p = block.projection(tap.name);
+                let x = p.sparse_input(tap.input.detach());
+                let total = x.shape().num_elements() as f64;
+                let zeros: f64 = x.equal_elem(0.0).int().sum().into_scalar().elem();
+                out.push(ActivationCount {
+                    layer: if tap.name.starts_with("mlp.") {
+                        crate::sparsity::LayerType::Mlp
+                    } else {
+                        crate::sparsity::LayerType::Attention
+                    },
+                    zeros,
+                    total,
+                    sharded: matches!(p.parallel, crate::linear::ParallelStyle::Rowwise(_)),
+                });
             }
         }
         out

@@ -88,7 +88,7 @@ pub fn check_tp(c: &ModelConfig, tp: usize) -> Result<(), ModelConfigError> {
             );
         }
     }
-    if c.linear == LinearKind::Ternary && !c.scale_groups.is_multiple_of(tp) {
+    if c.linear != LinearKind::Float && !c.scale_groups.is_multiple_of(tp) {
         return fail(
             "model.scale_groups",
             format!(
@@ -190,6 +190,7 @@ pub fn parallelize<B: Backend>(model: Llama<B>, group: &TpGroup) -> Llama<B> {
                     up_proj: shard(m.up_proj, 0, group),
                     down_proj: shard(m.down_proj, 1, group),
                     input: mlp_input,
+                    kind: m.kind,
                 },
                 ..b
             }
@@ -328,10 +329,29 @@ mod tests {
         use tern_dist::ThreadComm;
 
         let dev = Default::default();
-        for linear in [LinearKind::Float, LinearKind::Ternary] {
+        // Q-Sparse on a ternary model with ReLU² GLU: the row-parallel inputs (o, down) choose
+        // their top-K on the gathered whole row.
+        let sparse = ModelConfig {
+            mlp: crate::MlpKind::Relu2glu,
+            sparsity: Some(crate::SparsityConfig {
+                top_k: Some(0.5),
+                attn_top_k: None,
+                mlp_top_k: Some(0.4),
+                quantized: true,
+                rescale: true,
+            }),
+            ..ModelConfig::tiny(64, LinearKind::Ternary)
+        };
+        for base in [
+            ModelConfig::tiny(64, LinearKind::Float),
+            ModelConfig::tiny(64, LinearKind::Ternary),
+            ModelConfig::tiny(64, LinearKind::Bitnet),
+            sparse,
+        ] {
+            let linear = base.linear;
             let c = ModelConfig {
                 scale_groups: 2,
-                ..ModelConfig::tiny(64, linear)
+                ..base
             };
             let full = Llama::<Flex>::new(&c, &dev);
             let tokens = Tensor::<Flex, 2, Int>::from_data(
@@ -373,7 +393,7 @@ mod tests {
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
                 assert!(worst < 1e-5, "{linear:?}: max |TP - full| = {worst}");
-                if linear == LinearKind::Ternary {
+                if linear == LinearKind::Ternary && c.sparsity.is_none() {
                     // The shards' own scales are what the full model's 2 groups compute, not one
                     // scale over the whole matrix.
                     let one = Llama {

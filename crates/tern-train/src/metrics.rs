@@ -147,6 +147,9 @@ impl Metrics {
         });
         let fields = line.as_object_mut().expect("an object");
         fields.extend(m.extra.clone());
+        for (name, z) in zero_fractions {
+            fields.insert(format!("ternary_zero_fraction/{name}"), json!(z));
+        }
         Self::write_line(o, line)?;
         let mut scalars: Vec<(String, f64)> = vec![
             ("train/loss".into(), m.loss),
@@ -157,7 +160,13 @@ impl Metrics {
         ];
         for (k, v) in &m.extra {
             if let Some(x) = v.as_f64() {
-                scalars.push((format!("train/{k}"), x));
+                // `act_sparsity/attn` and the like keep their own section.
+                let tag = if k.contains('/') {
+                    k.clone()
+                } else {
+                    format!("train/{k}")
+                };
+                scalars.push((tag, x));
             }
         }
         if !zero_fractions.is_empty() {

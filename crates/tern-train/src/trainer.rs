@@ -87,6 +87,32 @@ fn validation_batches<B: Backend>(
     Ok(out)
 }
 
+/// `act_sparsity/attn` and `act_sparsity/mlp`: the share of zero entries in the inputs of each type
+/// of projection, on one sequence (over the whole tensor-parallel group).
+fn activation_sparsity<B: CollectiveBackend>(
+    model: &Llama<B>,
+    x: Tensor<B, 2, Int>,
+    tp: &dyn tern_dist::Comm,
+) -> Vec<(String, f64)> {
+    let counts = model.activation_counts(x);
+    let mut out = Vec::new();
+    for (key, layer) in [
+        ("act_sparsity/attn", tern_model::LayerType::Attention),
+        ("act_sparsity/mlp", tern_model::LayerType::Mlp),
+    ] {
+        let (mut zeros, mut total) = (0.0, 0.0);
+        for c in counts.iter().filter(|c| c.layer == layer) {
+            // A sharded input's counts add up over the group; a replicated one counts once.
+            let n = if c.sharded { 1.0 } else { tp.size() as f64 };
+            zeros += c.zeros / n;
+            total += c.total / n;
+        }
+        let (zeros, total) = (tp.all_reduce_sum_f64(zeros), tp.all_reduce_sum_f64(total));
+        out.push((key.to_string(), zeros / total.max(1.0)));
+    }
+    out
+}
+
 /// Mean loss of the model over validation micro-batches (weighted by their sizes).
 fn validation_loss<B: CollectiveBackend>(model: &Llama<B>, batches: &[Tensor<B, 2, Int>]) -> f64 {
     let (mut sum, mut n) = (0.0, 0);
@@ -233,6 +259,9 @@ where
     // the layout.
     let mc = &recipe.model;
     let tp = dist.tp.comm();
+    // Q-Sparse's achieved activation sparsity is logged when there is some to see.
+    let measures_activations =
+        recipe.model.sparsity.is_some() || recipe.model.mlp == tern_model::MlpKind::Relu2glu;
     let distill = recipe.distill.clone();
     // The teacher is built whole first: the student starts from its weights.
     let teacher: Option<Llama<B::InnerBackend>> =
@@ -496,8 +525,12 @@ where
         let blocks = &blocks[mine.clone()];
         let mut loss_sum = 0.0f64;
         let mut acc: Option<Vec<Tensor<B::InnerBackend, 1>>> = None;
+        let mut first_block = Vec::new();
         for chunk in blocks.chunks(tc.micro_batch) {
             let tokens = train_data.read(chunk)?;
+            if first_block.is_empty() {
+                first_block = tokens[..block_len].to_vec();
+            }
             let loss = match (&distill, &teacher, phase) {
                 (Some(d), Some(t), Some(ph)) => {
                     let x = batch_tensor::<B::InnerBackend>(&tokens, block_len, &inner_device);
@@ -595,6 +628,12 @@ where
                 tp.all_reduce_sum(&mut f);
                 for ((_, z), s) in zeros.iter_mut().zip(f) {
                     *z = s as f64 / topo.tp as f64;
+                }
+            }
+            if measures_activations {
+                let x = batch_tensor::<B::InnerBackend>(&first_block, block_len, &inner_device);
+                for (k, v) in activation_sparsity(&model.valid(), x, tp) {
+                    extra.insert(k, json!(v));
                 }
             }
             metrics.step(
