@@ -497,5 +497,13 @@ fn bad_distillation_settings_are_errors_naming_the_key() {
         &with(&["--set", "distill.teacher=\"/nonexistent/teacher\""]),
         &["distill.teacher", "/nonexistent/teacher"],
     );
+    fails_with(
+        &with(&["--set", "model.mlp=relu2glu"]),
+        &["model.mlp = Relu2glu but the teacher", "Swiglu"],
+    );
+    fails_with(
+        &with(&["--set", "model.linear=bitnet"]),
+        &["model.linear", "bitnet", "encoder"],
+    );
     assert!(!run.join("checkpoints").exists());
 }

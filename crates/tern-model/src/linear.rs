@@ -322,12 +322,18 @@ impl<B: CollectiveBackend> ProjLinear<B> {
         }
     }
 
-    /// The input after the encoder (distillation students) and the top-K (Q-Sparse): what the
-    /// layer's own transform (BitNet's norm and quantization) and matmul see.
-    pub fn sparse_input<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+    /// What the matmul multiplies: the input after the encoder (distillation students), BitNet's
+    /// norm and 8-bit quantization, and the top-K (Q-Sparse). For BitNet the top-K comes last and
+    /// picks among the quantized values (Q-Sparse's 1.58-bit form, `TopK(|Q(x_n)|)`), so the norm
+    /// is taken over the whole input and a rescale means what it says.
+    pub fn matmul_input<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = match &self.encoder {
             Some(e) => e.forward(x),
             None => x,
+        };
+        let x = match self.kind {
+            LinearKind::Bitnet => bitnet_input(x, self.rms_eps, self.input_group()),
+            _ => x,
         };
         match &self.sparsity {
             Some(t) => t.apply(x, self.input_group()),
@@ -336,11 +342,7 @@ impl<B: CollectiveBackend> ProjLinear<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let x = self.sparse_input(x);
-        let x = match self.kind {
-            LinearKind::Bitnet => bitnet_input(x, self.rms_eps, self.input_group()),
-            _ => x,
-        };
+        let x = self.matmul_input(x);
         let w = self.effective_weight();
         let dims = x.dims();
         let d_in = dims[D - 1];
@@ -679,6 +681,49 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// BitNet with top-K: the norm and 8-bit quantization see the whole row, then the top-K keeps
+    /// k of those quantized values; a rescale then changes them (it would cancel in a norm taken
+    /// after the top-K).
+    #[test]
+    fn bitnet_top_k_picks_among_quantized_values() {
+        let dev = Default::default();
+        let x = Tensor::<B, 2>::random([3, 12], Distribution::Normal(0.0, 1.0), &dev);
+        let q: Vec<f32> = bitnet_input(x.clone(), 1e-5, None)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let mut outs = Vec::new();
+        for rescale in [false, true] {
+            let mut c = cfg(LinearKind::Bitnet, 1, ScaleAxis::Rows);
+            c.sparsity = Some(TopK {
+                keep: 0.25,
+                quantized: false,
+                rescale,
+            });
+            let y: Vec<f32> = c
+                .init::<B>(&dev)
+                .matmul_input(x.clone())
+                .into_data()
+                .to_vec()
+                .unwrap();
+            for (yr, qr) in y.chunks(12).zip(q.chunks(12)) {
+                let mut order: Vec<usize> = (0..12).collect();
+                order.sort_by(|&a, &b| qr[b].abs().total_cmp(&qr[a].abs()));
+                let kept = &order[..3];
+                assert_eq!(yr.iter().filter(|v| **v != 0.0).count(), 3);
+                for j in 0..12 {
+                    if !kept.contains(&j) {
+                        assert_eq!(yr[j], 0.0);
+                    } else if !rescale {
+                        assert_eq!(yr[j], qr[j]);
+                    }
+                }
+            }
+            outs.push(y);
+        }
+        assert_ne!(outs[0], outs[1], "rescale changes the kept values");
     }
 
     #[test]

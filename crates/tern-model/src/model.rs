@@ -217,8 +217,8 @@ impl<B: Backend> Llama<B> {
     }
 }
 
-/// Zero entries in the inputs a type of projection multiplies (after the top-K, when there is
-/// one): Q-Sparse's achieved activation sparsity.
+/// Zero entries in the inputs a type of projection multiplies (after the top-K and BitNet's
+/// quantization, when there are): Q-Sparse's achieved activation sparsity.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ActivationCount {
     pub layer: crate::sparsity::LayerType,
@@ -237,7 +237,7 @@ impl<B: CollectiveBackend> Llama<B> {
         for (block, taps) in self.layers.iter().zip(taps) {
             for tap in taps {
                 let p = block.projection(tap.name);
-                let x = p.sparse_input(tap.input.detach());
+                let x = p.matmul_input(tap.input.detach());
                 let total = x.shape().num_elements() as f64;
                 let zeros: f64 = x.equal_elem(0.0).int().sum().into_scalar().elem();
                 out.push(ActivationCount {

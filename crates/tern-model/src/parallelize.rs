@@ -342,11 +342,17 @@ mod tests {
             }),
             ..ModelConfig::tiny(64, LinearKind::Ternary)
         };
+        // BitNet with top-K: norm and 8-bit quantization of the whole row, then its top-K.
+        let bitnet_sparse = ModelConfig {
+            sparsity: sparse.sparsity.clone(),
+            ..ModelConfig::tiny(64, LinearKind::Bitnet)
+        };
         for base in [
             ModelConfig::tiny(64, LinearKind::Float),
             ModelConfig::tiny(64, LinearKind::Ternary),
             ModelConfig::tiny(64, LinearKind::Bitnet),
             sparse,
+            bitnet_sparse,
         ] {
             let linear = base.linear;
             let c = ModelConfig {

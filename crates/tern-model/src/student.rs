@@ -39,8 +39,10 @@ pub fn studentize<B: Backend>(model: Llama<B>, c: &StudentConfig, device: &B::De
                         ..p
                     }
                 } else {
+                    // A float copy of the teacher's block: dense, as the teacher is.
                     ProjLinear {
                         kind: LinearKind::Float,
+                        sparsity: None,
                         ..p
                     }
                 }

@@ -224,6 +224,9 @@ impl DistillConfig {
 
     /// The rules that need only the recipe.
     pub fn validate(&self, model: &ModelConfig, train_steps: u64) -> Result<(), String> {
+        if model.linear == tern_model::LinearKind::Bitnet {
+            return Err("model.linear = \"bitnet\": a distilled projection takes its 1-bit encoder's output; BitNet's norm and 8-bit quantization after it would undo that (use \"ternary\" or \"float\")".into());
+        }
         let n = model.n_layers;
         let blocks = self.blocks(n);
         if blocks.is_empty() {
@@ -320,6 +323,12 @@ pub fn check_teacher(
         if s != t {
             return Err(format!("{key} = {s} but the teacher {source} has {t}: the student is the teacher's architecture"));
         }
+    }
+    if student.mlp != teacher.mlp {
+        return Err(format!(
+            "model.mlp = {:?} but the teacher {source} has {:?}: the student keeps the teacher's feed-forward",
+            student.mlp, teacher.mlp
+        ));
     }
     if student.vocab_size.is_some() && student.vocab_size != teacher.vocab_size {
         return Err(format!(
