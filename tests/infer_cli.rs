@@ -26,6 +26,22 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The number after "loss " in `tern eval`'s line.
+fn eval_loss(text: &str) -> f64 {
+    let after = text.split("loss ").nth(1).expect("a loss in the output");
+    after.split(' ').next().unwrap().parse().unwrap()
+}
+
+/// A safetensors file with tensor `input_ids` (i64), as `tern logits` reads.
+fn write_input_ids(path: &Path, ids: &[i64], shape: [usize; 2]) {
+    let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, shape.to_vec(), &bytes)
+            .unwrap();
+    let file = safetensors::tensor::serialize(vec![("input_ids", view)], None).unwrap();
+    std::fs::write(path, file).unwrap();
+}
+
 fn fixture() -> PathBuf {
     repo().join("tests/fixtures/packed-tiny")
 }
@@ -173,14 +189,7 @@ fn packed_model_is_the_trained_checkpoint() {
     // Logits: checkpoint through burn vs the packed kernel.
     let ids_file = dir.path().join("ids.safetensors");
     let ids: Vec<i64> = (0..2 * 20).map(|i| (i * 97 + 5) % 4096).collect();
-    let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![2, 20], &bytes).unwrap();
-    std::fs::write(
-        &ids_file,
-        safetensors::tensor::serialize(vec![("input_ids", view)], None).unwrap(),
-    )
-    .unwrap();
+    write_input_ids(&ids_file, &ids, [2, 20]);
     let logits = |m: &Path| {
         let out = dir.path().join("l.safetensors");
         ok(&tern(&[
@@ -212,15 +221,7 @@ fn packed_model_is_the_trained_checkpoint() {
         let out = tern(&["eval", "--model", s(m), "--recipe", "recipes/tiny.toml", "--seq-len", "64", "--max-blocks", "16"]);
         ok(&out);
         let text = stdout(&out);
-        let loss: f64 = text
-            .split("loss ")
-            .nth(1)
-            .unwrap()
-            .split(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let loss = eval_loss(&text);
         // f16 embeddings (p3h) move it slightly; the f32 file is the run's model.
         let tol = if m == &p2 { 1e-5 } else { 1e-3 };
         assert!(
@@ -237,15 +238,7 @@ fn packed_model_is_the_trained_checkpoint() {
     let out = tern(&["eval", "--model", s(&p2), "--data", "data/sample/validation", "--seq-len", "64", "--max-blocks", "16"]);
     ok(&out);
     let text = stdout(&out);
-    let loss: f64 = text
-        .split("loss ")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let loss = eval_loss(&text);
     assert!(
         (loss - val).abs() < 1e-5 * val,
         "eval --data {loss} vs run's val_loss {val}"
@@ -310,16 +303,8 @@ fn generation_is_seeded_and_agrees_with_full_forward_passes() {
         .map(|&i| i as i64)
         .collect();
     let all: Vec<i64> = prompt.iter().chain(&greedy).copied().collect();
-    let bytes: Vec<u8> = all.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, all.len()], &bytes)
-            .unwrap();
     let ids_file = dir.path().join("ids.safetensors");
-    std::fs::write(
-        &ids_file,
-        safetensors::tensor::serialize(vec![("input_ids", view)], None).unwrap(),
-    )
-    .unwrap();
+    write_input_ids(&ids_file, &all, [1, all.len()]);
     let out = dir.path().join("l.safetensors");
     ok(&tern(&[
         "logits",
