@@ -18,8 +18,9 @@ pub fn rope_tables<B: Backend>(
             let i = j % half;
             let inv_freq = theta.powf(-(2.0 * i as f64) / head_dim as f64);
             let angle = t as f64 * inv_freq;
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
+            // f64 data: converted to the backend's precision, so an f64 model gets f64 tables.
+            cos.push(angle.cos());
+            sin.push(angle.sin());
         }
     }
     (

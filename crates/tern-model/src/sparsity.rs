@@ -3,7 +3,7 @@
 //! gradient (the backward pass reaches every entry of the input).
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{IndexingUpdateOp, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use tern_dist::TpGroup;
 
@@ -129,13 +129,7 @@ impl TopK {
         let kept = if k == d {
             v
         } else {
-            let (_, idx) = v.clone().abs().topk_with_indices(k, D - 1);
-            let ones = idx.ones_like().float();
-            // Distinct indices scattered once each: exactly k ones per row, ties included.
-            let mask = v
-                .zeros_like()
-                .scatter(D - 1, idx, ones, IndexingUpdateOp::Add);
-            v * mask
+            v.clone() * top_k_mask(v.abs(), k)
         };
         if self.rescale {
             let norm = |t: Tensor<B, D>| t.powi_scalar(2).sum_dim(D - 1).sqrt();
@@ -145,6 +139,30 @@ impl TopK {
             kept
         }
     }
+}
+
+/// 1 at the `k` largest entries of each row of `a` (last dimension), 0 elsewhere. Entries tied
+/// with the k-th largest value are kept lowest index first, as many as the row still needs, so
+/// exactly k survive and the choice does not depend on a sort's order of equal keys (which differs
+/// between backends). Ties are common: an 8-bit quantized row has at most 256 distinct values.
+pub fn top_k_mask<B: Backend, const D: usize>(a: Tensor<B, D>, k: usize) -> Tensor<B, D> {
+    let dims = a.dims();
+    // The sorted values are the same whatever order a sort gives equal keys.
+    let kth = a
+        .clone()
+        .sort_descending(D - 1)
+        .narrow(D - 1, k - 1, 1)
+        .expand(dims);
+    let above = a.clone().greater(kth.clone()).float();
+    let at = a.equal(kth).float();
+    let missing = above
+        .clone()
+        .sum_dim(D - 1)
+        .neg()
+        .add_scalar(k as f64)
+        .expand(dims);
+    let first_ties = at.clone().cumsum(D - 1).lower_equal(missing).float() * at;
+    above + first_ties
 }
 
 /// The maximum over the group of each rank's `x` (no gradient).
@@ -212,9 +230,13 @@ mod tests {
         // Row 0: all |x| equal (a 4-way tie for 2 places); row 1: distinct.
         let x = t(&[1.0, -1.0, 1.0, -1.0, 0.1, -3.0, 2.0, 0.5], 2);
         let y = vals(top.sparsify(x));
-        assert_eq!(y[..4].iter().filter(|v| **v != 0.0).count(), 2, "{y:?}");
-        assert!(y[..4].iter().all(|v| [0.0, 1.0, -1.0].contains(v)));
+        // The tie keeps the lowest indices.
+        assert_eq!(&y[..4], &[1.0, -1.0, 0.0, 0.0], "{y:?}");
         assert_eq!(&y[4..], &[0.0, -3.0, 2.0, 0.0]);
+        // One entry above the tie, three tied for the remaining two places of k = 3.
+        let three = TopK { keep: 0.6, ..top };
+        let y = vals(three.sparsify(t(&[0.5, -2.0, 0.5, 0.1, -0.5], 1)));
+        assert_eq!(y, [0.5, -2.0, 0.5, 0.0, 0.0]);
         // k = round(0.3 * 4) = 1; at least 1 even for a tiny fraction.
         let one = TopK { keep: 0.01, ..top };
         assert_eq!(one.k(4), 1);
