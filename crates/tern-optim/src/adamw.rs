@@ -5,14 +5,18 @@ use burn::tensor::Tensor;
 
 use crate::config::OptimConfig;
 
-/// Moments are kept per parameter, flat, in the same order as the parameters.
+/// Moments are kept per parameter, flat, in the same order as the parameters. As in
+/// `torch.optim.AdamW`, each parameter counts its own updates for the bias correction: a parameter
+/// frozen for a while (a distillation phase) starts its moments as a fresh one would.
 #[derive(Debug, Clone)]
 pub struct AdamW<B: Backend> {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
-    /// Number of updates applied so far.
+    /// Number of optimizer steps applied so far.
     pub step: u64,
+    /// Updates each parameter has received (its bias-correction step).
+    pub param_steps: Vec<u64>,
     pub exp_avg: Vec<Tensor<B, 1>>,
     pub exp_avg_sq: Vec<Tensor<B, 1>>,
 }
@@ -30,6 +34,7 @@ impl<B: Backend> AdamW<B> {
             beta2: cfg.beta2,
             eps: cfg.eps,
             step: 0,
+            param_steps: vec![0; sizes.len()],
             exp_avg: zeros(),
             exp_avg_sq: zeros(),
         }
@@ -49,11 +54,6 @@ impl<B: Backend> AdamW<B> {
         assert_eq!(params.len(), grads.len());
         assert_eq!(params.len(), self.exp_avg.len());
         self.step += 1;
-        let t = self.step as i32;
-        let bc1 = 1.0 - self.beta1.powi(t);
-        let bc2 = 1.0 - self.beta2.powi(t);
-        let step_size = lr / bc1;
-        let bc2_sqrt = bc2.sqrt();
         params
             .into_iter()
             .enumerate()
@@ -61,6 +61,10 @@ impl<B: Backend> AdamW<B> {
                 if !trainable[i] {
                     return p;
                 }
+                self.param_steps[i] += 1;
+                let t = self.param_steps[i] as i32;
+                let step_size = lr / (1.0 - self.beta1.powi(t));
+                let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
                 let g = grads[i].clone();
                 let p = if decay[i] && weight_decay > 0.0 {
                     p.mul_scalar(1.0 - lr * weight_decay)
@@ -146,5 +150,28 @@ mod tests {
         assert_eq!(m, [0.0, 0.0]);
         let moved: Vec<f32> = p[0].to_data().to_vec().unwrap();
         assert!(moved[0] < p0[0] - 0.2, "{moved:?}");
+        assert_eq!(opt.param_steps, [3, 0]);
+    }
+
+    /// A parameter that starts training late gets the bias correction of its own first update
+    /// (as torch.optim.AdamW): its first step is lr * sign(g), not a step damped by the
+    /// correction of the optimizer's third.
+    #[test]
+    fn a_late_parameter_starts_with_its_own_bias_correction() {
+        let dev = Default::default();
+        let cfg = OptimConfig::default();
+        let mut opt = AdamW::<Flex>::new(&cfg, &[2], &dev);
+        let p0 = [0.5f32, -0.25];
+        let mut p = vec![Tensor::<Flex, 1>::from_floats(p0, &dev)];
+        let g = vec![Tensor::<Flex, 1>::from_floats([0.3, -2.0], &dev)];
+        for trained in [false, false, true] {
+            p = opt.step(p, &g, 0.01, 0.0, &[true], &[trained]);
+        }
+        let v: Vec<f32> = p[0].to_data().to_vec().unwrap();
+        for j in 0..2 {
+            let want = p0[j] as f64 - 0.01 * (if j == 0 { 1.0 } else { -1.0 });
+            assert!((v[j] as f64 - want).abs() < 1e-6, "{} vs {want}", v[j]);
+        }
+        assert_eq!((opt.step, opt.param_steps[0]), (3, 1));
     }
 }

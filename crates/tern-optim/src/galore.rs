@@ -127,8 +127,11 @@ pub struct GaLoreAdamW<B: Backend> {
     pub svd: SvdMethod,
     pub oversample: usize,
     pub svd_iters: usize,
-    /// Updates applied so far.
+    /// Optimizer steps applied so far.
     pub step: u64,
+    /// Updates each parameter has received: its bias-correction step and the clock of its
+    /// projection refreshes, as the reference keeps `state["step"]` per parameter.
+    pub param_steps: Vec<u64>,
     /// `Some` for the parameters GaLore projects.
     pub layout: Vec<Option<LowRank>>,
     /// Moments, flat, in each parameter's (local) projected shape.
@@ -193,6 +196,7 @@ impl<B: Backend> GaLoreAdamW<B> {
             oversample: cfg.svd_oversample,
             svd_iters: cfg.svd_iters,
             step: 0,
+            param_steps: vec![0; sizes.len()],
             exp_avg: zeros(),
             exp_avg_sq: zeros(),
             proj: vec![None; sizes.len()],
@@ -279,10 +283,7 @@ impl<B: Backend> GaLoreAdamW<B> {
     ) -> Vec<Tensor<B, 1>> {
         assert_eq!(params.len(), grads.len());
         assert_eq!(params.len(), self.layout.len());
-        let refresh_now = self.step.is_multiple_of(self.gap);
         self.step += 1;
-        let t = self.step as i32;
-        let step_size = lr * (1.0 - self.beta2.powi(t)).sqrt() / (1.0 - self.beta1.powi(t));
         let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
         let mut out = Vec::with_capacity(params.len());
         for (i, p) in params.into_iter().enumerate() {
@@ -290,6 +291,10 @@ impl<B: Backend> GaLoreAdamW<B> {
                 out.push(p);
                 continue;
             }
+            let refresh_now = self.param_steps[i].is_multiple_of(self.gap);
+            self.param_steps[i] += 1;
+            let t = self.param_steps[i] as i32;
+            let step_size = lr * (1.0 - b2.powi(t)).sqrt() / (1.0 - b1.powi(t));
             let g = grads[i].clone();
             let low = self.layout[i];
             // The gradient as Adam sees it: projected for block matrices.

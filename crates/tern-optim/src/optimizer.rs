@@ -2,7 +2,7 @@
 //! checkpoints store).
 
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{ElementConversion, Tensor};
 use tern_dist::TpGroup;
 
 use crate::config::{OptimConfig, OptimizerName};
@@ -16,7 +16,7 @@ pub enum Optimizer<B: Backend> {
 
 /// One state tensor of a parameter as this rank holds it.
 pub struct StateTensor<B: Backend> {
-    /// `exp_avg`, `exp_avg_sq` or `galore_proj`.
+    /// `exp_avg`, `exp_avg_sq`, `galore_proj` or `step` (the parameter's update count, one value).
     pub key: &'static str,
     /// Shape of the whole tensor (what a one-process run holds and a checkpoint stores).
     pub full_shape: Vec<usize>,
@@ -68,7 +68,15 @@ impl<B: Backend> Optimizer<B> {
         }
     }
 
-    /// Updates applied so far.
+    /// Sets the update count of parameter `i`.
+    pub fn set_param_step(&mut self, i: usize, n: u64) {
+        match self {
+            Self::AdamW(o) => o.param_steps[i] = n,
+            Self::GaLore(o) => o.param_steps[i] = n,
+        }
+    }
+
+    /// Optimizer steps applied so far.
     pub fn steps(&self) -> u64 {
         match self {
             Self::AdamW(o) => o.step,
@@ -92,7 +100,7 @@ impl<B: Backend> Optimizer<B> {
         full_shape: &[usize],
         shard: Option<usize>,
     ) -> Vec<(&'static str, Vec<usize>, Option<usize>)> {
-        match self {
+        let mut out = match self {
             Self::GaLore(o) if o.layout[i].is_some() => {
                 let l = o.layout[i].expect("checked");
                 let pr = l.projected_full().to_vec();
@@ -106,7 +114,24 @@ impl<B: Backend> Optimizer<B> {
                 ("exp_avg", full_shape.to_vec(), shard),
                 ("exp_avg_sq", full_shape.to_vec(), shard),
             ],
+        };
+        out.push(("step", vec![1], None));
+        out
+    }
+
+    /// The update count of parameter `i` (its bias-correction step).
+    pub fn param_step(&self, i: usize) -> u64 {
+        match self {
+            Self::AdamW(o) => o.param_steps[i],
+            Self::GaLore(o) => o.param_steps[i],
         }
+    }
+
+    /// Whether a checkpoint may lack state `key` of parameter `i`: a projection never computed (a
+    /// parameter not updated yet), and the update count, which checkpoints before it was stored
+    /// lack (the caller then takes the optimizer's step count, as those runs did).
+    pub fn optional_state(key: &str) -> bool {
+        matches!(key, "galore_proj" | "step")
     }
 
     /// The state of parameter `i`, as [`Self::layout`] lists it, with this rank's values (a
@@ -127,6 +152,8 @@ impl<B: Backend> Optimizer<B> {
                 let value = match key {
                     "exp_avg" => m.clone(),
                     "exp_avg_sq" => v.clone(),
+                    // Exact in f32 up to 2^24 updates.
+                    "step" => Tensor::from_floats([self.param_step(i) as f32], &m.device()),
                     _ => {
                         let p = p?;
                         let n = p.shape().num_elements();
@@ -145,6 +172,11 @@ impl<B: Backend> Optimizer<B> {
 
     /// Sets one state tensor of parameter `i` (shape checked by the caller).
     pub fn set_state(&mut self, i: usize, key: &str, value: Tensor<B, 1>) {
+        if key == "step" {
+            let n: f32 = value.into_scalar().elem();
+            self.set_param_step(i, n as u64);
+            return;
+        }
         let (m, v) = match self {
             Self::AdamW(o) => (&mut o.exp_avg, &mut o.exp_avg_sq),
             Self::GaLore(o) => {

@@ -9,6 +9,7 @@ pub mod plan;
 pub mod pretrained;
 pub mod recipe;
 pub mod shards;
+pub mod step;
 pub mod tensorboard;
 pub mod trainer;
 

@@ -11,16 +11,17 @@ use tern_data::sampler::dp_slice;
 use tern_data::{TextTokenizer, TrainData, ValData};
 use tern_dist::{all_reduce_mean_tensors, comm::BUCKET_ELEMS, to_host, CollectiveBackend, Dist};
 use tern_model::{block_matrix_dim, parallelize, shard_values, Llama};
-use tern_optim::{clip_to, squared_norms, Optimizer, Schedule};
+use tern_optim::{Optimizer, Schedule};
 
 use crate::checkpoint::{self, Piece, TrainState};
 use crate::distill::{check_teacher, distill_loss, projection_stats, student_of, ProjectionStat};
 use crate::init::init_normal;
 use crate::metrics::{Metrics, StepMetrics};
-use crate::params::{assign_trainable, flat_grads, flat_values, param_infos, ParamInfo};
+use crate::params::{assign_trainable, flat_values, param_infos, ParamInfo};
 use crate::pretrained;
 use crate::recipe::Recipe;
 use crate::shards::shard_dims;
+use crate::step::{optimizer_step, GradAccumulator, StepSettings, UpdateRules};
 use serde_json::json;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -333,10 +334,13 @@ where
 
     let mut model = parallelize(model, &dist.tp);
     let infos = param_infos::<B, _>(&model);
-    let decay: Vec<bool> = infos.iter().map(ParamInfo::decays).collect();
     let shapes: Vec<Vec<usize>> = infos.iter().map(|i| i.shape.clone()).collect();
     let shard_dims = shard_dims(&full_infos, topo.tp);
     let is_sharded: Vec<bool> = shard_dims.iter().map(Option::is_some).collect();
+    let rules = UpdateRules {
+        decay: infos.iter().map(ParamInfo::decays).collect(),
+        sharded: is_sharded.clone(),
+    };
     let mut opt = Optimizer::<B::InnerBackend>::new(
         &recipe.optim,
         &shapes,
@@ -351,8 +355,17 @@ where
         // checkpoint holds whole tensors: this rank keeps its block of each.
         for (i, info) in full_infos.iter().enumerate() {
             for (key, full, shard) in opt.layout(i, &info.shape, shard_dims[i]) {
+                let name = format!("{}.{key}", info.name);
+                if Optimizer::<B::InnerBackend>::optional_state(key) && !saved.contains_key(&name) {
+                    if key == "step" {
+                        // Written before per-parameter counts were kept: every parameter had
+                        // the optimizer's count.
+                        opt.set_param_step(i, step);
+                    }
+                    continue;
+                }
                 let want = ParamInfo {
-                    name: format!("{}.{key}", info.name),
+                    name,
                     shape: full.clone(),
                 };
                 let v = checkpoint::take_in_order(&mut saved, &[want], "", &opath)?
@@ -523,8 +536,7 @@ where
         test_panic(topo.rank, step + 1);
         let blocks = train_data.samples(state.consumed_samples, tc.global_batch);
         let blocks = &blocks[mine.clone()];
-        let mut loss_sum = 0.0f64;
-        let mut acc: Option<Vec<Tensor<B::InnerBackend, 1>>> = None;
+        let mut acc = GradAccumulator::default();
         let mut first_block = Vec::new();
         for chunk in blocks.chunks(tc.micro_batch) {
             let tokens = train_data.read(chunk)?;
@@ -542,47 +554,26 @@ where
                 }
                 _ => model.loss(batch_tensor::<B>(&tokens, block_len, device)),
             };
-            let l: f32 = loss.clone().into_scalar().elem();
-            loss_sum += l as f64;
-            let grads = loss.backward();
-            let g = flat_grads(&model, &grads);
-            acc = Some(match acc {
-                None => g,
-                Some(a) => a.into_iter().zip(g).map(|(a, g)| a + g).collect(),
-            });
+            acc.add(&model, loss);
         }
-        let grads: Vec<_> = acc
-            .expect("at least one micro-batch")
-            .into_iter()
-            .map(|g| g.div_scalar(n_micro as f64))
-            .collect();
+        let (loss, grads) = acc.mean();
         // Equal shares: the mean over data-parallel ranks is the mean of the global batch.
         let mut grads = all_reduce_mean_tensors(dist.dp.as_ref(), grads, BUCKET_ELEMS);
-        let mut loss = dist.dp.all_reduce_sum_f64(loss_sum / n_micro as f64) / topo.dp as f64;
+        let mut loss = dist.dp.all_reduce_sum_f64(loss) / topo.dp as f64;
         if test_nan(step + 1) {
             loss = f64::NAN;
             grads[0] = grads[0].clone().mul_scalar(f64::NAN);
         }
-        // Frozen parameters: no gradient in the norm, no update, no optimizer state change.
-        for (g, &t) in grads.iter_mut().zip(&trainable) {
-            if !t {
-                *g = g.zeros_like();
-            }
-        }
-        // Global norm: replicated gradients once (they are equal on every tensor-parallel rank),
-        // the shards' squares summed over the group.
-        let sq = squared_norms(&grads);
-        let (mut replicated, mut shards) = (0.0, 0.0);
-        for (x, &s) in sq.iter().zip(&is_sharded) {
-            *(if s { &mut shards } else { &mut replicated }) += x;
-        }
-        let grad_norm = (replicated + tp.all_reduce_sum_f64(shards)).sqrt();
-        clip_to(&mut grads, grad_norm, recipe.optim.grad_clip);
-
-        if loss.is_finite() && grad_norm.is_finite() {
-            let params = flat_values::<B::InnerBackend, _>(&model.valid());
-            let updated = opt.step(params, &grads, lr, wd, &decay, &trainable);
-            model = assign_trainable(model, updated);
+        let settings = StepSettings {
+            lr,
+            weight_decay: wd,
+            grad_clip: recipe.optim.grad_clip,
+        };
+        let (updated, grad_norm, applied) = optimizer_step(
+            model, grads, loss, &mut opt, &rules, &trainable, settings, tp,
+        );
+        model = updated;
+        if applied {
             bad_in_a_row = 0;
         } else {
             state.skipped_steps += 1;

@@ -1,0 +1,134 @@
+//! The arithmetic of one optimizer step, shared by the trainer and the parity tests: gradients
+//! accumulated over micro-batches, the global gradient norm over the tensor-parallel group,
+//! clipping, and the optimizer's update of the trainable parameters.
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor};
+use tern_dist::Comm;
+use tern_optim::{clip_to, squared_norms, Optimizer};
+
+use crate::params::{assign_trainable, flat_grads, flat_values};
+
+/// The sum of the micro-batches' gradients (module order) and losses.
+pub struct GradAccumulator<B: Backend> {
+    sum: Option<Vec<Tensor<B, 1>>>,
+    loss_sum: f64,
+    count: usize,
+}
+
+impl<B: Backend> Default for GradAccumulator<B> {
+    fn default() -> Self {
+        Self {
+            sum: None,
+            loss_sum: 0.0,
+            count: 0,
+        }
+    }
+}
+
+impl<B: Backend> GradAccumulator<B> {
+    /// Runs the backward pass of one micro-batch's `loss` and adds its gradients; returns the
+    /// loss value.
+    pub fn add<AB, M>(&mut self, model: &M, loss: Tensor<AB, 1>) -> f64
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        let value: f32 = loss.clone().into_scalar().elem();
+        let g = flat_grads(model, &loss.backward());
+        self.sum = Some(match self.sum.take() {
+            None => g,
+            Some(a) => a.into_iter().zip(g).map(|(a, g)| a + g).collect(),
+        });
+        self.loss_sum += value as f64;
+        self.count += 1;
+        value as f64
+    }
+
+    /// The mean loss and the mean gradients over the micro-batches added (equal sizes: the
+    /// gradient of the mean loss over all their sequences).
+    pub fn mean(self) -> (f64, Vec<Tensor<B, 1>>) {
+        let n = self.count.max(1) as f64;
+        let grads = self
+            .sum
+            .expect("at least one micro-batch")
+            .into_iter()
+            .map(|g| g.div_scalar(n))
+            .collect();
+        (self.loss_sum / n, grads)
+    }
+}
+
+/// What an update needs to know of each parameter, in module order.
+#[derive(Debug, Clone)]
+pub struct UpdateRules {
+    /// Takes weight decay (matrices).
+    pub decay: Vec<bool>,
+    /// This rank holds a tensor-parallel block of it (its squared norm is summed over the group).
+    pub sharded: Vec<bool>,
+}
+
+/// The settings of one step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSettings {
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Global-norm clipping threshold (0: off).
+    pub grad_clip: f64,
+}
+
+/// The gradient norm of the whole model: replicated gradients once (they are equal on every
+/// tensor-parallel rank), the shards' squares summed over the group `tp`.
+pub fn global_grad_norm<B: Backend>(
+    grads: &[Tensor<B, 1>],
+    sharded: &[bool],
+    tp: &dyn Comm,
+) -> f64 {
+    let (mut replicated, mut shards) = (0.0, 0.0);
+    for (x, &s) in squared_norms(grads).iter().zip(sharded) {
+        *(if s { &mut shards } else { &mut replicated }) += x;
+    }
+    (replicated + tp.all_reduce_sum_f64(shards)).sqrt()
+}
+
+/// One optimizer step from the batch's mean gradients: frozen parameters' gradients zeroed (they
+/// take no part in the norm and no update), the global norm clipped, then the update, unless the
+/// loss or the norm is not finite (the step is skipped). Returns the model, the gradient norm
+/// before clipping and whether the update was applied.
+#[allow(clippy::too_many_arguments)]
+pub fn optimizer_step<B, M>(
+    model: M,
+    mut grads: Vec<Tensor<B::InnerBackend, 1>>,
+    loss: f64,
+    opt: &mut Optimizer<B::InnerBackend>,
+    rules: &UpdateRules,
+    trainable: &[bool],
+    s: StepSettings,
+    tp: &dyn Comm,
+) -> (M, f64, bool)
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+{
+    for (g, &t) in grads.iter_mut().zip(trainable) {
+        if !t {
+            *g = g.zeros_like();
+        }
+    }
+    let norm = global_grad_norm(&grads, &rules.sharded, tp);
+    clip_to(&mut grads, norm, s.grad_clip);
+    if !(loss.is_finite() && norm.is_finite()) {
+        return (model, norm, false);
+    }
+    let params = flat_values::<B::InnerBackend, _>(&model.valid());
+    let updated = opt.step(
+        params,
+        &grads,
+        s.lr,
+        s.weight_decay,
+        &rules.decay,
+        trainable,
+    );
+    (assign_trainable(model, updated), norm, true)
+}
