@@ -307,25 +307,11 @@ fn distillation_lowers_the_projections_mse_and_freezes_the_rest() {
     assert_ne!(w20["lm_head.weight"], t["lm_head.weight"]);
 
     // Resuming from step 8 (its later checkpoints removed) redoes steps 9-20 bit for bit.
-    let again = dir.path().join("again");
-    std::fs::create_dir_all(again.join("checkpoints")).unwrap();
-    let step8 = run.join("checkpoints/step_00000008");
-    let copy = again.join("checkpoints/step_00000008");
-    std::fs::create_dir_all(&copy).unwrap();
-    for f in std::fs::read_dir(&step8).unwrap() {
-        let f = f.unwrap();
-        std::fs::copy(f.path(), copy.join(f.file_name())).unwrap();
-    }
-    let mut a = distill_args(&again, &teacher_arg);
-    a.extend(["--resume", "auto"]);
-    ok(&tern(&a));
-    let losses = |m: &[Value]| -> Vec<(u64, String)> {
-        m.iter()
-            .filter(|l| l.get("loss").is_some() && l["step"].as_u64().unwrap() > 8)
-            .map(|l| (l["step"].as_u64().unwrap(), l["loss"].to_string()))
-            .collect()
-    };
-    assert_eq!(losses(&metrics(&again)), losses(&m));
+    resumes_bit_for_bit(
+        &run,
+        8,
+        distill_args(&dir.path().join("again"), &teacher_arg),
+    );
 
     // The student checkpoint loads for inference with its encoders: `tern logits` on it.
     let ids = dir.path().join("ids.safetensors");
@@ -361,6 +347,45 @@ fn distillation_lowers_the_projections_mse_and_freezes_the_rest() {
         &["distillation student", "encoders"],
     );
     assert!(!packed.exists());
+}
+
+/// `args` (a run in a fresh directory) resumed from a copy of `run`'s checkpoint of `step` logs
+/// the losses `run` logged after it, bit for bit.
+fn resumes_bit_for_bit(run: &Path, step: u64, mut args: Vec<&str>) {
+    let again = PathBuf::from(args[args.iter().position(|a| *a == "--run-dir").unwrap() + 1]);
+    let name = format!("step_{step:08}");
+    let copy = again.join("checkpoints").join(&name);
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in std::fs::read_dir(run.join("checkpoints").join(&name)).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), copy.join(f.file_name())).unwrap();
+    }
+    args.extend(["--resume", "auto"]);
+    ok(&tern(&args));
+    let losses = |m: &[Value]| -> Vec<(u64, String)> {
+        m.iter()
+            .filter(|l| l.get("loss").is_some() && l["step"].as_u64().unwrap() > step)
+            .map(|l| (l["step"].as_u64().unwrap(), l["loss"].to_string()))
+            .collect()
+    };
+    assert_eq!(losses(&metrics(&again)), losses(&metrics(run)));
+}
+
+/// GaLore in a layer-wise distillation: at the step-8 checkpoint block 1 has never been updated,
+/// so its matrices have no projection yet; the run resumes from there bit for bit, and block 1's
+/// first update takes the bias correction of a first step (its own update count, stored).
+#[test]
+fn galore_distillation_resumes_before_a_block_was_trained() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("student");
+    let teacher_arg = format!("distill.teacher=\"{}\"", teacher().display());
+    let mut args = distill_args(&run, &teacher_arg);
+    args.extend(GALORE);
+    ok(&tern(&args));
+    let again_dir = dir.path().join("again");
+    let mut again = distill_args(&again_dir, &teacher_arg);
+    again.extend(GALORE);
+    resumes_bit_for_bit(&run, 8, again);
 }
 
 /// Runs the short distillation in one process with `one` and under `mpirun -np 2` with `two`,
