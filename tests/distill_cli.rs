@@ -100,8 +100,10 @@ fn logits_match_hugging_face_transformers() {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         let biggest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // Measured 5.2e-6 (untied f32, logits up to 5.8) and 5.6e-6 (tied bf16, up to 6.3): f32
+        // rounding of two implementations, 9e-7 of the logits' scale.
         assert!(
-            diff <= 1e-4,
+            diff <= 2e-6 * biggest,
             "{name}: max |difference| {diff} (logits up to {biggest})"
         );
         assert!(biggest > 1.0, "{name}: logits too small to tell anything");

@@ -113,7 +113,8 @@ fn packed_and_hugging_face_exports_match_transformers() {
         let (got_shape, got) = read_logits(&out);
         assert_eq!(got_shape, shape);
         let d = max_diff(&got, &want);
-        assert!(d < 1e-4, "{label}: max |logit - transformers| = {d}");
+        // Measured 8.3e-7 (packed, either kernel) and 7.2e-7 (burn on the export).
+        assert!(d < 2e-6, "{label}: max |logit - transformers| = {d}");
     }
 }
 
@@ -207,7 +208,8 @@ fn packed_model_is_the_trained_checkpoint() {
     let l2 = logits(&p2);
     let l3 = logits(&p3);
     let d = max_diff(&burn, &l2);
-    assert!(d < 1e-4, "checkpoint vs packed: {d}");
+    // Measured 4.2e-7: the same codes and scales, products summed in another order.
+    assert!(d < 1e-6, "checkpoint vs packed: {d}");
     assert_eq!(l2, l3, "2-bit and base-3 codes are the same model");
 
     // Validation loss of the run's last evaluation: 2 micro-batches of 8 blocks of 64 tokens.
