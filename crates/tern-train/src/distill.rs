@@ -394,8 +394,7 @@ pub struct DistillLoss<B: Backend> {
 }
 
 fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
-    let v: f32 = t.clone().into_scalar().elem();
-    v as f64
+    t.clone().into_scalar().elem()
 }
 
 /// The loss of `student` on `block` (`[batch, seq + 1]` tokens) in `phase`; the teacher runs

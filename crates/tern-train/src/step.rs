@@ -35,15 +35,15 @@ impl<B: Backend> GradAccumulator<B> {
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
-        let value: f32 = loss.clone().into_scalar().elem();
+        let value: f64 = loss.clone().into_scalar().elem();
         let g = flat_grads(model, &loss.backward());
         self.sum = Some(match self.sum.take() {
             None => g,
             Some(a) => a.into_iter().zip(g).map(|(a, g)| a + g).collect(),
         });
-        self.loss_sum += value as f64;
+        self.loss_sum += value;
         self.count += 1;
-        value as f64
+        value
     }
 
     /// The mean loss and the mean gradients over the micro-batches added (equal sizes: the
