@@ -155,7 +155,7 @@ fn cases() -> BTreeMap<String, Case> {
             "student".into(),
             case(
                 base_model(),
-                adamw(),
+                both(),
                 Some(DistillConfig {
                     teacher: "the float case's weights".into(),
                     blocks: Some(vec![1]),
