@@ -3,7 +3,7 @@
 //! One file per shard, readable by h5py:
 //! - `/tokens`: 1-D, `u16` when every id of the vocabulary fits (vocab <= 65536), else `u32`;
 //!   contiguous and uncompressed, so a training window is one `pread` at a fixed offset
-//!   (SPEC section 6: compressed chunks read 5-30x slower) and reads need not go through the HDF5
+//!   (compressed chunks measured 5-30x slower for random windows) and reads need not go through the HDF5
 //!   library, whose global lock would serialise them.
 //! - `/doc_offsets`: `u64`, `documents + 1` entries: document `d` is
 //!   `tokens[doc_offsets[d]:doc_offsets[d+1]]`, its EOS last.

@@ -1,5 +1,5 @@
 //! The 1-bit input encoder of distillation students (the "auto quantization encoder" of
-//! DarthMurse/SpikingLlama, SPEC section 5): `Linear(d -> d/2) -> ReLU -> Linear(d/2 -> d) ->`
+//! DarthMurse/SpikingLlama; docs/distill.md): `Linear(d -> d/2) -> ReLU -> Linear(d/2 -> d) ->`
 //! per-channel Heaviside `alpha * sign(z - beta)`, so the projection behind it sees only the
 //! values {-alpha, 0, +alpha} per channel. The step has no useful derivative; a surrogate stands in.
 
@@ -124,7 +124,7 @@ impl<B: CollectiveBackend> Encoder<B> {
     }
 }
 
-/// `alpha * sign(z - beta)` per channel (last dimension), with the gradients of SPEC section 5:
+/// `alpha * sign(z - beta)` per channel (last dimension), with the surrogate gradients of docs/distill.md:
 /// `d/dz` the surrogate, `d/dalpha = (2/pi) atan(z - beta)`, `d/dbeta = -d/dz`.
 ///
 /// Written as `hard.detach() + (soft - soft.detach())`: the forward value is exactly the step

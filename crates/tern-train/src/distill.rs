@@ -1,7 +1,7 @@
 //! Layer-wise distillation (`[distill]`): a float teacher, a student made of the teacher's
 //! weights with a 1-bit input encoder in front of every projection of the distilled blocks, and
 //! the loss `mse_weight * sum_i MSE(W_i Enc_i(x_i), y_i) + ce_weight * CE + kl_weight * KL`, where
-//! `x_i`, `y_i` are projection i's input and output in the teacher's forward pass (SPEC section 5).
+//! `x_i`, `y_i` are projection i's input and output in the teacher's forward pass (docs/distill.md).
 //!
 //! Schedule: each distilled block alone for `block_steps` steps (the others frozen), then all of
 //! them together for `all_steps`, then `e2e_steps` end to end (every parameter, CE and KL only).
