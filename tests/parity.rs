@@ -17,16 +17,19 @@ use burn::backend::ndarray::NdArray;
 use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use tern_dist::{CollectiveBackend, ThreadComm, TpGroup};
-use tern_model::{block_matrix_dim, parallelize, shard_dim, shard_values, studentize, Llama};
+use tern_model::{studentize, Llama};
 use tern_model::{LinearKind, MlpKind, ModelConfig, SparsityConfig};
 use tern_optim::{OptimConfig, Optimizer, OptimizerName, Schedule};
-use tern_train::distill::{distill_loss, student_of, DistillConfig, Phase};
+use tern_parallel::{parallelize, shard_dim, shard_values, TpLlama};
+use tern_train::distill::{student_of, DistillConfig, Teacher};
 use tern_train::init::init_normal;
+use tern_train::objective::{LossParts, Objective};
 use tern_train::params::{assign_trainable, flat_values, param_infos, ParamInfo};
-use tern_train::step::{optimizer_step, GradAccumulator, StepSettings, UpdateRules};
+use tern_train::slots::ParamSlots;
+use tern_train::step::{optimizer_step, GradAccumulator, StepSettings};
 
 type F64 = Autodiff<NdArray<f64>>;
 type F32 = Autodiff<Flex>;
@@ -396,17 +399,19 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
     t.into_data().convert::<f64>().to_vec().unwrap()
 }
 
-/// The student and its teacher, or the plain model, with the fixture's initial weights, split
-/// over `tp`.
+/// The model (split over `tp`) with the fixture's initial weights and its objective (a
+/// distillation student's teacher split the same way), as the trainer's `model_and_objective`
+/// makes them; and its parameter slots.
 struct Models<B: AutodiffBackend> {
-    model: Llama<B>,
-    teacher: Option<Llama<B::InnerBackend>>,
+    model: TpLlama<B>,
+    objective: Objective<B::InnerBackend>,
+    slots: ParamSlots,
 }
 
 fn build<B: AutodiffBackend>(case: &Case, f: &Fixture, tp: &TpGroup, dev: &B::Device) -> Models<B> {
     let m = &case.model;
-    let (model, teacher) = match &case.distill {
-        None => (Llama::<B>::new(m, dev), None),
+    let (model, objective) = match &case.distill {
+        None => (Llama::<B>::new(m, dev), Objective::Pretrain),
         Some(d) => {
             let student = studentize(
                 Llama::<B>::new(m, dev),
@@ -414,85 +419,61 @@ fn build<B: AutodiffBackend>(case: &Case, f: &Fixture, tp: &TpGroup, dev: &B::De
                 dev,
             );
             let teacher = load_plain::<B::InnerBackend>(&teacher_config(m), &f.init, dev);
-            (student, Some(parallelize(teacher, tp)))
+            let objective = Objective::Distill {
+                cfg: d.clone(),
+                teacher: Box::new(Teacher::new(
+                    parallelize(teacher, tp),
+                    &d.blocks(m.n_layers),
+                )),
+                n_layers: m.n_layers,
+            };
+            (student, objective)
         }
     };
+    let model = load(model, &f.init, dev);
+    let whole = param_infos::<B, _>(&model);
+    let model = parallelize(model, tp);
+    let slots = ParamSlots::new(&whole, &param_infos::<B, _>(&model), tp.size());
     Models {
-        model: parallelize(load(model, &f.init, dev), tp),
-        teacher,
+        model,
+        objective,
+        slots,
     }
 }
 
-/// One micro-batch's loss as the trainer computes it, and the value it logs (a distillation
-/// student's whole loss over the tensor-parallel group).
-fn micro_loss<B>(
-    case: &Case,
-    ms: &Models<B>,
-    block: &[Vec<u32>],
-    step: u64,
-    tp: &TpGroup,
-    dev: &B::Device,
-) -> (Tensor<B, 1>, f64)
-where
-    B: AutodiffBackend + CollectiveBackend,
-    B::InnerBackend: CollectiveBackend,
-{
-    let flat: Vec<i64> = block.iter().flatten().map(|&t| t as i64).collect();
-    let shape = [block.len(), block[0].len()];
-    match (&case.distill, &ms.teacher) {
-        (Some(d), Some(t)) => {
-            let phase = d.phase(step, case.model.n_layers);
-            let x = Tensor::<B::InnerBackend, 2, Int>::from_data(TensorData::new(flat, shape), dev);
-            let l = distill_loss(d, phase, &ms.model, t, x, tp.size());
-            let mse = tp.comm().all_reduce_sum_f64(l.mse_split) + l.mse_whole;
-            let (logged, _) = d.step_fields(phase, mse, l.ce, l.kl);
-            (l.total, logged)
-        }
-        _ => {
-            let x = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, shape), dev);
-            let l = ms.model.loss(x);
-            let v: f64 = l.clone().into_scalar().elem();
-            (l, v)
-        }
-    }
-}
-
-fn trainable(case: &Case, infos: &[ParamInfo], step: u64) -> Vec<bool> {
-    match &case.distill {
-        None => vec![true; infos.len()],
-        Some(d) => {
-            let ph: Phase = d.phase(step, case.model.n_layers);
-            infos
-                .iter()
-                .map(|i| d.trains(ph, &i.name, case.model.n_layers))
-                .collect()
-        }
-    }
-}
-
-/// The batch's mean loss (as logged) and mean gradients, accumulated over micro-batches as the
-/// trainer does.
+/// The batch's loss as the trainer logs it and its mean gradients, accumulated over micro-batches
+/// as the trainer does, with the objective's loss.
 fn batch_gradients<B>(
-    case: &Case,
     ms: &Models<B>,
     f: &Fixture,
     step: u64,
     tp: &TpGroup,
-    dev: &B::Device,
 ) -> (f64, Vec<Tensor<B::InnerBackend, 1>>)
 where
     B: AutodiffBackend + CollectiveBackend,
     B::InnerBackend: CollectiveBackend,
 {
     let mut acc = GradAccumulator::default();
-    let mut logged = 0.0;
-    let chunks: Vec<&[Vec<u32>]> = f.inputs.tokens.chunks(f.inputs.micro_batch).collect();
-    for chunk in &chunks {
-        let (loss, value) = micro_loss(case, ms, chunk, step, tp, dev);
-        logged += value / chunks.len() as f64;
+    let mut parts = LossParts::default();
+    let block_len = f.inputs.tokens[0].len();
+    let chunks: Vec<Vec<u32>> = f
+        .inputs
+        .tokens
+        .chunks(f.inputs.micro_batch)
+        .map(|c| c.concat())
+        .collect();
+    for tokens in &chunks {
+        let (loss, p) =
+            ms.objective
+                .micro_loss(step, &ms.model, tokens, block_len, chunks.len(), tp.size());
+        parts.0.iter_mut().zip(p.0).for_each(|(a, v)| *a += v);
         acc.add(&ms.model, loss);
     }
-    (logged, acc.mean().1)
+    let (loss, grads) = acc.mean();
+    let (logged, _) = ms
+        .objective
+        .logged(step, loss, parts, &tern_dist::SoloComm, tp.comm());
+    (logged, grads)
 }
 
 fn run_case<B>(name: &str, tp: &TpGroup, dev: &B::Device) -> Outcome
@@ -503,11 +484,10 @@ where
     let f = fixture();
     let case = &f.inputs.cases[name];
     let ms = build::<B>(case, f, tp, dev);
-    let infos = param_infos::<B, _>(&ms.model);
     let names = |v: Vec<Tensor<B::InnerBackend, 1>>| -> Vec<(String, Vec<f64>)> {
-        infos
+        ms.slots
             .iter()
-            .map(|i| i.name.clone())
+            .map(|s| s.name.clone())
             .zip(v.into_iter().map(host))
             .collect()
     };
@@ -521,39 +501,26 @@ where
     let shape = [f.inputs.tokens.len(), f.inputs.tokens[0].len() - 1];
     let x = Tensor::<B::InnerBackend, 2, Int>::from_data(TensorData::new(inputs, shape), dev);
     out.logits = host(ms.model.valid().forward(x));
-    let (loss, grads) = batch_gradients(case, &ms, f, 0, tp, dev);
+    let (loss, grads) = batch_gradients(&ms, f, 0, tp);
     out.loss = loss;
     out.grads = names(grads);
-
-    let full_infos: Vec<ParamInfo> = {
-        let whole = build::<B>(case, f, &TpGroup::default(), dev);
-        param_infos::<B, _>(&whole.model)
-    };
-    let shard_dims = tern_train::shards::shard_dims(&full_infos, tp.size());
-    let rules = UpdateRules {
-        decay: infos.iter().map(ParamInfo::decays).collect(),
-        sharded: shard_dims.iter().map(Option::is_some).collect(),
-    };
-    let shapes: Vec<Vec<usize>> = infos.iter().map(|i| i.shape.clone()).collect();
-    let low_rank: Vec<bool> = infos
-        .iter()
-        .map(|i| block_matrix_dim(&i.name).is_some())
-        .collect();
+    let rules = ms.slots.rules();
     for (opt_name, oc) in &case.optims {
         let mut ms = build::<B>(case, f, tp, dev);
         let inner = ms.model.valid().embed_tokens.weight.val().device();
-        let mut opt =
-            Optimizer::<B::InnerBackend>::new(oc, &shapes, &low_rank, &shard_dims, tp, &inner);
+        let s = &ms.slots;
+        let (shapes, low, dims) = (s.local_shapes(), s.low_rank(), s.shard_dims());
+        let mut opt = Optimizer::<B::InnerBackend>::new(oc, &shapes, &low, &dims, tp, &inner);
         let schedule = Schedule::new(oc, f.inputs.steps);
         let mut run = Run::default();
         for step in 0..f.inputs.steps {
-            let (loss, grads) = batch_gradients(case, &ms, f, step, tp, dev);
+            let (loss, grads) = batch_gradients(&ms, f, step, tp);
             let settings = StepSettings {
                 lr: schedule.lr(step),
                 weight_decay: schedule.weight_decay(step),
                 grad_clip: oc.grad_clip,
             };
-            let train = trainable(case, &infos, step);
+            let train = ms.objective.trainable(step, &ms.slots);
             let (model, norm, applied) = optimizer_step(
                 ms.model,
                 grads,

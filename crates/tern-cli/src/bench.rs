@@ -5,7 +5,8 @@ use burn::tensor::backend::{Backend, BackendTypes};
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::Args;
 use tern_data::sampler::SplitMix64;
-use tern_model::{parallelize, Llama};
+use tern_model::Llama;
+use tern_parallel::{parallelize, TpLlama};
 
 use crate::train::RecipeArgs;
 
@@ -51,7 +52,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let vocab = *recipe.model.vocab_size.get_or_insert(a.vocab);
     let (mb, t) = (recipe.train.micro_batch, recipe.data.seq_len + 1);
     let device = crate::compute_device(&dist.topo);
-    let model: Llama<TrainBackend> = parallelize(Llama::new(&recipe.model, &device), &dist.tp);
+    let model: TpLlama<TrainBackend> = parallelize(Llama::new(&recipe.model, &device), &dist.tp);
     let mut rng = SplitMix64(1 + dist.topo.rank as u64);
     let ids: Vec<i64> = (0..mb * t)
         .map(|_| rng.below(vocab as u64) as i64)
@@ -133,7 +134,7 @@ fn galore_refresh_cost(
     let rank = o.rank.expect("validated");
     let mut shapes: Vec<(Vec<usize>, usize)> = Vec::new();
     for (name, shape) in recipe.model.param_shapes() {
-        if tern_model::block_matrix_dim(&name).is_some() {
+        if tern_parallel::block_matrix_dim(&name).is_some() {
             match shapes.iter_mut().find(|(s, _)| *s == shape) {
                 Some((_, n)) => *n += 1,
                 None => shapes.push((shape, 1)),

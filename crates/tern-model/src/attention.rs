@@ -4,21 +4,22 @@ use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor};
-use tern_dist::CollectiveBackend;
 
 use crate::config::ModelConfig;
-use crate::linear::{tapped, InputStyle, ProjLinear, ProjLinearConfig, ScaleAxis, Tap};
+use crate::hooks::{Hooks, NoHooks};
+use crate::linear::{ProjLinear, ProjLinearConfig, ScaleAxis};
 use crate::rope::apply_rope;
 use crate::sparsity::LayerType;
 
 #[derive(Module, Debug)]
-pub struct Attention<B: Backend> {
-    pub q_proj: ProjLinear<B>,
-    pub k_proj: ProjLinear<B>,
-    pub v_proj: ProjLinear<B>,
-    pub o_proj: ProjLinear<B>,
+pub struct Attention<B: Backend, H = NoHooks> {
+    pub q_proj: ProjLinear<B, H>,
+    pub k_proj: ProjLinear<B, H>,
+    pub v_proj: ProjLinear<B, H>,
+    pub o_proj: ProjLinear<B, H>,
+    /// What acts on the input q, k and v share ([`Hooks::module_input`]).
     #[module(skip)]
-    pub input: InputStyle,
+    pub input: H,
     #[module(skip)]
     pub n_heads: usize,
     #[module(skip)]
@@ -38,7 +39,7 @@ impl<B: Backend> Attention<B> {
             k_proj: proj(c.hidden, kv_dim, ScaleAxis::Rows),
             v_proj: proj(c.hidden, kv_dim, ScaleAxis::Rows),
             o_proj: proj(c.hidden, c.hidden, ScaleAxis::Cols),
-            input: InputStyle::AsIs,
+            input: NoHooks,
             n_heads: c.n_heads,
             n_kv_heads: c.kv_heads(),
             head_dim: c.head_dim(),
@@ -46,36 +47,16 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-impl<B: CollectiveBackend> Attention<B> {
+impl<B: Backend, H: Hooks<B>> Attention<B, H> {
     /// `x: [batch, seq, hidden]`; `cos`/`sin`: `[seq, head_dim]` RoPE tables.
     pub fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
-        self.forward_tapped(x, cos, sin, None)
-    }
-
-    /// [`Self::forward`], also recording each projection's input and output in `taps`.
-    pub fn forward_tapped(
-        &self,
-        x: Tensor<B, 3>,
-        cos: &Tensor<B, 2>,
-        sin: &Tensor<B, 2>,
-        mut taps: Option<&mut Vec<Tap<B>>>,
-    ) -> Tensor<B, 3> {
-        let x = self.input.prepare(x);
+        let x = self.input.module_input(x);
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let mut proj = |name, p: &ProjLinear<B>, x: Tensor<B, 3>| tapped(&mut taps, name, p, x);
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
-        let q = apply_rope(
-            heads(proj("self_attn.q_proj", &self.q_proj, x.clone()), nh),
-            cos,
-            sin,
-        );
-        let k = apply_rope(
-            heads(proj("self_attn.k_proj", &self.k_proj, x.clone()), nkv),
-            cos,
-            sin,
-        );
-        let v = heads(proj("self_attn.v_proj", &self.v_proj, x), nkv);
+        let q = apply_rope(heads(self.q_proj.forward(x.clone()), nh), cos, sin);
+        let k = apply_rope(heads(self.k_proj.forward(x.clone()), nkv), cos, sin);
+        let v = heads(self.v_proj.forward(x), nkv);
         // Query head j reads key/value head j / (nh / nkv), as HF's repeat_kv.
         let repeat = |y: Tensor<B, 4>| {
             if nh == nkv {
@@ -95,6 +76,6 @@ impl<B: CollectiveBackend> Attention<B> {
         // -inf * 0 would be NaN.
         let probs = softmax(scores.mask_fill(mask, -1e9), 3);
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
-        proj("self_attn.o_proj", &self.o_proj, out)
+        self.o_proj.forward(out)
     }
 }

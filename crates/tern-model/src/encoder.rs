@@ -8,7 +8,8 @@ use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
-use tern_dist::{CollectiveBackend, TpGroup};
+
+use crate::hooks::Hooks;
 
 /// The surrogate derivative of the Heaviside step (`distill.surrogate`), with `y = z - beta` and
 /// scale `s`: `arctan`: `alpha (2/pi) s / (1 + (s y)^2)`; `asinh`: `alpha (2/pi) s / sqrt((s y)^2 + 1)`
@@ -42,22 +43,6 @@ pub struct Encoder<B: Backend> {
     pub surrogate: Surrogate,
     #[module(skip)]
     pub scale: f64,
-    #[module(skip)]
-    pub parallel: EncoderParallel,
-}
-
-/// How an encoder works under tensor parallelism (set by `parallelize`).
-#[derive(Debug, Clone, Default)]
-pub enum EncoderParallel {
-    #[default]
-    Replicated,
-    /// Whole, in front of a column-parallel projection: f on its output, since the projection's
-    /// shard sends back only its part of the gradient.
-    BeforeColwise(TpGroup),
-    /// In front of a row-parallel projection, whose input holds this rank's channels: `fc1`
-    /// row-parallel (g after it), `fc2` column-parallel (f before it), `alpha`, `beta` this
-    /// rank's channels (Megatron's MLP split, the other way round).
-    BeforeRowwise(TpGroup),
 }
 
 impl EncoderConfig {
@@ -89,25 +74,23 @@ impl EncoderConfig {
             beta: Param::from_tensor(Tensor::zeros([d], device)),
             surrogate: self.surrogate,
             scale: self.scale,
-            parallel: EncoderParallel::Replicated,
         }
     }
 }
 
-impl<B: CollectiveBackend> Encoder<B> {
-    /// `x: [..., d]` -> values in `{-alpha, 0, alpha}` per channel, same shape.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+impl<B: Backend> Encoder<B> {
+    /// `x: [..., d]` -> values in `{-alpha, 0, alpha}` per channel, same shape. `hooks` are the
+    /// projection's: under tensor parallelism an encoder in front of a row-parallel projection is
+    /// split like Megatron's MLP the other way round (its hidden layer summed over the group after
+    /// `fc1`, entered again before `fc2`), and one in front of a column-parallel projection hands
+    /// its output to the group's split.
+    pub fn forward<H: Hooks<B>, const D: usize>(&self, x: Tensor<B, D>, hooks: &H) -> Tensor<B, D> {
         let dims = x.dims();
         let d = dims[D - 1];
         let rows = x.shape().num_elements() / d;
         let x = x.reshape([rows, d]);
-        let h = x.matmul(self.fc1.val().transpose());
-        let h = match &self.parallel {
-            EncoderParallel::BeforeRowwise(g) => {
-                B::copy_to_group(relu(B::reduce_from_group(h, g)), g)
-            }
-            _ => relu(h),
-        };
+        let h = hooks.encoder_hidden(x.matmul(self.fc1.val().transpose()));
+        let h = hooks.encoder_inner(relu(h));
         let z = h.matmul(self.fc2.val().transpose());
         let out = heaviside(
             z,
@@ -117,10 +100,7 @@ impl<B: CollectiveBackend> Encoder<B> {
             self.scale,
         )
         .reshape(dims);
-        match &self.parallel {
-            EncoderParallel::BeforeColwise(g) => B::copy_to_group(out, g),
-            _ => out,
-        }
+        hooks.encoder_output(out)
     }
 }
 
@@ -243,7 +223,11 @@ mod tests {
             burn::tensor::Distribution::Normal(0.0, 1.0),
             &dev,
         );
-        let out: Vec<f32> = enc.forward(x.clone()).into_data().to_vec().unwrap();
+        let out: Vec<f32> = enc
+            .forward(x.clone(), &crate::hooks::NoHooks)
+            .into_data()
+            .to_vec()
+            .unwrap();
         // The same computation by hand on the host.
         let xv: Vec<f32> = x.into_data().to_vec().unwrap();
         let w1: Vec<f32> = enc.fc1.val().into_data().to_vec().unwrap();

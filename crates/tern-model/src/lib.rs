@@ -1,27 +1,27 @@
-//! The LLaMA / TriLM model. Plain model code: no ranks, no communicators. Tensor parallelism is
-//! applied from outside by `parallelize.rs`, through the projections' layer style (column- or
-//! row-parallel) and the collective operators of `tern-dist`.
+//! The LLaMA / TriLM model. Plain model code: no ranks, no communicators. What acts on it from
+//! outside (tensor parallelism, in crate tern-parallel; distillation's taps) does so through the
+//! projections' [`Hooks`], which the plain model leaves as [`NoHooks`].
 
 pub mod attention;
 pub mod config;
 pub mod encoder;
+pub mod hooks;
 pub mod linear;
 pub mod mlp;
 pub mod model;
 pub mod norm;
-pub mod parallelize;
 pub mod rope;
 pub mod seed;
 pub mod sparsity;
 pub mod student;
+pub mod taps;
 
 pub use config::{MlpKind, ModelConfig, ModelConfigError};
-pub use encoder::{Encoder, EncoderConfig, EncoderParallel, Surrogate};
-pub use linear::{InputStyle, LinearKind, ParallelStyle, ProjLinear, ScaleAxis, Tap};
-pub use model::{cross_entropy, Llama};
-pub use parallelize::{
-    block_matrix_dim, check_tp, parallelize, shard_dim, shard_values, unshard_values,
-};
+pub use encoder::{Encoder, EncoderConfig, Surrogate};
+pub use hooks::{Hooks, NoHooks};
+pub use linear::{LinearKind, ProjLinear, ScaleAxis};
+pub use model::{cross_entropy, Block, Llama};
 pub use seed::name_seed;
 pub use sparsity::{LayerType, SparsityConfig, TopK};
 pub use student::{studentize, StudentConfig};
+pub use taps::{tap, Recorder, Tap, Tapped};

@@ -1,13 +1,12 @@
 //! The projections of the blocks: float (FloatLM) or ternary (TriLM) with per-group scales.
 
+use crate::encoder::Encoder;
+use crate::hooks::{Hooks, NoHooks};
+use crate::sparsity::{absmax_quantize_with, TopK};
 use burn::module::{Initializer, Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
-use tern_dist::{CollectiveBackend, TpGroup};
-
-use crate::encoder::Encoder;
-use crate::sparsity::{absmax_quantize, TopK};
 
 /// What the block projections are made of (`model.linear`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -32,48 +31,16 @@ pub enum ScaleAxis {
     Cols,
 }
 
-/// How a projection is split across a tensor-parallel group (Megatron's layer types, TorchTitan's
-/// `ColwiseParallel` / `RowwiseParallel`). Set from outside the model by
-/// [`crate::parallelize::parallelize`]; a plain model is `Replicated` everywhere.
-#[derive(Debug, Clone, Default)]
-pub enum ParallelStyle {
-    #[default]
-    Replicated,
-    /// Holds a block of output rows. Its replicated input must come through f (all-reduce of the
-    /// gradient backward), which the module applies once for all its column-parallel projections
-    /// ([`InputStyle`]).
-    Colwise,
-    /// Holds a block of input columns; its partial output goes through g (all-reduce forward).
-    Rowwise(TpGroup),
-}
-
-/// What a module does to its input before its projections (TorchTitan's `PrepareModuleInput`):
-/// under tensor parallelism, f once, so that q, k and v (or gate and up) send back one summed
-/// gradient instead of one each.
-#[derive(Debug, Clone, Default)]
-pub enum InputStyle {
-    #[default]
-    AsIs,
-    CopyToGroup(TpGroup),
-}
-
-impl InputStyle {
-    pub fn prepare<B: CollectiveBackend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        match self {
-            InputStyle::AsIs => x,
-            InputStyle::CopyToGroup(g) => B::copy_to_group(x, g),
-        }
-    }
-}
-
 /// A bias-free projection `y = x W^T` with `W` stored `[out, in]` as in Hugging Face checkpoints.
+/// `hooks` is what was applied from outside the model (tensor parallelism, an observer); the
+/// plain model's [`NoHooks`] does nothing.
 #[derive(Module, Debug)]
-pub struct ProjLinear<B: Backend> {
+pub struct ProjLinear<B: Backend, H = NoHooks> {
     pub weight: Param<Tensor<B, 2>>,
     /// A distillation student's 1-bit input encoder (`None` in plain models).
     pub encoder: Option<Encoder<B>>,
     #[module(skip)]
-    pub parallel: ParallelStyle,
+    pub hooks: H,
     #[module(skip)]
     pub kind: LinearKind,
     #[module(skip)]
@@ -136,7 +103,7 @@ impl ProjLinearConfig {
         ProjLinear {
             weight,
             encoder: None,
-            parallel: ParallelStyle::Replicated,
+            hooks: NoHooks,
             kind: self.kind,
             groups: self.groups,
             axis: self.axis,
@@ -230,47 +197,25 @@ pub fn bitnet_codes<B: Backend>(
     (codes, gamma)
 }
 
-/// BitNet's input: a weightless RMSNorm over the whole row (the row is split over `group` for a
-/// row-parallel projection: the sum of squares is all-reduced both ways), then 8-bit absmax
-/// quantization per token with a straight-through gradient (forward exactly the quantized value).
-pub fn bitnet_input<B: CollectiveBackend, const D: usize>(
+/// BitNet's input: a weightless RMSNorm over the whole row, then 8-bit absmax quantization per
+/// token with a straight-through gradient (forward exactly the quantized value). `hooks` see the
+/// row's sum of squares and its absmax: under tensor parallelism a row-parallel input holds a
+/// block of the row, and both statistics are the whole row's.
+pub fn bitnet_input<B: Backend, H: Hooks<B>, const D: usize>(
     x: Tensor<B, D>,
     eps: f64,
-    group: Option<&TpGroup>,
+    hooks: &H,
 ) -> Tensor<B, D> {
-    let d_local = x.dims()[D - 1];
-    let parts = group.map_or(1, |g| g.size());
-    let ss = x.clone().powi_scalar(2).sum_dim(D - 1);
-    let ss = match group {
-        // f then g: the sum is all-reduced forward and its gradient all-reduced backward, since
-        // every rank's block of the row depends on it.
-        Some(g) if parts > 1 => B::reduce_from_group(B::copy_to_group(ss, g), g),
-        _ => ss,
-    };
-    let xn = x.div(
-        ss.div_scalar((d_local * parts) as f64)
-            .add_scalar(eps)
-            .sqrt(),
-    );
+    let d = hooks.row_len(x.dims()[D - 1]);
+    let ss = hooks.row_sum(x.clone().powi_scalar(2).sum_dim(D - 1));
+    let xn = x.div(ss.div_scalar(d as f64).add_scalar(eps).sqrt());
     let plain = xn.clone().detach();
-    let q = match group {
-        Some(g) if parts > 1 => {
-            // The absmax of the whole row: each rank's row maxima, gathered.
-            let amax = crate::sparsity::group_row_max(plain.clone().abs().max_dim(D - 1), g);
-            let s = amax.clamp_min(1e-5).recip().mul_scalar(127.0);
-            plain
-                .clone()
-                .mul(s.clone())
-                .round()
-                .clamp(-128.0, 127.0)
-                .div(s)
-        }
-        _ => absmax_quantize(plain.clone()),
-    };
+    let amax = hooks.row_max(plain.clone().abs().max_dim(D - 1));
+    let q = absmax_quantize_with(plain.clone(), amax);
     q + (xn - plain)
 }
 
-impl<B: Backend> ProjLinear<B> {
+impl<B: Backend, H> ProjLinear<B, H> {
     /// The weight the forward pass multiplies by. For ternary layers the straight-through
     /// estimator makes dL/dW equal dL/dW~. It is written `W~.detach() + (W - W.detach())` rather
     /// than the usual `W + (W~ - W).detach()` because `W + (W~ - W)` is not exactly `W~` in floating
@@ -313,35 +258,28 @@ impl<B: Backend> ProjLinear<B> {
     }
 }
 
-impl<B: CollectiveBackend> ProjLinear<B> {
-    /// The group a row-parallel projection's input is split over.
-    fn input_group(&self) -> Option<&TpGroup> {
-        match &self.parallel {
-            ParallelStyle::Rowwise(g) => Some(g),
-            _ => None,
-        }
-    }
-
+impl<B: Backend, H: Hooks<B>> ProjLinear<B, H> {
     /// What the matmul multiplies: the input after the encoder (distillation students), BitNet's
     /// norm and 8-bit quantization, and the top-K (Q-Sparse). For BitNet the top-K comes last and
     /// picks among the quantized values (Q-Sparse's 1.58-bit form, `TopK(|Q(x_n)|)`), so the norm
     /// is taken over the whole input and a rescale means what it says.
     pub fn matmul_input<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = match &self.encoder {
-            Some(e) => e.forward(x),
+            Some(e) => e.forward(x, &self.hooks),
             None => x,
         };
         let x = match self.kind {
-            LinearKind::Bitnet => bitnet_input(x, self.rms_eps, self.input_group()),
+            LinearKind::Bitnet => bitnet_input(x, self.rms_eps, &self.hooks),
             _ => x,
         };
         match &self.sparsity {
-            Some(t) => t.apply(x, self.input_group()),
+            Some(t) => t.apply(x, &self.hooks),
             None => x,
         }
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let input = x.clone();
         let x = self.matmul_input(x);
         let w = self.effective_weight();
         let dims = x.dims();
@@ -351,40 +289,27 @@ impl<B: CollectiveBackend> ProjLinear<B> {
         let y = x.reshape([rows, d_in]).matmul(w.transpose());
         let mut out = dims;
         out[D - 1] = d_out;
-        let y = y.reshape(out);
-        match &self.parallel {
-            ParallelStyle::Rowwise(g) => B::reduce_from_group(y, g),
-            _ => y,
+        let y = self.hooks.output(y.reshape(out));
+        self.hooks.observe(&input, &y);
+        y
+    }
+}
+
+impl<B: Backend, H> ProjLinear<B, H> {
+    /// This projection with its hooks mapped by `f` (how `parallelize` and the taps apply theirs).
+    pub fn map_hooks<H2>(self, f: impl FnOnce(H) -> H2) -> ProjLinear<B, H2> {
+        ProjLinear {
+            weight: self.weight,
+            encoder: self.encoder,
+            hooks: f(self.hooks),
+            kind: self.kind,
+            groups: self.groups,
+            axis: self.axis,
+            eps: self.eps,
+            sparsity: self.sparsity,
+            rms_eps: self.rms_eps,
         }
     }
-}
-
-/// A projection's input and output in one forward pass: what layer-wise distillation matches.
-#[derive(Debug, Clone)]
-pub struct Tap<B: Backend> {
-    /// The projection's path in its block, as [`crate::model::Block::projections`] names it
-    /// (`self_attn.q_proj`, ..., `mlp.down_proj`).
-    pub name: &'static str,
-    pub input: Tensor<B, 3>,
-    pub output: Tensor<B, 3>,
-}
-
-/// `p.forward(x)`, recorded in `taps` when there are any.
-pub(crate) fn tapped<B: CollectiveBackend>(
-    taps: &mut Option<&mut Vec<Tap<B>>>,
-    name: &'static str,
-    p: &ProjLinear<B>,
-    x: Tensor<B, 3>,
-) -> Tensor<B, 3> {
-    let y = p.forward(x.clone());
-    if let Some(t) = taps.as_deref_mut() {
-        t.push(Tap {
-            name,
-            input: x,
-            output: y.clone(),
-        });
-    }
-    y
 }
 
 fn num_to_f64<E: burn::tensor::ElementConversion>(e: E) -> f64 {
@@ -549,7 +474,10 @@ mod tests {
         let dev = Default::default();
         let xv = [0.5f32, -2.0, 0.25, 1.0, 3.0, 0.0, -0.1, 0.7];
         let x = Tensor::<B, 2>::from_data(TensorData::new(xv.to_vec(), [2, 4]), &dev);
-        let y: Vec<f32> = bitnet_input(x, 1e-5, None).into_data().to_vec().unwrap();
+        let y: Vec<f32> = bitnet_input(x, 1e-5, &NoHooks)
+            .into_data()
+            .to_vec()
+            .unwrap();
         for row in 0..2 {
             let r = &xv[row * 4..][..4];
             let rms = (r.iter().map(|v| (v * v) as f64).sum::<f64>() / 4.0 + 1e-5).sqrt();
@@ -599,7 +527,7 @@ mod tests {
                 .add_scalar(1e-5)
                 .sqrt(),
         );
-        let xq = Tensor::<AB, 2>::from_inner(bitnet_input(x.clone().inner(), 1e-5, None));
+        let xq = Tensor::<AB, 2>::from_inner(bitnet_input(x.clone().inner(), 1e-5, &NoHooks));
         let input = xq + (xn.clone() - xn.detach());
         let g2 = (input.matmul(wq.clone().transpose()) - target)
             .powi_scalar(2)
@@ -613,76 +541,6 @@ mod tests {
         assert!(gx.iter().any(|v| v.abs() > 1e-3));
     }
 
-    /// A row-parallel BitNet input on two ranks (threads): the same values and the same gradient
-    /// as the whole row in one process. The sum of squares goes through f then g, so each rank's
-    /// gradient includes what the other rank's block contributes through the shared norm.
-    #[test]
-    fn bitnet_input_split_over_two_ranks_equals_the_whole_row() {
-        use std::sync::Arc;
-        use tern_dist::ThreadComm;
-        let dev = Default::default();
-        let (rows, d) = (3, 8);
-        let xv: Vec<f32> = (0..rows * d)
-            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3)
-            .collect();
-        let wv: Vec<f32> = (0..rows * d)
-            .map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.5)
-            .collect();
-        let full_x =
-            Tensor::<AB, 2>::from_data(TensorData::new(xv.clone(), [rows, d]), &dev).require_grad();
-        let w = Tensor::<AB, 2>::from_data(TensorData::new(wv.clone(), [rows, d]), &dev);
-        let y = bitnet_input(full_x.clone(), 1e-5, None);
-        let want_y: Vec<f32> = y.clone().inner().into_data().to_vec().unwrap();
-        let g = (y * w).sum().backward();
-        let want_g: Vec<f32> = full_x.grad(&g).unwrap().into_data().to_vec().unwrap();
-        let halves: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|sc| {
-            let hs: Vec<_> = ThreadComm::group(2)
-                .into_iter()
-                .enumerate()
-                .map(|(r, comm)| {
-                    let (xv, wv) = (xv.clone(), wv.clone());
-                    sc.spawn(move || {
-                        let group = TpGroup::new(Arc::new(comm));
-                        let cols = |v: &[f32]| -> Vec<f32> {
-                            v.chunks(d)
-                                .flat_map(|row| row[r * d / 2..][..d / 2].to_vec())
-                                .collect()
-                        };
-                        let dev = Default::default();
-                        let x = Tensor::<AB, 2>::from_data(
-                            TensorData::new(cols(&xv), [rows, d / 2]),
-                            &dev,
-                        )
-                        .require_grad();
-                        let w = Tensor::<AB, 2>::from_data(
-                            TensorData::new(cols(&wv), [rows, d / 2]),
-                            &dev,
-                        );
-                        let y = bitnet_input(x.clone(), 1e-5, Some(&group));
-                        let yv: Vec<f32> = y.clone().inner().into_data().to_vec().unwrap();
-                        let g = (y * w).sum().backward();
-                        (yv, x.grad(&g).unwrap().into_data().to_vec().unwrap())
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        for r in 0..rows {
-            for c in 0..d {
-                let (part, j) = (c / (d / 2), c % (d / 2));
-                let (y, g) = (&halves[part].0, &halves[part].1);
-                let k = r * d / 2 + j;
-                assert!((y[k] - want_y[r * d + c]).abs() < 1e-6, "value ({r}, {c})");
-                assert!(
-                    (g[k] - want_g[r * d + c]).abs() < 1e-5,
-                    "gradient ({r}, {c}): {} vs {}",
-                    g[k],
-                    want_g[r * d + c]
-                );
-            }
-        }
-    }
-
     /// BitNet with top-K: the norm and 8-bit quantization see the whole row, then the top-K keeps
     /// k of those quantized values; a rescale then changes them (it would cancel in a norm taken
     /// after the top-K).
@@ -690,7 +548,7 @@ mod tests {
     fn bitnet_top_k_picks_among_quantized_values() {
         let dev = Default::default();
         let x = Tensor::<B, 2>::random([3, 12], Distribution::Normal(0.0, 1.0), &dev);
-        let q: Vec<f32> = bitnet_input(x.clone(), 1e-5, None)
+        let q: Vec<f32> = bitnet_input(x.clone(), 1e-5, &NoHooks)
             .into_data()
             .to_vec()
             .unwrap();

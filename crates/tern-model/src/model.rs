@@ -1,26 +1,31 @@
 //! The LLaMA / TriLM decoder: embedding, blocks of (RMSNorm, attention, RMSNorm, SwiGLU), final
 //! norm, LM head. Field names follow Hugging Face's `LlamaForCausalLM` so checkpoints map 1:1.
 
+use std::marker::PhantomData;
+
 use burn::module::{Initializer, Module};
 use burn::nn::{Embedding, EmbeddingConfig};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor};
-use tern_dist::CollectiveBackend;
 
 use crate::attention::Attention;
 use crate::config::ModelConfig;
-use crate::linear::{LinearKind, ProjLinear, ProjLinearConfig, ScaleAxis, Tap};
+use crate::hooks::{Hooks, NoHooks};
+use crate::linear::{LinearKind, ProjLinear, ProjLinearConfig, ScaleAxis};
 use crate::mlp::Mlp;
 use crate::norm::RmsNorm;
 use crate::rope::rope_tables;
 
 #[derive(Module, Debug)]
-pub struct Block<B: Backend> {
+pub struct Block<B: Backend, H = NoHooks> {
     pub input_layernorm: RmsNorm<B>,
-    pub self_attn: Attention<B>,
+    pub self_attn: Attention<B, H>,
     pub post_attention_layernorm: RmsNorm<B>,
-    pub mlp: Mlp<B>,
+    pub mlp: Mlp<B, H>,
+    /// Tells burn's derive that `H` is not a module (only the projections carry hooks).
+    #[module(skip)]
+    pub hooks: PhantomData<H>,
 }
 
 impl<B: Backend> Block<B> {
@@ -31,13 +36,14 @@ impl<B: Backend> Block<B> {
             self_attn: Attention::new(c, device),
             post_attention_layernorm: norm(),
             mlp: Mlp::new(c, device),
+            hooks: PhantomData,
         }
     }
 }
 
-impl<B: Backend> Block<B> {
+impl<B: Backend, H> Block<B, H> {
     /// The seven projections with their Hugging Face names (`self_attn.q_proj`, ...).
-    pub fn projections(&self) -> [(&'static str, &ProjLinear<B>); 7] {
+    pub fn projections(&self) -> [(&'static str, &ProjLinear<B, H>); 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
         [
             ("self_attn.q_proj", &a.q_proj),
@@ -50,49 +56,82 @@ impl<B: Backend> Block<B> {
         ]
     }
 
-    /// The projection a [`Tap`] of this block's forward pass was recorded from.
-    pub fn projection(&self, tap_name: &str) -> &ProjLinear<B> {
+    /// The projection named `name` (`self_attn.q_proj`, ..., as [`Self::projections`] names them).
+    pub fn projection(&self, name: &str) -> &ProjLinear<B, H> {
         self.projections()
             .into_iter()
-            .find(|(n, _)| *n == tap_name)
+            .find(|(n, _)| *n == name)
             .map(|(_, p)| p)
-            .unwrap_or_else(|| panic!("no projection {tap_name}"))
+            .unwrap_or_else(|| panic!("no projection {name}"))
+    }
+
+    /// This block with every projection's (and module input's) hooks mapped by `f`, which is told
+    /// the projection's name (`None` for a module input).
+    pub fn map_hooks<H2>(self, f: &mut impl FnMut(Option<&'static str>, H) -> H2) -> Block<B, H2> {
+        let (a, m) = (self.self_attn, self.mlp);
+        let mut p = |name, x: ProjLinear<B, H>| x.map_hooks(|h| f(Some(name), h));
+        let (q, k, v, o) = (
+            p("self_attn.q_proj", a.q_proj),
+            p("self_attn.k_proj", a.k_proj),
+            p("self_attn.v_proj", a.v_proj),
+            p("self_attn.o_proj", a.o_proj),
+        );
+        let (gate, up, down) = (
+            p("mlp.gate_proj", m.gate_proj),
+            p("mlp.up_proj", m.up_proj),
+            p("mlp.down_proj", m.down_proj),
+        );
+        Block {
+            input_layernorm: self.input_layernorm,
+            self_attn: Attention {
+                q_proj: q,
+                k_proj: k,
+                v_proj: v,
+                o_proj: o,
+                input: f(None, a.input),
+                n_heads: a.n_heads,
+                n_kv_heads: a.n_kv_heads,
+                head_dim: a.head_dim,
+            },
+            post_attention_layernorm: self.post_attention_layernorm,
+            mlp: Mlp {
+                gate_proj: gate,
+                up_proj: up,
+                down_proj: down,
+                input: f(None, m.input),
+                kind: m.kind,
+            },
+            hooks: PhantomData,
+        }
     }
 }
 
-impl<B: CollectiveBackend> Block<B> {
-    fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        cos: &Tensor<B, 2>,
-        sin: &Tensor<B, 2>,
-        mut taps: Option<&mut Vec<Tap<B>>>,
-    ) -> Tensor<B, 3> {
+impl<B: Backend, H: Hooks<B>> Block<B, H> {
+    fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
         let x = x.clone()
-            + self.self_attn.forward_tapped(
-                self.input_layernorm.forward(x),
-                cos,
-                sin,
-                taps.as_deref_mut(),
-            );
-        x.clone()
             + self
-                .mlp
-                .forward_tapped(self.post_attention_layernorm.forward(x), taps)
+                .self_attn
+                .forward(self.input_layernorm.forward(x), cos, sin);
+        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
     }
 }
 
+/// The decoder. `H` is what was applied to its projections from outside (tensor parallelism by
+/// `tern_parallel::parallelize`, the distillation taps of [`crate::taps`]); `NoHooks` is the model.
 #[derive(Module, Debug)]
-pub struct Llama<B: Backend> {
+pub struct Llama<B: Backend, H = NoHooks> {
     pub embed_tokens: Embedding<B>,
-    pub layers: Vec<Block<B>>,
+    pub layers: Vec<Block<B, H>>,
     pub norm: RmsNorm<B>,
     /// `None` when the head is tied to the embedding.
-    pub lm_head: Option<ProjLinear<B>>,
+    pub lm_head: Option<ProjLinear<B, H>>,
     #[module(skip)]
     pub head_dim: usize,
     #[module(skip)]
     pub rope_theta: f64,
+    /// Tells burn's derive that `H` is not a module (only the projections carry hooks).
+    #[module(skip)]
+    pub hooks: PhantomData<H>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -126,54 +165,29 @@ impl<B: Backend> Llama<B> {
             lm_head,
             head_dim: c.head_dim(),
             rope_theta: c.rope_theta,
+            hooks: PhantomData,
         }
     }
 }
 
-impl<B: CollectiveBackend> Llama<B> {
+impl<B: Backend, H: Hooks<B>> Llama<B, H> {
     /// `tokens: [batch, seq]` -> logits `[batch, seq, vocab]`.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.forward_tapped(tokens, &[]).0
+        let x = self.forward_blocks(tokens, self.layers.len());
+        self.head(x)
     }
 
-    /// [`Self::forward`], also returning for each block listed in `tap_layers` (in that order)
-    /// every projection's input and output.
-    pub fn forward_tapped(
-        &self,
-        tokens: Tensor<B, 2, Int>,
-        tap_layers: &[usize],
-    ) -> (Tensor<B, 3>, Vec<Vec<Tap<B>>>) {
-        let (x, taps) = self.run_blocks(tokens, tap_layers, self.layers.len());
-        (self.head(x), taps)
-    }
-
-    /// Only the taps of [`Self::forward_tapped`]: the pass stops after the last block listed, so
-    /// matching early blocks costs a few blocks' compute, not the whole model's.
-    pub fn taps_only(&self, tokens: Tensor<B, 2, Int>, tap_layers: &[usize]) -> Vec<Vec<Tap<B>>> {
-        let last = tap_layers.iter().max().map_or(0, |&l| l + 1);
-        self.run_blocks(tokens, tap_layers, last).1
-    }
-
-    /// Embedding and the first `n_blocks` blocks, with the taps of those in `tap_layers`.
-    fn run_blocks(
-        &self,
-        tokens: Tensor<B, 2, Int>,
-        tap_layers: &[usize],
-        n_blocks: usize,
-    ) -> (Tensor<B, 3>, Vec<Vec<Tap<B>>>) {
+    /// The hidden states after the embedding and the first `n_blocks` blocks (a pass that stops
+    /// early, as layer-wise distillation's teacher does).
+    pub fn forward_blocks(&self, tokens: Tensor<B, 2, Int>, n_blocks: usize) -> Tensor<B, 3> {
         let [_, t] = tokens.dims();
         let device = tokens.device();
         let (cos, sin) = rope_tables::<B>(t, self.head_dim, self.rope_theta, &device);
-        let mut taps: Vec<Vec<Tap<B>>> = tap_layers.iter().map(|_| Vec::new()).collect();
         let mut x = self.embed_tokens.forward(tokens);
-        for (i, block) in self.layers.iter().enumerate().take(n_blocks) {
-            let tap = tap_layers
-                .iter()
-                .position(|&l| l == i)
-                .map(|k| &mut taps[k]);
-            x = block.forward(x, &cos, &sin, tap);
+        for block in self.layers.iter().take(n_blocks) {
+            x = block.forward(x, &cos, &sin);
         }
-        (x, taps)
+        x
     }
 
     /// Final norm and LM head: hidden states -> logits.
@@ -194,15 +208,39 @@ impl<B: CollectiveBackend> Llama<B> {
 
     /// Mean next-token cross-entropy of `tokens[:, :-1]` predicting `tokens[:, 1:]`.
     pub fn loss(&self, block: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-        let [b, t1] = block.dims();
+        let [_, t1] = block.dims();
         let inputs = block.clone().narrow(1, 0, t1 - 1);
         let targets = block.narrow(1, 1, t1 - 1);
-        let _ = b;
         cross_entropy(self.forward(inputs), targets)
     }
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: Backend, H> Llama<B, H> {
+    /// This model with every hook mapped by `f` (told the layer and the projection's name; `None`
+    /// for module inputs and the head): how `parallelize` and the taps are applied.
+    pub fn map_hooks<H2>(
+        self,
+        mut f: impl FnMut(Option<(usize, &'static str)>, H) -> H2,
+    ) -> Llama<B, H2> {
+        let layers = self
+            .layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| b.map_hooks(&mut |name, h| f(name.map(|n| (i, n)), h)))
+            .collect();
+        Llama {
+            embed_tokens: self.embed_tokens,
+            layers,
+            norm: self.norm,
+            lm_head: self.lm_head.map(|p| p.map_hooks(|h| f(None, h))),
+            head_dim: self.head_dim,
+            rope_theta: self.rope_theta,
+            hooks: PhantomData,
+        }
+    }
+}
+
+impl<B: Backend, H> Llama<B, H> {
     /// `(layer name, fraction of zero ternary codes)` for every ternary projection.
     pub fn ternary_zero_fractions(&self) -> Vec<(String, f64)> {
         let mut out = Vec::new();
@@ -228,13 +266,14 @@ pub struct ActivationCount {
     pub sharded: bool,
 }
 
-impl<B: CollectiveBackend> Llama<B> {
+impl<B: Backend, H: Hooks<B>> Llama<B, H> {
     /// One forward pass over `tokens`, counting zero inputs of every projection by layer type.
     pub fn activation_counts(&self, tokens: Tensor<B, 2, Int>) -> Vec<ActivationCount> {
         let layers: Vec<usize> = (0..self.layers.len()).collect();
-        let taps = self.taps_only(tokens, &layers);
+        let (tapped, recorder) = crate::taps::tap(self.clone(), &layers);
+        tapped.forward_blocks(tokens, self.layers.len());
         let mut out = Vec::new();
-        for (block, taps) in self.layers.iter().zip(taps) {
+        for (block, taps) in self.layers.iter().zip(recorder.take::<B>(&layers)) {
             for tap in taps {
                 let p = block.projection(tap.name);
                 let x = p.matmul_input(tap.input.detach());
@@ -248,7 +287,7 @@ impl<B: CollectiveBackend> Llama<B> {
                     },
                     zeros,
                     total,
-                    sharded: matches!(p.parallel, crate::linear::ParallelStyle::Rowwise(_)),
+                    sharded: p.hooks.splits_input(),
                 });
             }
         }
@@ -328,7 +367,11 @@ mod tests {
             TensorData::new(vec![1i32, 7, 3, 4, 5, 9, 2, 8], [2, 4]),
             &dev,
         );
-        let (logits, taps) = m.forward_tapped(tokens.clone(), &[1, 0]);
+        // Lazy parameters: a clone of a model never run would draw its own initial values.
+        let plain = m.forward(tokens.clone());
+        let (tapped, recorder) = crate::taps::tap(m.clone(), &[1, 0]);
+        let logits = tapped.forward(tokens.clone());
+        let taps = recorder.take::<Flex>(&[1, 0]);
         let same = |a: Tensor<Flex, 3>, b: Tensor<Flex, 3>, what: &str| {
             let (a, b): (Vec<f32>, Vec<f32>) = (
                 a.into_data().to_vec().unwrap(),
@@ -341,11 +384,15 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(diff <= 1e-6, "{what}: max diff {diff}");
         };
-        same(logits, m.forward(tokens.clone()), "logits");
-        let early = m.taps_only(tokens.clone(), &[0]);
+        same(logits, plain, "logits");
+        // A pass that stops after block 0 records the same taps of it.
+        let (first, rec) = crate::taps::tap(m.clone(), &[0]);
+        first.forward_blocks(tokens.clone(), 1);
+        let early = rec.take::<Flex>(&[0]);
         assert_eq!(early.len(), 1);
+        assert_eq!(early[0].len(), 7);
         for (a, b) in early[0].iter().zip(&taps[1]) {
-            same(a.output.clone(), b.output.clone(), "taps_only");
+            same(a.output.clone(), b.output.clone(), "forward_blocks");
         }
         let names: Vec<&str> = taps[1].iter().map(|t| t.name).collect();
         assert_eq!(

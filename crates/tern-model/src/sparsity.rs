@@ -2,10 +2,10 @@
 //! largest magnitude, optionally after 8-bit absmax quantization, with a straight-through
 //! gradient (the backward pass reaches every entry of the input).
 
+use crate::hooks::Hooks;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
-use tern_dist::TpGroup;
 
 /// `[model.sparsity]` of a recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,13 +77,17 @@ pub struct TopK {
 /// 8-bit absmax quantization of each row (last dimension), dequantized:
 /// `clamp(round(x * s), -128, 127) / s` with `s = 127 / max(max|x|, 1e-5)`.
 pub fn absmax_quantize<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let s = x
-        .clone()
-        .abs()
-        .max_dim(D - 1)
-        .clamp_min(1e-5)
-        .recip()
-        .mul_scalar(127.0);
+    let amax = x.clone().abs().max_dim(D - 1);
+    absmax_quantize_with(x, amax)
+}
+
+/// [`absmax_quantize`] with the rows' absmax `amax` (`[.., 1]`) given (the whole row's, when `x`
+/// holds a block of it).
+pub fn absmax_quantize_with<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    amax: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let s = amax.clamp_min(1e-5).recip().mul_scalar(127.0);
     x.mul(s.clone()).round().clamp(-128.0, 127.0).div(s)
 }
 
@@ -93,26 +97,14 @@ impl TopK {
         ((self.keep * d as f64).round() as usize).clamp(1, d)
     }
 
-    /// The sparsified input. Under tensor parallelism a row-parallel projection holds a block of
-    /// the columns (`group`): the choice is made on the whole row (gathered), and this rank keeps
-    /// its block.
-    pub fn apply<B: Backend, const D: usize>(
+    /// The sparsified input: the choice is made on whole rows (`hooks` gather a row-parallel
+    /// input's row from its group and hand back this tensor's block).
+    pub fn apply<B: Backend, H: Hooks<B>, const D: usize>(
         &self,
         x: Tensor<B, D>,
-        group: Option<&TpGroup>,
+        hooks: &H,
     ) -> Tensor<B, D> {
-        let local = x.clone().detach();
-        let d_local = local.dims()[D - 1];
-        let (full, rank) = match group {
-            Some(g) if g.size() > 1 => (gather_columns(local, g), g.rank()),
-            _ => (local, 0),
-        };
-        let kept = self.sparsify(full);
-        let kept = if kept.dims()[D - 1] == d_local {
-            kept
-        } else {
-            kept.narrow(D - 1, rank * d_local, d_local)
-        };
+        let kept = hooks.on_whole_rows(x.clone().detach(), |rows| self.sparsify(rows));
         // Forward: exactly `kept`; backward: the identity to every entry of x.
         kept + (x.clone() - x.detach())
     }
@@ -165,48 +157,11 @@ pub fn top_k_mask<B: Backend, const D: usize>(a: Tensor<B, D>, k: usize) -> Tens
     above + first_ties
 }
 
-/// The maximum over the group of each rank's `x` (no gradient).
-pub fn group_row_max<B: Backend, const D: usize>(x: Tensor<B, D>, g: &TpGroup) -> Tensor<B, D> {
-    let dims = x.dims();
-    let device = x.device();
-    let local: Vec<f32> = x.into_data().convert::<f32>().to_vec().unwrap();
-    let mut all = vec![0f32; local.len() * g.size()];
-    g.comm().all_gather(&local, &mut all);
-    let max: Vec<f32> = (0..local.len())
-        .map(|i| {
-            all.chunks(local.len())
-                .map(|c| c[i])
-                .fold(f32::NEG_INFINITY, f32::max)
-        })
-        .collect();
-    Tensor::from_data(TensorData::new(max, dims), &device)
-}
-
-/// The whole rows of a tensor whose last dimension is split over `g` (rank-major blocks).
-fn gather_columns<B: Backend, const D: usize>(x: Tensor<B, D>, g: &TpGroup) -> Tensor<B, D> {
-    let dims = x.dims();
-    let d = dims[D - 1];
-    let rows = x.shape().num_elements() / d;
-    let device = x.device();
-    let local: Vec<f32> = x.into_data().convert::<f32>().to_vec().unwrap();
-    let n = g.size();
-    let mut all = vec![0f32; local.len() * n];
-    g.comm().all_gather(&local, &mut all);
-    let mut full = Vec::with_capacity(all.len());
-    for r in 0..rows {
-        for p in 0..n {
-            full.extend_from_slice(&all[p * local.len() + r * d..][..d]);
-        }
-    }
-    let mut out = dims;
-    out[D - 1] = d * n;
-    Tensor::from_data(TensorData::new(full, out), &device)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::backend::{Autodiff, Flex};
+    use burn::tensor::TensorData;
 
     type B = Flex;
     type AB = Autodiff<Flex>;
@@ -312,7 +267,7 @@ mod tests {
             TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [1, 4]),
             &Default::default(),
         );
-        let y = top.apply(x.clone(), None);
+        let y = top.apply(x.clone(), &crate::hooks::NoHooks);
         let g = (y * w).sum().backward();
         assert_eq!(vals(x.grad(&g).unwrap()), vec![1.0, 2.0, 3.0, 4.0]);
     }

@@ -20,7 +20,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tern_dist::Comm;
 
+use crate::faults::Faults;
 use crate::params::ParamInfo;
+
+pub mod manager;
 
 pub const FORMAT_VERSION: u32 = 2;
 
@@ -223,7 +226,7 @@ fn assemble(files: Vec<(PathBuf, Vec<StoredPart>)>) -> Result<TensorMap> {
                 let mut local = shape.clone();
                 local[d] /= n;
                 let all: Vec<f32> = parts.into_iter().flat_map(|(_, v, _)| v).collect();
-                tern_model::unshard_values(&all, &local, d, n)
+                tern_parallel::unshard_values(&all, &local, d, n)
             }
         };
         if whole.len() != shape.iter().product::<usize>() {
@@ -237,35 +240,15 @@ fn assemble(files: Vec<(PathBuf, Vec<StoredPart>)>) -> Result<TensorMap> {
     Ok(out)
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+fn write_synced(path: &Path, bytes: &[u8], faults: &Faults) -> Result<()> {
     use std::io::Write;
-    test_fault("write", path)?;
+    faults.before_write(path)?;
     let mut f =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     f.write_all(bytes)
         .with_context(|| format!("writing {}", path.display()))?;
     f.sync_all()
         .with_context(|| format!("syncing {}", path.display()))?;
-    Ok(())
-}
-
-/// Test switch for the fault tests: `TERN_TEST_FAULT=write:NAME` fails the write of a file named
-/// `NAME` as a full disk would (ENOSPC); `TERN_TEST_FAULT=slow:MS` sleeps before each write, so
-/// that a test can kill the process in the middle of a save.
-fn test_fault(what: &str, path: &Path) -> Result<()> {
-    let Ok(v) = std::env::var("TERN_TEST_FAULT") else {
-        return Ok(());
-    };
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    if let Some(f) = v.strip_prefix("write:") {
-        if what == "write" && name == f {
-            return Err(std::io::Error::from_raw_os_error(28))
-                .with_context(|| format!("writing {}", path.display()));
-        }
-    }
-    if let Some(ms) = v.strip_prefix("slow:").and_then(|m| m.parse().ok()) {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
     Ok(())
 }
 
@@ -285,34 +268,30 @@ fn all_ok(group: &dyn Comm, ok: bool) -> bool {
     group.all_reduce_sum_f64(if ok { 0.0 } else { 1.0 }) == 0.0
 }
 
+/// What a save writes: the run's state and recipe, this rank's pieces, where, and how.
+pub struct SaveRequest<'a> {
+    pub root: &'a Path,
+    pub state: &'a TrainState,
+    pub recipe_toml: &'a str,
+    pub model: &'a [Piece],
+    pub optim: &'a [Piece],
+    pub topology: &'a Topology,
+    /// Complete checkpoints kept afterwards (0: all).
+    pub keep_last: usize,
+    pub faults: &'a Faults,
+}
+
 /// Writes this rank's part of a checkpoint; a collective over `group` (the tensor-parallel ranks
 /// of the first data-parallel group), whose first rank completes it. Returns its directory.
-/// `keep_last > 0` then removes all but the newest `keep_last` complete checkpoints.
-#[allow(clippy::too_many_arguments)]
-pub fn save(
-    root: &Path,
-    state: &TrainState,
-    recipe_toml: &str,
-    model: &[Piece],
-    optim: &[Piece],
-    topology: &Topology,
-    keep_last: usize,
-    group: &dyn Comm,
-) -> Result<PathBuf> {
-    let (part, parts) = (group.rank(), group.size());
-    let final_dir = root.join(step_dir_name(state.step));
-    let tmp = root.join(format!(".tmp-{}", step_dir_name(state.step)));
+/// `keep_last > 0` then removes all but the newest `keep_last` complete checkpoints. At every
+/// stage the ranks agree that all succeeded before the next; a failure anywhere removes the
+/// temporary directory and leaves the previous checkpoints as they were.
+pub fn save(req: &SaveRequest, group: &dyn Comm) -> Result<PathBuf> {
+    let step = step_dir_name(req.state.step);
+    let (final_dir, tmp) = (req.root.join(&step), req.root.join(format!(".tmp-{step}")));
     // The first rank makes a clean temporary directory; the others wait for it.
-    let made = if part == 0 {
-        (|| -> Result<()> {
-            std::fs::create_dir_all(root)
-                .with_context(|| format!("creating {}", root.display()))?;
-            if tmp.exists() {
-                std::fs::remove_dir_all(&tmp)
-                    .with_context(|| format!("removing {}", tmp.display()))?;
-            }
-            std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))
-        })()
+    let made = if group.rank() == 0 {
+        fresh_dir(req.root, &tmp)
     } else {
         Ok(())
     };
@@ -320,31 +299,9 @@ pub fn save(
         made?;
         bail!("tensor-parallel rank 0 could not create {}", tmp.display());
     }
-    let suffix = format!("tp{part:02}-of-{parts:02}.safetensors");
-    let written = (|| -> Result<Vec<(String, FileEntry)>> {
-        let mut entries = Vec::new();
-        for (kind, pieces) in [("model", model), ("optim", optim)] {
-            let name = format!("{kind}-{suffix}");
-            let bytes = pieces_bytes(pieces, part, parts)?;
-            write_synced(&tmp.join(&name), &bytes)?;
-            entries.push((name, entry(&bytes)));
-        }
-        if part == 0 {
-            for (name, bytes) in [
-                ("state.json", serde_json::to_vec_pretty(state)?),
-                ("recipe.toml", recipe_toml.as_bytes().to_vec()),
-            ] {
-                write_synced(&tmp.join(name), &bytes)?;
-                entries.push((name.to_string(), entry(&bytes)));
-            }
-        }
-        // This rank's entries, for the first rank to put in the manifest.
-        let list = serde_json::to_vec(&entries.iter().cloned().collect::<BTreeMap<_, _>>())?;
-        write_synced(&tmp.join(format!(".entries-{part}.json")), &list)?;
-        Ok(entries)
-    })();
+    let written = write_part(req, &tmp, group.rank(), group.size());
     if !all_ok(group, written.is_ok()) {
-        if part == 0 {
+        if group.rank() == 0 {
             let _ = std::fs::remove_dir_all(&tmp);
         }
         written?;
@@ -353,41 +310,13 @@ pub fn save(
             final_dir.display()
         );
     }
-    let finished = if part == 0 {
-        (|| -> Result<()> {
-            let mut files = BTreeMap::new();
-            for r in 0..parts {
-                let p = tmp.join(format!(".entries-{r}.json"));
-                let e: BTreeMap<String, FileEntry> = serde_json::from_slice(
-                    &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
-                )?;
-                files.extend(e);
-                std::fs::remove_file(&p).ok();
-            }
-            let m = Manifest {
-                format_version: FORMAT_VERSION,
-                step: state.step,
-                topology: topology.clone(),
-                files,
-            };
-            write_synced(&tmp.join("manifest.json"), &serde_json::to_vec_pretty(&m)?)?;
-            if final_dir.exists() {
-                // A checkpoint of the same step from an earlier attempt: replaced only now that
-                // the new one is complete.
-                std::fs::remove_dir_all(&final_dir)?;
-            }
-            std::fs::rename(&tmp, &final_dir)
-                .with_context(|| format!("renaming {} into place", tmp.display()))?;
-            if let Ok(d) = std::fs::File::open(root) {
-                d.sync_all().ok();
-            }
-            prune(root, keep_last)
-        })()
+    let finished = if group.rank() == 0 {
+        complete(req, &tmp, &final_dir, group.size())
     } else {
         Ok(())
     };
     if !all_ok(group, finished.is_ok()) {
-        if part == 0 {
+        if group.rank() == 0 {
             let _ = std::fs::remove_dir_all(&tmp);
         }
         finished?;
@@ -397,6 +326,75 @@ pub fn save(
         );
     }
     Ok(final_dir)
+}
+
+/// An empty `tmp` under `root` (an earlier attempt's removed).
+fn fresh_dir(root: &Path, tmp: &Path) -> Result<()> {
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    if tmp.exists() {
+        std::fs::remove_dir_all(tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))
+}
+
+/// This rank's files in `tmp` (rank 0 also the state and the recipe), and the list of them with
+/// their sizes and checksums for the manifest.
+fn write_part(req: &SaveRequest, tmp: &Path, part: usize, parts: usize) -> Result<()> {
+    let suffix = format!("tp{part:02}-of-{parts:02}.safetensors");
+    let mut entries = BTreeMap::new();
+    for (kind, pieces) in [("model", req.model), ("optim", req.optim)] {
+        let name = format!("{kind}-{suffix}");
+        let bytes = pieces_bytes(pieces, part, parts)?;
+        write_synced(&tmp.join(&name), &bytes, req.faults)?;
+        entries.insert(name, entry(&bytes));
+    }
+    if part == 0 {
+        for (name, bytes) in [
+            ("state.json", serde_json::to_vec_pretty(req.state)?),
+            ("recipe.toml", req.recipe_toml.as_bytes().to_vec()),
+        ] {
+            write_synced(&tmp.join(name), &bytes, req.faults)?;
+            entries.insert(name.to_string(), entry(&bytes));
+        }
+    }
+    // This rank's entries, for the first rank to put in the manifest.
+    let list = serde_json::to_vec(&entries)?;
+    write_synced(
+        &tmp.join(format!(".entries-{part}.json")),
+        &list,
+        req.faults,
+    )
+}
+
+/// The first rank's last stage: the manifest of every rank's files, the rename into place (a
+/// checkpoint of the same step from an earlier attempt replaced only now), pruning.
+fn complete(req: &SaveRequest, tmp: &Path, final_dir: &Path, parts: usize) -> Result<()> {
+    let mut files = BTreeMap::new();
+    for r in 0..parts {
+        let p = tmp.join(format!(".entries-{r}.json"));
+        let e: BTreeMap<String, FileEntry> = serde_json::from_slice(
+            &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+        )?;
+        files.extend(e);
+        std::fs::remove_file(&p).ok();
+    }
+    let m = Manifest {
+        format_version: FORMAT_VERSION,
+        step: req.state.step,
+        topology: req.topology.clone(),
+        files,
+    };
+    let manifest = serde_json::to_vec_pretty(&m)?;
+    write_synced(&tmp.join("manifest.json"), &manifest, req.faults)?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(final_dir)?;
+    }
+    std::fs::rename(tmp, final_dir)
+        .with_context(|| format!("renaming {} into place", tmp.display()))?;
+    if let Ok(d) = std::fs::File::open(req.root) {
+        d.sync_all().ok();
+    }
+    prune(req.root, req.keep_last)
 }
 
 /// Removes all but the newest `keep` complete checkpoints (0: keep all), and temporary
@@ -551,7 +549,7 @@ pub fn write_whole(path: &Path, tensors: &Named) -> Result<()> {
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let out = safetensors::tensor::serialize(views, None)?;
     let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-    write_synced(&tmp, &out)?;
+    write_synced(&tmp, &out, &Faults::default())?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))
 }
 
@@ -634,16 +632,18 @@ mod tests {
 
     fn save_solo(root: &Path, step: u64, keep: usize) -> Result<PathBuf> {
         let (m, o) = pieces(0, 1);
-        save(
+        let (st, t) = (state(step), topo(1));
+        let req = SaveRequest {
             root,
-            &state(step),
-            "x = 1",
-            &m,
-            &o,
-            &topo(1),
-            keep,
-            &SoloComm,
-        )
+            state: &st,
+            recipe_toml: "x = 1",
+            model: &m,
+            optim: &o,
+            topology: &t,
+            keep_last: keep,
+            faults: &Faults::default(),
+        };
+        save(&req, &SoloComm)
     }
 
     #[test]
@@ -683,7 +683,18 @@ mod tests {
                     let root = root.clone();
                     s.spawn(move || {
                         let (m, o) = pieces(c.rank(), 2);
-                        save(&root, &state(3), "x", &m, &o, &topo(2), 0, &c).unwrap()
+                        let (st, t) = (state(3), topo(2));
+                        let req = SaveRequest {
+                            root: &root,
+                            state: &st,
+                            recipe_toml: "x",
+                            model: &m,
+                            optim: &o,
+                            topology: &t,
+                            keep_last: 0,
+                            faults: &Faults::default(),
+                        };
+                        save(&req, &c).unwrap()
                     })
                 })
                 .collect();

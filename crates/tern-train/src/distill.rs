@@ -14,10 +14,10 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor};
 use serde::{Deserialize, Serialize};
-use tern_dist::{CollectiveBackend, Comm};
+use tern_dist::Comm;
 use tern_model::{
-    cross_entropy, studentize, EncoderConfig, Llama, ModelConfig, ParallelStyle, StudentConfig,
-    Surrogate,
+    cross_entropy, studentize, tap, EncoderConfig, Hooks, Llama, ModelConfig, Recorder,
+    StudentConfig, Surrogate, Tap, Tapped,
 };
 
 /// `[distill]` of a recipe.
@@ -397,19 +397,61 @@ fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
     t.clone().into_scalar().elem()
 }
 
+/// A distillation's teacher, recording the inputs and outputs of its distilled blocks'
+/// projections (taps, applied from outside the model).
+pub struct Teacher<B: Backend, H> {
+    model: Llama<B, Tapped<H>>,
+    recorder: Recorder,
+}
+
+impl<B: Backend, H: Clone> Teacher<B, H> {
+    /// `model` with its blocks `blocks` tapped; they record only within [`Self::run`].
+    pub fn new(model: Llama<B, H>, blocks: &[usize]) -> Self {
+        let (model, recorder) = tap(model, blocks);
+        recorder.record(false);
+        Self { model, recorder }
+    }
+
+    pub fn model(&self) -> &Llama<B, Tapped<H>> {
+        &self.model
+    }
+}
+
+impl<B: Backend, H: Hooks<B>> Teacher<B, H> {
+    /// The logits when `logits` (a full pass) and the taps of `layers` (which must be tapped);
+    /// without logits the pass stops after the last of `layers`.
+    pub fn run(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        layers: &[usize],
+        logits: bool,
+    ) -> (Option<Tensor<B, 3>>, Vec<Vec<Tap<B>>>) {
+        self.recorder.record(true);
+        let out = if logits {
+            Some(self.model.forward(inputs))
+        } else {
+            let last = layers.iter().max().map_or(0, |&l| l + 1);
+            self.model.forward_blocks(inputs, last);
+            None
+        };
+        self.recorder.record(false);
+        (out, self.recorder.take(layers))
+    }
+}
+
 /// The loss of `student` on `block` (`[batch, seq + 1]` tokens) in `phase`; the teacher runs
 /// once, without gradients.
-pub fn distill_loss<B>(
+pub fn distill_loss<B, H>(
     cfg: &DistillConfig,
     phase: Phase,
-    student: &Llama<B>,
-    teacher: &Llama<B::InnerBackend>,
+    student: &Llama<B, H>,
+    teacher: &Teacher<B::InnerBackend, H>,
     block: Tensor<B::InnerBackend, 2, Int>,
     tp: usize,
 ) -> DistillLoss<B>
 where
-    B: AutodiffBackend + CollectiveBackend,
-    B::InnerBackend: CollectiveBackend,
+    B: AutodiffBackend,
+    H: Hooks<B> + Hooks<B::InnerBackend>,
 {
     let [_, t1] = block.dims();
     let inputs = block.clone().narrow(1, 0, t1 - 1);
@@ -419,13 +461,7 @@ where
     // What this phase needs: the teacher's logits only for KL, the student's whole forward pass
     // only for CE or KL (an MSE-only block phase runs the teacher up to the block and the
     // student's projections of the block, nothing else).
-    let needs_logits = cfg.kl_weight > 0.0;
-    let (t_logits, taps) = if needs_logits {
-        let (l, t) = teacher.forward_tapped(inputs.clone(), &matched);
-        (Some(l), t)
-    } else {
-        (None, teacher.taps_only(inputs.clone(), &matched))
-    };
+    let (t_logits, taps) = teacher.run(inputs.clone(), &matched, cfg.kl_weight > 0.0);
 
     let device = student.embed_tokens.weight.device();
     let zero = || Tensor::<B, 1>::zeros([1], &device);
@@ -441,9 +477,9 @@ where
             // projection's tap holds this rank's block of outputs. Its share of the loss is
             // divided by the group size, so that the gradient all-reduce after its encoder sums
             // to the whole projection's gradient.
-            match proj.parallel {
-                ParallelStyle::Colwise => split = split + mse.div_scalar(tp as f64),
-                _ => whole = whole + mse,
+            match <H as Hooks<B>>::splits_output(&proj.hooks) {
+                true => split = split + mse.div_scalar(tp as f64),
+                false => whole = whole + mse,
             }
         }
     }
@@ -498,9 +534,9 @@ pub struct ProjectionStat {
 /// [`ProjectionStat`] of every projection of the distilled `layers`, averaged over `blocks`
 /// (`[batch, seq + 1]` tokens each). Every rank of the tensor-parallel group `tp` must call it
 /// (each holds its block of the column-parallel projections' outputs); all get the whole figures.
-pub fn projection_stats<B: CollectiveBackend>(
-    student: &Llama<B>,
-    teacher: &Llama<B>,
+pub fn projection_stats<B: Backend, H: Hooks<B>>(
+    student: &Llama<B, H>,
+    teacher: &Teacher<B, H>,
     layers: &[usize],
     blocks: &[Tensor<B, 2, Int>],
     tp: &dyn Comm,
@@ -515,7 +551,7 @@ pub fn projection_stats<B: CollectiveBackend>(
     };
     for block in blocks {
         let [_, t1] = block.dims();
-        let taps = teacher.taps_only(block.clone().narrow(1, 0, t1 - 1), layers);
+        let (_, taps) = teacher.run(block.clone().narrow(1, 0, t1 - 1), layers, false);
         let taps = layers
             .iter()
             .zip(taps)
@@ -679,7 +715,7 @@ mod tests {
         let m = ModelConfig::tiny(20, tern_model::LinearKind::Float);
         let dev = Default::default();
         let student = crate::init::init_normal(Llama::<AB>::new(&m, &dev), 3, 0.3, &dev);
-        let teacher = student.valid();
+        let teacher = Teacher::new(student.valid(), &[]);
         let c = DistillConfig {
             kl_weight: 1.0,
             temperature: 2.0,
@@ -691,7 +727,7 @@ mod tests {
         );
         let l = distill_loss(&c, Phase::EndToEnd, &student, &teacher, block.clone(), 1);
         assert!(l.kl.abs() < 1e-6, "KL(p || p) = {}", l.kl);
-        let ce = scalar(&teacher.loss(block.clone()));
+        let ce = scalar(&teacher.model().loss(block.clone()));
         assert!((l.ce - ce).abs() < 1e-6, "{} vs {ce}", l.ce);
         // Another student: KL > 0, and the total is ce_weight * CE + kl_weight * KL (no MSE end to end).
         let other = crate::init::init_normal(Llama::<AB>::new(&m, &dev), 4, 0.3, &dev);

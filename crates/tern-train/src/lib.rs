@@ -1,14 +1,18 @@
 //! Recipes, the training loop and its outputs (metrics, TensorBoard, checkpoints).
 
+pub mod build;
 pub mod checkpoint;
 pub mod distill;
+pub mod evaluator;
+pub mod faults;
 pub mod init;
 pub mod metrics;
+pub mod objective;
 pub mod params;
 pub mod plan;
 pub mod pretrained;
 pub mod recipe;
-pub mod shards;
+pub mod slots;
 pub mod step;
 pub mod tensorboard;
 pub mod trainer;

@@ -28,7 +28,7 @@ pub struct StepMetrics {
 }
 
 /// The run's outputs; silent on every rank but the first of a job.
-pub struct Metrics {
+pub struct MetricsLogger {
     out: Option<Outputs>,
 }
 
@@ -64,7 +64,7 @@ fn truncate_after(path: &Path, last_step: u64) -> Result<()> {
     Ok(())
 }
 
-impl Metrics {
+impl MetricsLogger {
     /// Outputs of a rank that writes none.
     pub fn silent() -> Self {
         Self { out: None }

@@ -4,9 +4,9 @@
 
 use std::fmt;
 
-use tern_model::{block_matrix_dim, shard_dim};
 use tern_optim::galore::side_of;
 use tern_optim::{LowRank, OptimizerName};
+use tern_parallel::{block_matrix_dim, shard_dim};
 
 use crate::recipe::Recipe;
 

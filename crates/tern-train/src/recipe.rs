@@ -303,7 +303,7 @@ impl Recipe {
         if self.parallel.tp == 0 {
             return Err("parallel.tp: must be at least 1".into());
         }
-        tern_model::check_tp(&self.model, self.parallel.tp).map_err(|e| e.to_string())?;
+        tern_parallel::check_tp(&self.model, self.parallel.tp).map_err(|e| e.to_string())?;
         if let Some(rank) = self.optim.rank {
             let m = &self.model;
             let kv = m.kv_heads() * m.head_dim();

@@ -1,28 +1,36 @@
-//! The step loop: data -> forward/backward over micro-batches -> clip -> optimizer -> outputs.
+//! The trainer, in the shape of TorchTitan's: [`Trainer::build`] assembles the components (data,
+//! model and objective, optimizer, checkpoints, evaluation, metrics), [`Trainer::train_step`] runs
+//! one optimizer step, and [`Trainer::run`] is the loop around it with logging, evaluation and
+//! checkpoints beside it.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
+use serde_json::{json, Map, Value};
 use tern_data::sampler::dp_slice;
-use tern_data::{TextTokenizer, TrainData, ValData};
-use tern_dist::{all_reduce_mean_tensors, comm::BUCKET_ELEMS, to_host, CollectiveBackend, Dist};
-use tern_model::{block_matrix_dim, parallelize, shard_values, Llama};
+use tern_data::TrainData;
+use tern_dist::{all_reduce_mean_tensors, comm::BUCKET_ELEMS, CollectiveBackend, Dist};
+use tern_model::{Hooks, Llama};
 use tern_optim::{Optimizer, Schedule};
+use tern_parallel::TpLlama;
 
-use crate::checkpoint::{self, Piece, TrainState};
-use crate::distill::{check_teacher, distill_loss, projection_stats, student_of, ProjectionStat};
-use crate::init::init_normal;
-use crate::metrics::{Metrics, StepMetrics};
-use crate::params::{assign_trainable, flat_values, param_infos, ParamInfo};
-use crate::pretrained;
+use crate::build::{model_and_objective, Inputs};
+use crate::checkpoint::manager::CheckpointManager;
+use crate::checkpoint::{self, TrainState};
+use crate::evaluator::Evaluator;
+use crate::faults::Faults;
+use crate::metrics::{MetricsLogger, StepMetrics};
+use crate::objective::{batch_tensor, LossParts, Objective};
+use crate::params::assign_trainable;
 use crate::recipe::Recipe;
-use crate::shards::shard_dims;
-use crate::step::{optimizer_step, GradAccumulator, StepSettings, UpdateRules};
-use serde_json::json;
+use crate::slots::ParamSlots;
+use crate::step::{optimizer_step, GradAccumulator, StepSettings};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resume {
@@ -36,7 +44,7 @@ pub struct TrainOptions {
     pub run_dir: PathBuf,
     pub resume: Option<Resume>,
     /// Set (by a SIGTERM handler) to end the run at the next step with a checkpoint.
-    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 #[derive(Debug, Clone)]
@@ -48,94 +56,60 @@ pub struct TrainSummary {
     pub tokens: u64,
 }
 
-/// Blocks of `block_len` tokens, one after another, as a `[blocks, block_len]` int tensor.
-fn batch_tensor<B: Backend>(
-    tokens: &[u32],
-    block_len: usize,
+/// What one step did.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// Steps completed (1-based).
+    pub step: u64,
+    /// The loss as logged (a distillation's whole loss over the tensor-parallel group).
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// False when a non-finite loss or gradient norm skipped the update.
+    pub applied: bool,
+    /// More `metrics.jsonl` fields (a distillation's terms and phase).
+    pub extra: Map<String, Value>,
+    /// The step's first sequence (where activation sparsity is measured).
+    first_block: Vec<u32>,
+}
+
+/// Trains a recipe: [`Trainer::build`] then [`Trainer::run`].
+pub fn train<B>(
+    recipe: &Recipe,
+    opts: &TrainOptions,
     device: &B::Device,
-) -> Tensor<B, 2, Int> {
-    let v: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-    Tensor::from_data(
-        TensorData::new(v, [tokens.len() / block_len, block_len]),
-        device,
-    )
+    dist: &Dist,
+) -> Result<TrainSummary>
+where
+    B: AutodiffBackend + CollectiveBackend,
+    B::InnerBackend: CollectiveBackend,
+{
+    Trainer::<B>::build(recipe, opts, device, dist)?.run()
 }
 
-fn from_host<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
-    let n = v.len();
-    Tensor::from_data(TensorData::new(v, [n]), device)
-}
-
-/// The first `n` validation blocks, in order, as micro-batches.
-fn validation_batches<B: Backend>(
-    val: &mut ValData,
-    n: usize,
-    micro: usize,
-    block_len: usize,
-    device: &B::Device,
-) -> Result<Vec<Tensor<B, 2, Int>>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let count = micro.min(n - start);
-        out.push(batch_tensor::<B>(
-            &val.read(start as u64, count)?,
-            block_len,
-            device,
-        ));
-        start += count;
-    }
-    Ok(out)
-}
-
-/// `act_sparsity/attn` and `act_sparsity/mlp`: the share of zero entries in the inputs of each type
-/// of projection, on one sequence (over the whole tensor-parallel group).
-fn activation_sparsity<B: CollectiveBackend>(
-    model: &Llama<B>,
-    x: Tensor<B, 2, Int>,
-    tp: &dyn tern_dist::Comm,
-) -> Vec<(String, f64)> {
-    let counts = model.activation_counts(x);
-    let mut out = Vec::new();
-    for (key, layer) in [
-        ("act_sparsity/attn", tern_model::LayerType::Attention),
-        ("act_sparsity/mlp", tern_model::LayerType::Mlp),
-    ] {
-        let (mut zeros, mut total) = (0.0, 0.0);
-        for c in counts.iter().filter(|c| c.layer == layer) {
-            // A sharded input's counts add up over the group; a replicated one counts once.
-            let n = if c.sharded { 1.0 } else { tp.size() as f64 };
-            zeros += c.zeros / n;
-            total += c.total / n;
-        }
-        let (zeros, total) = (tp.all_reduce_sum_f64(zeros), tp.all_reduce_sum_f64(total));
-        out.push((key.to_string(), zeros / total.max(1.0)));
-    }
-    out
-}
-
-/// Mean loss of the model over validation micro-batches (weighted by their sizes).
-fn validation_loss<B: CollectiveBackend>(model: &Llama<B>, batches: &[Tensor<B, 2, Int>]) -> f64 {
-    let (mut sum, mut n) = (0.0, 0);
-    for x in batches {
-        let count = x.dims()[0];
-        let l: f32 = model.loss(x.clone()).into_scalar().elem();
-        sum += l as f64 * count as f64;
-        n += count;
-    }
-    sum / n as f64
-}
-
-use burn::tensor::ElementConversion;
-
-/// `{projection: figure}` for `metrics.jsonl`.
-fn stats_json(stats: &[ProjectionStat], figure: fn(&ProjectionStat) -> f64) -> serde_json::Value {
-    serde_json::Value::Object(
-        stats
-            .iter()
-            .map(|s| (s.name.clone(), json!(figure(s))))
-            .collect(),
-    )
+pub struct Trainer<'a, B: AutodiffBackend> {
+    recipe: Recipe,
+    dist: &'a Dist,
+    model: TpLlama<B>,
+    objective: Objective<B::InnerBackend>,
+    slots: ParamSlots,
+    opt: Optimizer<B::InnerBackend>,
+    schedule: Schedule,
+    data: TrainData,
+    state: TrainState,
+    checkpoints: CheckpointManager,
+    evaluator: Evaluator<B::InnerBackend>,
+    metrics: MetricsLogger,
+    faults: Faults,
+    stop: Option<Arc<AtomicBool>>,
+    /// This rank's blocks of every global batch.
+    mine: std::ops::Range<usize>,
+    start_step: u64,
+    bad_in_a_row: u64,
+    last_val: Option<f64>,
+    /// Since the last logged step: when it began, tokens trained.
+    interval: (Instant, u64),
 }
 
 /// A fresh run never writes into an earlier run's folder (their checkpoints and metrics would mix):
@@ -163,568 +137,445 @@ fn move_aside_earlier_run(run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Test switch for the fault tests: `TERN_TEST_NAN=STEP[,STEP...]` makes the loss and the gradients
-/// of those steps non-finite on every rank, as an overflow would.
-fn test_nan(step: u64) -> bool {
-    std::env::var("TERN_TEST_NAN").is_ok_and(|v| v.split(',').any(|s| s.trim().parse() == Ok(step)))
+fn from_host<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
+    let n = v.len();
+    Tensor::from_data(TensorData::new(v, [n]), device)
 }
 
-/// Test switch for the failure tests: `TERN_TEST_PANIC=RANK:STEP` panics that rank at that step.
-fn test_panic(rank: usize, step: u64) {
-    if let Ok(v) = std::env::var("TERN_TEST_PANIC") {
-        if v == format!("{rank}:{step}") {
-            panic!("TERN_TEST_PANIC: rank {rank} panics at step {step} as asked");
+/// `act_sparsity/attn` and `act_sparsity/mlp`: the share of zero entries in the inputs of each type
+/// of projection, on one sequence (over the whole tensor-parallel group).
+fn activation_sparsity<B: Backend, H: Hooks<B>>(
+    model: &Llama<B, H>,
+    x: burn::tensor::Tensor<B, 2, burn::tensor::Int>,
+    tp: &dyn tern_dist::Comm,
+) -> Vec<(String, f64)> {
+    let counts = model.activation_counts(x);
+    let mut out = Vec::new();
+    for (key, layer) in [
+        ("act_sparsity/attn", tern_model::LayerType::Attention),
+        ("act_sparsity/mlp", tern_model::LayerType::Mlp),
+    ] {
+        let (mut zeros, mut total) = (0.0, 0.0);
+        for c in counts.iter().filter(|c| c.layer == layer) {
+            // A sharded input's counts add up over the group; a replicated one counts once.
+            let n = if c.sharded { 1.0 } else { tp.size() as f64 };
+            zeros += c.zeros / n;
+            total += c.total / n;
         }
+        let (zeros, total) = (tp.all_reduce_sum_f64(zeros), tp.all_reduce_sum_f64(total));
+        out.push((key.to_string(), zeros / total.max(1.0)));
     }
+    out
 }
 
-/// A checksum of the weights: equal on every data-parallel rank when they hold the same weights.
-fn weights_checksum(values: &[Vec<f32>]) -> f64 {
-    values
-        .iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, &x)| x as f64 * (1.0 + (i % 7) as f64))
-        .sum()
-}
-
-pub fn train<B>(
-    recipe: &Recipe,
-    opts: &TrainOptions,
-    device: &B::Device,
-    dist: &Dist,
-) -> Result<TrainSummary>
+impl<'a, B> Trainer<'a, B>
 where
     B: AutodiffBackend + CollectiveBackend,
     B::InnerBackend: CollectiveBackend,
 {
-    let topo = dist.topo;
-    let main = topo.is_main();
-    recipe.train.validate(topo.dp).map_err(|e| anyhow!(e))?;
-    let run_dir = &opts.run_dir;
-    let ckpt_root = run_dir.join("checkpoints");
-    let (tc, dc) = (&recipe.train, &recipe.data);
-    let block_len = dc.seq_len + 1;
-
-    // Which checkpoint, if any, before any expensive work.
-    let resume_dir = match &opts.resume {
-        None => None,
-        Some(Resume::Auto) => checkpoint::latest(&ckpt_root)?,
-        Some(Resume::Path(p)) => Some(p.clone()),
-    };
-
-    // Data.
-    let tok = TextTokenizer::load(Path::new(&dc.tokenizer), &dc.eos_token)?;
-    let mut recipe = recipe.clone();
-    // A distillation's teacher, whose architecture (and vocabulary) the student takes.
-    let teacher_weights = match &recipe.distill {
-        None => None,
-        Some(d) => {
-            let p = pretrained::load(Path::new(&d.teacher))
-                .with_context(|| format!("distill.teacher = {}", d.teacher))?;
-            if p.student.is_some() {
-                bail!(
-                    "distill.teacher: {} is itself a distillation student; give a plain model",
-                    p.source.display()
-                );
-            }
-            check_teacher(&recipe.model, &p.config, &p.source.display().to_string())
-                .map_err(|e| anyhow!(e))?;
-            recipe.model.vocab_size = p.config.vocab_size;
-            Some(p)
+    /// Everything a run needs, in the order it is checked: the recipe, the checkpoint to resume
+    /// from, the data, the model and its objective, the optimizer (and their restored state),
+    /// then the outputs.
+    pub fn build(
+        recipe: &Recipe,
+        opts: &TrainOptions,
+        device: &B::Device,
+        dist: &'a Dist,
+    ) -> Result<Self> {
+        let topo = dist.topo;
+        recipe.train.validate(topo.dp).map_err(|e| anyhow!(e))?;
+        let faults = Faults::from_env()?;
+        let t0 = Instant::now();
+        let mut inputs = Inputs::open(recipe)?;
+        let recipe = inputs.recipe.clone();
+        let checkpoints = CheckpointManager::new(&opts.run_dir, &recipe, dist, faults.clone());
+        let resume_dir = checkpoints.resume_dir(opts.resume.as_ref())?;
+        // A fresh start (also `--resume auto` with no checkpoint) never writes into an earlier run.
+        if resume_dir.is_none() && topo.is_main() {
+            move_aside_earlier_run(&opts.run_dir)?;
         }
-    };
-    match recipe.model.vocab_size {
-        None => recipe.model.vocab_size = Some(tok.vocab_size),
-        Some(v) if v < tok.vocab_size => bail!(
-            "model.vocab_size: {v} is smaller than the vocabulary of {} ({})",
-            dc.tokenizer,
-            tok.vocab_size
-        ),
-        Some(_) => {}
-    }
-    let t0 = Instant::now();
-    let mut train_data = TrainData::open(dc, &tok, tc.seed)?;
-    let mut val_data = ValData::open(dc, &tok)?;
-    let n_train: u64 = train_data.sources.iter().map(|s| s.blocks()).sum();
-    let n_val = ((tc.eval_batches * tc.micro_batch) as u64).min(val_data.source.blocks()) as usize;
-
-    // A fresh start (also `--resume auto` with no checkpoint) never writes into an earlier run.
-    if resume_dir.is_none() && main {
-        move_aside_earlier_run(run_dir)?;
-    }
-    let recipe_toml = recipe.to_toml();
-
-    // Model and optimizer. The full model is built and initialised (or loaded) on every rank, then
-    // each tensor-parallel rank keeps its shard: shards are slices of the same matrices whatever
-    // the layout.
-    let mc = &recipe.model;
-    let tp = dist.tp.comm();
-    // Q-Sparse's achieved activation sparsity is logged when there is some to see.
-    let measures_activations =
-        recipe.model.sparsity.is_some() || recipe.model.mlp == tern_model::MlpKind::Relu2glu;
-    let distill = recipe.distill.clone();
-    // The teacher is built whole first: the student starts from its weights.
-    let teacher: Option<Llama<B::InnerBackend>> =
-        teacher_weights.map(|t| t.build(device)).transpose()?;
-    let mut model: Llama<B> = match (&distill, &teacher) {
-        (Some(d), Some(t)) => student_of::<B>(t, d, mc, tc.seed, device),
-        _ => init_normal(Llama::new(mc, device), tc.seed, mc.init_std, device),
-    };
-    let full_infos = param_infos::<B, _>(&model);
-    // The same device seen from the inner (non-autodiff) backend, where optimizer state lives.
-    let inner_device = model.valid().embed_tokens.weight.val().device();
-    // Split like the student: each rank's taps are then the blocks its projections hold.
-    let teacher = teacher.map(|t| parallelize(t, &dist.tp));
-    let mut resumed_moments = None;
-    // The matrices GaLore projects: the block matrices (those tensor parallelism splits).
-    let low_rank: Vec<bool> = full_infos
-        .iter()
-        .map(|i| block_matrix_dim(&i.name).is_some())
-        .collect();
-
-    let mut state = TrainState {
-        format_version: checkpoint::FORMAT_VERSION,
-        step: 0,
-        consumed_samples: 0,
-        tokens_seen: 0,
-        skipped_steps: 0,
-        optimizer_step: 0,
-        seed: tc.seed,
-        tokenizer_sha256: tok.sha256.clone(),
-        train_blocks: n_train,
-        data_fingerprint: train_data.fingerprint(),
-    };
-
-    if let Some(dir) = &resume_dir {
-        let mut l = checkpoint::load(dir)?;
-        let saved: Recipe = toml::from_str(&l.recipe_toml)
-            .with_context(|| format!("{}/recipe.toml", dir.display()))?;
-        if saved.model != recipe.model {
-            bail!("{}: the checkpoint's [model] differs from the recipe's; resume needs the same model", dir.display());
-        }
-        if l.state.tokenizer_sha256 != tok.sha256
-            || l.state.data_fingerprint != state.data_fingerprint
-            || l.state.seed != tc.seed
-        {
-            bail!(
-                "{}: the checkpoint was trained on other data, tokenizer or seed (train.seed, data.*); \
-                 resuming would not continue the same run",
-                dir.display()
-            );
-        }
-        let mpath = dir.join("model-*.safetensors");
-        let opath = dir.join("optim-*.safetensors");
-        let w = checkpoint::take_in_order(&mut l.model, &full_infos, "", &mpath)?;
-        model = assign_trainable(
-            model,
-            w.into_iter().map(|w| from_host(w, &inner_device)).collect(),
+        let (model, objective, slots) =
+            model_and_objective::<B>(&recipe, inputs.teacher.take(), device, dist)?;
+        let inner = model.valid().embed_tokens.weight.val().device();
+        let mut opt = Optimizer::new(
+            &recipe.optim,
+            &slots.local_shapes(),
+            &slots.low_rank(),
+            &slots.shard_dims(),
+            &dist.tp,
+            &inner,
         );
-        resumed_moments = Some((l.optim, opath, l.state.optimizer_step));
-        state = l.state;
-        if state.step >= tc.steps {
-            bail!(
-                "{}: the checkpoint is at step {} and train.steps = {}: nothing left to do (raise train.steps)",
-                dir.display(),
-                state.step,
-                tc.steps
+        let mut state = TrainState {
+            format_version: checkpoint::FORMAT_VERSION,
+            step: 0,
+            consumed_samples: 0,
+            tokens_seen: 0,
+            skipped_steps: 0,
+            optimizer_step: 0,
+            seed: recipe.train.seed,
+            tokenizer_sha256: inputs.tokenizer.sha256.clone(),
+            train_blocks: inputs.train.sources.iter().map(|s| s.blocks()).sum(),
+            data_fingerprint: inputs.train.fingerprint(),
+        };
+        let mut model = model;
+        if let Some(dir) = &resume_dir {
+            let mut r = checkpoints.restore(dir, &recipe, &state, &slots, dist)?;
+            let weights = std::mem::take(&mut r.weights);
+            model = assign_trainable(
+                model,
+                weights.into_iter().map(|w| from_host(w, &inner)).collect(),
             );
+            checkpoints.restore_optimizer(&mut r, &mut opt, &slots, dist, &inner)?;
+            state = r.state;
         }
-    }
-
-    let mut model = parallelize(model, &dist.tp);
-    let infos = param_infos::<B, _>(&model);
-    let shapes: Vec<Vec<usize>> = infos.iter().map(|i| i.shape.clone()).collect();
-    let shard_dims = shard_dims(&full_infos, topo.tp);
-    let is_sharded: Vec<bool> = shard_dims.iter().map(Option::is_some).collect();
-    let rules = UpdateRules {
-        decay: infos.iter().map(ParamInfo::decays).collect(),
-        sharded: is_sharded.clone(),
-    };
-    let mut opt = Optimizer::<B::InnerBackend>::new(
-        &recipe.optim,
-        &shapes,
-        &low_rank,
-        &shard_dims,
-        &dist.tp,
-        &inner_device,
-    );
-    if let Some((mut saved, opath, step)) = resumed_moments {
-        opt.set_steps(step);
-        // Every state tensor of every parameter, in the shapes the recipe's optimizer keeps. A
-        // checkpoint holds whole tensors: this rank keeps its block of each.
-        for (i, info) in full_infos.iter().enumerate() {
-            for (key, full, shard) in opt.layout(i, &info.shape, shard_dims[i]) {
-                let name = format!("{}.{key}", info.name);
-                if Optimizer::<B::InnerBackend>::optional_state(key) && !saved.contains_key(&name) {
-                    if key == "step" {
-                        // Written before per-parameter counts were kept: every parameter had
-                        // the optimizer's count.
-                        opt.set_param_step(i, step);
-                    }
-                    continue;
-                }
-                let want = ParamInfo {
-                    name,
-                    shape: full.clone(),
-                };
-                let v = checkpoint::take_in_order(&mut saved, &[want], "", &opath)?
-                    .pop()
-                    .expect("one tensor");
-                let v = match shard {
-                    Some(dim) => shard_values(&v, &full, dim, topo.tp_rank(), topo.tp),
-                    None => v,
-                };
-                opt.set_state(i, key, from_host(v, &inner_device));
-            }
-        }
-    }
-
-    // Written only now that the checkpoint (if any) was accepted, and by the first rank only.
-    let start_step = state.step;
-    let mut metrics = if main {
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("creating run directory {}", run_dir.display()))?;
-        std::fs::write(run_dir.join("recipe.toml"), &recipe_toml)
-            .with_context(|| format!("writing {}/recipe.toml", run_dir.display()))?;
-        Metrics::open(run_dir, start_step, tc.steps, recipe.run.progress)?
-    } else {
-        Metrics::silent()
-    };
-    if topo.world > 1 {
+        let tc = &recipe.train;
+        let n_val =
+            ((tc.eval_batches * tc.micro_batch) as u64).min(inputs.val.source.blocks()) as usize;
+        let metrics = Self::open_metrics(&recipe, opts, dist, state.step)?;
         metrics.say(&format!(
-            "job: {} processes, tensor-parallel {} x data-parallel {}",
-            topo.world, topo.tp, topo.dp
+            "tern: {} | {:.2}M parameters ({:?} linears, {} scale groups) | data ready in {:.1}s",
+            recipe.name(),
+            slots.millions(),
+            recipe.model.linear,
+            recipe.model.scale_groups,
+            t0.elapsed().as_secs_f64(),
         ));
-    }
-    metrics.say(&format!(
-        "tern: {} | {:.2}M parameters ({:?} linears, {} scale groups) | data ready in {:.1}s",
-        recipe.name(),
-        full_infos.iter().map(ParamInfo::numel).sum::<usize>() as f64 / 1e6,
-        mc.linear,
-        mc.scale_groups,
-        t0.elapsed().as_secs_f64(),
-    ));
-    for (s, w) in train_data.sources.iter().zip(&train_data.weights) {
-        let docs = s
-            .documents()
-            .map_or(String::new(), |d| format!(", {d} docs"));
-        metrics.say(&format!(
-            "data: {} (weight {w}): {} shard(s), {} tokens{docs}, {} blocks",
-            s.name,
-            s.shards.len(),
-            s.tokens(),
-            s.blocks()
-        ));
-    }
-    metrics.say(&format!(
-        "data: validation: {} tokens, {} blocks ({n_val} per evaluation)",
-        val_data.source.tokens(),
-        val_data.source.blocks()
-    ));
-    // The first data-parallel group evaluates (all its tensor-parallel ranks take part), always
-    // on the same blocks.
-    let val_batches = if topo.dp_rank() == 0 && tc.eval_every > 0 {
-        validation_batches::<B::InnerBackend>(
-            &mut val_data,
+        inputs.describe(&metrics, n_val);
+        let mut val = inputs.val;
+        let evaluator = Evaluator::new(
+            &mut val,
             n_val,
             tc.micro_batch,
-            block_len,
-            &inner_device,
-        )?
-    } else {
-        Vec::new()
-    };
-    if let (Some(d), Some(t)) = (&distill, &teacher) {
-        let blocks = d.blocks(mc.n_layers);
-        metrics.say(&format!(
-            "distill: teacher {} | blocks {blocks:?}: {} steps each, then {} all together, then {} end to end | loss {} mse + {} ce + {} kl",
-            d.teacher, d.block_steps, d.all_steps, d.e2e_steps, d.mse_weight, d.ce_weight, d.kl_weight
-        ));
-        if !val_batches.is_empty() {
-            let v = validation_loss(t, &val_batches);
-            metrics.note(json!({"step": start_step, "teacher_val_loss": v}))?;
-            metrics.say(&format!(
-                "teacher: validation loss {v:.4} (perplexity {:.2})",
-                v.exp()
-            ));
-            if start_step == 0 {
-                let stats = projection_stats(&model.valid(), t, &blocks, &val_batches, tp);
-                metrics.note(json!({
-                    "step": 0,
-                    "val_mse": stats_json(&stats, |s| s.mse),
-                    "val_teacher_y2": stats_json(&stats, |s| s.teacher_y2),
-                }))?;
-            }
-        }
-    }
-    match &resume_dir {
-        Some(d) => metrics.say(&format!(
-            "resumed from {} at step {start_step}",
-            d.display()
-        )),
-        None if opts.resume.is_some() => {
-            metrics.say("no checkpoint to resume from: starting at step 0")
-        }
-        None => {}
-    }
-
-    // This rank's part of a checkpoint (a collective over the tensor-parallel group).
-    let save_checkpoint = |state: &TrainState,
-                           values: Vec<Vec<f32>>,
-                           opt: &Optimizer<B::InnerBackend>|
-     -> Result<PathBuf> {
-        let model_pieces: Vec<Piece> = values
-            .into_iter()
-            .zip(&full_infos)
-            .zip(&shard_dims)
-            .map(|((v, info), dim)| Piece {
-                name: info.name.clone(),
-                full_shape: info.shape.clone(),
-                dim: *dim,
-                values: v,
-            })
-            .collect();
-        let mut optim_pieces = Vec::new();
-        for (i, info) in full_infos.iter().enumerate() {
-            for e in opt.state(i, &info.shape, shard_dims[i]) {
-                optim_pieces.push(Piece {
-                    name: format!("{}.{}", info.name, e.key),
-                    full_shape: e.full_shape,
-                    dim: e.shard,
-                    values: to_host(e.value),
-                });
-            }
-        }
-        checkpoint::save(
-            &ckpt_root,
+            recipe.data.seq_len + 1,
+            tc.eval_every,
+            topo.dp_rank() == 0,
+            &inner,
+        )?;
+        let mut trainer = Self {
+            schedule: Schedule::new(&recipe.optim, tc.steps),
+            mine: dp_slice(tc.global_batch, topo.dp_rank(), topo.dp),
+            start_step: state.step,
+            bad_in_a_row: 0,
+            last_val: None,
+            interval: (Instant::now(), 0),
+            stop: opts.stop.clone(),
+            data: inputs.train,
+            recipe,
+            dist,
+            model,
+            objective,
+            slots,
+            opt,
             state,
-            &recipe_toml,
-            &model_pieces,
-            &optim_pieces,
-            &checkpoint::Topology {
-                tp: topo.tp,
-                dp: topo.dp,
-            },
-            recipe.checkpoint.keep_last,
-            tp,
-        )
-        .map_err(|e| anyhow!("saving checkpoint of step {}: {e:#}", state.step))
-    };
-    let schedule = Schedule::new(&recipe.optim, tc.steps);
-    // This rank's share of every global batch, in micro-batches.
-    let mine = dp_slice(tc.global_batch, topo.dp_rank(), topo.dp);
-    let n_micro = mine.len() / tc.micro_batch;
-    let mut last_loss = f64::NAN;
-    let mut bad_in_a_row = 0u64;
-    let mut last_val = None;
-    let mut interval_start = Instant::now();
-    let mut interval_tokens = 0u64;
-
-    for step in start_step..tc.steps {
-        let phase = distill.as_ref().map(|d| d.phase(step, mc.n_layers));
-        let trainable: Vec<bool> = match (&distill, phase) {
-            (Some(d), Some(ph)) => infos
-                .iter()
-                .map(|i| d.trains(ph, &i.name, mc.n_layers))
-                .collect(),
-            _ => vec![true; infos.len()],
+            checkpoints,
+            evaluator,
+            metrics,
+            faults,
         };
-        let mut parts = [0.0f64; 4];
-        let lr = schedule.lr(step);
-        let wd = schedule.weight_decay(step);
-        test_panic(topo.rank, step + 1);
-        let blocks = train_data.samples(state.consumed_samples, tc.global_batch);
-        let blocks = &blocks[mine.clone()];
-        let mut acc = GradAccumulator::default();
+        trainer.introduce(resume_dir.as_deref(), opts.resume.is_some())?;
+        Ok(trainer)
+    }
+
+    /// The outputs (metrics.jsonl, TensorBoard, the recipe as resolved), written by the first
+    /// rank only and only once a checkpoint, if any, was accepted.
+    fn open_metrics(
+        recipe: &Recipe,
+        opts: &TrainOptions,
+        dist: &Dist,
+        start: u64,
+    ) -> Result<MetricsLogger> {
+        let run_dir = &opts.run_dir;
+        let metrics = if dist.topo.is_main() {
+            std::fs::create_dir_all(run_dir)
+                .with_context(|| format!("creating run directory {}", run_dir.display()))?;
+            std::fs::write(run_dir.join("recipe.toml"), recipe.to_toml())
+                .with_context(|| format!("writing {}/recipe.toml", run_dir.display()))?;
+            MetricsLogger::open(run_dir, start, recipe.train.steps, recipe.run.progress)?
+        } else {
+            MetricsLogger::silent()
+        };
+        let t = dist.topo;
+        if t.world > 1 {
+            metrics.say(&format!(
+                "job: {} processes, tensor-parallel {} x data-parallel {}",
+                t.world, t.tp, t.dp
+            ));
+        }
+        Ok(metrics)
+    }
+
+    /// The objective's lines, a distillation teacher's validation loss and step-0 projection
+    /// figures, and where the run starts.
+    fn introduce(&mut self, resumed: Option<&Path>, asked: bool) -> Result<()> {
+        if let Some(line) = self.objective.describe() {
+            self.metrics.say(&line);
+        }
+        if !self.evaluator.batches.is_empty() {
+            if let Some(v) = self.objective.teacher_loss(&self.evaluator) {
+                let step = self.start_step;
+                self.metrics
+                    .note(json!({"step": step, "teacher_val_loss": v}))?;
+                self.metrics.say(&format!(
+                    "teacher: validation loss {v:.4} (perplexity {:.2})",
+                    v.exp()
+                ));
+                if step == 0 {
+                    self.note_projection_stats(true)?;
+                }
+            }
+        }
+        match resumed {
+            Some(d) => self.metrics.say(&format!(
+                "resumed from {} at step {}",
+                d.display(),
+                self.start_step
+            )),
+            None if asked => self
+                .metrics
+                .say("no checkpoint to resume from: starting at step 0"),
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// A distillation's per-projection validation MSE (and at step 0 the teacher's mean squared
+    /// outputs) in metrics.jsonl.
+    fn note_projection_stats(&mut self, with_teacher: bool) -> Result<()> {
+        let Some(stats) = self.objective.projection_stats(
+            &self.model.valid(),
+            &self.evaluator.batches,
+            self.dist.tp.comm(),
+        ) else {
+            return Ok(());
+        };
+        let figure = |f: fn(&crate::distill::ProjectionStat) -> f64| -> Value {
+            Value::Object(
+                stats
+                    .iter()
+                    .map(|s| (s.name.clone(), json!(f(s))))
+                    .collect(),
+            )
+        };
+        let mut line = json!({"step": self.state.step, "val_mse": figure(|s| s.mse)});
+        if with_teacher {
+            line["val_teacher_y2"] = figure(|s| s.teacher_y2);
+        }
+        self.metrics.note(line)
+    }
+
+    /// One optimizer step: this rank's micro-batches forward and backward, the gradients averaged
+    /// over the data-parallel group, clipped, and applied (unless not finite).
+    pub fn train_step(&mut self) -> Result<StepOutput> {
+        let (tc, dist) = (&self.recipe.train, self.dist);
+        let step = self.state.step;
+        self.faults.maybe_panic(dist.topo.rank, step + 1);
+        let block_len = self.recipe.data.seq_len + 1;
+        let blocks = self
+            .data
+            .samples(self.state.consumed_samples, tc.global_batch);
+        let blocks = &blocks[self.mine.clone()];
+        let n_micro = blocks.len() / tc.micro_batch;
+        let (mut acc, mut parts) = (GradAccumulator::default(), LossParts::default());
         let mut first_block = Vec::new();
         for chunk in blocks.chunks(tc.micro_batch) {
-            let tokens = train_data.read(chunk)?;
+            let tokens = self.data.read(chunk)?;
             if first_block.is_empty() {
                 first_block = tokens[..block_len].to_vec();
             }
-            let loss = match (&distill, &teacher, phase) {
-                (Some(d), Some(t), Some(ph)) => {
-                    let x = batch_tensor::<B::InnerBackend>(&tokens, block_len, &inner_device);
-                    let l = distill_loss(d, ph, &model, t, x, topo.tp);
-                    for (acc, v) in parts.iter_mut().zip([l.mse_split, l.mse_whole, l.ce, l.kl]) {
-                        *acc += v / n_micro as f64;
-                    }
-                    l.total
-                }
-                _ => model.loss(batch_tensor::<B>(&tokens, block_len, device)),
-            };
-            acc.add(&model, loss);
+            let (loss, p) = self.objective.micro_loss(
+                step,
+                &self.model,
+                &tokens,
+                block_len,
+                n_micro,
+                dist.topo.tp,
+            );
+            parts.0.iter_mut().zip(p.0).for_each(|(a, v)| *a += v);
+            acc.add(&self.model, loss);
         }
         let (loss, grads) = acc.mean();
         // Equal shares: the mean over data-parallel ranks is the mean of the global batch.
         let mut grads = all_reduce_mean_tensors(dist.dp.as_ref(), grads, BUCKET_ELEMS);
-        let mut loss = dist.dp.all_reduce_sum_f64(loss) / topo.dp as f64;
-        if test_nan(step + 1) {
+        let mut loss = dist.dp.all_reduce_sum_f64(loss) / dist.topo.dp as f64;
+        if self.faults.nan(step + 1) {
             loss = f64::NAN;
             grads[0] = grads[0].clone().mul_scalar(f64::NAN);
         }
         let settings = StepSettings {
-            lr,
-            weight_decay: wd,
-            grad_clip: recipe.optim.grad_clip,
+            lr: self.schedule.lr(step),
+            weight_decay: self.schedule.weight_decay(step),
+            grad_clip: self.recipe.optim.grad_clip,
         };
-        let (updated, grad_norm, applied) = optimizer_step(
-            model, grads, loss, &mut opt, &rules, &trainable, settings, tp,
+        let trainable = self.objective.trainable(step, &self.slots);
+        let model = self.model.clone();
+        let rules = self.slots.rules();
+        let (model, grad_norm, applied) = optimizer_step(
+            model,
+            grads,
+            loss,
+            &mut self.opt,
+            &rules,
+            &trainable,
+            settings,
+            dist.tp.comm(),
         );
-        model = updated;
-        if applied {
-            bad_in_a_row = 0;
-        } else {
-            state.skipped_steps += 1;
-            bad_in_a_row += 1;
-            metrics.say(&format!(
-                "step {}: non-finite loss {loss} or gradient norm {grad_norm}: update skipped ({bad_in_a_row} in a row)",
-                step + 1
-            ));
-        }
-        state.step = step + 1;
-        state.consumed_samples += tc.global_batch as u64;
-        let step_tokens = (tc.global_batch * dc.seq_len) as u64;
-        state.tokens_seen += step_tokens;
-        state.optimizer_step = opt.steps();
-        interval_tokens += step_tokens;
-        last_loss = loss;
+        self.model = model;
+        let step_tokens = (tc.global_batch * self.recipe.data.seq_len) as u64;
+        let s = &mut self.state;
+        s.step = step + 1;
+        s.consumed_samples += tc.global_batch as u64;
+        s.tokens_seen += step_tokens;
+        s.skipped_steps += (!applied) as u64;
+        s.optimizer_step = self.opt.steps();
+        self.interval.1 += step_tokens;
+        let (loss, extra) =
+            self.objective
+                .logged(step, loss, parts, dist.dp.as_ref(), dist.tp.comm());
+        Ok(StepOutput {
+            step: step + 1,
+            loss,
+            grad_norm,
+            lr: settings.lr,
+            weight_decay: settings.weight_decay,
+            applied,
+            extra,
+            first_block,
+        })
+    }
 
-        // Every rank learns of a stop request that reached any of them (Slurm signals each task,
-        // but a signal sent to one process must stop the whole job in step).
-        let stop_here = opts
-            .stop
-            .as_ref()
-            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
-        let stop_here = dist.world.all_reduce_sum_f64(stop_here as u8 as f64) > 0.0;
-        let too_bad = bad_in_a_row >= tc.max_bad_steps;
-        let last = state.step == tc.steps || stop_here || too_bad;
-        let mut extra = serde_json::Map::new();
-        if let (Some(d), Some(ph)) = (&distill, phase) {
-            let [split, whole, ce, kl] =
-                parts.map(|v| dist.dp.all_reduce_sum_f64(v) / topo.dp as f64);
-            // Under tensor parallelism the ranks' totals differ (each holds its share of the
-            // MSE): the logged loss is the whole one.
-            let mse = tp.all_reduce_sum_f64(split) + whole;
-            (loss, extra) = d.step_fields(ph, mse, ce, kl);
-            last_loss = loss;
+    /// The loop: a step, then its log line, evaluation and checkpoint when due; stops at
+    /// `train.steps`, on SIGTERM (with a checkpoint) or after `train.max_bad_steps` non-finite
+    /// steps in a row (with a checkpoint of the last good weights, and an error).
+    pub fn run(mut self) -> Result<TrainSummary> {
+        let mut last_loss = f64::NAN;
+        while self.state.step < self.recipe.train.steps {
+            let out = self.train_step()?;
+            last_loss = out.loss;
+            self.bad_in_a_row = if out.applied {
+                0
+            } else {
+                self.bad_in_a_row + 1
+            };
+            if !out.applied {
+                self.metrics.say(&format!(
+                    "step {}: non-finite loss {} or gradient norm {}: update skipped ({} in a row)",
+                    out.step, out.loss, out.grad_norm, self.bad_in_a_row
+                ));
+            }
+            // Every rank learns of a stop request that reached any of them (Slurm signals each
+            // task, but a signal sent to one process must stop the whole job in step).
+            let asked = self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+            let stop = self.dist.world.all_reduce_sum_f64(asked as u8 as f64) > 0.0;
+            let too_bad = self.bad_in_a_row >= self.recipe.train.max_bad_steps;
+            let last = out.step == self.recipe.train.steps || stop || too_bad;
+            self.after_step(&out, last)?;
+            if too_bad {
+                bail!(
+                    "step {}: {} non-finite steps in a row (train.max_bad_steps = {}): stopped; \
+                     the weights of the last good step are in the checkpoint {}",
+                    out.step,
+                    self.bad_in_a_row,
+                    self.recipe.train.max_bad_steps,
+                    self.checkpoints
+                        .root()
+                        .join(checkpoint::step_dir_name(out.step))
+                        .display()
+                );
+            }
+            if stop {
+                self.metrics.say(&format!(
+                    "step {}: stop requested (SIGTERM): checkpoint written, exiting; resume with --resume auto",
+                    out.step
+                ));
+                break;
+            }
         }
-        if state.step.is_multiple_of(tc.log_every) || state.step == 1 || last {
-            let secs = interval_start.elapsed().as_secs_f64();
-            let mut zeros = model.valid().ternary_zero_fractions();
-            if topo.tp > 1 {
-                // Equal-sized shards: the matrix's fraction is the mean of the shards'.
-                let mut f: Vec<f32> = zeros.iter().map(|(_, z)| *z as f32).collect();
-                tp.all_reduce_sum(&mut f);
-                for ((_, z), s) in zeros.iter_mut().zip(f) {
-                    *z = s as f64 / topo.tp as f64;
-                }
-            }
-            if measures_activations {
-                let x = batch_tensor::<B::InnerBackend>(&first_block, block_len, &inner_device);
-                for (k, v) in activation_sparsity(&model.valid(), x, tp) {
-                    extra.insert(k, json!(v));
-                }
-            }
-            metrics.step(
-                &StepMetrics {
-                    step: state.step,
-                    loss,
-                    lr,
-                    weight_decay: wd,
-                    grad_norm,
-                    tokens: state.tokens_seen,
-                    tokens_per_s: interval_tokens as f64 / secs.max(1e-9),
-                    skipped_steps: state.skipped_steps,
-                    extra,
-                },
-                &zeros,
+        self.metrics.finish()?;
+        Ok(TrainSummary {
+            start_step: self.start_step,
+            steps: self.state.step,
+            last_loss,
+            last_val_loss: self.last_val,
+            tokens: self.state.tokens_seen,
+        })
+    }
+
+    /// What follows a step: its metrics line, evaluation and checkpoint, each when due.
+    fn after_step(&mut self, out: &StepOutput, last: bool) -> Result<()> {
+        let step = out.step;
+        if step.is_multiple_of(self.recipe.train.log_every) || step == 1 || last {
+            self.log(out)?;
+        }
+        if self.evaluator.due(step, last) {
+            let v = self.evaluator.loss(&self.model.valid());
+            self.metrics.validation(step, v)?;
+            self.last_val = Some(v);
+            self.note_projection_stats(false)?;
+        }
+        if self.checkpoints.due(step, last) {
+            let saved = self.checkpoints.save(
+                &self.state,
+                &self.model.valid(),
+                &self.opt,
+                &self.slots,
+                self.dist,
             )?;
-            interval_start = Instant::now();
-            interval_tokens = 0;
-        }
-        // The first data-parallel group evaluates (all its tensor-parallel ranks take part).
-        if topo.dp_rank() == 0
-            && tc.eval_every > 0
-            && (state.step.is_multiple_of(tc.eval_every) || last)
-        {
-            let v = validation_loss(&model.valid(), &val_batches);
-            metrics.validation(state.step, v)?;
-            last_val = Some(v);
-            if let (Some(d), Some(t)) = (&distill, &teacher) {
-                let blocks = d.blocks(mc.n_layers);
-                let stats = projection_stats(&model.valid(), t, &blocks, &val_batches, tp);
-                metrics
-                    .note(json!({"step": state.step, "val_mse": stats_json(&stats, |s| s.mse)}))?;
-            }
-        }
-        if (tc.checkpoint_every > 0 && state.step.is_multiple_of(tc.checkpoint_every)) || last {
-            let values: Vec<Vec<f32>> = flat_values::<B::InnerBackend, _>(&model.valid())
-                .into_iter()
-                .map(to_host)
-                .collect();
-            // Every data-parallel rank must hold the same weights, and every tensor-parallel rank
-            // the same replicated ones.
-            let sums = dist.dp.all_gather_f64(weights_checksum(&values));
-            if sums.iter().any(|&c| c.to_bits() != sums[0].to_bits()) {
-                bail!(
-                    "step {}: the data-parallel ranks' weights differ (checksums {sums:?})",
-                    state.step
-                );
-            }
-            let replicated: Vec<Vec<f32>> = values
-                .iter()
-                .zip(&is_sharded)
-                .filter(|(_, &s)| !s)
-                .map(|(v, _)| v.clone())
-                .collect();
-            let rsums = tp.all_gather_f64(weights_checksum(&replicated));
-            if rsums.iter().any(|&c| c.to_bits() != rsums[0].to_bits()) {
-                bail!(
-                    "step {}: the tensor-parallel ranks' replicated weights differ (checksums {rsums:?})",
-                    state.step
-                );
-            }
-            // The first data-parallel group writes: each tensor-parallel rank its own part.
-            if topo.dp_rank() == 0 {
-                let dir = save_checkpoint(&state, values, &opt)?;
-                metrics.say(&format!(
-                    "step {} | checkpoint {} | weights checksum {:.6e} on {} rank(s)",
-                    state.step,
-                    dir.display(),
-                    sums[0],
-                    sums.len()
+            if let Some((dir, checksum, ranks)) = saved {
+                self.metrics.say(&format!(
+                    "step {step} | checkpoint {} | weights checksum {checksum:.6e} on {ranks} rank(s)",
+                    dir.display()
                 ));
             }
         }
         if last {
             // No rank leaves (or aborts the job) while the last checkpoint is being written.
-            dist.world.barrier();
+            self.dist.world.barrier();
         }
-        if too_bad {
-            bail!(
-                "step {}: {bad_in_a_row} non-finite steps in a row (train.max_bad_steps = {}): stopped; \
-                 the weights of the last good step are in the checkpoint {}",
-                state.step,
-                tc.max_bad_steps,
-                ckpt_root.join(checkpoint::step_dir_name(state.step)).display()
-            );
-        }
-        if stop_here {
-            metrics.say(&format!(
-                "step {}: stop requested (SIGTERM): checkpoint written, exiting; resume with --resume auto",
-                state.step
-            ));
-            break;
-        }
+        Ok(())
     }
-    metrics.finish()?;
-    Ok(TrainSummary {
-        start_step,
-        steps: state.step,
-        last_loss,
-        last_val_loss: last_val,
-        tokens: state.tokens_seen,
-    })
+
+    /// The step's metrics.jsonl line and TensorBoard scalars, with the share of zero ternary codes
+    /// per layer and, when there is sparsity to see, the activations' zeros.
+    fn log(&mut self, out: &StepOutput) -> Result<()> {
+        let tp = self.dist.tp.comm();
+        let valid = self.model.valid();
+        let mut zeros = valid.ternary_zero_fractions();
+        if tp.size() > 1 {
+            // Equal-sized shards: the matrix's fraction is the mean of the shards'.
+            let mut f: Vec<f32> = zeros.iter().map(|(_, z)| *z as f32).collect();
+            tp.all_reduce_sum(&mut f);
+            for ((_, z), s) in zeros.iter_mut().zip(f) {
+                *z = s as f64 / tp.size() as f64;
+            }
+        }
+        let mut extra = out.extra.clone();
+        let mc = &self.recipe.model;
+        if mc.sparsity.is_some() || mc.mlp == tern_model::MlpKind::Relu2glu {
+            let x = batch_tensor(
+                &out.first_block,
+                out.first_block.len(),
+                &valid.embed_tokens.weight.device(),
+            );
+            for (k, v) in activation_sparsity(&valid, x, tp) {
+                extra.insert(k, json!(v));
+            }
+        }
+        let secs = self.interval.0.elapsed().as_secs_f64();
+        self.metrics.step(
+            &StepMetrics {
+                step: out.step,
+                loss: out.loss,
+                lr: out.lr,
+                weight_decay: out.weight_decay,
+                grad_norm: out.grad_norm,
+                tokens: self.state.tokens_seen,
+                tokens_per_s: self.interval.1 as f64 / secs.max(1e-9),
+                skipped_steps: self.state.skipped_steps,
+                extra,
+            },
+            &zeros,
+        )?;
+        self.interval = (Instant::now(), 0);
+        Ok(())
+    }
 }

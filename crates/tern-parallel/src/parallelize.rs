@@ -1,0 +1,120 @@
+//! Tensor parallelism applied from outside the model, as TorchTitan's `parallelize_llama`: a plain
+//! [`Llama`] goes in, one comes out holding this rank's shard of every block matrix and the
+//! parallel form ([`TpForm`]) of each projection in its hooks. tern-model knows nothing of it.
+//!
+//! The plan (Megatron's, [`crate::plan::TP_PLAN`]): q, k, v, gate and up are column-parallel (a
+//! block of output rows, whole attention heads and KV heads per rank), o and down row-parallel (a
+//! block of input columns). Attention and MLP apply f once to their input, the row-parallel
+//! outputs go through g. Embedding, norms and the LM head are replicated: each rank holds them
+//! whole and computes the same values, so their gradients are equal on every rank and need no
+//! tensor-parallel reduction. Ternary scales: a shard owns `scale_groups / tp` whole groups and
+//! computes their scales itself, with no communication, as TriLM's per-shard scales.
+
+use std::marker::PhantomData;
+
+use burn::module::Param;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use tern_dist::TpGroup;
+use tern_model::attention::Attention;
+use tern_model::encoder::Encoder;
+use tern_model::mlp::Mlp;
+use tern_model::{Block, Llama, ProjLinear};
+
+use crate::form::TpForm;
+
+/// This rank's block of a parameter along `dim`.
+pub fn shard_param<B: Backend, const D: usize>(
+    p: Param<Tensor<B, D>>,
+    dim: usize,
+    group: &TpGroup,
+) -> Param<Tensor<B, D>> {
+    let (rank, n) = (group.rank(), group.size());
+    p.map(|w| {
+        let len = w.dims()[dim] / n;
+        let grad = w.is_require_grad();
+        // detach: the shard must be a leaf of the autodiff graph, as a parameter is.
+        w.narrow(dim, rank * len, len)
+            .detach()
+            .set_require_grad(grad)
+    })
+}
+
+fn shard<B: Backend>(p: ProjLinear<B>, dim: usize, group: &TpGroup) -> ProjLinear<B, TpForm> {
+    let n = group.size();
+    let form = match dim {
+        0 => TpForm::Colwise(group.clone()),
+        _ => TpForm::Rowwise(group.clone()),
+    };
+    let p = p.map_hooks(|_| form);
+    // In front of a row-parallel projection the encoder takes this rank's input channels.
+    let encoder = p.encoder.map(|e| match dim {
+        0 => e,
+        _ => Encoder {
+            fc1: shard_param(e.fc1, 1, group),
+            fc2: shard_param(e.fc2, 0, group),
+            alpha: shard_param(e.alpha, 0, group),
+            beta: shard_param(e.beta, 0, group),
+            ..e
+        },
+    });
+    ProjLinear {
+        weight: shard_param(p.weight, dim, group),
+        encoder,
+        // Float layers ignore the groups; ternary ones were checked by `check_tp`.
+        groups: (p.groups / n).max(1),
+        ..p
+    }
+}
+
+/// Splits a plain model across `group` (this process holds shard `group.rank()`). The model must
+/// fit the split (`crate::plan::check_tp`); in a group of one every form is `Replicated`.
+pub fn parallelize<B: Backend>(model: Llama<B>, group: &TpGroup) -> Llama<B, TpForm> {
+    let n = group.size();
+    if n == 1 {
+        return model.map_hooks(|_, _| TpForm::Replicated);
+    }
+    // Projections behind encoders get f after each encoder instead of once on the module's input.
+    let input = |has_encoder: bool| match has_encoder {
+        true => TpForm::Replicated,
+        false => TpForm::SharedInput(group.clone()),
+    };
+    let layers = model
+        .layers
+        .into_iter()
+        .map(|b| {
+            let (a, m) = (b.self_attn, b.mlp);
+            Block {
+                input_layernorm: b.input_layernorm,
+                self_attn: Attention {
+                    input: input(a.q_proj.encoder.is_some()),
+                    q_proj: shard(a.q_proj, 0, group),
+                    k_proj: shard(a.k_proj, 0, group),
+                    v_proj: shard(a.v_proj, 0, group),
+                    o_proj: shard(a.o_proj, 1, group),
+                    n_heads: a.n_heads / n,
+                    n_kv_heads: a.n_kv_heads / n,
+                    head_dim: a.head_dim,
+                },
+                post_attention_layernorm: b.post_attention_layernorm,
+                mlp: Mlp {
+                    input: input(m.gate_proj.encoder.is_some()),
+                    gate_proj: shard(m.gate_proj, 0, group),
+                    up_proj: shard(m.up_proj, 0, group),
+                    down_proj: shard(m.down_proj, 1, group),
+                    kind: m.kind,
+                },
+                hooks: PhantomData,
+            }
+        })
+        .collect();
+    Llama {
+        embed_tokens: model.embed_tokens,
+        layers,
+        norm: model.norm,
+        lm_head: model.lm_head.map(|h| h.map_hooks(|_| TpForm::Replicated)),
+        head_dim: model.head_dim,
+        rope_theta: model.rope_theta,
+        hooks: PhantomData,
+    }
+}

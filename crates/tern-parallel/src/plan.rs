@@ -1,0 +1,192 @@
+//! Megatron's tensor-parallel plan for tern's LLaMA: which parameters split, along which dimension,
+//! whether a model fits a split, and the host-side slicing of whole tensors into shards (for
+//! checkpoints and initial values).
+
+use tern_model::{LinearKind, ModelConfig, ModelConfigError};
+
+/// Parameters of a block that tensor parallelism splits, and the dimension of `W[out, in]` it
+/// splits (0: output rows, column-parallel; 1: input columns, row-parallel).
+pub const TP_PLAN: [(&str, usize); 7] = [
+    ("self_attn.q_proj.weight", 0),
+    ("self_attn.k_proj.weight", 0),
+    ("self_attn.v_proj.weight", 0),
+    ("self_attn.o_proj.weight", 1),
+    ("mlp.gate_proj.weight", 0),
+    ("mlp.up_proj.weight", 0),
+    ("mlp.down_proj.weight", 1),
+];
+
+/// The dimension along which parameter `name` (e.g. `layers.3.mlp.up_proj.weight`) is split, or
+/// `None` for a replicated parameter.
+pub fn shard_dim(name: &str) -> Option<usize> {
+    block_matrix_dim(name).or_else(|| encoder_shard_dim(name))
+}
+
+/// [`shard_dim`] of the seven block matrices only (the matrices GaLore projects).
+pub fn block_matrix_dim(name: &str) -> Option<usize> {
+    let (_, within) = name.strip_prefix("layers.")?.split_once('.')?;
+    TP_PLAN.iter().find(|(p, _)| *p == within).map(|&(_, d)| d)
+}
+
+/// A distillation student's encoder in front of a row-parallel projection sees only this rank's
+/// input channels: its `fc1 [d/2, d]` is split by input columns (row-parallel), `fc2 [d, d/2]`
+/// by output rows (column-parallel) and `alpha`, `beta` `[d]` by channel. Encoders in front of
+/// column-parallel projections are replicated.
+fn encoder_shard_dim(name: &str) -> Option<usize> {
+    let (_, within) = name.strip_prefix("layers.")?.split_once('.')?;
+    let (proj, param) = within.split_once(".encoder.")?;
+    let rowwise = TP_PLAN
+        .iter()
+        .any(|&(p, d)| d == 1 && p.strip_suffix(".weight") == Some(proj));
+    match (rowwise, param) {
+        (false, _) => None,
+        (true, "fc1") => Some(1),
+        (true, "fc2" | "alpha" | "beta") => Some(0),
+        _ => None,
+    }
+}
+
+/// Whether a model can be split `tp` ways; the error names the key and the numbers.
+pub fn check_tp(c: &ModelConfig, tp: usize) -> Result<(), ModelConfigError> {
+    let fail = |key: &str, message: String| {
+        Err(ModelConfigError {
+            key: key.into(),
+            message,
+        })
+    };
+    if tp <= 1 {
+        return Ok(());
+    }
+    for (key, n, what) in [
+        ("model.n_heads", c.n_heads, "attention heads "),
+        ("model.n_kv_heads", c.kv_heads(), "key/value heads "),
+        ("model.intermediate", c.intermediate, ""),
+    ] {
+        if !n.is_multiple_of(tp) {
+            return fail(
+                key,
+                format!("{n} {what}cannot be split across parallel.tp = {tp} ranks"),
+            );
+        }
+    }
+    if c.linear != LinearKind::Float && !c.scale_groups.is_multiple_of(tp) {
+        return fail(
+            "model.scale_groups",
+            format!(
+                "{} scale groups cannot be split across parallel.tp = {tp} ranks: each rank computes \
+                 the scales of its own shard, so model.scale_groups must be a multiple of parallel.tp \
+                 (the scale groups are a property of the model; a run with another tp keeps them)",
+                c.scale_groups
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Shard `rank` of `tp` of a row-major matrix `full` of `shape`, split along `dim`.
+pub fn shard_values(full: &[f32], shape: &[usize], dim: usize, rank: usize, tp: usize) -> Vec<f32> {
+    // A vector is a one-column matrix.
+    let [rows, cols] = [shape[0], shape.get(1).copied().unwrap_or(1)];
+    assert_eq!(full.len(), rows * cols, "shape {shape:?}");
+    match dim {
+        0 => {
+            let r = rows / tp;
+            full[rank * r * cols..(rank + 1) * r * cols].to_vec()
+        }
+        _ => {
+            let c = cols / tp;
+            full.chunks(cols)
+                .flat_map(|row| &row[rank * c..(rank + 1) * c])
+                .copied()
+                .collect()
+        }
+    }
+}
+
+/// The full matrix from its `tp` shards laid end to end (what an all-gather returns);
+/// `local_shape` is one shard's shape. Inverse of [`shard_values`].
+pub fn unshard_values(gathered: &[f32], local_shape: &[usize], dim: usize, tp: usize) -> Vec<f32> {
+    let [rows, cols] = [local_shape[0], local_shape.get(1).copied().unwrap_or(1)];
+    let per = rows * cols;
+    assert_eq!(gathered.len(), per * tp, "local shape {local_shape:?}");
+    match dim {
+        0 => gathered.to_vec(),
+        _ => (0..rows)
+            .flat_map(|i| (0..tp).flat_map(move |r| &gathered[r * per + i * cols..][..cols]))
+            .copied()
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_by_name() {
+        assert_eq!(shard_dim("layers.0.self_attn.q_proj.weight"), Some(0));
+        assert_eq!(shard_dim("layers.11.self_attn.o_proj.weight"), Some(1));
+        assert_eq!(shard_dim("layers.2.mlp.down_proj.weight"), Some(1));
+        assert_eq!(shard_dim("layers.2.input_layernorm.weight"), None);
+        assert_eq!(shard_dim("embed_tokens.weight"), None);
+        assert_eq!(shard_dim("lm_head.weight"), None);
+        assert_eq!(shard_dim("layers.1.mlp.down_proj.encoder.fc1"), Some(1));
+        assert_eq!(
+            shard_dim("layers.1.self_attn.o_proj.encoder.alpha"),
+            Some(0)
+        );
+        assert_eq!(shard_dim("layers.1.mlp.up_proj.encoder.fc1"), None);
+        assert_eq!(block_matrix_dim("layers.1.mlp.down_proj.encoder.fc1"), None);
+    }
+
+    #[test]
+    fn shard_and_unshard_are_inverse() {
+        let shape = [4usize, 6];
+        let full: Vec<f32> = (0..24).map(|x| x as f32).collect();
+        for dim in [0, 1] {
+            for tp in [1, 2, 3] {
+                if !shape[dim].is_multiple_of(tp) {
+                    continue;
+                }
+                let shards: Vec<Vec<f32>> = (0..tp)
+                    .map(|r| shard_values(&full, &shape, dim, r, tp))
+                    .collect();
+                let mut local = shape;
+                local[dim] /= tp;
+                assert_eq!(unshard_values(&shards.concat(), &local, dim, tp), full);
+            }
+        }
+        // Columns 3..6 of each row.
+        assert_eq!(
+            shard_values(&full, &shape, 1, 1, 2),
+            vec![3., 4., 5., 9., 10., 11., 15., 16., 17., 21., 22., 23.]
+        );
+    }
+
+    #[test]
+    fn tp_must_fit_heads_and_scale_groups() {
+        let c = ModelConfig::tiny(64, LinearKind::Ternary); // 4 heads, 2 kv heads, 1 scale group
+        assert_eq!(check_tp(&c, 2).unwrap_err().key, "model.scale_groups");
+        let c2 = ModelConfig {
+            scale_groups: 2,
+            ..c.clone()
+        };
+        assert!(check_tp(&c2, 2).is_ok());
+        assert_eq!(check_tp(&c2, 4).unwrap_err().key, "model.n_kv_heads");
+        let f = ModelConfig::tiny(64, LinearKind::Float);
+        assert!(
+            check_tp(&f, 2).is_ok(),
+            "float layers have no scales to split"
+        );
+        let e = check_tp(
+            &ModelConfig {
+                n_heads: 6,
+                n_kv_heads: None,
+                hidden: 36,
+                ..f
+            },
+            4,
+        );
+        assert_eq!(e.unwrap_err().key, "model.n_heads");
+    }
+}

@@ -1,0 +1,139 @@
+//! What a run is built from: its data and tokenizer, a distillation's teacher, the vocabulary the
+//! model takes from them, and the model itself (this rank's shard, initialised) with its
+//! objective.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use tern_data::{TextTokenizer, TrainData, ValData};
+use tern_dist::{CollectiveBackend, Dist};
+use tern_model::Llama;
+use tern_parallel::{parallelize, TpLlama};
+
+use crate::distill::{check_teacher, student_of, Teacher};
+use crate::init::init_normal;
+use crate::metrics::MetricsLogger;
+use crate::objective::Objective;
+use crate::params::param_infos;
+use crate::pretrained::{self, Pretrained};
+use crate::recipe::Recipe;
+use crate::slots::ParamSlots;
+
+/// The inputs of a run, with the recipe as resolved (the vocabulary size filled in).
+pub struct Inputs {
+    pub recipe: Recipe,
+    pub tokenizer: TextTokenizer,
+    pub train: TrainData,
+    pub val: ValData,
+    /// A distillation's teacher weights.
+    pub teacher: Option<Pretrained>,
+}
+
+impl Inputs {
+    /// Loads the tokenizer, the teacher (whose architecture and vocabulary the student takes) and
+    /// opens the training and validation data.
+    pub fn open(recipe: &Recipe) -> Result<Self> {
+        let dc = &recipe.data;
+        let tokenizer = TextTokenizer::load(Path::new(&dc.tokenizer), &dc.eos_token)?;
+        let mut recipe = recipe.clone();
+        let teacher = match &recipe.distill {
+            None => None,
+            Some(d) => {
+                let p = pretrained::load(Path::new(&d.teacher))
+                    .with_context(|| format!("distill.teacher = {}", d.teacher))?;
+                if p.student.is_some() {
+                    bail!(
+                        "distill.teacher: {} is itself a distillation student; give a plain model",
+                        p.source.display()
+                    );
+                }
+                check_teacher(&recipe.model, &p.config, &p.source.display().to_string())
+                    .map_err(|e| anyhow!(e))?;
+                recipe.model.vocab_size = p.config.vocab_size;
+                Some(p)
+            }
+        };
+        match recipe.model.vocab_size {
+            None => recipe.model.vocab_size = Some(tokenizer.vocab_size),
+            Some(v) if v < tokenizer.vocab_size => bail!(
+                "model.vocab_size: {v} is smaller than the vocabulary of {} ({})",
+                dc.tokenizer,
+                tokenizer.vocab_size
+            ),
+            Some(_) => {}
+        }
+        let train = TrainData::open(&recipe.data, &tokenizer, recipe.train.seed)?;
+        let val = ValData::open(&recipe.data, &tokenizer)?;
+        Ok(Self {
+            recipe,
+            tokenizer,
+            train,
+            val,
+            teacher,
+        })
+    }
+
+    /// The data lines of the log.
+    pub fn describe(&self, metrics: &MetricsLogger, n_val: usize) {
+        for (s, w) in self.train.sources.iter().zip(&self.train.weights) {
+            let docs = s
+                .documents()
+                .map_or(String::new(), |d| format!(", {d} docs"));
+            metrics.say(&format!(
+                "data: {} (weight {w}): {} shard(s), {} tokens{docs}, {} blocks",
+                s.name,
+                s.shards.len(),
+                s.tokens(),
+                s.blocks()
+            ));
+        }
+        metrics.say(&format!(
+            "data: validation: {} tokens, {} blocks ({n_val} per evaluation)",
+            self.val.source.tokens(),
+            self.val.source.blocks()
+        ));
+    }
+}
+
+/// The model a run trains (this rank's shard over the tensor-parallel group, initialised), the
+/// objective it minimises, and its parameter slots. A pretraining model starts from the seeded
+/// initialisation; a distillation student from its teacher's weights (and seeded encoders).
+pub fn model_and_objective<B>(
+    recipe: &Recipe,
+    teacher: Option<Pretrained>,
+    device: &B::Device,
+    dist: &Dist,
+) -> Result<(TpLlama<B>, Objective<B::InnerBackend>, ParamSlots)>
+where
+    B: AutodiffBackend + CollectiveBackend,
+    B::InnerBackend: CollectiveBackend,
+{
+    let (mc, seed) = (&recipe.model, recipe.train.seed);
+    let (model, objective): (Llama<B>, _) = match (&recipe.distill, teacher) {
+        (Some(d), Some(t)) => {
+            // The teacher is built whole first: the student starts from its weights.
+            let t: Llama<B::InnerBackend> = t.build(device)?;
+            let student = student_of::<B>(&t, d, mc, seed, device);
+            // Split like the student: each rank's taps are then the blocks its projections hold.
+            let teacher = Box::new(Teacher::new(
+                parallelize(t, &dist.tp),
+                &d.blocks(mc.n_layers),
+            ));
+            let objective = Objective::Distill {
+                cfg: d.clone(),
+                teacher,
+                n_layers: mc.n_layers,
+            };
+            (student, objective)
+        }
+        _ => (
+            init_normal(Llama::new(mc, device), seed, mc.init_std, device),
+            Objective::Pretrain,
+        ),
+    };
+    let whole = param_infos::<B, _>(&model);
+    let model = parallelize(model, &dist.tp);
+    let slots = ParamSlots::new(&whole, &param_infos::<B, _>(&model), dist.topo.tp);
+    Ok((model, objective, slots))
+}

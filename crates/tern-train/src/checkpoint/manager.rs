@@ -1,0 +1,256 @@
+//! The trainer's checkpoints: when to save, the check that every rank holds consistent weights,
+//! this rank's pieces of the model and the optimizer, and a run's restore (its slices of every
+//! tensor, whatever layout wrote them). The on-disk format and its atomic protocol are
+//! [`crate::checkpoint`]'s.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use tern_dist::{to_host, Dist};
+use tern_optim::Optimizer;
+use tern_parallel::{shard_values, TpLlama};
+
+use super::{Piece, SaveRequest, TensorMap, Topology, TrainState};
+use crate::faults::Faults;
+use crate::params::{flat_values, ParamInfo};
+use crate::recipe::Recipe;
+use crate::slots::ParamSlots;
+use crate::trainer::Resume;
+
+pub struct CheckpointManager {
+    root: PathBuf,
+    /// The recipe as resolved, stored in every checkpoint.
+    recipe_toml: String,
+    keep_last: usize,
+    every: u64,
+    topology: Topology,
+    faults: Faults,
+}
+
+/// A checkpoint read back for this rank.
+pub struct Restored {
+    pub state: TrainState,
+    /// This rank's part of every parameter, in slot order.
+    pub weights: Vec<Vec<f32>>,
+    optim: TensorMap,
+    optim_file: PathBuf,
+}
+
+/// A checksum of the weights: equal on every data-parallel rank when they hold the same weights.
+fn weights_checksum<'a>(values: impl Iterator<Item = &'a Vec<f32>>) -> f64 {
+    values
+        .flatten()
+        .enumerate()
+        .map(|(i, &x)| x as f64 * (1.0 + (i % 7) as f64))
+        .sum()
+}
+
+fn to_device<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
+    let n = v.len();
+    Tensor::from_data(TensorData::new(v, [n]), device)
+}
+
+impl CheckpointManager {
+    /// Checkpoints of `run_dir` (in `checkpoints/`), every `every` steps (0: only the last).
+    pub fn new(run_dir: &Path, recipe: &Recipe, dist: &Dist, faults: Faults) -> Self {
+        Self {
+            root: run_dir.join("checkpoints"),
+            recipe_toml: recipe.to_toml(),
+            keep_last: recipe.checkpoint.keep_last,
+            every: recipe.train.checkpoint_every,
+            topology: Topology {
+                tp: dist.topo.tp,
+                dp: dist.topo.dp,
+            },
+            faults,
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The checkpoint to resume from, if any (before any expensive work).
+    pub fn resume_dir(&self, resume: Option<&Resume>) -> Result<Option<PathBuf>> {
+        match resume {
+            None => Ok(None),
+            Some(Resume::Auto) => super::latest(&self.root),
+            Some(Resume::Path(p)) => Ok(Some(p.clone())),
+        }
+    }
+
+    /// Whether to save after (1-based) step `step`.
+    pub fn due(&self, step: u64, last: bool) -> bool {
+        (self.every > 0 && step.is_multiple_of(self.every)) || last
+    }
+
+    /// Reads `dir` for this rank: the run must be the same (model, data, tokenizer, seed as in
+    /// `fresh`) and not already finished. Returns the state and this rank's weights.
+    pub fn restore(
+        &self,
+        dir: &Path,
+        recipe: &Recipe,
+        fresh: &TrainState,
+        slots: &ParamSlots,
+        dist: &Dist,
+    ) -> Result<Restored> {
+        let mut l = super::load(dir)?;
+        let saved: Recipe = toml::from_str(&l.recipe_toml)
+            .with_context(|| format!("{}/recipe.toml", dir.display()))?;
+        if saved.model != recipe.model {
+            bail!("{}: the checkpoint's [model] differs from the recipe's; resume needs the same model", dir.display());
+        }
+        if l.state.tokenizer_sha256 != fresh.tokenizer_sha256
+            || l.state.data_fingerprint != fresh.data_fingerprint
+            || l.state.seed != fresh.seed
+        {
+            bail!(
+                "{}: the checkpoint was trained on other data, tokenizer or seed (train.seed, data.*); \
+                 resuming would not continue the same run",
+                dir.display()
+            );
+        }
+        if l.state.step >= recipe.train.steps {
+            bail!(
+                "{}: the checkpoint is at step {} and train.steps = {}: nothing left to do (raise train.steps)",
+                dir.display(),
+                l.state.step,
+                recipe.train.steps
+            );
+        }
+        let infos: Vec<ParamInfo> = slots.iter().map(|s| s.info()).collect();
+        let whole =
+            super::take_in_order(&mut l.model, &infos, "", &dir.join("model-*.safetensors"))?;
+        let (rank, tp) = (dist.topo.tp_rank(), dist.topo.tp);
+        let weights = whole
+            .into_iter()
+            .zip(slots.iter())
+            .map(|(v, s)| match s.shard {
+                Some(d) => shard_values(&v, &s.shape, d, rank, tp),
+                None => v,
+            })
+            .collect();
+        Ok(Restored {
+            state: l.state,
+            weights,
+            optim: l.optim,
+            optim_file: dir.join("optim-*.safetensors"),
+        })
+    }
+
+    /// Sets every optimizer state tensor from a restored checkpoint, in the shapes the recipe's
+    /// optimizer keeps (this rank's block of each).
+    pub fn restore_optimizer<B: Backend>(
+        &self,
+        r: &mut Restored,
+        opt: &mut Optimizer<B>,
+        slots: &ParamSlots,
+        dist: &Dist,
+        device: &B::Device,
+    ) -> Result<()> {
+        let (rank, tp) = (dist.topo.tp_rank(), dist.topo.tp);
+        opt.set_steps(r.state.optimizer_step);
+        for (i, s) in slots.iter().enumerate() {
+            for (key, full, shard) in opt.layout(i, &s.shape, s.shard) {
+                let name = format!("{}.{key}", s.name);
+                if Optimizer::<B>::optional_state(key) && !r.optim.contains_key(&name) {
+                    if key == "step" {
+                        // Written before per-parameter counts were kept: every parameter had
+                        // the optimizer's count.
+                        opt.set_param_step(i, r.state.optimizer_step);
+                    }
+                    continue;
+                }
+                let want = ParamInfo {
+                    name,
+                    shape: full.clone(),
+                };
+                let v = super::take_in_order(&mut r.optim, &[want], "", &r.optim_file)?
+                    .pop()
+                    .ok_or_else(|| anyhow!("one tensor"))?;
+                let v = match shard {
+                    Some(dim) => shard_values(&v, &full, dim, rank, tp),
+                    None => v,
+                };
+                opt.set_state(i, key, to_device(v, device));
+            }
+        }
+        Ok(())
+    }
+
+    /// Saves the run at `state` (a collective over every rank): checks that the data-parallel
+    /// ranks hold the same weights and the tensor-parallel ranks the same replicated ones, then
+    /// the first data-parallel group writes, each tensor-parallel rank its part. Returns the
+    /// directory on the writing ranks.
+    pub fn save<B: Backend>(
+        &self,
+        state: &TrainState,
+        model: &TpLlama<B>,
+        opt: &Optimizer<B>,
+        slots: &ParamSlots,
+        dist: &Dist,
+    ) -> Result<Option<(PathBuf, f64, usize)>> {
+        let values: Vec<Vec<f32>> = flat_values::<B, _>(model)
+            .into_iter()
+            .map(to_host)
+            .collect();
+        let sums = dist.dp.all_gather_f64(weights_checksum(values.iter()));
+        if sums.iter().any(|&c| c.to_bits() != sums[0].to_bits()) {
+            bail!(
+                "step {}: the data-parallel ranks' weights differ (checksums {sums:?})",
+                state.step
+            );
+        }
+        let replicated = values
+            .iter()
+            .zip(slots.iter())
+            .filter(|(_, s)| s.shard.is_none())
+            .map(|(v, _)| v);
+        let rsums = dist.tp.comm().all_gather_f64(weights_checksum(replicated));
+        if rsums.iter().any(|&c| c.to_bits() != rsums[0].to_bits()) {
+            bail!(
+                "step {}: the tensor-parallel ranks' replicated weights differ (checksums {rsums:?})",
+                state.step
+            );
+        }
+        if dist.topo.dp_rank() != 0 {
+            return Ok(None);
+        }
+        let model_pieces: Vec<Piece> = values
+            .into_iter()
+            .zip(slots.iter())
+            .map(|(v, s)| Piece {
+                name: s.name.clone(),
+                full_shape: s.shape.clone(),
+                dim: s.shard,
+                values: v,
+            })
+            .collect();
+        let mut optim_pieces = Vec::new();
+        for (i, s) in slots.iter().enumerate() {
+            for e in opt.state(i, &s.shape, s.shard) {
+                optim_pieces.push(Piece {
+                    name: format!("{}.{}", s.name, e.key),
+                    full_shape: e.full_shape,
+                    dim: e.shard,
+                    values: to_host(e.value),
+                });
+            }
+        }
+        let req = SaveRequest {
+            root: &self.root,
+            state,
+            recipe_toml: &self.recipe_toml,
+            model: &model_pieces,
+            optim: &optim_pieces,
+            topology: &self.topology,
+            keep_last: self.keep_last,
+            faults: &self.faults,
+        };
+        let dir = super::save(&req, dist.tp.comm())
+            .map_err(|e| anyhow!("saving checkpoint of step {}: {e:#}", state.step))?;
+        Ok(Some((dir, sums[0], sums.len())))
+    }
+}

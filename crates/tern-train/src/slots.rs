@@ -1,0 +1,102 @@
+//! One list of parameter slots: every parameter of the model in module order, with what the
+//! optimizer, the update, the distillation phases and checkpoints need to know of it. Module order
+//! is deterministic (unlike parameter ids, which are random per process), so it is the order of
+//! optimizer state, gradient buckets and checkpoints.
+
+use tern_parallel::{block_matrix_dim, shard_dim};
+
+use crate::params::ParamInfo;
+use crate::step::UpdateRules;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSlot {
+    /// Dotted module path, e.g. `layers.0.self_attn.q_proj.weight`.
+    pub name: String,
+    /// The whole tensor's shape (what one process holds and a checkpoint stores).
+    pub shape: Vec<usize>,
+    /// The dimension the tensor-parallel group splits (`None`: every rank holds it whole).
+    pub shard: Option<usize>,
+    /// This rank's shape.
+    pub local: Vec<usize>,
+}
+
+impl ParamSlot {
+    /// Matrices take weight decay; vectors (norm weights, encoder alpha and beta) do not.
+    pub fn decays(&self) -> bool {
+        self.shape.len() >= 2
+    }
+
+    /// A block matrix: what GaLore projects.
+    pub fn low_rank(&self) -> bool {
+        block_matrix_dim(&self.name).is_some()
+    }
+
+    pub fn info(&self) -> ParamInfo {
+        ParamInfo {
+            name: self.name.clone(),
+            shape: self.shape.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSlots(pub Vec<ParamSlot>);
+
+impl ParamSlots {
+    /// The slots of a model whose whole parameters are `whole` and whose shards on a `tp`-way
+    /// group are `local` (the same names, in the same order).
+    pub fn new(whole: &[ParamInfo], local: &[ParamInfo], tp: usize) -> Self {
+        assert_eq!(whole.len(), local.len(), "one shard per parameter");
+        Self(
+            whole
+                .iter()
+                .zip(local)
+                .map(|(w, l)| {
+                    assert_eq!(w.name, l.name, "the same parameters in the same order");
+                    ParamSlot {
+                        name: w.name.clone(),
+                        shape: w.shape.clone(),
+                        shard: shard_dim(&w.name).filter(|_| tp > 1),
+                        local: l.shape.clone(),
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, ParamSlot> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn rules(&self) -> UpdateRules {
+        UpdateRules {
+            decay: self.iter().map(ParamSlot::decays).collect(),
+            sharded: self.iter().map(|s| s.shard.is_some()).collect(),
+        }
+    }
+
+    pub fn local_shapes(&self) -> Vec<Vec<usize>> {
+        self.iter().map(|s| s.local.clone()).collect()
+    }
+
+    pub fn low_rank(&self) -> Vec<bool> {
+        self.iter().map(ParamSlot::low_rank).collect()
+    }
+
+    pub fn shard_dims(&self) -> Vec<Option<usize>> {
+        self.iter().map(|s| s.shard).collect()
+    }
+
+    /// Parameters in millions.
+    pub fn millions(&self) -> f64 {
+        self.iter().map(|s| s.info().numel()).sum::<usize>() as f64 / 1e6
+    }
+}
