@@ -100,6 +100,30 @@ pub struct Header {
 }
 
 impl Header {
+    /// The file size the header promises (header and `chunk_size` tokens), `None` when that
+    /// overflows (a corrupt or hostile header).
+    pub fn file_bytes(&self) -> Option<u64> {
+        (self.chunk_size as u64)
+            .checked_mul(self.dtype.width() as u64)?
+            .checked_add(HEADER_BYTES as u64)
+    }
+
+    /// [`Self::file_bytes`], or an error naming `path` and a file of `len` bytes when it is not
+    /// what the header promises.
+    pub fn check_len(&self, path: &Path, len: u64) -> Result<()> {
+        let want = self.file_bytes();
+        if want != Some(len) {
+            let want = want.map_or("more than 2^64".to_string(), |w| w.to_string());
+            bail!(
+                "{}: {len} bytes, the header promises {} tokens of {} bytes ({want} bytes in all): truncated or corrupt",
+                path.display(),
+                self.chunk_size,
+                self.dtype.width()
+            );
+        }
+        Ok(())
+    }
+
     pub fn bytes(&self) -> [u8; HEADER_BYTES] {
         let mut h = [0u8; HEADER_BYTES];
         h[..7].copy_from_slice(MAGIC);
@@ -144,16 +168,7 @@ impl Header {
 pub fn read_tokens(path: &Path, vocab: Option<usize>) -> Result<(Header, Vec<u32>)> {
     let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let h = Header::parse(&bytes, path)?;
-    let want = HEADER_BYTES + h.chunk_size * h.dtype.width();
-    if bytes.len() != want {
-        bail!(
-            "{}: {} bytes, the header promises {} tokens of {} bytes ({want} bytes in all): truncated or corrupt",
-            path.display(),
-            bytes.len(),
-            h.chunk_size,
-            h.dtype.width()
-        );
-    }
+    h.check_len(path, bytes.len() as u64)?;
     let data = &bytes[HEADER_BYTES..];
     let mut tokens = Vec::with_capacity(h.chunk_size);
     for i in 0..h.chunk_size {
@@ -351,6 +366,18 @@ mod tests {
         assert!(err(&dtype, None).contains("offset 15: dtype code 6"));
         assert!(err(&good[..good.len() - 1], None).contains("truncated"));
         assert!(err(&good[..10], None).contains("shorter than the 24-byte"));
+        // A chunk size whose byte count overflows: refused, not allocated.
+        let mut huge = good.clone();
+        huge[16..24].copy_from_slice(&(u64::MAX / 2 + 9).to_le_bytes());
+        assert!(
+            err(&huge, None).contains("more than 2^64 bytes"),
+            "{}",
+            err(&huge, None)
+        );
+        assert!(
+            format!("{:#}", crate::shard::ShardInfo::open(&p).unwrap_err())
+                .contains("truncated or corrupt")
+        );
         assert!(err(&good, Some(4))
             .contains("offset 30: token id 4 is not below the vocabulary size 4"));
         // No temporary file is left behind.

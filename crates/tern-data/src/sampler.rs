@@ -19,6 +19,11 @@ impl SplitMix64 {
         mix(self.0)
     }
 
+    /// Jumps over the next `n` draws (the state only advances by a constant per draw).
+    pub fn skip(&mut self, n: u64) {
+        self.0 = self.0.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    }
+
     /// Uniform in `0..n` (Lemire's multiply-shift; the tiny bias is irrelevant here).
     pub fn below(&mut self, n: u64) -> u64 {
         ((self.next_u64() as u128 * n as u128) >> 64) as u64

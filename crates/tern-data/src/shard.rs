@@ -61,15 +61,7 @@ impl ShardInfo {
                 let len = f.metadata()?.len();
                 let n = f.read_at(&mut head, 0).unwrap_or(0);
                 let h = litpkds::Header::parse(&head[..n], path)?;
-                let want = (litpkds::HEADER_BYTES + h.chunk_size * h.dtype.width()) as u64;
-                if len != want {
-                    bail!(
-                        "{}: {len} bytes, the header promises {} tokens of {} bytes ({want} bytes in all): truncated or corrupt",
-                        path.display(),
-                        h.chunk_size,
-                        h.dtype.width()
-                    );
-                }
+                h.check_len(path, len)?;
                 Ok(Self {
                     path: path.to_path_buf(),
                     kind: Kind::Litpkds,

@@ -1,5 +1,7 @@
-//! Processes and collectives. The model's layers see only [`TpGroup`] and the
-//! [`CollectiveBackend`] operators; the trainer hands the rest flat gradient lists.
+//! Processes and collectives: the topology, the [`Comm`] trait (MPI, threads, NCCL), tensor
+//! collectives, and Megatron's f and g as autodiff operators ([`CollectiveBackend`]), which the
+//! tensor-parallel forms of crate tern-parallel apply; the trainer hands the rest flat gradient
+//! lists.
 
 pub mod comm;
 pub mod launch;

@@ -1,5 +1,5 @@
-//! Megatron's conjugate collective operators as autodiff ops, and the group handle that
-//! tensor-parallel layers carry.
+//! Megatron's conjugate collective operators as autodiff ops, and the group handle that the
+//! tensor-parallel forms carry.
 //!
 //! - `copy_to_group` (Megatron's *f*): identity forward, sum of the gradient over the group
 //!   backward. It sits on the replicated input of a column-parallel linear: every rank's shard
@@ -58,8 +58,9 @@ impl CommStats {
     }
 }
 
-/// The tensor-parallel group a layer belongs to: a shared communicator and its statistics.
-/// Cheap to clone; lives in the model's layers (so it is `Send + Sync` and backend-independent).
+/// The tensor-parallel group a shard belongs to: a shared communicator and its statistics.
+/// Cheap to clone; lives in the parallel forms of the projections (so it is `Send + Sync` and
+/// backend-independent).
 #[derive(Clone)]
 pub struct TpGroup {
     comm: Arc<dyn Comm>,

@@ -323,26 +323,10 @@ impl PackedModel {
                 tensors.push((name, PackedTensor::Ternary(matrix)));
             } else {
                 let t = tensor(&name)?;
-                let d = t.data();
-                let values: Vec<f32> = match t.dtype() {
-                    Dtype::F32 => d
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                        .collect(),
-                    Dtype::F16 => {
-                        float_dtype = FloatDtype::F16;
-                        d.chunks_exact(2)
-                            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                            .collect()
-                    }
-                    Dtype::BF16 => {
-                        float_dtype = FloatDtype::Bf16;
-                        d.chunks_exact(2)
-                            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                            .collect()
-                    }
-                    other => bail!("{name} is {other:?}; expected F32, F16 or BF16"),
-                };
+                let (values, dtype) = float_values(&t, &name)?;
+                if dtype != FloatDtype::F32 {
+                    float_dtype = dtype;
+                }
                 tensors.push((
                     name,
                     PackedTensor::Float {
@@ -399,6 +383,32 @@ fn token_id(meta: &HashMap<String, String>, key: &str) -> Result<Option<u32>> {
                 .map_err(|_| anyhow!("metadata {key} = {v:?} is not a token id"))
         })
         .transpose()
+}
+
+/// A float tensor's values as f32, and the type it was stored in.
+fn float_values(t: &safetensors::tensor::TensorView, name: &str) -> Result<(Vec<f32>, FloatDtype)> {
+    let d = t.data();
+    Ok(match t.dtype() {
+        Dtype::F32 => (
+            d.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            FloatDtype::F32,
+        ),
+        Dtype::F16 => (
+            d.chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            FloatDtype::F16,
+        ),
+        Dtype::BF16 => (
+            d.chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            FloatDtype::Bf16,
+        ),
+        other => bail!("{name} is {other:?}; expected F32, F16 or BF16"),
+    })
 }
 
 #[cfg(test)]

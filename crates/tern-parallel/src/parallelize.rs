@@ -23,13 +23,34 @@ use tern_model::{Block, Llama, ProjLinear};
 
 use crate::form::TpForm;
 
-/// This rank's block of a parameter along `dim`.
+/// This rank's block of a parameter along `dim`. A parameter not initialized yet stays lazy at
+/// the block's shape (a rank builds only its shard: the trainer then sets its values, and the
+/// whole tensor is never made); were it read, it would hold the block of the whole initial value.
 pub fn shard_param<B: Backend, const D: usize>(
     p: Param<Tensor<B, D>>,
     dim: usize,
     group: &TpGroup,
 ) -> Param<Tensor<B, D>> {
     let (rank, n) = (group.rank(), group.size());
+    if !p.is_initialized() {
+        let mut dims = p.lazy_shape().dims::<D>();
+        let len = dims[dim] / n;
+        dims[dim] = len;
+        let shape = burn::tensor::Shape::new(dims);
+        let (id, device) = (p.id, p.lazy_device());
+        return Param::uninitialized(
+            id,
+            move |_, grad| {
+                let w: Tensor<B, D> = p.val();
+                w.narrow(dim, rank * len, len)
+                    .detach()
+                    .set_require_grad(grad)
+            },
+            device,
+            true,
+            shape,
+        );
+    }
     p.map(|w| {
         let len = w.dims()[dim] / n;
         let grad = w.is_require_grad();

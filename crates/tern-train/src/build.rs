@@ -6,16 +6,17 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Tensor, TensorData};
 use tern_data::{TextTokenizer, TrainData, ValData};
 use tern_dist::{CollectiveBackend, Dist};
-use tern_model::Llama;
+use tern_model::{studentize, Llama};
 use tern_parallel::{parallelize, TpLlama};
 
-use crate::distill::{check_teacher, student_of, Teacher};
-use crate::init::init_normal;
+use crate::distill::{check_teacher, teacher_shards, Teacher};
+use crate::init::initial_shard;
 use crate::metrics::MetricsLogger;
 use crate::objective::Objective;
-use crate::params::param_infos;
+use crate::params::{assign_some_trainable, param_infos};
 use crate::pretrained::{self, Pretrained};
 use crate::recipe::Recipe;
 use crate::slots::ParamSlots;
@@ -97,8 +98,10 @@ impl Inputs {
 }
 
 /// The model a run trains (this rank's shard over the tensor-parallel group, initialised), the
-/// objective it minimises, and its parameter slots. A pretraining model starts from the seeded
-/// initialisation; a distillation student from its teacher's weights (and seeded encoders).
+/// objective it minimises, and its parameter slots. Each rank builds only its shard: the model is
+/// made lazily, split, and only then given values, this rank's blocks of the seeded
+/// initialisation (pretraining) or of its teacher's weights (a distillation student, whose
+/// encoders keep their seeded values).
 pub fn model_and_objective<B>(
     recipe: &Recipe,
     teacher: Option<Pretrained>,
@@ -110,30 +113,47 @@ where
     B::InnerBackend: CollectiveBackend,
 {
     let (mc, seed) = (&recipe.model, recipe.train.seed);
-    let (model, objective): (Llama<B>, _) = match (&recipe.distill, teacher) {
+    let (rank, tp) = (dist.topo.tp_rank(), dist.topo.tp);
+    let plain = match &recipe.distill {
+        Some(d) => studentize(
+            Llama::<B>::new(mc, device),
+            &d.student(mc.n_layers, seed),
+            device,
+        ),
+        None => Llama::<B>::new(mc, device),
+    };
+    let whole = param_infos::<B, _>(&plain);
+    let model = parallelize(plain, &dist.tp);
+    let slots = ParamSlots::new(&whole, &param_infos::<B, _>(&model), tp);
+    match (&recipe.distill, teacher) {
         (Some(d), Some(t)) => {
-            // The teacher is built whole first: the student starts from its weights.
+            // The teacher is built whole: the student's blocks come from its weights.
             let t: Llama<B::InnerBackend> = t.build(device)?;
-            let student = student_of::<B>(&t, d, mc, seed, device);
+            let model = assign_some_trainable(model, teacher_shards(&t, &slots, rank, tp));
             // Split like the student: each rank's taps are then the blocks its projections hold.
-            let teacher = Box::new(Teacher::new(
-                parallelize(t, &dist.tp),
-                &d.blocks(mc.n_layers),
-            ));
+            let teacher = Teacher::new(parallelize(t, &dist.tp), &d.blocks(mc.n_layers));
             let objective = Objective::Distill {
                 cfg: d.clone(),
-                teacher,
+                teacher: Box::new(teacher),
                 n_layers: mc.n_layers,
             };
-            (student, objective)
+            Ok((model, objective, slots))
         }
-        _ => (
-            init_normal(Llama::new(mc, device), seed, mc.init_std, device),
-            Objective::Pretrain,
-        ),
-    };
-    let whole = param_infos::<B, _>(&model);
-    let model = parallelize(model, &dist.tp);
-    let slots = ParamSlots::new(&whole, &param_infos::<B, _>(&model), dist.topo.tp);
-    Ok((model, objective, slots))
+        _ => {
+            let inner = Tensor::<B, 1>::zeros([1], device).inner().device();
+            let values = slots
+                .iter()
+                .map(|s| {
+                    let v = initial_shard(seed, s, mc.init_std, rank, tp)?;
+                    let n = v.len();
+                    Some(Tensor::from_data(TensorData::new(v, [n]), &inner))
+                })
+                .collect();
+            Ok((
+                assign_some_trainable(model, values),
+                Objective::Pretrain,
+                slots,
+            ))
+        }
+    }
 }

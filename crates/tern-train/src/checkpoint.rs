@@ -24,6 +24,7 @@ use crate::faults::Faults;
 use crate::params::ParamInfo;
 
 pub mod manager;
+pub mod reader;
 
 pub const FORMAT_VERSION: u32 = 2;
 
@@ -101,38 +102,58 @@ fn to_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// A safetensors file of this part's pieces, each described in the metadata.
-fn pieces_bytes(pieces: &[Piece], part: usize, parts: usize) -> Result<Vec<u8>> {
-    let kept: Vec<&Piece> = pieces
-        .iter()
-        .filter(|p| p.dim.is_some() || part == 0)
-        .collect();
+/// A piece as a safetensors tensor: its bytes are made when the writer asks for them, one tensor
+/// at a time, so a file is written without a copy of all of it in memory.
+struct PieceView<'a> {
+    shape: Vec<usize>,
+    values: &'a [f32],
+}
+
+impl safetensors::View for PieceView<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        to_bytes(self.values).into()
+    }
+    fn data_len(&self) -> usize {
+        self.values.len() * 4
+    }
+}
+
+/// Named tensors to write, and the metadata describing each.
+type Views<'a> = (Vec<(String, PieceView<'a>)>, HashMap<String, String>);
+
+/// This part's pieces as safetensors tensors, each described in the metadata (a tensor every
+/// rank holds whole is written by part 0 only).
+fn piece_views(pieces: &[Piece], part: usize, parts: usize) -> Result<Views<'_>> {
     let mut meta = HashMap::new();
-    let mut shapes = Vec::new();
-    for p in &kept {
+    let mut views = Vec::new();
+    for p in pieces.iter().filter(|p| p.dim.is_some() || part == 0) {
         let (slice, shape) = match p.dim {
             Some(d) => {
                 let mut s = p.full_shape.clone();
                 s[d] /= parts;
-                (
-                    Slice {
-                        shape: p.full_shape.clone(),
-                        dim: Some(d),
-                        part,
-                        parts,
-                    },
-                    s,
-                )
+                let slice = Slice {
+                    shape: p.full_shape.clone(),
+                    dim: Some(d),
+                    part,
+                    parts,
+                };
+                (slice, s)
             }
-            None => (
-                Slice {
+            None => {
+                let slice = Slice {
                     shape: p.full_shape.clone(),
                     dim: None,
                     part: 0,
                     parts: 1,
-                },
-                p.full_shape.clone(),
-            ),
+                };
+                (slice, p.full_shape.clone())
+            }
         };
         if shape.iter().product::<usize>() != p.values.len() {
             bail!(
@@ -142,16 +163,54 @@ fn pieces_bytes(pieces: &[Piece], part: usize, parts: usize) -> Result<Vec<u8>> 
             );
         }
         meta.insert(p.name.clone(), serde_json::to_string(&slice)?);
-        shapes.push(shape);
+        let view = PieceView {
+            shape,
+            values: &p.values,
+        };
+        views.push((p.name.clone(), view));
     }
-    let bytes: Vec<Vec<u8>> = kept.iter().map(|p| to_bytes(&p.values)).collect();
-    let views = kept
-        .iter()
-        .zip(&bytes)
-        .zip(shapes)
-        .map(|((p, b), shape)| Ok((p.name.clone(), TensorView::new(Dtype::F32, shape, b)?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    Ok(safetensors::tensor::serialize(views, Some(meta))?)
+    Ok((views, meta))
+}
+
+/// Writes this part's pieces to `path` tensor by tensor, synced; its size and sha256 (read back
+/// from the file) for the manifest.
+fn write_pieces(
+    path: &Path,
+    pieces: &[Piece],
+    part: usize,
+    parts: usize,
+    faults: &Faults,
+) -> Result<FileEntry> {
+    faults.before_write(path)?;
+    let (views, meta) = piece_views(pieces, part, parts)?;
+    safetensors::tensor::serialize_to_file(views, Some(meta), path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", path.display()))?;
+    file_entry(path)
+}
+
+/// A file's size and sha256, streamed.
+pub(crate) fn file_entry(path: &Path) -> Result<FileEntry> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let (mut h, mut bytes) = (Sha256::new(), 0u64);
+    let mut buf = vec![0u8; 1 << 22];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(FileEntry {
+        bytes,
+        sha256: format!("{:x}", h.finalize()),
+    })
 }
 
 /// A stored tensor: its name, where it belongs in the whole one, its values.
@@ -182,10 +241,11 @@ fn read_pieces(path: &Path, bytes: &[u8]) -> Result<Vec<StoredPart>> {
                 parts: 1,
             },
         };
+        reader::check_part(path, &name, &slice, view.shape(), view.data().len() as u64)?;
         let v = view
             .data()
             .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         out.push((name, slice, v));
     }
@@ -344,9 +404,8 @@ fn write_part(req: &SaveRequest, tmp: &Path, part: usize, parts: usize) -> Resul
     let mut entries = BTreeMap::new();
     for (kind, pieces) in [("model", req.model), ("optim", req.optim)] {
         let name = format!("{kind}-{suffix}");
-        let bytes = pieces_bytes(pieces, part, parts)?;
-        write_synced(&tmp.join(&name), &bytes, req.faults)?;
-        entries.insert(name, entry(&bytes));
+        let e = write_pieces(&tmp.join(&name), pieces, part, parts, req.faults)?;
+        entries.insert(name, e);
     }
     if part == 0 {
         for (name, bytes) in [

@@ -8,8 +8,9 @@
 
 use std::collections::HashMap;
 
-use crate::params::{assign_trainable, flat_values, param_infos};
-use burn::module::AutodiffModule;
+use crate::params::{assign_some_trainable, flat_values, param_infos};
+use crate::slots::ParamSlots;
+
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor};
@@ -340,9 +341,9 @@ pub fn check_teacher(
     Ok(())
 }
 
-/// The student of `teacher`: `Llama::new(model)` made a student (`studentize`), holding the
-/// teacher's weights; its encoders keep their seeded initial values. `check_teacher` must have
-/// passed, so every other parameter has its twin, by name and shape, in the teacher.
+/// The student of `teacher` in one process: `Llama::new(model)` made a student (`studentize`),
+/// holding the teacher's weights; its encoders keep their seeded initial values. `check_teacher`
+/// must have passed, so every other parameter has its twin, by name and shape, in the teacher.
 pub fn student_of<B: AutodiffBackend>(
     teacher: &Llama<B::InnerBackend>,
     cfg: &DistillConfig,
@@ -355,29 +356,51 @@ pub fn student_of<B: AutodiffBackend>(
         &cfg.student(model.n_layers, seed),
         device,
     );
-    let mut by_name: HashMap<String, Tensor<B::InnerBackend, 1>> =
-        param_infos::<B::InnerBackend, _>(teacher)
-            .into_iter()
-            .map(|i| i.name)
-            .zip(flat_values::<B::InnerBackend, _>(teacher))
-            .collect();
-    let own = flat_values::<B::InnerBackend, _>(&student.valid());
-    let values = param_infos::<B, _>(&student)
+    let infos = param_infos::<B, _>(&student);
+    let slots = ParamSlots::new(&infos, &infos, 1);
+    assign_some_trainable(student, teacher_shards(teacher, &slots, 0, 1))
+}
+
+/// The teacher's value of each of a student's `slots`, this rank's block of it (`rank` of `tp`),
+/// flat, on the teacher's device; `None` for the student's encoders, which keep their seeded
+/// values. `check_teacher` must have passed.
+pub fn teacher_shards<B: Backend>(
+    teacher: &Llama<B>,
+    slots: &ParamSlots,
+    rank: usize,
+    tp: usize,
+) -> Vec<Option<Tensor<B, 1>>> {
+    let mut by_name: HashMap<String, Tensor<B, 1>> = param_infos::<B, _>(teacher)
         .into_iter()
-        .zip(own)
-        .map(|(info, own)| match by_name.remove(&info.name) {
-            Some(t) => t,
-            None => {
-                assert!(
-                    info.name.contains(".encoder."),
-                    "the teacher has no {}",
-                    info.name
-                );
-                own
-            }
-        })
+        .map(|i| i.name)
+        .zip(flat_values::<B, _>(teacher))
         .collect();
-    assign_trainable(student, values)
+    slots
+        .iter()
+        .map(|s| {
+            let Some(whole) = by_name.remove(&s.name) else {
+                assert!(
+                    s.name.contains(".encoder."),
+                    "the teacher has no {}",
+                    s.name
+                );
+                return None;
+            };
+            let n: usize = s.local.iter().product();
+            Some(match s.shard {
+                Some(d) => {
+                    let rows = s.shape[0];
+                    let cols = s.shape[1..].iter().product::<usize>();
+                    let len = s.shape[d] / tp;
+                    whole
+                        .reshape([rows, cols])
+                        .narrow(d, rank * len, len)
+                        .reshape([n])
+                }
+                None => whole,
+            })
+        })
+        .collect()
 }
 
 /// One micro-batch's loss and its parts (host values for the logs).

@@ -39,7 +39,8 @@ impl<B: Backend> ModuleVisitor<B> for Names {
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
         self.out.push(ParamInfo {
             name: self.path.join("."),
-            shape: p.shape().dims::<D>().to_vec(),
+            // The lazy shape: a parameter not initialized yet stays so.
+            shape: p.lazy_shape().dims::<D>().to_vec(),
         });
     }
 }
@@ -98,15 +99,20 @@ pub fn flat_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
 }
 
 struct Assign<T> {
-    values: std::vec::IntoIter<T>,
+    values: std::vec::IntoIter<Option<T>>,
 }
 
 impl<B: AutodiffBackend> ModuleMapper<B> for Assign<Tensor<B::InnerBackend, 1>> {
     fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (id, old, mapper) = p.consume();
-        let new = self.values.next().expect("one value per parameter");
-        let t = Tensor::<B, D>::from_inner(new.reshape(old.shape())).require_grad();
-        Param::from_mapped_value(id, t, mapper)
+        let Some(new) = self.values.next().expect("one value per parameter") else {
+            return p;
+        };
+        // Replaced without reading the old value: a lazy parameter is never initialized.
+        let (id, shape) = (p.id, p.lazy_shape());
+        Param::initialized(
+            id,
+            Tensor::<B, D>::from_inner(new.reshape(shape)).require_grad(),
+        )
     }
 }
 
@@ -114,6 +120,14 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Assign<Tensor<B::InnerBackend, 1>> 
 pub fn assign_trainable<B: AutodiffBackend, M: AutodiffModule<B>>(
     m: M,
     values: Vec<Tensor<B::InnerBackend, 1>>,
+) -> M {
+    assign_some_trainable(m, values.into_iter().map(Some).collect())
+}
+
+/// [`assign_trainable`] where `None` leaves a parameter as it is.
+pub fn assign_some_trainable<B: AutodiffBackend, M: AutodiffModule<B>>(
+    m: M,
+    values: Vec<Option<Tensor<B::InnerBackend, 1>>>,
 ) -> M {
     let n = values.len();
     let mut a = Assign {
@@ -129,14 +143,13 @@ struct AssignPlain<B: Backend> {
 }
 impl<B: Backend> ModuleMapper<B> for AssignPlain<B> {
     fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (id, old, mapper) = p.consume();
         let new = self.values.next().expect("one value per parameter");
+        // Replaced without reading a lazy parameter's value (a new one requires a gradient).
+        let grad = !p.is_initialized() || p.val().is_require_grad();
+        let (id, shape) = (p.id, p.lazy_shape());
         // detach: a reshaped tensor is not a leaf of the autodiff graph; a parameter must be.
-        let t = new
-            .reshape(old.shape())
-            .detach()
-            .set_require_grad(old.is_require_grad());
-        Param::from_mapped_value(id, t, mapper)
+        let t = new.reshape(shape).detach().set_require_grad(grad);
+        Param::initialized(id, t)
     }
 }
 

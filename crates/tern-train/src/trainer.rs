@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+
 use serde_json::{json, Map, Value};
 use tern_data::sampler::dp_slice;
 use tern_data::TrainData;
@@ -137,11 +137,6 @@ fn move_aside_earlier_run(run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn from_host<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
-    let n = v.len();
-    Tensor::from_data(TensorData::new(v, [n]), device)
-}
-
 /// `act_sparsity/attn` and `act_sparsity/mlp`: the share of zero entries in the inputs of each type
 /// of projection, on one sequence (over the whole tensor-parallel group).
 fn activation_sparsity<B: Backend, H: Hooks<B>>(
@@ -219,13 +214,10 @@ where
         };
         let mut model = model;
         if let Some(dir) = &resume_dir {
-            let mut r = checkpoints.restore(dir, &recipe, &state, &slots, dist)?;
-            let weights = std::mem::take(&mut r.weights);
-            model = assign_trainable(
-                model,
-                weights.into_iter().map(|w| from_host(w, &inner)).collect(),
-            );
-            checkpoints.restore_optimizer(&mut r, &mut opt, &slots, dist, &inner)?;
+            let r = checkpoints.restore(dir, &recipe, &state)?;
+            let weights = checkpoints.restore_weights(&r, &slots, dist, &inner)?;
+            model = assign_trainable(model, weights);
+            checkpoints.restore_optimizer(&r, &mut opt, &slots, dist, &inner)?;
             state = r.state;
         }
         let tc = &recipe.train;

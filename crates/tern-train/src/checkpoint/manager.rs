@@ -10,11 +10,12 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use tern_dist::{to_host, Dist};
 use tern_optim::Optimizer;
-use tern_parallel::{shard_values, TpLlama};
+use tern_parallel::TpLlama;
 
-use super::{Piece, SaveRequest, TensorMap, Topology, TrainState};
+use super::reader::{Kind, Reader};
+use super::{Piece, SaveRequest, Topology, TrainState};
 use crate::faults::Faults;
-use crate::params::{flat_values, ParamInfo};
+use crate::params::flat_values;
 use crate::recipe::Recipe;
 use crate::slots::ParamSlots;
 use crate::trainer::Resume;
@@ -29,13 +30,10 @@ pub struct CheckpointManager {
     faults: Faults,
 }
 
-/// A checkpoint read back for this rank.
+/// A checkpoint read back for this rank: its state, and the reader of its tensors.
 pub struct Restored {
     pub state: TrainState,
-    /// This rank's part of every parameter, in slot order.
-    pub weights: Vec<Vec<f32>>,
-    optim: TensorMap,
-    optim_file: PathBuf,
+    reader: Reader,
 }
 
 /// A checksum of the weights: equal on every data-parallel rank when they hold the same weights.
@@ -86,25 +84,19 @@ impl CheckpointManager {
         (self.every > 0 && step.is_multiple_of(self.every)) || last
     }
 
-    /// Reads `dir` for this rank: the run must be the same (model, data, tokenizer, seed as in
-    /// `fresh`) and not already finished. Returns the state and this rank's weights.
-    pub fn restore(
-        &self,
-        dir: &Path,
-        recipe: &Recipe,
-        fresh: &TrainState,
-        slots: &ParamSlots,
-        dist: &Dist,
-    ) -> Result<Restored> {
-        let mut l = super::load(dir)?;
-        let saved: Recipe = toml::from_str(&l.recipe_toml)
+    /// Opens `dir` for this rank: the run must be the same (model, data, tokenizer, seed as in
+    /// `fresh`) and not already finished.
+    pub fn restore(&self, dir: &Path, recipe: &Recipe, fresh: &TrainState) -> Result<Restored> {
+        let reader = Reader::open(dir)?;
+        let saved: Recipe = toml::from_str(&reader.recipe_toml)
             .with_context(|| format!("{}/recipe.toml", dir.display()))?;
         if saved.model != recipe.model {
             bail!("{}: the checkpoint's [model] differs from the recipe's; resume needs the same model", dir.display());
         }
-        if l.state.tokenizer_sha256 != fresh.tokenizer_sha256
-            || l.state.data_fingerprint != fresh.data_fingerprint
-            || l.state.seed != fresh.seed
+        let s = &reader.state;
+        if s.tokenizer_sha256 != fresh.tokenizer_sha256
+            || s.data_fingerprint != fresh.data_fingerprint
+            || s.seed != fresh.seed
         {
             bail!(
                 "{}: the checkpoint was trained on other data, tokenizer or seed (train.seed, data.*); \
@@ -112,50 +104,54 @@ impl CheckpointManager {
                 dir.display()
             );
         }
-        if l.state.step >= recipe.train.steps {
+        if s.step >= recipe.train.steps {
             bail!(
                 "{}: the checkpoint is at step {} and train.steps = {}: nothing left to do (raise train.steps)",
                 dir.display(),
-                l.state.step,
+                s.step,
                 recipe.train.steps
             );
         }
-        let infos: Vec<ParamInfo> = slots.iter().map(|s| s.info()).collect();
-        let whole =
-            super::take_in_order(&mut l.model, &infos, "", &dir.join("model-*.safetensors"))?;
-        let (rank, tp) = (dist.topo.tp_rank(), dist.topo.tp);
-        let weights = whole
-            .into_iter()
-            .zip(slots.iter())
-            .map(|(v, s)| match s.shard {
-                Some(d) => shard_values(&v, &s.shape, d, rank, tp),
-                None => v,
-            })
-            .collect();
         Ok(Restored {
-            state: l.state,
-            weights,
-            optim: l.optim,
-            optim_file: dir.join("optim-*.safetensors"),
+            state: reader.state.clone(),
+            reader,
         })
+    }
+
+    /// This rank's block of every parameter, in slot order (read from the parts that hold it).
+    pub fn restore_weights<B: Backend>(
+        &self,
+        r: &Restored,
+        slots: &ParamSlots,
+        dist: &Dist,
+        device: &B::Device,
+    ) -> Result<Vec<Tensor<B, 1>>> {
+        let at = (dist.topo.tp_rank(), dist.topo.tp);
+        slots
+            .iter()
+            .map(|s| {
+                let v = r.reader.read(Kind::Model, &s.name, &s.shape, s.shard, at)?;
+                Ok(to_device(v, device))
+            })
+            .collect()
     }
 
     /// Sets every optimizer state tensor from a restored checkpoint, in the shapes the recipe's
     /// optimizer keeps (this rank's block of each).
     pub fn restore_optimizer<B: Backend>(
         &self,
-        r: &mut Restored,
+        r: &Restored,
         opt: &mut Optimizer<B>,
         slots: &ParamSlots,
         dist: &Dist,
         device: &B::Device,
     ) -> Result<()> {
-        let (rank, tp) = (dist.topo.tp_rank(), dist.topo.tp);
+        let at = (dist.topo.tp_rank(), dist.topo.tp);
         opt.set_steps(r.state.optimizer_step);
         for (i, s) in slots.iter().enumerate() {
             for (key, full, shard) in opt.layout(i, &s.shape, s.shard) {
                 let name = format!("{}.{key}", s.name);
-                if Optimizer::<B>::optional_state(key) && !r.optim.contains_key(&name) {
+                if Optimizer::<B>::optional_state(key) && !r.reader.has(Kind::Optim, &name) {
                     if key == "step" {
                         // Written before per-parameter counts were kept: every parameter had
                         // the optimizer's count.
@@ -163,17 +159,7 @@ impl CheckpointManager {
                     }
                     continue;
                 }
-                let want = ParamInfo {
-                    name,
-                    shape: full.clone(),
-                };
-                let v = super::take_in_order(&mut r.optim, &[want], "", &r.optim_file)?
-                    .pop()
-                    .ok_or_else(|| anyhow!("one tensor"))?;
-                let v = match shard {
-                    Some(dim) => shard_values(&v, &full, dim, rank, tp),
-                    None => v,
-                };
+                let v = r.reader.read(Kind::Optim, &name, &full, shard, at)?;
                 opt.set_state(i, key, to_device(v, device));
             }
         }
