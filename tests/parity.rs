@@ -450,8 +450,8 @@ fn batch_gradients<B>(
     tp: &TpGroup,
 ) -> (f64, Vec<Tensor<B::InnerBackend, 1>>)
 where
-    B: AutodiffBackend + CollectiveBackend,
-    B::InnerBackend: CollectiveBackend,
+    B: AutodiffBackend + CollectiveBackend + tern_kernels::Kernels,
+    B::InnerBackend: CollectiveBackend + tern_kernels::Kernels,
 {
     let mut acc = GradAccumulator::default();
     let mut parts = LossParts::default();
@@ -478,8 +478,8 @@ where
 
 fn run_case<B>(name: &str, tp: &TpGroup, dev: &B::Device) -> Outcome
 where
-    B: AutodiffBackend + CollectiveBackend,
-    B::InnerBackend: CollectiveBackend,
+    B: AutodiffBackend + CollectiveBackend + tern_kernels::Kernels,
+    B::InnerBackend: CollectiveBackend + tern_kernels::Kernels,
 {
     let f = fixture();
     let case = &f.inputs.cases[name];
@@ -773,8 +773,8 @@ fn compare(case: &str, out: &Outcome, rank: usize, tp: usize, b: Bounds, r: &mut
 
 fn one_process<B>(case: &str, b: Bounds, label: &str)
 where
-    B: AutodiffBackend + CollectiveBackend,
-    B::InnerBackend: CollectiveBackend,
+    B: AutodiffBackend + CollectiveBackend + tern_kernels::Kernels,
+    B::InnerBackend: CollectiveBackend + tern_kernels::Kernels,
 {
     let out = run_case::<B>(case, &TpGroup::default(), &Default::default());
     let mut r = Report::new(format!("{case} {label}"));

@@ -7,6 +7,9 @@ use clap::Args;
 use tern_data::sampler::SplitMix64;
 use tern_model::Llama;
 use tern_parallel::{parallelize, TpLlama};
+use tern_train::params::param_infos;
+use tern_train::slots::ParamSlots;
+use tern_train::step::{optimizer_step, GradAccumulator, StepSettings};
 
 use crate::train::RecipeArgs;
 
@@ -38,11 +41,41 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Forward + backward of one micro-batch of random tokens, as the trainer runs it (with this
-/// rank's tensor-parallel shard), then (under `mpirun`) the bucketed data-parallel gradient
-/// all-reduce. Prints compute time, the time of the tensor-parallel collectives inside forward and
-/// backward, and the gradient all-reduce with its bus bandwidth (NCCL's convention:
-/// 2 (n-1)/n x bytes / time).
+/// The machine's f32 peak as tern counts it: cores x f32 SIMD lanes x 2 FMA units x 2 flops x
+/// clock (the clock /proc/cpuinfo reports), with the description printed beside it.
+fn peak_flops(cores: usize) -> (f64, String) {
+    #[cfg(target_arch = "x86_64")]
+    let lanes = if std::is_x86_feature_detected!("avx512f") {
+        16
+    } else if std::is_x86_feature_detected!("avx2") {
+        8
+    } else {
+        4
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let lanes = 4;
+    let mhz = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("cpu MHz"))
+                .and_then(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(0.0);
+    let peak = cores as f64 * lanes as f64 * 2.0 * 2.0 * mhz * 1e6;
+    let what = format!(
+        "{cores} cores x {lanes} f32 lanes x 2 FMA units x 2 flops x {:.2} GHz",
+        mhz / 1e3
+    );
+    (peak, what)
+}
+
+/// Training steps on random tokens, as the trainer runs them (this rank's tensor-parallel shard):
+/// forward + backward of one micro-batch, then (under `mpirun`) the bucketed data-parallel
+/// gradient all-reduce, then clipping and the optimizer's update. Prints compute time, the time
+/// of the tensor-parallel collectives inside forward and backward, the gradient all-reduce with
+/// its bus bandwidth (NCCL's convention: 2 (n-1)/n x bytes / time) and the optimizer's time, then
+/// the whole step's tokens/s and achieved FLOP/s against the machine's peak.
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.matmul {
         return crate::bench_matmul::run(&a.shapes, &a.batches);
@@ -52,20 +85,37 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let vocab = *recipe.model.vocab_size.get_or_insert(a.vocab);
     let (mb, t) = (recipe.train.micro_batch, recipe.data.seq_len + 1);
     let device = crate::compute_device(&dist.topo);
-    let model: TpLlama<TrainBackend> = parallelize(Llama::new(&recipe.model, &device), &dist.tp);
+    let plain = Llama::<TrainBackend>::new(&recipe.model, &device);
+    let whole = param_infos::<TrainBackend, _>(&plain);
+    let mut model: TpLlama<TrainBackend> = parallelize(plain, &dist.tp);
+    let slots = ParamSlots::new(
+        &whole,
+        &param_infos::<TrainBackend, _>(&model),
+        dist.topo.tp,
+    );
+    let inner = Tensor::<TrainBackend, 1>::zeros([1], &device)
+        .inner()
+        .device();
+    let mut opt = slots.optimizer(&recipe.optim, &dist.tp, &inner);
+    let (rules, trainable) = (slots.rules(), vec![true; slots.len()]);
+    let settings = StepSettings {
+        lr: recipe.optim.lr,
+        weight_decay: recipe.optim.weight_decay,
+        grad_clip: recipe.optim.grad_clip,
+    };
     let mut rng = SplitMix64(1 + dist.topo.rank as u64);
     let ids: Vec<i64> = (0..mb * t)
         .map(|_| rng.below(vocab as u64) as i64)
         .collect();
     let x = Tensor::<TrainBackend, 2, Int>::from_data(TensorData::new(ids, [mb, t]), &device);
-    let (mut compute, mut comm, mut tp_comm) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut compute, mut comm, mut tp_comm, mut optim) = (vec![], vec![], vec![], vec![]);
     let (mut bytes, mut tp_bytes, mut tp_calls) = (0usize, 0u64, 0u64);
     for i in 0..=a.steps {
         dist.tp.stats().reset();
         let start = Instant::now();
-        let loss = model.loss(x.clone());
-        let grads = loss.backward();
-        let flat = tern_train::params::flat_grads(&model, &grads);
+        let mut acc = GradAccumulator::default();
+        let loss = acc.add(&model, model.loss(x.clone()));
+        let (_, flat) = acc.mean();
         TrainBackend::sync(&device)?;
         let mid = Instant::now();
         bytes = flat.iter().map(|g| g.dims()[0] * 4).sum();
@@ -74,27 +124,40 @@ pub fn run(a: BenchArgs) -> Result<()> {
             flat,
             tern_dist::comm::BUCKET_ELEMS,
         );
-        drop(reduced);
+        TrainBackend::sync(&device)?;
+        let reduced_at = Instant::now();
+        let tp = dist.tp.comm();
+        let (m, _, _) = optimizer_step(
+            model, reduced, loss, &mut opt, &rules, &trainable, settings, tp,
+        );
+        model = m;
         TrainBackend::sync(&device)?;
         if i > 0 {
             let (tp_secs, b, calls) = dist.tp.stats().read();
             (tp_bytes, tp_calls) = (b, calls);
             compute.push(mid.duration_since(start).as_secs_f64() - tp_secs);
             tp_comm.push(tp_secs);
-            comm.push(mid.elapsed().as_secs_f64());
+            comm.push(reduced_at.duration_since(mid).as_secs_f64());
+            optim.push(reduced_at.elapsed().as_secs_f64());
         }
     }
     if !dist.topo.is_main() {
         return Ok(());
     }
 
-    let (c, m, tpm) = (median(compute), median(comm), median(tp_comm));
+    let (c, m, tpm, o) = (
+        median(compute),
+        median(comm),
+        median(tp_comm),
+        median(optim),
+    );
     let n = dist.topo.dp as f64;
     let bus = if n > 1.0 {
         2.0 * (n - 1.0) / n * bytes as f64 / m / 1e9
     } else {
         0.0
     };
+    let tokens = (mb * (t - 1)) as f64;
     println!(
         "bench {} | backend {} | {} process(es), tp {} x dp {} | {:.2}M params | micro_batch {mb} x seq {} \
          | compute (fwd+bwd) {:.1} ms | tensor-parallel collectives {:.1} ms ({} calls, {:.1} MB) \
@@ -113,7 +176,27 @@ pub fn run(a: BenchArgs) -> Result<()> {
         m * 1e3,
         bytes as f64 / 1e6,
         bus,
-        (mb * (t - 1)) as f64 / (c + tpm + m)
+        tokens / (c + tpm + m)
+    );
+    let step = c + tpm + m + o;
+    let plan = tern_train::plan::plan(&recipe, dist.topo.world).map_err(anyhow::Error::msg)?;
+    // This rank's share: a tensor-parallel rank computes 1/tp of the block matrices' products.
+    let flops = plan.train_flops_per_token * tokens / dist.topo.tp as f64;
+    let threads = rayon::current_num_threads();
+    let (peak, what) = peak_flops(threads);
+    println!(
+        "train step | {} optimizer {:.1} ms | step {:.1} ms | {:.0} tokens/s | {:.1} GFLOP/s on this rank, \
+         {:.1}% of its peak {:.0} GFLOP/s ({what})",
+        match recipe.optim.name {
+            tern_optim::OptimizerName::Adamw => "adamw",
+            tern_optim::OptimizerName::GaloreAdamw => "galore_adamw",
+        },
+        o * 1e3,
+        step * 1e3,
+        tokens / step,
+        flops / step / 1e9,
+        100.0 * flops / step / peak.max(1.0),
+        peak / 1e9,
     );
     if recipe.optim.name == tern_optim::OptimizerName::GaloreAdamw {
         galore_refresh_cost(&recipe, &device);

@@ -1,14 +1,13 @@
 //! Causal self-attention with grouped-query heads and RoPE.
 
 use burn::module::Module;
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::Tensor;
+use tern_kernels::Kernels;
 
 use crate::config::ModelConfig;
 use crate::hooks::{Hooks, NoHooks};
 use crate::linear::{ProjLinear, ProjLinearConfig, ScaleAxis};
-use crate::rope::apply_rope;
 use crate::sparsity::LayerType;
 
 #[derive(Module, Debug)]
@@ -47,35 +46,27 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-impl<B: Backend, H: Hooks<B>> Attention<B, H> {
+impl<B: Kernels, H: Hooks<B>> Attention<B, H> {
     /// `x: [batch, seq, hidden]`; `cos`/`sin`: `[seq, head_dim]` RoPE tables.
     pub fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
         let x = self.input.module_input(x);
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
-        let q = apply_rope(heads(self.q_proj.forward(x.clone()), nh), cos, sin);
-        let k = apply_rope(heads(self.k_proj.forward(x.clone()), nkv), cos, sin);
+        // Heads stay in the projections' layout [batch, seq, heads, head_dim]: no transposed
+        // copies, and the output reshapes back to [batch, seq, hidden] for free.
+        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]);
+        let q = B::rope(
+            heads(self.q_proj.forward(x.clone()), nh),
+            cos.clone(),
+            sin.clone(),
+        );
+        let k = B::rope(
+            heads(self.k_proj.forward(x.clone()), nkv),
+            cos.clone(),
+            sin.clone(),
+        );
         let v = heads(self.v_proj.forward(x), nkv);
-        // Query head j reads key/value head j / (nh / nkv), as HF's repeat_kv.
-        let repeat = |y: Tensor<B, 4>| {
-            if nh == nkv {
-                y
-            } else {
-                y.unsqueeze_dim::<5>(2)
-                    .repeat_dim(2, nh / nkv)
-                    .reshape([b, nh, t, hd])
-            }
-        };
-        let (k, v) = (repeat(k), repeat(v));
-        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((hd as f64).sqrt());
-        let mask = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &scores.device()) // true above the diagonal
-            .unsqueeze::<4>()
-            .expand([b, nh, t, t]);
-        // A large finite value, not -inf: a masked fill may be computed as a blend, and
-        // -inf * 0 would be NaN.
-        let probs = softmax(scores.mask_fill(mask, -1e9), 3);
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
+        let out = B::causal_attention(q, k, v).reshape([b, t, nh * hd]);
         self.o_proj.forward(out)
     }
 }

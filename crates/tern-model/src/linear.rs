@@ -7,6 +7,7 @@ use burn::module::{Initializer, Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
+use tern_kernels::{reference, Kernels, TernarySpec};
 
 /// What the block projections are made of (`model.linear`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -114,40 +115,25 @@ impl ProjLinearConfig {
     }
 }
 
-/// Per-group absmean scales `gamma_g = eps + mean|W_g|`, broadcastable against a weight reshaped
-/// by [`grouped`]: `[groups, 1]` for row groups, `[1, groups, 1]` for column groups.
+impl ScaleAxis {
+    fn by_rows(self) -> bool {
+        self == ScaleAxis::Rows
+    }
+}
+
+/// Per-group absmean scales `gamma_g = eps + mean|W_g|`, broadcastable against [`grouped`].
 fn group_scales<B: Backend>(
     w: &Tensor<B, 2>,
     groups: usize,
     axis: ScaleAxis,
     eps: f64,
 ) -> Tensor<B, 3> {
-    let [out, inp] = w.dims();
-    match axis {
-        ScaleAxis::Rows => w
-            .clone()
-            .abs()
-            .reshape([groups, out / groups * inp])
-            .mean_dim(1)
-            .reshape([groups, 1, 1])
-            .add_scalar(eps),
-        ScaleAxis::Cols => w
-            .clone()
-            .abs()
-            .reshape([out, groups, inp / groups])
-            .mean_dim(2)
-            .mean_dim(0)
-            .add_scalar(eps),
-    }
+    reference::group_scales(w, groups, axis.by_rows(), eps)
 }
 
 /// `W` viewed so that the group axis broadcasts against [`group_scales`].
 fn grouped<B: Backend>(w: Tensor<B, 2>, groups: usize, axis: ScaleAxis) -> Tensor<B, 3> {
-    let [out, inp] = w.dims();
-    match axis {
-        ScaleAxis::Rows => w.reshape([groups, out / groups, inp]),
-        ScaleAxis::Cols => w.reshape([out, groups, inp / groups]),
-    }
+    reference::grouped(w, groups, axis.by_rows())
 }
 
 /// Ternary codes in {-1, 0, 1} and the per-group scales of `w`.
@@ -174,9 +160,14 @@ pub fn ternary_quantize<B: Backend>(
     axis: ScaleAxis,
     eps: f64,
 ) -> Tensor<B, 2> {
-    let (codes, gamma) = ternary_codes(w, groups, axis, eps);
-    let dims = codes.dims();
-    grouped(codes, groups, axis).mul(gamma).reshape(dims)
+    reference::ternary_quantize(
+        w,
+        TernarySpec {
+            groups,
+            by_rows: axis.by_rows(),
+            eps,
+        },
+    )
 }
 
 /// BitNet b1.58's weight `W_q = gamma_g * clamp(round(W / gamma_g), -1, 1)` with
@@ -217,17 +208,25 @@ pub fn bitnet_input<B: Backend, H: Hooks<B>, const D: usize>(
 
 impl<B: Backend, H> ProjLinear<B, H> {
     /// The weight the forward pass multiplies by. For ternary layers the straight-through
-    /// estimator makes dL/dW equal dL/dW~. It is written `W~.detach() + (W - W.detach())` rather
-    /// than the usual `W + (W~ - W).detach()` because `W + (W~ - W)` is not exactly `W~` in floating
-    /// point, while `W - W` is exactly zero: the forward pass sees the exact ternary weight.
-    pub fn effective_weight(&self) -> Tensor<B, 2> {
+    /// estimator makes dL/dW equal dL/dW~ (one fused op: [`Kernels::ternary_ste`]). BitNet's is
+    /// written `W~.detach() + (W - W.detach())` rather than the usual `W + (W~ - W).detach()`
+    /// because `W + (W~ - W)` is not exactly `W~` in floating point, while `W - W` is exactly
+    /// zero: the forward pass sees the exact ternary weight.
+    pub fn effective_weight(&self) -> Tensor<B, 2>
+    where
+        B: Kernels,
+    {
         let w = self.weight.val();
         match self.kind {
             LinearKind::Float => w,
-            LinearKind::Ternary => {
-                let q = ternary_quantize(w.clone().detach(), self.groups, self.axis, self.eps);
-                q + (w.clone() - w.detach())
-            }
+            LinearKind::Ternary => B::ternary_ste(
+                w,
+                TernarySpec {
+                    groups: self.groups,
+                    by_rows: self.axis.by_rows(),
+                    eps: self.eps,
+                },
+            ),
             LinearKind::Bitnet => {
                 let (codes, gamma) = bitnet_codes(w.clone().detach(), self.groups, self.axis);
                 let dims = codes.dims();
@@ -258,7 +257,7 @@ impl<B: Backend, H> ProjLinear<B, H> {
     }
 }
 
-impl<B: Backend, H: Hooks<B>> ProjLinear<B, H> {
+impl<B: Kernels, H: Hooks<B>> ProjLinear<B, H> {
     /// What the matmul multiplies: the input after the encoder (distillation students), BitNet's
     /// norm and 8-bit quantization, and the top-K (Q-Sparse). For BitNet the top-K comes last and
     /// picks among the quantized values (Q-Sparse's 1.58-bit form, `TopK(|Q(x_n)|)`), so the norm

@@ -4,6 +4,7 @@
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use tern_kernels::{Gate, Kernels};
 
 use crate::config::{MlpKind, ModelConfig};
 use crate::hooks::{Hooks, NoHooks};
@@ -37,19 +38,15 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
-impl<B: Backend, H: Hooks<B>> Mlp<B, H> {
+impl<B: Kernels, H: Hooks<B>> Mlp<B, H> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.input.module_input(x);
-        // silu(x) = x * sigmoid(x) with sigmoid(x) = (1 + tanh(x / 2)) / 2: burn's sigmoid goes
-        // through f32 whatever the tensor's precision, which breaks f64 gradient checks.
-        let silu =
-            |x: Tensor<B, 3>| x.clone() * x.div_scalar(2.0).tanh().add_scalar(1.0).div_scalar(2.0);
-        let gate = self.gate_proj.forward(x.clone());
-        let gate = match self.kind {
-            MlpKind::Swiglu => silu(gate),
-            MlpKind::Relu2glu => burn::tensor::activation::relu(gate).powi_scalar(2),
+        let act = match self.kind {
+            MlpKind::Swiglu => Gate::Silu,
+            MlpKind::Relu2glu => Gate::Relu2,
         };
-        let h = gate * self.up_proj.forward(x);
+        let gate = self.gate_proj.forward(x.clone());
+        let h = B::glu(gate, self.up_proj.forward(x), act);
         self.down_proj.forward(h)
     }
 }

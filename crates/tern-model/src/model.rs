@@ -5,9 +5,9 @@ use std::marker::PhantomData;
 
 use burn::module::{Initializer, Module};
 use burn::nn::{Embedding, EmbeddingConfig};
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor};
+use tern_kernels::Kernels;
 
 use crate::attention::Attention;
 use crate::config::ModelConfig;
@@ -106,7 +106,7 @@ impl<B: Backend, H> Block<B, H> {
     }
 }
 
-impl<B: Backend, H: Hooks<B>> Block<B, H> {
+impl<B: Kernels, H: Hooks<B>> Block<B, H> {
     fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
         let x = x.clone()
             + self
@@ -170,7 +170,7 @@ impl<B: Backend> Llama<B> {
     }
 }
 
-impl<B: Backend, H: Hooks<B>> Llama<B, H> {
+impl<B: Kernels, H: Hooks<B>> Llama<B, H> {
     /// `tokens: [batch, seq]` -> logits `[batch, seq, vocab]`.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let x = self.forward_blocks(tokens, self.layers.len());
@@ -266,7 +266,7 @@ pub struct ActivationCount {
     pub sharded: bool,
 }
 
-impl<B: Backend, H: Hooks<B>> Llama<B, H> {
+impl<B: Kernels, H: Hooks<B>> Llama<B, H> {
     /// One forward pass over `tokens`, counting zero inputs of every projection by layer type.
     pub fn activation_counts(&self, tokens: Tensor<B, 2, Int>) -> Vec<ActivationCount> {
         let layers: Vec<usize> = (0..self.layers.len()).collect();
@@ -296,9 +296,9 @@ impl<B: Backend, H: Hooks<B>> Llama<B, H> {
 }
 
 /// Mean cross-entropy of `logits: [batch, seq, vocab]` against `targets: [batch, seq]`.
-pub fn cross_entropy<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-    let logp = log_softmax(logits, 2);
-    logp.gather(2, targets.unsqueeze_dim(2)).mean().neg()
+pub fn cross_entropy<B: Kernels>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let [b, t, v] = logits.dims();
+    B::cross_entropy(logits.reshape([b * t, v]), targets.reshape([b * t])).mean()
 }
 
 #[cfg(test)]

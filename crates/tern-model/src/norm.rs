@@ -1,9 +1,11 @@
 //! RMSNorm with a learned weight, `x / sqrt(mean(x^2) + eps) * weight`, as in LLaMA.
-//! (burn's own RmsNorm casts to f32 inside, which breaks f64 gradient checks.)
+//! (burn's own RmsNorm casts to f32 inside, which breaks f64 gradient checks.) One fused kernel on
+//! the CPU backend ([`tern_kernels::Kernels::rms_norm`]).
 
 use burn::module::{Initializer, Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use tern_kernels::Kernels;
 
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
@@ -19,14 +21,13 @@ impl<B: Backend> RmsNorm<B> {
             eps,
         }
     }
+}
 
+impl<B: Kernels> RmsNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let rms = x
-            .clone()
-            .powi_scalar(2)
-            .mean_dim(D - 1)
-            .add_scalar(self.eps)
-            .sqrt();
-        x.div(rms).mul(self.weight.val().unsqueeze())
+        let dims = x.dims();
+        let d = dims[D - 1];
+        let rows = x.shape().num_elements() / d;
+        B::rms_norm(x.reshape([rows, d]), self.weight.val(), self.eps).reshape(dims)
     }
 }

@@ -1,4 +1,5 @@
 //! Rotary position embedding in Hugging Face's `rotate_half` layout: dimension i pairs with i + d/2.
+//! The tables are made here; the rotation is [`tern_kernels::Kernels::rope`].
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
@@ -29,29 +30,11 @@ pub fn rope_tables<B: Backend>(
     )
 }
 
-/// `cat(-x[.., d/2..], x[.., ..d/2])` along the last dimension.
-pub fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let d = x.dims()[3];
-    let first = x.clone().narrow(3, 0, d / 2);
-    let second = x.narrow(3, d / 2, d - d / 2);
-    Tensor::cat(vec![second.neg(), first], 3)
-}
-
-/// Applies RoPE to `x: [batch, heads, seq, head_dim]` with tables from [`rope_tables`].
-pub fn apply_rope<B: Backend>(
-    x: Tensor<B, 4>,
-    cos: &Tensor<B, 2>,
-    sin: &Tensor<B, 2>,
-) -> Tensor<B, 4> {
-    let cos = cos.clone().unsqueeze::<4>();
-    let sin = sin.clone().unsqueeze::<4>();
-    x.clone() * cos + rotate_half(x) * sin
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::backend::Flex;
+    use tern_kernels::Kernels;
 
     #[test]
     fn rotates_pairs_i_and_i_plus_half() {
@@ -59,10 +42,11 @@ mod tests {
         let dev = Default::default();
         let (cos, sin) = rope_tables::<Flex>(3, 4, 100.0, &dev);
         let x = Tensor::<Flex, 4>::from_data(
-            TensorData::new([1f32, 2., 3., 4.].repeat(3), [1, 1, 3, 4]),
+            TensorData::new([1f32, 2., 3., 4.].repeat(3), [1, 3, 1, 4]),
             &dev,
         );
-        let y: Vec<f32> = apply_rope(x, &cos, &sin).into_data().to_vec().unwrap();
+        // [batch, seq, heads, head_dim], as the attention lays out its heads.
+        let y: Vec<f32> = Flex::rope(x, cos, sin).into_data().to_vec().unwrap();
         for t in 0..3 {
             let (a, b) = (t as f64, t as f64 / 10.0);
             let expect = [

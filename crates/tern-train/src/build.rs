@@ -3,6 +3,7 @@
 //! objective.
 
 use std::path::Path;
+use tern_kernels::Kernels;
 
 use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
@@ -109,8 +110,8 @@ pub fn model_and_objective<B>(
     dist: &Dist,
 ) -> Result<(TpLlama<B>, Objective<B::InnerBackend>, ParamSlots)>
 where
-    B: AutodiffBackend + CollectiveBackend,
-    B::InnerBackend: CollectiveBackend,
+    B: AutodiffBackend + CollectiveBackend + Kernels,
+    B::InnerBackend: CollectiveBackend + Kernels,
 {
     let (mc, seed) = (&recipe.model, recipe.train.seed);
     let (rank, tp) = (dist.topo.tp_rank(), dist.topo.tp);

@@ -7,6 +7,7 @@
 //! them together for `all_steps`, then `e2e_steps` end to end (every parameter, CE and KL only).
 
 use std::collections::HashMap;
+use tern_kernels::Kernels;
 
 use crate::params::{assign_some_trainable, flat_values, param_infos};
 use crate::slots::ParamSlots;
@@ -440,7 +441,7 @@ impl<B: Backend, H: Clone> Teacher<B, H> {
     }
 }
 
-impl<B: Backend, H: Hooks<B>> Teacher<B, H> {
+impl<B: Kernels, H: Hooks<B>> Teacher<B, H> {
     /// The logits when `logits` (a full pass) and the taps of `layers` (which must be tapped);
     /// without logits the pass stops after the last of `layers`.
     pub fn run(
@@ -473,7 +474,8 @@ pub fn distill_loss<B, H>(
     tp: usize,
 ) -> DistillLoss<B>
 where
-    B: AutodiffBackend,
+    B: AutodiffBackend + Kernels,
+    B::InnerBackend: Kernels,
     H: Hooks<B> + Hooks<B::InnerBackend>,
 {
     let [_, t1] = block.dims();
@@ -557,7 +559,7 @@ pub struct ProjectionStat {
 /// [`ProjectionStat`] of every projection of the distilled `layers`, averaged over `blocks`
 /// (`[batch, seq + 1]` tokens each). Every rank of the tensor-parallel group `tp` must call it
 /// (each holds its block of the column-parallel projections' outputs); all get the whole figures.
-pub fn projection_stats<B: Backend, H: Hooks<B>>(
+pub fn projection_stats<B: Kernels, H: Hooks<B>>(
     student: &Llama<B, H>,
     teacher: &Teacher<B, H>,
     layers: &[usize],

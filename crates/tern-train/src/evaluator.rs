@@ -5,6 +5,7 @@ use anyhow::Result;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor};
 use tern_data::ValData;
+use tern_kernels::Kernels;
 use tern_model::{Hooks, Llama};
 
 use crate::objective::batch_tensor;
@@ -15,7 +16,7 @@ pub struct Evaluator<B: Backend> {
     every: u64,
 }
 
-impl<B: Backend> Evaluator<B> {
+impl<B: Kernels> Evaluator<B> {
     /// Reads `n` blocks of `block_len` tokens in micro-batches of `micro` when this rank
     /// `evaluates` and `every > 0` (every `every` steps and at the last).
     pub fn new(

@@ -6,6 +6,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use serde_json::{Map, Value};
 use tern_dist::Comm;
+use tern_kernels::Kernels;
 use tern_model::Llama;
 use tern_parallel::{TpForm, TpLlama};
 
@@ -44,7 +45,7 @@ pub fn batch_tensor<B: Backend>(
     )
 }
 
-impl<B: Backend> Objective<B>
+impl<B: Kernels> Objective<B>
 where
     TpForm: tern_model::Hooks<B>,
 {
@@ -79,7 +80,8 @@ where
         tp: usize,
     ) -> (Tensor<AB, 1>, LossParts)
     where
-        AB: AutodiffBackend<InnerBackend = B>,
+        AB: AutodiffBackend<InnerBackend = B> + Kernels,
+        B: Kernels,
         TpForm: tern_model::Hooks<AB>,
     {
         let weight = model.embed_tokens.weight.val();

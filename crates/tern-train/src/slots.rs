@@ -83,6 +83,23 @@ impl ParamSlots {
         }
     }
 
+    /// The recipe's optimizer over these slots' local shards.
+    pub fn optimizer<B: burn::tensor::backend::Backend>(
+        &self,
+        cfg: &tern_optim::OptimConfig,
+        tp: &tern_dist::TpGroup,
+        device: &B::Device,
+    ) -> tern_optim::Optimizer<B> {
+        tern_optim::Optimizer::new(
+            cfg,
+            &self.local_shapes(),
+            &self.low_rank(),
+            &self.shard_dims(),
+            tp,
+            device,
+        )
+    }
+
     pub fn local_shapes(&self) -> Vec<Vec<usize>> {
         self.iter().map(|s| s.local.clone()).collect()
     }

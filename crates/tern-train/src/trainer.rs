@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+use tern_kernels::Kernels;
 
 use anyhow::{anyhow, bail, Context, Result};
 use burn::module::AutodiffModule;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 
 use serde_json::{json, Map, Value};
 use tern_data::sampler::dp_slice;
@@ -82,8 +83,8 @@ pub fn train<B>(
     dist: &Dist,
 ) -> Result<TrainSummary>
 where
-    B: AutodiffBackend + CollectiveBackend,
-    B::InnerBackend: CollectiveBackend,
+    B: AutodiffBackend + CollectiveBackend + Kernels,
+    B::InnerBackend: CollectiveBackend + Kernels,
 {
     Trainer::<B>::build(recipe, opts, device, dist)?.run()
 }
@@ -139,7 +140,7 @@ fn move_aside_earlier_run(run_dir: &Path) -> Result<()> {
 
 /// `act_sparsity/attn` and `act_sparsity/mlp`: the share of zero entries in the inputs of each type
 /// of projection, on one sequence (over the whole tensor-parallel group).
-fn activation_sparsity<B: Backend, H: Hooks<B>>(
+fn activation_sparsity<B: Kernels, H: Hooks<B>>(
     model: &Llama<B, H>,
     x: burn::tensor::Tensor<B, 2, burn::tensor::Int>,
     tp: &dyn tern_dist::Comm,
@@ -165,8 +166,8 @@ fn activation_sparsity<B: Backend, H: Hooks<B>>(
 
 impl<'a, B> Trainer<'a, B>
 where
-    B: AutodiffBackend + CollectiveBackend,
-    B::InnerBackend: CollectiveBackend,
+    B: AutodiffBackend + CollectiveBackend + Kernels,
+    B::InnerBackend: CollectiveBackend + Kernels,
 {
     /// Everything a run needs, in the order it is checked: the recipe, the checkpoint to resume
     /// from, the data, the model and its objective, the optimizer (and their restored state),
@@ -192,14 +193,7 @@ where
         let (model, objective, slots) =
             model_and_objective::<B>(&recipe, inputs.teacher.take(), device, dist)?;
         let inner = model.valid().embed_tokens.weight.val().device();
-        let mut opt = Optimizer::new(
-            &recipe.optim,
-            &slots.local_shapes(),
-            &slots.low_rank(),
-            &slots.shard_dims(),
-            &dist.tp,
-            &inner,
-        );
+        let mut opt = slots.optimizer(&recipe.optim, &dist.tp, &inner);
         let mut state = TrainState {
             format_version: checkpoint::FORMAT_VERSION,
             step: 0,

@@ -1,0 +1,193 @@
+//! The CPU backend's fused kernels: f32 tensors go to [`crate::cpu`], other precisions take
+//! the reference path.
+
+use burn::backend::flex::FlexTensor;
+use burn::backend::Flex;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Int, Shape, Tensor, TensorData, TensorMetadata};
+
+use crate::cpu::{self, AttnShape, Gate};
+use crate::{Kernels, TernarySpec};
+
+/// `t` as a contiguous f32 tensor, or `None` for other precisions.
+fn f32_tensor(t: &FlexTensor) -> Option<FlexTensor> {
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    Some(if t.layout().contiguous_offsets().is_some() {
+        t.clone()
+    } else {
+        t.to_contiguous()
+    })
+}
+
+/// The elements of a contiguous tensor.
+fn data(t: &FlexTensor) -> &[f32] {
+    let (start, end) = t.layout().contiguous_offsets().expect("contiguous");
+    &t.storage::<f32>()[start..end]
+}
+
+fn new(v: Vec<f32>, shape: impl Into<Shape>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(v, shape.into()))
+}
+
+fn dims(t: &FlexTensor) -> Vec<usize> {
+    t.shape().to_vec()
+}
+
+/// Every f32 input contiguous, or `None` if one is not f32.
+fn all_f32<const N: usize>(ts: [&FlexTensor; N]) -> Option<[FlexTensor; N]> {
+    let mut out = Vec::with_capacity(N);
+    for t in ts {
+        out.push(f32_tensor(t)?);
+    }
+    out.try_into().ok()
+}
+
+fn attn_shape(q: &FlexTensor, k: &FlexTensor) -> AttnShape {
+    let (qd, kd) = (dims(q), dims(k));
+    AttnShape {
+        batch: qd[0],
+        seq: qd[1],
+        heads: qd[2],
+        kv_heads: kd[2],
+        head_dim: qd[3],
+    }
+}
+
+fn token_ids(t: FlexTensor, vocab: usize) -> Vec<i64> {
+    let ids: Vec<i64> = Tensor::<Flex, 1, Int>::from_primitive(t)
+        .into_data()
+        .convert::<i64>()
+        .to_vec()
+        .expect("integer targets");
+    if let Some(bad) = ids.iter().find(|&&i| i < 0 || i as usize >= vocab) {
+        panic!("target token id {bad} lies outside the vocabulary of {vocab} logits");
+    }
+    ids
+}
+
+impl Kernels for Flex {
+    fn rms_norm_fwd(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        eps: f64,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        let [x, w] = all_f32([&x, &w])?;
+        let (y, rstd) = cpu::rms_norm(data(&x), data(&w), eps as f32);
+        let n = rstd.len();
+        Some((new(y, dims(&x)), new(rstd, [n])))
+    }
+
+    fn rms_norm_bwd(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let [x, w, rstd, dy] = all_f32([&x, &w, &rstd, &dy]).expect("f32 as in forward");
+        let (dx, dw) = cpu::rms_norm_backward(data(&x), data(&w), data(&rstd), data(&dy));
+        (new(dx, dims(&x)), new(dw, dims(&w)))
+    }
+
+    fn glu_fwd(g: FloatTensor<Self>, u: FloatTensor<Self>, act: Gate) -> Option<FloatTensor<Self>> {
+        let [g, u] = all_f32([&g, &u])?;
+        Some(new(cpu::glu(data(&g), data(&u), act), dims(&g)))
+    }
+
+    fn glu_bwd(
+        g: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        act: Gate,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let [g, u, dy] = all_f32([&g, &u, &dy]).expect("f32 as in forward");
+        let (dg, du) = cpu::glu_backward(data(&g), data(&u), data(&dy), act);
+        (new(dg, dims(&g)), new(du, dims(&u)))
+    }
+
+    fn rope_fwd(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        inverse: bool,
+    ) -> Option<FloatTensor<Self>> {
+        let [x, cos, sin] = all_f32([&x, &cos, &sin])?;
+        let d = dims(&x);
+        let y = cpu::rope(data(&x), data(&cos), data(&sin), d[1], d[2], inverse);
+        Some(new(y, d))
+    }
+
+    fn attention_fwd(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        let [q, k, v] = all_f32([&q, &k, &v])?;
+        let s = attn_shape(&q, &k);
+        let (out, lse) = cpu::attention(data(&q), data(&k), data(&v), s);
+        Some((new(out, dims(&q)), new(lse, [s.batch, s.heads, s.seq])))
+    }
+
+    fn attention_bwd(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let [q, k, v, out, lse, dout] =
+            all_f32([&q, &k, &v, &out, &lse, &dout]).expect("f32 as in forward");
+        let s = attn_shape(&q, &k);
+        let (dq, dk, dv) = cpu::attention_backward(
+            data(&q),
+            data(&k),
+            data(&v),
+            data(&out),
+            data(&lse),
+            data(&dout),
+            s,
+        );
+        (new(dq, dims(&q)), new(dk, dims(&k)), new(dv, dims(&v)))
+    }
+
+    fn cross_entropy_fwd(
+        logits: FloatTensor<Self>,
+        targets: FlexTensor,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        let x = f32_tensor(&logits)?;
+        let v = dims(&x)[1];
+        let ids = token_ids(targets, v);
+        let (loss, lse) = cpu::cross_entropy(data(&x), &ids, v);
+        let n = ids.len();
+        Some((new(loss, [n]), new(lse, [n])))
+    }
+
+    fn cross_entropy_bwd(
+        logits: FloatTensor<Self>,
+        targets: FlexTensor,
+        lse: FloatTensor<Self>,
+        dloss: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let [x, lse, dl] = all_f32([&logits, &lse, &dloss]).expect("f32 as in forward");
+        let v = dims(&x)[1];
+        let ids = token_ids(targets, v);
+        let dx = cpu::cross_entropy_backward(data(&x), &ids, data(&lse), data(&dl), v);
+        new(dx, dims(&x))
+    }
+
+    fn ternary_fwd(w: FloatTensor<Self>, spec: TernarySpec) -> Option<FloatTensor<Self>> {
+        let w = f32_tensor(&w)?;
+        let d = dims(&w);
+        let q = cpu::ternary(
+            data(&w),
+            d[0],
+            d[1],
+            spec.groups,
+            spec.by_rows,
+            spec.eps as f32,
+        );
+        Some(new(q, d))
+    }
+}

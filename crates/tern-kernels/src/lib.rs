@@ -1,0 +1,402 @@
+//! tern's fused kernels, as a burn backend extension.
+//!
+//! [`Kernels`] names the layers that the model runs as one operation each: RMSNorm, the gated
+//! activation of the MLP, RoPE, causal grouped-query attention, per-row cross-entropy and TriLM's
+//! ternary weight with its straight-through gradient. Every backend gets the [`reference`]
+//! composition of burn ops (autodiff differentiates it op by op). The CPU backend (`Flex`, f32)
+//! has fused forward and backward kernels ([`cpu`]); `Autodiff<Flex>` runs them as single graph
+//! nodes with their own `Backward`, so that no intermediate (attention scores, softmax of the
+//! vocabulary, masks, broadcast copies) is stored or copied. Other backends and other precisions
+//! (f64 gradient checks, CUDA) take the reference path.
+
+#![allow(clippy::too_many_arguments)]
+
+pub mod cpu;
+mod flex;
+pub mod reference;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{Int, Tensor, TensorPrimitive};
+
+pub use cpu::{AttnShape, Gate};
+
+/// How a ternary weight's scale groups split `W[out, in]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TernarySpec {
+    pub groups: usize,
+    /// Groups of whole rows (column-parallel layers) or of whole columns (row-parallel ones).
+    pub by_rows: bool,
+    pub eps: f64,
+}
+
+/// What the backward pass of a fused op keeps, besides its inputs.
+pub type Saved<B> = Vec<FloatTensor<B>>;
+
+/// A backend with tern's fused layers. The `*_fwd` / `*_bwd` pairs are the fused kernels on the
+/// backend's own tensors: `None` from a `*_fwd` means "not fused here" (the default) and the op
+/// takes the reference path; a `*_bwd` is only called after its `*_fwd` gave `Some`.
+pub trait Kernels: Backend {
+    /// `x / sqrt(mean(x^2) + eps) * weight` over the last axis of `x: [rows, d]`.
+    fn rms_norm(x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        match Self::rms_norm_fwd(prim(&x), prim(&weight), eps) {
+            Some((y, _)) => tensor(y),
+            None => reference::rms_norm(x, weight, eps),
+        }
+    }
+    /// `act(gate) * up`, element-wise.
+    fn glu<const D: usize>(
+        gate: Tensor<Self, D>,
+        up: Tensor<Self, D>,
+        act: Gate,
+    ) -> Tensor<Self, D> {
+        match Self::glu_fwd(prim(&gate), prim(&up), act) {
+            Some(y) => tensor(y),
+            None => reference::glu(gate, up, act),
+        }
+    }
+    /// RoPE of `x: [batch, seq, heads, head_dim]` with tables `[seq, head_dim]`.
+    fn rope(x: Tensor<Self, 4>, cos: Tensor<Self, 2>, sin: Tensor<Self, 2>) -> Tensor<Self, 4> {
+        match Self::rope_fwd(prim(&x), prim(&cos), prim(&sin), false) {
+            Some(y) => tensor(y),
+            None => reference::rope(x, cos, sin),
+        }
+    }
+    /// Causal attention of q `[batch, seq, heads, head_dim]` over k, v `[batch, seq, kv_heads,
+    /// head_dim]`, output in q's layout.
+    fn causal_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        match Self::attention_fwd(prim(&q), prim(&k), prim(&v)) {
+            Some((y, _)) => tensor(y),
+            None => reference::causal_attention(q, k, v),
+        }
+    }
+    /// Per-row `-log softmax(logits)[target]` of `logits: [rows, vocab]`.
+    fn cross_entropy(logits: Tensor<Self, 2>, targets: Tensor<Self, 1, Int>) -> Tensor<Self, 1> {
+        match Self::cross_entropy_fwd(prim(&logits), targets.clone().into_primitive()) {
+            Some((y, _)) => tensor(y),
+            None => reference::cross_entropy(logits, targets),
+        }
+    }
+    /// TriLM's quantized weight, with the straight-through gradient `dL/dW = dL/dW~`.
+    fn ternary_ste(w: Tensor<Self, 2>, spec: TernarySpec) -> Tensor<Self, 2> {
+        match Self::ternary_fwd(prim(&w), spec) {
+            Some(q) => tensor(q),
+            None => reference::ternary_ste(w, spec),
+        }
+    }
+
+    /// Fused RMSNorm: the output and `1 / rms` per row.
+    fn rms_norm_fwd(
+        _x: FloatTensor<Self>,
+        _w: FloatTensor<Self>,
+        _eps: f64,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+    /// `(dx, dw)` of RMSNorm.
+    fn rms_norm_bwd(
+        _x: FloatTensor<Self>,
+        _w: FloatTensor<Self>,
+        _rstd: FloatTensor<Self>,
+        _dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("rms_norm_bwd without rms_norm_fwd")
+    }
+    fn glu_fwd(
+        _g: FloatTensor<Self>,
+        _u: FloatTensor<Self>,
+        _act: Gate,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+    /// `(d gate, d up)`.
+    fn glu_bwd(
+        _g: FloatTensor<Self>,
+        _u: FloatTensor<Self>,
+        _dy: FloatTensor<Self>,
+        _act: Gate,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("glu_bwd without glu_fwd")
+    }
+    /// RoPE, or its transpose (`inverse`: the backward pass).
+    fn rope_fwd(
+        _x: FloatTensor<Self>,
+        _cos: FloatTensor<Self>,
+        _sin: FloatTensor<Self>,
+        _inverse: bool,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+    /// The output and the saved `[lse]`.
+    fn attention_fwd(
+        _q: FloatTensor<Self>,
+        _k: FloatTensor<Self>,
+        _v: FloatTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+    /// `(dq, dk, dv)`.
+    fn attention_bwd(
+        _q: FloatTensor<Self>,
+        _k: FloatTensor<Self>,
+        _v: FloatTensor<Self>,
+        _out: FloatTensor<Self>,
+        _lse: FloatTensor<Self>,
+        _dout: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("attention_bwd without attention_fwd")
+    }
+    /// The per-row losses and log-sum-exps.
+    fn cross_entropy_fwd(
+        _logits: FloatTensor<Self>,
+        _targets: IntTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+    /// d logits from the per-row loss gradients.
+    fn cross_entropy_bwd(
+        _logits: FloatTensor<Self>,
+        _targets: IntTensor<Self>,
+        _lse: FloatTensor<Self>,
+        _dloss: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        unreachable!("cross_entropy_bwd without cross_entropy_fwd")
+    }
+    fn ternary_fwd(_w: FloatTensor<Self>, _spec: TernarySpec) -> Option<FloatTensor<Self>> {
+        None
+    }
+}
+
+fn prim<B: Backend, const D: usize>(t: &Tensor<B, D>) -> FloatTensor<B> {
+    t.clone().into_primitive().tensor()
+}
+
+fn tensor<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+#[cfg(feature = "ndarray")]
+impl<E, I, Q> Kernels for burn::backend::NdArray<E, I, Q>
+where
+    Self: Backend,
+    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
+    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
+{
+}
+
+// The f32 burn-cuda backend tern trains with: the reference path.
+#[cfg(feature = "cuda")]
+impl Kernels for burn::backend::Cuda {}
+
+// ---------------------------------------------------------------------------------------------
+// Autodiff: each fused kernel one node with its own backward.
+
+type Inner<B> = FloatTensor<B>;
+
+/// Registers `grad` as the gradient of parent `i` (when it is tracked).
+fn give<B: Backend, const N: usize>(
+    ops: &Ops<impl Sized, N>,
+    grads: &mut Gradients,
+    i: usize,
+    grad: Inner<B>,
+) {
+    if let Some(node) = &ops.parents[i] {
+        grads.register::<B>(node.id, grad);
+    }
+}
+
+#[derive(Debug)]
+struct RmsNormBack;
+impl<B: Kernels> Backward<B, 2> for RmsNormBack {
+    type State = (Inner<B>, Inner<B>, Inner<B>);
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, w, rstd) = ops.state.clone();
+        let (dx, dw) = B::rms_norm_bwd(x, w, rstd, dy);
+        give::<B, 2>(&ops, grads, 0, dx);
+        give::<B, 2>(&ops, grads, 1, dw);
+    }
+}
+
+#[derive(Debug)]
+struct GluBack(Gate);
+impl<B: Kernels> Backward<B, 2> for GluBack {
+    type State = (Inner<B>, Inner<B>);
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<B>(&ops.node);
+        let (g, u) = ops.state.clone();
+        let (dg, du) = B::glu_bwd(g, u, dy, self.0);
+        give::<B, 2>(&ops, grads, 0, dg);
+        give::<B, 2>(&ops, grads, 1, du);
+    }
+}
+
+#[derive(Debug)]
+struct RopeBack;
+impl<B: Kernels> Backward<B, 1> for RopeBack {
+    type State = (Inner<B>, Inner<B>);
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<B>(&ops.node);
+        let (cos, sin) = ops.state.clone();
+        let dx = B::rope_fwd(dy, cos, sin, true).expect("rope transpose after a fused rope");
+        give::<B, 1>(&ops, grads, 0, dx);
+    }
+}
+
+#[derive(Debug)]
+struct AttentionBack;
+impl<B: Kernels> Backward<B, 3> for AttentionBack {
+    type State = [Inner<B>; 5];
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dout = grads.consume::<B>(&ops.node);
+        let [q, k, v, out, lse] = ops.state.clone();
+        let (dq, dk, dv) = B::attention_bwd(q, k, v, out, lse, dout);
+        give::<B, 3>(&ops, grads, 0, dq);
+        give::<B, 3>(&ops, grads, 1, dk);
+        give::<B, 3>(&ops, grads, 2, dv);
+    }
+}
+
+#[derive(Debug)]
+struct CrossEntropyBack;
+impl<B: Kernels> Backward<B, 1> for CrossEntropyBack {
+    type State = (Inner<B>, IntTensor<B>, Inner<B>);
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dl = grads.consume::<B>(&ops.node);
+        let (x, t, lse) = ops.state.clone();
+        give::<B, 1>(&ops, grads, 0, B::cross_entropy_bwd(x, t, lse, dl));
+    }
+}
+
+#[derive(Debug)]
+struct StraightThrough;
+impl<B: Backend> Backward<B, 1> for StraightThrough {
+    type State = ();
+    fn backward(self, ops: Ops<(), 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let g = grads.consume::<B>(&ops.node);
+        give::<B, 1>(&ops, grads, 0, g);
+    }
+}
+
+/// The primitive of an autodiff tensor.
+fn ad<B: Backend, C: CheckpointStrategy, const D: usize>(
+    t: &Tensor<Autodiff<B, C>, D>,
+) -> FloatTensor<Autodiff<B, C>> {
+    t.clone().into_primitive().tensor()
+}
+
+/// Finishes a stateful op: tracked, it keeps `state`; untracked, only the output.
+fn finish<B, C, BO, S, const N: usize, const D: usize>(
+    kind: OpsKind<BO, B, S, C, N>,
+    state: S,
+    out: Inner<B>,
+) -> Tensor<Autodiff<B, C>, D>
+where
+    B: Backend,
+    C: CheckpointStrategy,
+    BO: Backward<B, N, State = S>,
+    S: Clone + Send + std::fmt::Debug + 'static,
+{
+    let t = match kind {
+        OpsKind::Tracked(prep) => prep.finish(state, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
+    fn rms_norm(x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        let (xa, wa) = (ad(&x), ad(&weight));
+        let Some((y, rstd)) = B::rms_norm_fwd(xa.primitive.clone(), wa.primitive.clone(), eps)
+        else {
+            return reference::rms_norm(x, weight, eps);
+        };
+        let kind = RmsNormBack
+            .prepare::<C>([xa.node, wa.node])
+            .compute_bound()
+            .stateful();
+        finish(kind, (xa.primitive, wa.primitive, rstd), y)
+    }
+
+    fn glu<const D: usize>(
+        gate: Tensor<Self, D>,
+        up: Tensor<Self, D>,
+        act: Gate,
+    ) -> Tensor<Self, D> {
+        let (ga, ua) = (ad(&gate), ad(&up));
+        let Some(y) = B::glu_fwd(ga.primitive.clone(), ua.primitive.clone(), act) else {
+            return reference::glu(gate, up, act);
+        };
+        let kind = GluBack(act)
+            .prepare::<C>([ga.node, ua.node])
+            .compute_bound()
+            .stateful();
+        finish(kind, (ga.primitive, ua.primitive), y)
+    }
+
+    fn rope(x: Tensor<Self, 4>, cos: Tensor<Self, 2>, sin: Tensor<Self, 2>) -> Tensor<Self, 4> {
+        let xa = ad(&x);
+        let (c, s) = (ad(&cos).primitive, ad(&sin).primitive);
+        let Some(y) = B::rope_fwd(xa.primitive.clone(), c.clone(), s.clone(), false) else {
+            return reference::rope(x, cos, sin);
+        };
+        let kind = RopeBack.prepare::<C>([xa.node]).compute_bound().stateful();
+        finish(kind, (c, s), y)
+    }
+
+    fn causal_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        let (qa, ka, va) = (ad(&q), ad(&k), ad(&v));
+        let fused = B::attention_fwd(
+            qa.primitive.clone(),
+            ka.primitive.clone(),
+            va.primitive.clone(),
+        );
+        let Some((y, lse)) = fused else {
+            return reference::causal_attention(q, k, v);
+        };
+        let kind = AttentionBack
+            .prepare::<C>([qa.node, ka.node, va.node])
+            .compute_bound()
+            .stateful();
+        let state = [qa.primitive, ka.primitive, va.primitive, y.clone(), lse];
+        finish(kind, state, y)
+    }
+
+    fn cross_entropy(logits: Tensor<Self, 2>, targets: Tensor<Self, 1, Int>) -> Tensor<Self, 1> {
+        let xa = ad(&logits);
+        let t = targets.clone().into_primitive();
+        let Some((loss, lse)) = B::cross_entropy_fwd(xa.primitive.clone(), t.clone()) else {
+            return reference::cross_entropy(logits, targets);
+        };
+        let kind = CrossEntropyBack
+            .prepare::<C>([xa.node])
+            .compute_bound()
+            .stateful();
+        finish(kind, (xa.primitive, t, lse), loss)
+    }
+
+    fn ternary_ste(w: Tensor<Self, 2>, spec: TernarySpec) -> Tensor<Self, 2> {
+        let wa = ad(&w);
+        let Some(q) = B::ternary_fwd(wa.primitive.clone(), spec) else {
+            return reference::ternary_ste(w, spec);
+        };
+        let out = StraightThrough
+            .prepare::<C>([wa.node])
+            .compute_bound()
+            .stateless(q);
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+}

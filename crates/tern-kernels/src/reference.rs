@@ -1,0 +1,139 @@
+//! The layers as compositions of burn ops: what every backend runs unless it has a fused kernel,
+//! and what the fused kernels are tested against.
+
+use burn::tensor::activation::{log_softmax, relu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor};
+
+use crate::{Gate, TernarySpec};
+
+pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
+    let rms = x.clone().powi_scalar(2).mean_dim(1).add_scalar(eps).sqrt();
+    x.div(rms).mul(weight.unsqueeze())
+}
+
+pub fn glu<B: Backend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+    act: Gate,
+) -> Tensor<B, D> {
+    let gate = match act {
+        // silu(x) = x * sigmoid(x) with sigmoid(x) = (1 + tanh(x / 2)) / 2: burn's sigmoid goes
+        // through f32 whatever the tensor's precision, which breaks f64 gradient checks.
+        Gate::Silu => gate.clone() * gate.div_scalar(2.0).tanh().add_scalar(1.0).div_scalar(2.0),
+        Gate::Relu2 => relu(gate).powi_scalar(2),
+    };
+    gate * up
+}
+
+/// `cat(-x[.., d/2..], x[.., ..d/2])` along the last dimension.
+pub fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let d = x.dims()[3];
+    let first = x.clone().narrow(3, 0, d / 2);
+    let second = x.narrow(3, d / 2, d - d / 2);
+    Tensor::cat(vec![second.neg(), first], 3)
+}
+
+/// RoPE of `x: [batch, seq, heads, head_dim]`, tables `[seq, head_dim]`.
+pub fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 4> {
+    let [t, hd] = cos.dims();
+    let cos = cos.reshape([1, t, 1, hd]);
+    let sin = sin.reshape([1, t, 1, hd]);
+    x.clone() * cos + rotate_half(x) * sin
+}
+
+/// Causal attention, q `[b, t, heads, hd]`, k and v `[b, t, kv_heads, hd]`; query head j reads
+/// key/value head j / (heads / kv_heads), as Hugging Face's `repeat_kv`.
+pub fn causal_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let [b, t, nh, hd] = q.dims();
+    let nkv = k.dims()[2];
+    let repeat = |y: Tensor<B, 4>| {
+        let y = y.swap_dims(1, 2);
+        if nh == nkv {
+            y
+        } else {
+            y.unsqueeze_dim::<5>(2)
+                .repeat_dim(2, nh / nkv)
+                .reshape([b, nh, t, hd])
+        }
+    };
+    let q = q.swap_dims(1, 2);
+    let (k, v) = (repeat(k), repeat(v));
+    let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((hd as f64).sqrt());
+    let mask = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &scores.device()) // true above the diagonal
+        .unsqueeze::<4>()
+        .expand([b, nh, t, t]);
+    // A large finite value, not -inf: a masked fill may be computed as a blend, and -inf * 0
+    // would be NaN.
+    let probs = softmax(scores.mask_fill(mask, -1e9), 3);
+    probs.matmul(v).swap_dims(1, 2)
+}
+
+/// Per-row `-log softmax(logits)[target]`.
+pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    let n = targets.dims()[0];
+    log_softmax(logits, 1)
+        .gather(1, targets.unsqueeze_dim(1))
+        .reshape([n])
+        .neg()
+}
+
+/// Per-group absmean scales `gamma_g = eps + mean|W_g|`, broadcastable against a weight reshaped
+/// by [`grouped`]: `[groups, 1, 1]` for row groups, `[1, groups, 1]` for column groups.
+pub fn group_scales<B: Backend>(
+    w: &Tensor<B, 2>,
+    groups: usize,
+    by_rows: bool,
+    eps: f64,
+) -> Tensor<B, 3> {
+    let [out, inp] = w.dims();
+    if by_rows {
+        w.clone()
+            .abs()
+            .reshape([groups, out / groups * inp])
+            .mean_dim(1)
+            .reshape([groups, 1, 1])
+            .add_scalar(eps)
+    } else {
+        w.clone()
+            .abs()
+            .reshape([out, groups, inp / groups])
+            .mean_dim(2)
+            .mean_dim(0)
+            .add_scalar(eps)
+    }
+}
+
+/// `W` viewed so that the group axis broadcasts against [`group_scales`].
+pub fn grouped<B: Backend>(w: Tensor<B, 2>, groups: usize, by_rows: bool) -> Tensor<B, 3> {
+    let [out, inp] = w.dims();
+    if by_rows {
+        w.reshape([groups, out / groups, inp])
+    } else {
+        w.reshape([out, groups, inp / groups])
+    }
+}
+
+/// `gamma_g * clamp(round(W / gamma_g), -1, 1)` without a gradient path.
+pub fn ternary_quantize<B: Backend>(w: Tensor<B, 2>, spec: TernarySpec) -> Tensor<B, 2> {
+    let dims = w.dims();
+    let gamma = group_scales(&w, spec.groups, spec.by_rows, spec.eps);
+    grouped(w, spec.groups, spec.by_rows)
+        .div(gamma.clone())
+        .round()
+        .clamp(-1.0, 1.0)
+        .mul(gamma)
+        .reshape(dims)
+}
+
+/// The quantized weight with a straight-through gradient, written `W~.detach() + (W -
+/// W.detach())` rather than `W + (W~ - W).detach()`: `W - W` is exactly zero, so the forward pass
+/// sees the exact ternary weight.
+pub fn ternary_ste<B: Backend>(w: Tensor<B, 2>, spec: TernarySpec) -> Tensor<B, 2> {
+    let q = ternary_quantize(w.clone().detach(), spec);
+    q + (w.clone() - w.detach())
+}
