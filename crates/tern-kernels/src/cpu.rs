@@ -135,14 +135,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum_lanes(acc)
 }
 
-/// `y += a * x`.
-#[inline(always)]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
 
@@ -365,46 +357,112 @@ impl AttnShape {
     }
 }
 
-/// Key/value head `g` of batch `b` transposed, `[head_dim, seq]`: score rows become axpys over
-/// the keys (vectorized along the sequence, no horizontal sums).
-fn transposed(x: &[f32], s: AttnShape, b: usize, g: usize) -> Vec<f32> {
-    let (t, hd) = (s.seq, s.head_dim);
-    let mut out = vec![0f32; hd * t];
-    for j in 0..t {
-        let row = &x[s.kv_row(b, j, g)..][..hd];
-        for (d, v) in row.iter().enumerate() {
-            out[d * t + j] = *v;
+/// A strided matrix view into a slice: element (r, c) at `offset + r * rs + c * cs`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    offset: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    fn new(data: &'a [f32], offset: usize, rs: usize, cs: usize) -> Self {
+        Self {
+            data,
+            offset,
+            rs,
+            cs,
         }
     }
-    out
+    /// The transpose (a view, no copy).
+    fn t(self) -> Self {
+        Self {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+    fn check(&self, rows: usize, cols: usize) {
+        if rows > 0 && cols > 0 {
+            let last = self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs;
+            assert!(last < self.data.len(), "matrix view out of bounds");
+        }
+    }
 }
 
-/// `scores[j] = scale * sum_d q[d] kt[d][j]` for `j < scores.len()`.
-#[inline(always)]
-fn scores_row(q: &[f32], kt: &[f32], t: usize, scale: f32, scores: &mut [f32]) {
-    let n = scores.len();
-    scores.fill(0.0);
-    for (d, qd) in q.iter().enumerate() {
-        axpy(scores, *qd, &kt[d * t..][..n]);
+/// `c[m, n] = (acc ? c : 0) + a[m, k] b[k, n]`, `c` row-major with row stride `n`, on one thread
+/// (the callers split the work).
+fn matmul(c: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View, acc: bool) {
+    assert!(c.len() >= m * n);
+    a.check(m, k);
+    b.check(k, n);
+    if m == 0 || n == 0 {
+        return;
     }
-    for x in scores.iter_mut() {
-        *x *= scale;
+    if k == 0 {
+        if !acc {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: every index the product reads or writes was bounds-checked above.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            a.data.as_ptr().add(a.offset),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr().add(b.offset),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
+
+/// Query rows per block: a block's keys stop at its last row, which skips most of the masked
+/// upper triangle.
+const QBLOCK: usize = 64;
 
 simd_fn! {
-    /// One (batch, head): its output rows `[seq, head_dim]` and log-sum-exps `[seq]`.
-    fn attention_head(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, b: usize, h: usize, out: &mut [f32], lse: &mut [f32]) {
-        let (t, hd) = (s.seq, s.head_dim);
-        let g = h / (s.heads / s.kv_heads);
-        let scale = 1.0 / (hd as f32).sqrt();
-        let kt = transposed(k, s, b, g);
-        let mut p = vec![0f32; t];
-        for i in 0..t {
-            let qi = &q[s.q_row(b, i, h)..][..hd];
-            let row = &mut p[..=i];
-            scores_row(qi, &kt, t, scale, row);
-            let m = row.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
+    /// Row-wise causal softmax of `s: [rows, n]` for query rows `i0..i0 + rows` (key j visible
+    /// to row i when j <= i), scaled by `scale` first. Writes the probabilities into `s` and each
+    /// row's log-sum-exp into `lse` (`lse_in` given: uses it instead, as the backward pass does).
+    fn causal_softmax(s: &mut [f32], n: usize, i0: usize, scale: f32, lse: &mut [f32], lse_in: bool) {
+        for (r, row) in s.chunks_exact_mut(n).enumerate() {
+            let vis = (i0 + r + 1).min(n);
+            let (row, masked) = row.split_at_mut(vis);
+            masked.fill(0.0);
+            for x in row.iter_mut() {
+                *x *= scale;
+            }
+            if lse_in {
+                let l = lse[r];
+                for x in row.iter_mut() {
+                    *x = exp(*x - l);
+                }
+                continue;
+            }
+            let mut mx = [f32::NEG_INFINITY; LANES];
+            let mut c = row.chunks_exact(LANES);
+            for ch in &mut c {
+                for l in 0..LANES {
+                    mx[l] = mx[l].max(ch[l]);
+                }
+            }
+            let m = c.remainder().iter().fold(mx.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b)), |a, b| a.max(*b));
             let mut acc = [0f32; LANES];
             let mut c = row.chunks_exact_mut(LANES);
             for ch in &mut c {
@@ -417,24 +475,57 @@ simd_fn! {
                 *x = exp(*x - m);
                 acc[l] += *x;
             }
-            let l = sum_lanes(acc);
-            let o = &mut out[i * hd..][..hd];
-            o.fill(0.0);
-            for (j, pj) in p[..=i].iter().enumerate() {
-                axpy(o, *pj, &v[s.kv_row(b, j, g)..][..hd]);
+            let total = sum_lanes(acc);
+            let inv = 1.0 / total;
+            for x in row.iter_mut() {
+                *x *= inv;
             }
-            let inv = 1.0 / l;
-            for o in o.iter_mut() {
-                *o *= inv;
-            }
-            lse[i] = m + l.ln();
+            lse[r] = m + total.ln();
         }
+    }
+}
+
+/// One (batch, head): its output rows `[seq, head_dim]` and log-sum-exps `[seq]`.
+fn attention_head(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+    b: usize,
+    h: usize,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    let (t, hd) = (s.seq, s.head_dim);
+    let g = h / (s.heads / s.kv_heads);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (qrs, kvrs) = (s.heads * hd, s.kv_heads * hd);
+    let mut p = vec![0f32; QBLOCK * t];
+    for i0 in (0..t).step_by(QBLOCK) {
+        let rows = QBLOCK.min(t - i0);
+        let n = i0 + rows;
+        let qv = View::new(q, s.q_row(b, i0, h), qrs, 1);
+        let kt = View::new(k, s.kv_row(b, 0, g), kvrs, 1).t();
+        let p = &mut p[..rows * n];
+        matmul(p, rows, n, hd, qv, kt, false);
+        causal_softmax(p, n, i0, scale, &mut lse[i0..i0 + rows], false);
+        let vv = View::new(v, s.kv_row(b, 0, g), kvrs, 1);
+        matmul(
+            &mut out[i0 * hd..(i0 + rows) * hd],
+            rows,
+            hd,
+            n,
+            View::new(p, 0, n, 1),
+            vv,
+            false,
+        );
     }
 }
 
 /// `softmax(q k^T / sqrt(head_dim) + causal mask) v` per head, query head `h` reading key/value
 /// head `h / (heads / kv_heads)`. Returns the output `[batch, seq, heads, head_dim]` and the
 /// log-sum-exp of each row `[batch, heads, seq]` (what the backward pass needs besides q, k, v).
+/// Scores exist one block of query rows at a time, never for the whole sequence.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> (Vec<f32>, Vec<f32>) {
     let (t, hd) = (s.seq, s.head_dim);
     let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..s.batch * s.heads)
@@ -460,39 +551,72 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> (Vec<f32>, Ve
 }
 
 simd_fn! {
-    /// One (batch, kv head): dq of its query heads `[group, seq, head_dim]`, its dk and dv
-    /// `[seq, head_dim]`.
-    fn attention_back_group(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &[f32], s: AttnShape, b: usize, g: usize, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
-        let (t, hd) = (s.seq, s.head_dim);
-        let group = s.heads / s.kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let (kt, vt) = (transposed(k, s, b, g), transposed(v, s, b, g));
-        let mut p = vec![0f32; t];
-        let mut ds = vec![0f32; t];
-        for hg in 0..group {
-            let h = g * group + hg;
-            for i in 0..t {
-                let row = s.q_row(b, i, h);
-                let (qi, oi, doi) = (&q[row..][..hd], &o[row..][..hd], &dout[row..][..hd]);
-                let l = lse[(b * s.heads + h) * t + i];
-                let di = dot(doi, oi);
-                // p_j = exp(s_j - lse_i); dp_j = dO_i . v_j; ds_j = p_j (dp_j - D_i) scale.
-                let (p, ds) = (&mut p[..=i], &mut ds[..=i]);
-                scores_row(qi, &kt, t, scale, p);
-                for x in p.iter_mut() {
-                    *x = exp(*x - l);
-                }
-                scores_row(doi, &vt, t, 1.0, ds);
-                for (d, pj) in ds.iter_mut().zip(p.iter()) {
-                    *d = pj * (*d - di) * scale;
-                }
-                let dqi = &mut dq[(hg * t + i) * hd..][..hd];
-                for (j, (dsj, pj)) in ds.iter().zip(p.iter()).enumerate() {
-                    axpy(dqi, *dsj, &k[s.kv_row(b, j, g)..][..hd]);
-                    axpy(&mut dk[j * hd..][..hd], *dsj, qi);
-                    axpy(&mut dv[j * hd..][..hd], *pj, doi);
-                }
+    /// `ds = p * (dp - d_i) * scale` row by row.
+    fn softmax_grad(p: &[f32], ds: &mut [f32], n: usize, d: &[f32], scale: f32) {
+        for ((pr, dr), di) in p.chunks_exact(n).zip(ds.chunks_exact_mut(n)).zip(d) {
+            for (x, pj) in dr.iter_mut().zip(pr) {
+                *x = pj * (*x - di) * scale;
             }
+        }
+    }
+}
+
+/// One (batch, kv head): dq of its query heads `[group, seq, head_dim]`, its dk and dv
+/// `[seq, head_dim]`. Probabilities are recomputed from q, k and the saved log-sum-exps.
+fn attention_back_group(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    s: AttnShape,
+    b: usize,
+    g: usize,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let (t, hd) = (s.seq, s.head_dim);
+    let group = s.heads / s.kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (qrs, kvrs) = (s.heads * hd, s.kv_heads * hd);
+    let mut p = vec![0f32; QBLOCK * t];
+    let mut ds = vec![0f32; QBLOCK * t];
+    let mut di = vec![0f32; QBLOCK];
+    let kv = View::new(k, s.kv_row(b, 0, g), kvrs, 1);
+    let vv = View::new(v, s.kv_row(b, 0, g), kvrs, 1);
+    for hg in 0..group {
+        let h = g * group + hg;
+        let l = &lse[(b * s.heads + h) * t..][..t];
+        for i0 in (0..t).step_by(QBLOCK) {
+            let rows = QBLOCK.min(t - i0);
+            let n = i0 + rows;
+            let qv = View::new(q, s.q_row(b, i0, h), qrs, 1);
+            let dov = View::new(dout, s.q_row(b, i0, h), qrs, 1);
+            for (r, d) in di[..rows].iter_mut().enumerate() {
+                let row = s.q_row(b, i0 + r, h);
+                *d = dot(&dout[row..][..hd], &o[row..][..hd]);
+            }
+            let (p, ds) = (&mut p[..rows * n], &mut ds[..rows * n]);
+            let mut li = l[i0..i0 + rows].to_vec();
+            matmul(p, rows, n, hd, qv, kv.t(), false);
+            causal_softmax(p, n, i0, scale, &mut li, true);
+            matmul(ds, rows, n, hd, dov, vv.t(), false);
+            softmax_grad(p, ds, n, &di[..rows], scale);
+            let dsv = View::new(ds, 0, n, 1);
+            let pv = View::new(p, 0, n, 1);
+            matmul(
+                &mut dq[(hg * t + i0) * hd..(hg * t + n) * hd],
+                rows,
+                hd,
+                n,
+                dsv,
+                kv,
+                false,
+            );
+            matmul(&mut dk[..n * hd], n, hd, rows, dsv.t(), qv, true);
+            matmul(&mut dv[..n * hd], n, hd, rows, pv.t(), dov, true);
         }
     }
 }
@@ -697,6 +821,33 @@ pub fn ternary(
             });
     }
     q
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW
+
+simd_fn! {
+    fn adamw_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: [f32; 8]) {
+        let [decay, b1, one_b1, b2, one_b2, bc2, eps, step] = k;
+        for (((p, m), v), g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            // The reference's operations in its order, so both give the same bits.
+            let pd = *p * decay;
+            *m = *m * b1 + g * one_b1;
+            *v = *v * b2 + (g * g) * one_b2;
+            let denom = v.sqrt() / bc2 + eps;
+            *p = pd - (*m / denom) * step;
+        }
+    }
+}
+
+/// One AdamW update in place (see `AdamwScalars`): `k` = decay (1 for none), beta1, 1 - beta1,
+/// beta2, 1 - beta2, bc2_sqrt, eps, step_size, each already rounded to f32.
+pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: [f32; 8]) {
+    p.par_chunks_mut(CHUNK)
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK))
+        .for_each(|(((p, m), v), g)| adamw_chunk(p, m, v, g, k));
 }
 
 #[cfg(test)]

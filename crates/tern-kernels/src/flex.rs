@@ -7,7 +7,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Int, Shape, Tensor, TensorData, TensorMetadata};
 
 use crate::cpu::{self, AttnShape, Gate};
-use crate::{Kernels, TernarySpec};
+use crate::{reference, AdamwScalars, Kernels, TernarySpec};
 
 /// `t` as a contiguous f32 tensor, or `None` for other precisions.
 fn f32_tensor(t: &FlexTensor) -> Option<FlexTensor> {
@@ -67,7 +67,52 @@ fn token_ids(t: FlexTensor, vocab: usize) -> Vec<i64> {
     ids
 }
 
+/// `t` contiguous from offset 0 and owned alone (copied if shared), ready to be written in place.
+fn owned_f32(t: FlexTensor) -> FlexTensor {
+    let n = t.shape().num_elements();
+    if t.layout().contiguous_offsets() == Some((0, n)) && t.bytes().len() == n * 4 {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
 impl Kernels for Flex {
+    fn adamw_step(
+        p: Tensor<Self, 1>,
+        m: Tensor<Self, 1>,
+        v: Tensor<Self, 1>,
+        g: Tensor<Self, 1>,
+        s: AdamwScalars,
+    ) -> (Tensor<Self, 1>, Tensor<Self, 1>, Tensor<Self, 1>) {
+        let f32s = [&p, &m, &v, &g].iter().all(|t| t.dtype() == DType::F32);
+        if !f32s {
+            return reference::adamw_step(p, m, v, g, s);
+        }
+        let prim = |t: Tensor<Self, 1>| owned_f32(t.into_primitive().tensor());
+        let (mut pt, mut mt, mut vt) = (prim(p), prim(m), prim(v));
+        let gt = f32_tensor(&g.into_primitive().tensor()).expect("f32");
+        let k = [
+            s.decay.unwrap_or(1.0) as f32,
+            s.beta1 as f32,
+            (1.0 - s.beta1) as f32,
+            s.beta2 as f32,
+            (1.0 - s.beta2) as f32,
+            s.bc2_sqrt as f32,
+            s.eps as f32,
+            s.step_size as f32,
+        ];
+        cpu::adamw(
+            pt.storage_mut::<f32>(),
+            mt.storage_mut::<f32>(),
+            vt.storage_mut::<f32>(),
+            data(&gt),
+            k,
+        );
+        let t = |x: FlexTensor| Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(x));
+        (t(pt), t(mt), t(vt))
+    }
+
     fn rms_norm_fwd(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,

@@ -35,6 +35,19 @@ pub struct TernarySpec {
     pub eps: f64,
 }
 
+/// The scalars of one AdamW update of a parameter, in PyTorch's order: `p *= decay` (when
+/// `Some`), `m = beta1 m + (1 - beta1) g`, `v = beta2 v + (1 - beta2) g^2`,
+/// `p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamwScalars {
+    pub decay: Option<f64>,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub step_size: f64,
+    pub bc2_sqrt: f64,
+}
+
 /// What the backward pass of a fused op keeps, besides its inputs.
 pub type Saved<B> = Vec<FloatTensor<B>>;
 
@@ -92,6 +105,18 @@ pub trait Kernels: Backend {
             Some(q) => tensor(q),
             None => reference::ternary_ste(w, spec),
         }
+    }
+
+    /// One AdamW update of a flat parameter and its moments: `(p, m, v)` after it. Fused on the
+    /// CPU backend (one pass, the moments updated in place when nothing else holds them).
+    fn adamw_step(
+        p: Tensor<Self, 1>,
+        m: Tensor<Self, 1>,
+        v: Tensor<Self, 1>,
+        g: Tensor<Self, 1>,
+        s: AdamwScalars,
+    ) -> (Tensor<Self, 1>, Tensor<Self, 1>, Tensor<Self, 1>) {
+        reference::adamw_step(p, m, v, g, s)
     }
 
     /// Fused RMSNorm: the output and `1 / rms` per row.

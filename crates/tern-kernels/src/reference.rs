@@ -5,7 +5,7 @@ use burn::tensor::activation::{log_softmax, relu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 
-use crate::{Gate, TernarySpec};
+use crate::{AdamwScalars, Gate, TernarySpec};
 
 pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
     let rms = x.clone().powi_scalar(2).mean_dim(1).add_scalar(eps).sqrt();
@@ -136,4 +136,23 @@ pub fn ternary_quantize<B: Backend>(w: Tensor<B, 2>, spec: TernarySpec) -> Tenso
 pub fn ternary_ste<B: Backend>(w: Tensor<B, 2>, spec: TernarySpec) -> Tensor<B, 2> {
     let q = ternary_quantize(w.clone().detach(), spec);
     q + (w.clone() - w.detach())
+}
+
+/// One AdamW update (see [`AdamwScalars`]), each scalar converted to the tensors' precision.
+pub fn adamw_step<B: Backend>(
+    p: Tensor<B, 1>,
+    m: Tensor<B, 1>,
+    v: Tensor<B, 1>,
+    g: Tensor<B, 1>,
+    s: AdamwScalars,
+) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+    let p = match s.decay {
+        Some(d) => p.mul_scalar(d),
+        None => p,
+    };
+    let m = m.mul_scalar(s.beta1) + g.clone().mul_scalar(1.0 - s.beta1);
+    let v = v.mul_scalar(s.beta2) + g.powi_scalar(2).mul_scalar(1.0 - s.beta2);
+    let denom = v.clone().sqrt().div_scalar(s.bc2_sqrt).add_scalar(s.eps);
+    let p = p - m.clone().div(denom).mul_scalar(s.step_size);
+    (p, m, v)
 }

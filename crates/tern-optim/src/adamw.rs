@@ -2,6 +2,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use tern_kernels::{AdamwScalars, Kernels};
 
 use crate::config::OptimConfig;
 
@@ -39,8 +40,10 @@ impl<B: Backend> AdamW<B> {
             exp_avg_sq: zeros(),
         }
     }
+}
 
-    /// One update. `decay[i]` says whether parameter i takes weight decay; parameters with
+impl<B: Kernels> AdamW<B> {
+    /// One update (one fused pass per parameter on the CPU backend). `decay[i]` says whether parameter i takes weight decay; parameters with
     /// `trainable[i]` false are left as they are, state included (frozen).
     pub fn step(
         &mut self,
@@ -65,18 +68,19 @@ impl<B: Backend> AdamW<B> {
                 let t = self.param_steps[i] as i32;
                 let step_size = lr / (1.0 - self.beta1.powi(t));
                 let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
-                let g = grads[i].clone();
-                let p = if decay[i] && weight_decay > 0.0 {
-                    p.mul_scalar(1.0 - lr * weight_decay)
-                } else {
-                    p
+                let scalars = AdamwScalars {
+                    decay: (decay[i] && weight_decay > 0.0).then(|| 1.0 - lr * weight_decay),
+                    beta1: self.beta1,
+                    beta2: self.beta2,
+                    eps: self.eps,
+                    step_size,
+                    bc2_sqrt,
                 };
-                let m = self.exp_avg[i].clone().mul_scalar(self.beta1)
-                    + g.clone().mul_scalar(1.0 - self.beta1);
-                let v = self.exp_avg_sq[i].clone().mul_scalar(self.beta2)
-                    + g.powi_scalar(2).mul_scalar(1.0 - self.beta2);
-                let denom = v.clone().sqrt().div_scalar(bc2_sqrt).add_scalar(self.eps);
-                let p = p - m.clone().div(denom).mul_scalar(step_size);
+                // Taken out of the state, so that the fused update can write them in place.
+                let empty = || Tensor::<B, 1>::empty([0], &p.device());
+                let m = std::mem::replace(&mut self.exp_avg[i], empty());
+                let v = std::mem::replace(&mut self.exp_avg_sq[i], empty());
+                let (p, m, v) = B::adamw_step(p, m, v, grads[i].clone(), scalars);
                 self.exp_avg[i] = m;
                 self.exp_avg_sq[i] = v;
                 p

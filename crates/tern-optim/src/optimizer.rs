@@ -53,21 +53,6 @@ impl<B: Backend> Optimizer<B> {
         }
     }
 
-    pub fn step(
-        &mut self,
-        params: Vec<Tensor<B, 1>>,
-        grads: &[Tensor<B, 1>],
-        lr: f64,
-        weight_decay: f64,
-        decay: &[bool],
-        trainable: &[bool],
-    ) -> Vec<Tensor<B, 1>> {
-        match self {
-            Self::AdamW(o) => o.step(params, grads, lr, weight_decay, decay, trainable),
-            Self::GaLore(o) => o.step(params, grads, lr, weight_decay, decay, trainable),
-        }
-    }
-
     /// Sets the update count of parameter `i`.
     pub fn set_param_step(&mut self, i: usize, n: u64) {
         match self {
@@ -192,6 +177,23 @@ impl<B: Backend> Optimizer<B> {
             "exp_avg" => m[i] = value,
             "exp_avg_sq" => v[i] = value,
             other => panic!("unknown optimizer state {other}"),
+        }
+    }
+}
+
+impl<B: tern_kernels::Kernels> Optimizer<B> {
+    pub fn step(
+        &mut self,
+        params: Vec<Tensor<B, 1>>,
+        grads: &[Tensor<B, 1>],
+        lr: f64,
+        weight_decay: f64,
+        decay: &[bool],
+        trainable: &[bool],
+    ) -> Vec<Tensor<B, 1>> {
+        match self {
+            Self::AdamW(o) => o.step(params, grads, lr, weight_decay, decay, trainable),
+            Self::GaLore(o) => o.step(params, grads, lr, weight_decay, decay, trainable),
         }
     }
 }

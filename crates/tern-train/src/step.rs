@@ -109,6 +109,7 @@ pub fn optimizer_step<B, M>(
 ) -> (M, f64, bool)
 where
     B: AutodiffBackend,
+    B::InnerBackend: tern_kernels::Kernels,
     M: AutodiffModule<B>,
 {
     for (g, &t) in grads.iter_mut().zip(trainable) {
