@@ -69,7 +69,7 @@ impl<B: Kernels> AdamW<B> {
                 let step_size = lr / (1.0 - self.beta1.powi(t));
                 let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
                 let scalars = AdamwScalars {
-                    decay: (decay[i] && weight_decay > 0.0).then(|| 1.0 - lr * weight_decay),
+                    decay: (decay[i] && weight_decay > 0.0).then_some(1.0 - lr * weight_decay),
                     beta1: self.beta1,
                     beta2: self.beta2,
                     eps: self.eps,
