@@ -15,6 +15,7 @@ fn time(what: &str, reps: usize, mut f: impl FnMut()) {
 }
 
 fn main() {
+    linear_times();
     let s = AttnShape {
         batch: 8,
         seq: 128,
@@ -73,4 +74,44 @@ fn main() {
     time("ternary 384x128", 50, || {
         cpu::ternary(&wt, 384, 128, 1, true, 1e-5);
     });
+}
+
+fn linear_times() {
+    for (n, din, dout) in [
+        (1024usize, 128usize, 384usize),
+        (1024, 384, 128),
+        (1024, 128, 4096),
+        (1024, 128, 128),
+        (512, 512, 1280),
+        (512, 1280, 512),
+        (512, 512, 50304),
+    ] {
+        let x: Vec<f32> = (0..n * din).map(|i| (i % 13) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..dout * din).map(|i| (i % 7) as f32 * 0.1).collect();
+        let dy: Vec<f32> = (0..n * dout).map(|i| (i % 5) as f32 * 0.1).collect();
+        let gf = |ms: f64| 2.0 * (n * din * dout) as f64 / ms / 1e6;
+        let t = |f: &mut dyn FnMut()| {
+            f();
+            let t0 = Instant::now();
+            for _ in 0..20 {
+                f();
+            }
+            t0.elapsed().as_secs_f64() * 1e3 / 20.0
+        };
+        let a = t(&mut || {
+            cpu::linear(&x, &w, n, din, dout);
+        });
+        let b = t(&mut || {
+            cpu::linear_dx(&dy, &w, n, din, dout);
+        });
+        let c = t(&mut || {
+            cpu::linear_dw(&dy, &x, n, din, dout);
+        });
+        println!(
+            "{n}x{din}->{dout}: fwd {a:.3} ms ({:.0} GF/s), dx {b:.3} ({:.0}), dw {c:.3} ({:.0})",
+            gf(a),
+            gf(b),
+            gf(c)
+        );
+    }
 }

@@ -93,6 +93,7 @@ impl Kernels for Flex {
         let (mut pt, mut mt, mut vt) = (prim(p), prim(m), prim(v));
         let gt = f32_tensor(&g.into_primitive().tensor()).expect("f32");
         let k = [
+            s.grad_scale.unwrap_or(1.0) as f32,
             s.decay.unwrap_or(1.0) as f32,
             s.beta1 as f32,
             (1.0 - s.beta1) as f32,
@@ -111,6 +112,45 @@ impl Kernels for Flex {
         );
         let t = |x: FlexTensor| Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(x));
         (t(pt), t(mt), t(vt))
+    }
+
+    fn sum_squares(t: Tensor<Self, 1>) -> f64 {
+        match f32_tensor(&t.clone().into_primitive().tensor()) {
+            Some(x) => cpu::sum_squares(data(&x)),
+            None => reference::sum_squares(t),
+        }
+    }
+
+    fn linear_fwd(x: FloatTensor<Self>, w: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
+        let [x, w] = all_f32([&x, &w])?;
+        let ([n, d_in], d_out) = ([dims(&x)[0], dims(&x)[1]], dims(&w)[0]);
+        Some(new(
+            cpu::linear(data(&x), data(&w), n, d_in, d_out),
+            [n, d_out],
+        ))
+    }
+
+    fn linear_bwd(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        want: [bool; 2],
+    ) -> [Option<FloatTensor<Self>>; 2] {
+        let [x, w, dy] = all_f32([&x, &w, &dy]).expect("f32 as in forward");
+        let ([n, d_in], d_out) = ([dims(&x)[0], dims(&x)[1]], dims(&w)[0]);
+        let dx = want[0].then(|| {
+            new(
+                cpu::linear_dx(data(&dy), data(&w), n, d_in, d_out),
+                [n, d_in],
+            )
+        });
+        let dw = want[1].then(|| {
+            new(
+                cpu::linear_dw(data(&dy), data(&x), n, d_in, d_out),
+                [d_out, d_in],
+            )
+        });
+        [dx, dw]
     }
 
     fn rms_norm_fwd(

@@ -35,11 +35,12 @@ pub struct TernarySpec {
     pub eps: f64,
 }
 
-/// The scalars of one AdamW update of a parameter, in PyTorch's order: `p *= decay` (when
-/// `Some`), `m = beta1 m + (1 - beta1) g`, `v = beta2 v + (1 - beta2) g^2`,
+/// The scalars of one AdamW update of a parameter, in PyTorch's order: `g *= grad_scale` and
+/// `p *= decay` (each when `Some`), `m = beta1 m + (1 - beta1) g`, `v = beta2 v + (1 - beta2) g^2`,
 /// `p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamwScalars {
+    pub grad_scale: Option<f64>,
     pub decay: Option<f64>,
     pub beta1: f64,
     pub beta2: f64,
@@ -55,6 +56,13 @@ pub type Saved<B> = Vec<FloatTensor<B>>;
 /// backend's own tensors: `None` from a `*_fwd` means "not fused here" (the default) and the op
 /// takes the reference path; a `*_bwd` is only called after its `*_fwd` gave `Some`.
 pub trait Kernels: Backend {
+    /// `x w^T` of `x: [rows, d_in]` and `w: [d_out, d_in]`.
+    fn linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        match Self::linear_fwd(prim(&x), prim(&w)) {
+            Some(y) => tensor(y),
+            None => x.matmul(w.transpose()),
+        }
+    }
     /// `x / sqrt(mean(x^2) + eps) * weight` over the last axis of `x: [rows, d]`.
     fn rms_norm(x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
         match Self::rms_norm_fwd(prim(&x), prim(&weight), eps) {
@@ -117,6 +125,24 @@ pub trait Kernels: Backend {
         s: AdamwScalars,
     ) -> (Tensor<Self, 1>, Tensor<Self, 1>, Tensor<Self, 1>) {
         reference::adamw_step(p, m, v, g, s)
+    }
+
+    fn linear_fwd(_x: FloatTensor<Self>, _w: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
+        None
+    }
+    /// `(dx, dw)` of a linear layer, each only when asked for.
+    fn linear_bwd(
+        _x: FloatTensor<Self>,
+        _w: FloatTensor<Self>,
+        _dy: FloatTensor<Self>,
+        _want: [bool; 2],
+    ) -> [Option<FloatTensor<Self>>; 2] {
+        unreachable!("linear_bwd without linear_fwd")
+    }
+    /// `sum(t^2)` of a flat tensor, on the host in f64 (for the global gradient norm). Fused on
+    /// the CPU backend: one read, f32 lanes over blocks summed in f64.
+    fn sum_squares(t: Tensor<Self, 1>) -> f64 {
+        reference::sum_squares(t)
     }
 
     /// Fused RMSNorm: the output and `1 / rms` per row.
@@ -240,6 +266,24 @@ fn give<B: Backend, const N: usize>(
 }
 
 #[derive(Debug)]
+struct LinearBack;
+impl<B: Kernels> Backward<B, 2> for LinearBack {
+    type State = (Inner<B>, Inner<B>);
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, w) = ops.state.clone();
+        let want = [ops.parents[0].is_some(), ops.parents[1].is_some()];
+        let [dx, dw] = B::linear_bwd(x, w, dy, want);
+        if let Some(dx) = dx {
+            give::<B, 2>(&ops, grads, 0, dx);
+        }
+        if let Some(dw) = dw {
+            give::<B, 2>(&ops, grads, 1, dw);
+        }
+    }
+}
+
+#[derive(Debug)]
 struct RmsNormBack;
 impl<B: Kernels> Backward<B, 2> for RmsNormBack {
     type State = (Inner<B>, Inner<B>, Inner<B>);
@@ -339,6 +383,18 @@ where
 }
 
 impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
+    fn linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let (xa, wa) = (ad(&x), ad(&w));
+        let Some(y) = B::linear_fwd(xa.primitive.clone(), wa.primitive.clone()) else {
+            return x.matmul(w.transpose());
+        };
+        let kind = LinearBack
+            .prepare::<C>([xa.node, wa.node])
+            .compute_bound()
+            .stateful();
+        finish(kind, (xa.primitive, wa.primitive), y)
+    }
+
     fn rms_norm(x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
         let (xa, wa) = (ad(&x), ad(&weight));
         let Some((y, rstd)) = B::rms_norm_fwd(xa.primitive.clone(), wa.primitive.clone(), eps)

@@ -146,6 +146,10 @@ pub fn adamw_step<B: Backend>(
     g: Tensor<B, 1>,
     s: AdamwScalars,
 ) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+    let g = match s.grad_scale {
+        Some(c) => g.mul_scalar(c),
+        None => g,
+    };
     let p = match s.decay {
         Some(d) => p.mul_scalar(d),
         None => p,
@@ -155,4 +159,10 @@ pub fn adamw_step<B: Backend>(
     let denom = v.clone().sqrt().div_scalar(s.bc2_sqrt).add_scalar(s.eps);
     let p = p - m.clone().div(denom).mul_scalar(s.step_size);
     (p, m, v)
+}
+
+/// `sum(t^2)` in f64 on the host.
+pub fn sum_squares<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    use burn::tensor::ElementConversion;
+    t.powi_scalar(2).sum().into_scalar().elem::<f64>()
 }

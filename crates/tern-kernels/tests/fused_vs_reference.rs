@@ -240,3 +240,26 @@ fn reference_backends_agree() {
     let b = host(B::causal_attention(qf.clone(), qf.clone(), qf));
     close("ndarray vs flex attention", &a, &b, 1e-5);
 }
+
+#[test]
+fn linear_both_gradients() {
+    let x: Tensor<B, 2> = rand([37, 21], 15);
+    let w: Tensor<B, 2> = rand([19, 21], 16);
+    let run = |fused: bool| {
+        let p = |t: &Tensor<B, 2>| Tensor::<B, 2>::from_inner(t.clone().inner()).require_grad();
+        let (x, w) = (p(&x), p(&w));
+        let y = if fused {
+            B::linear(x.clone(), w.clone())
+        } else {
+            x.clone().matmul(w.clone().transpose())
+        };
+        let g = (y.clone() * rand([37, 19], 17).detach()).sum().backward();
+        let gr =
+            |t: &Tensor<B, 2>| -> Vec<f32> { t.grad(&g).unwrap().into_data().to_vec().unwrap() };
+        (host(y), gr(&x), gr(&w))
+    };
+    let (a, b) = (run(true), run(false));
+    close("linear y", &a.0, &b.0, 1e-6);
+    close("linear dx", &a.1, &b.1, 1e-6);
+    close("linear dw", &a.2, &b.2, 1e-6);
+}

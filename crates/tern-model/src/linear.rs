@@ -285,7 +285,7 @@ impl<B: Kernels, H: Hooks<B>> ProjLinear<B, H> {
         let d_in = dims[D - 1];
         let rows = x.shape().num_elements() / d_in;
         let [d_out, _] = w.dims();
-        let y = x.reshape([rows, d_in]).matmul(w.transpose());
+        let y = <B as Kernels>::linear(x.reshape([rows, d_in]), w);
         let mut out = dims;
         out[D - 1] = d_out;
         let y = self.hooks.output(y.reshape(out));

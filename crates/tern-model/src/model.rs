@@ -199,9 +199,7 @@ impl<B: Kernels, H: Hooks<B>> Llama<B, H> {
                 let [b, t, h] = x.dims();
                 let w = self.embed_tokens.weight.val();
                 let v = w.dims()[0];
-                x.reshape([b * t, h])
-                    .matmul(w.transpose())
-                    .reshape([b, t, v])
+                <B as Kernels>::linear(x.reshape([b * t, h]), w).reshape([b, t, v])
             }
         }
     }

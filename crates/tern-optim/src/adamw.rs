@@ -54,6 +54,22 @@ impl<B: Kernels> AdamW<B> {
         decay: &[bool],
         trainable: &[bool],
     ) -> Vec<Tensor<B, 1>> {
+        self.step_scaled(params, grads, None, lr, weight_decay, decay, trainable)
+    }
+
+    /// [`Self::step`] with every gradient first multiplied by `grad_scale` (gradient clipping,
+    /// applied inside the fused update instead of in a pass of its own).
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_scaled(
+        &mut self,
+        params: Vec<Tensor<B, 1>>,
+        grads: &[Tensor<B, 1>],
+        grad_scale: Option<f64>,
+        lr: f64,
+        weight_decay: f64,
+        decay: &[bool],
+        trainable: &[bool],
+    ) -> Vec<Tensor<B, 1>> {
         assert_eq!(params.len(), grads.len());
         assert_eq!(params.len(), self.exp_avg.len());
         self.step += 1;
@@ -69,6 +85,7 @@ impl<B: Kernels> AdamW<B> {
                 let step_size = lr / (1.0 - self.beta1.powi(t));
                 let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
                 let scalars = AdamwScalars {
+                    grad_scale,
                     decay: (decay[i] && weight_decay > 0.0).then_some(1.0 - lr * weight_decay),
                     beta1: self.beta1,
                     beta2: self.beta2,

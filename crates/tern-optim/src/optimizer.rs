@@ -182,18 +182,36 @@ impl<B: Backend> Optimizer<B> {
 }
 
 impl<B: tern_kernels::Kernels> Optimizer<B> {
+    /// One update from `grads` times `grad_scale` (the clipping factor, `None`: 1).
+    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
         params: Vec<Tensor<B, 1>>,
-        grads: &[Tensor<B, 1>],
+        mut grads: Vec<Tensor<B, 1>>,
+        grad_scale: Option<f64>,
         lr: f64,
         weight_decay: f64,
         decay: &[bool],
         trainable: &[bool],
     ) -> Vec<Tensor<B, 1>> {
         match self {
-            Self::AdamW(o) => o.step(params, grads, lr, weight_decay, decay, trainable),
-            Self::GaLore(o) => o.step(params, grads, lr, weight_decay, decay, trainable),
+            Self::AdamW(o) => o.step_scaled(
+                params,
+                &grads,
+                grad_scale,
+                lr,
+                weight_decay,
+                decay,
+                trainable,
+            ),
+            Self::GaLore(o) => {
+                if let Some(s) = grad_scale {
+                    for g in grads.iter_mut() {
+                        *g = g.clone().mul_scalar(s);
+                    }
+                }
+                o.step(params, &grads, lr, weight_decay, decay, trainable)
+            }
         }
     }
 }

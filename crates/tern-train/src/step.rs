@@ -6,7 +6,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 use tern_dist::Comm;
-use tern_optim::{clip_to, squared_norms, Optimizer};
+use tern_optim::{clip_scale, squared_norms, Optimizer};
 
 use crate::params::{assign_trainable, flat_grads, flat_values};
 
@@ -80,7 +80,7 @@ pub struct StepSettings {
 
 /// The gradient norm of the whole model: replicated gradients once (they are equal on every
 /// tensor-parallel rank), the shards' squares summed over the group `tp`.
-pub fn global_grad_norm<B: Backend>(
+pub fn global_grad_norm<B: tern_kernels::Kernels>(
     grads: &[Tensor<B, 1>],
     sharded: &[bool],
     tp: &dyn Comm,
@@ -118,14 +118,14 @@ where
         }
     }
     let norm = global_grad_norm(&grads, &rules.sharded, tp);
-    clip_to(&mut grads, norm, s.grad_clip);
     if !(loss.is_finite() && norm.is_finite()) {
         return (model, norm, false);
     }
     let params = flat_values::<B::InnerBackend, _>(&model.valid());
     let updated = opt.step(
         params,
-        &grads,
+        grads,
+        clip_scale(norm, s.grad_clip),
         s.lr,
         s.weight_decay,
         &rules.decay,
