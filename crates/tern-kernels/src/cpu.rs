@@ -828,46 +828,36 @@ pub fn cross_entropy_backward(
 // ---------------------------------------------------------------------------------------------
 // Ternary weights
 
+/// `sum(f(w))`: f32 lanes over blocks of 4096, f64 across blocks (exact enough for any size).
+#[inline(always)]
+fn block_sum(w: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut acc = [0f32; LANES];
+    let mut total = 0f64;
+    for block in w.chunks(4096) {
+        acc.fill(0.0);
+        let mut c = block.chunks_exact(LANES);
+        for ch in &mut c {
+            for i in 0..LANES {
+                acc[i] += f(ch[i]);
+            }
+        }
+        for (i, r) in c.remainder().iter().enumerate() {
+            acc[i] += f(*r);
+        }
+        total += sum_lanes(acc) as f64;
+    }
+    total
+}
+
 simd_fn! {
     fn abs_sum(w: &[f32]) -> f64 {
-        let mut acc = [0f32; LANES];
-        let mut total = 0f64;
-        // f32 lanes over blocks of 4096, f64 across blocks: exact enough for any tensor size.
-        for block in w.chunks(4096) {
-            acc.fill(0.0);
-            let mut c = block.chunks_exact(LANES);
-            for ch in &mut c {
-                for i in 0..LANES {
-                    acc[i] += ch[i].abs();
-                }
-            }
-            for (i, r) in c.remainder().iter().enumerate() {
-                acc[i] += r.abs();
-            }
-            total += sum_lanes(acc) as f64;
-        }
-        total
+        block_sum(w, f32::abs)
     }
 }
 
 simd_fn! {
     fn square_sum(w: &[f32]) -> f64 {
-        let mut acc = [0f32; LANES];
-        let mut total = 0f64;
-        for block in w.chunks(4096) {
-            acc.fill(0.0);
-            let mut c = block.chunks_exact(LANES);
-            for ch in &mut c {
-                for i in 0..LANES {
-                    acc[i] += ch[i] * ch[i];
-                }
-            }
-            for (i, r) in c.remainder().iter().enumerate() {
-                acc[i] += r * r;
-            }
-            total += sum_lanes(acc) as f64;
-        }
-        total
+        block_sum(w, |x| x * x)
     }
 }
 
