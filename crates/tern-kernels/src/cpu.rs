@@ -3,6 +3,8 @@
 //! over rows with rayon. Sums run over 16 independent lanes combined in a fixed order, and every
 //! split is fixed by the shape (never by the thread count), so results are bitwise reproducible.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// Rows per rayon task where rows are short: enough work to amortize the task.
@@ -227,33 +229,33 @@ pub enum Gate {
 }
 
 simd_fn! {
-    fn glu_chunk(g: &[f32], u: &[f32], y: &mut [f32], silu: bool) {
+    fn glu_chunk(g: &[f32], u: &[f32], y: &mut [MaybeUninit<f32>], silu: bool) {
         if silu {
             for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                *y = g * sigmoid(*g) * u;
+                y.write(g * sigmoid(*g) * u);
             }
         } else {
             for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
                 let r = g.max(0.0);
-                *y = r * r * u;
+                y.write(r * r * u);
             }
         }
     }
 }
 
 simd_fn! {
-    fn glu_back_chunk(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32], silu: bool) {
+    fn glu_back_chunk(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [MaybeUninit<f32>], du: &mut [MaybeUninit<f32>], silu: bool) {
         if silu {
             for ((((dg, du), g), u), dy) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
                 let s = sigmoid(*g);
-                *du = dy * g * s;
-                *dg = dy * u * s * (1.0 + g * (1.0 - s));
+                du.write(dy * g * s);
+                dg.write(dy * u * s * (1.0 + g * (1.0 - s)));
             }
         } else {
             for ((((dg, du), g), u), dy) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
                 let r = g.max(0.0);
-                *du = dy * r * r;
-                *dg = dy * u * 2.0 * r;
+                du.write(dy * r * r);
+                dg.write(dy * u * 2.0 * r);
             }
         }
     }
@@ -263,23 +265,31 @@ const CHUNK: usize = 1 << 14;
 
 /// `act(gate) * up`, element-wise.
 pub fn glu(gate: &[f32], up: &[f32], kind: Gate) -> Vec<f32> {
-    let mut y = vec![0f32; gate.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(gate.par_chunks(CHUNK))
-        .zip(up.par_chunks(CHUNK))
-        .for_each(|((y, g), u)| glu_chunk(g, u, y, kind == Gate::Silu));
-    y
+    assert_eq!(gate.len(), up.len());
+    written(gate.len(), |y| {
+        y.par_chunks_mut(CHUNK)
+            .zip(gate.par_chunks(CHUNK))
+            .zip(up.par_chunks(CHUNK))
+            .for_each(|((y, g), u)| glu_chunk(g, u, y, kind == Gate::Silu))
+    })
 }
 
 /// Gradients of [`glu`]: `(d gate, d up)`.
 pub fn glu_backward(gate: &[f32], up: &[f32], dy: &[f32], kind: Gate) -> (Vec<f32>, Vec<f32>) {
-    let mut dg = vec![0f32; gate.len()];
-    let mut du = vec![0f32; gate.len()];
-    dg.par_chunks_mut(CHUNK)
-        .zip(du.par_chunks_mut(CHUNK))
-        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-        .zip(dy.par_chunks(CHUNK))
-        .for_each(|(((dg, du), (g, u)), dy)| glu_back_chunk(g, u, dy, dg, du, kind == Gate::Silu));
+    let n = gate.len();
+    assert!(up.len() == n && dy.len() == n);
+    let mut du = Vec::new();
+    let dg = written(n, |dg| {
+        du = written(n, |du| {
+            dg.par_chunks_mut(CHUNK)
+                .zip(du.par_chunks_mut(CHUNK))
+                .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+                .zip(dy.par_chunks(CHUNK))
+                .for_each(|(((dg, du), (g, u)), dy)| {
+                    glu_back_chunk(g, u, dy, dg, du, kind == Gate::Silu)
+                })
+        })
+    });
     (dg, du)
 }
 
@@ -394,13 +404,26 @@ impl<'a> View<'a> {
 /// `c[m, n] = (acc ? c : 0) + a[m, k] b[k, n]`, `c` row-major with row stride `n`, on one thread
 /// (the callers split the work).
 fn matmul(c: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View, acc: bool) {
+    // SAFETY: the product only writes finished values through this view.
+    let c = unsafe { &mut *(c as *mut [f32] as *mut [MaybeUninit<f32>]) };
     matmul_with(c, m, n, k, a, b, acc, gemm::Parallelism::None)
+}
+
+/// A vector of `len` values that `fill` writes, every one of them, without zeroing it first
+/// (the outputs of the products are the largest buffers of a step).
+fn written(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    fill(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: `fill` initialized all `len` elements (the callers' contract).
+    unsafe { v.set_len(len) };
+    v
 }
 
 /// [`matmul`] on the rayon pool when the product is large enough to split. A long reduction
 /// into a large output goes in slices of `KSLICE` accumulated in place: measured here, the LM
 /// head's weight gradient (4096 x 128 over 1024 tokens) runs at 293 GFLOP/s sliced, 165 whole.
-fn matmul_par(c: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View) {
+/// Writes every element of `c` (reads none of it first).
+fn matmul_par(c: &mut [MaybeUninit<f32>], m: usize, n: usize, k: usize, a: View, b: View) {
     const KSLICE: usize = 256;
     let par = if m * n * k >= 1 << 18 {
         gemm::Parallelism::Rayon(0)
@@ -424,8 +447,9 @@ fn matmul_par(c: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View) {
     }
 }
 
+/// `acc`: `c` holds values to add to (it must be initialized); otherwise `c` is only written.
 fn matmul_with(
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     m: usize,
     n: usize,
     k: usize,
@@ -442,7 +466,7 @@ fn matmul_with(
     }
     if k == 0 {
         if !acc {
-            c[..m * n].fill(0.0);
+            c[..m * n].fill(MaybeUninit::new(0.0));
         }
         return;
     }
@@ -452,7 +476,7 @@ fn matmul_with(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c.as_mut_ptr() as *mut f32,
             1,
             n as isize,
             acc,
@@ -475,44 +499,20 @@ fn matmul_with(
 /// `y = x w^T` of `x: [n, d_in]` and `w: [d_out, d_in]` (a bias-free linear layer), `w` read
 /// through its strides, never transposed in memory.
 pub fn linear(x: &[f32], w: &[f32], n: usize, d_in: usize, d_out: usize) -> Vec<f32> {
-    let mut y = vec![0f32; n * d_out];
-    matmul_par(
-        &mut y,
-        n,
-        d_out,
-        d_in,
-        View::new(x, 0, d_in, 1),
-        View::new(w, 0, d_in, 1).t(),
-    );
-    y
+    let (x, w) = (View::new(x, 0, d_in, 1), View::new(w, 0, d_in, 1).t());
+    written(n * d_out, |y| matmul_par(y, n, d_out, d_in, x, w))
 }
 
 /// `dx = dy w` of [`linear`].
 pub fn linear_dx(dy: &[f32], w: &[f32], n: usize, d_in: usize, d_out: usize) -> Vec<f32> {
-    let mut dx = vec![0f32; n * d_in];
-    matmul_par(
-        &mut dx,
-        n,
-        d_in,
-        d_out,
-        View::new(dy, 0, d_out, 1),
-        View::new(w, 0, d_in, 1),
-    );
-    dx
+    let (dy, w) = (View::new(dy, 0, d_out, 1), View::new(w, 0, d_in, 1));
+    written(n * d_in, |dx| matmul_par(dx, n, d_in, d_out, dy, w))
 }
 
 /// `dw = dy^T x` of [`linear`].
 pub fn linear_dw(dy: &[f32], x: &[f32], n: usize, d_in: usize, d_out: usize) -> Vec<f32> {
-    let mut dw = vec![0f32; d_out * d_in];
-    matmul_par(
-        &mut dw,
-        d_out,
-        d_in,
-        n,
-        View::new(dy, 0, d_out, 1).t(),
-        View::new(x, 0, d_in, 1),
-    );
-    dw
+    let (dyt, x) = (View::new(dy, 0, d_out, 1).t(), View::new(x, 0, d_in, 1));
+    written(d_out * d_in, |dw| matmul_par(dw, d_out, d_in, n, dyt, x))
 }
 
 /// Query rows per block: a block's keys stop at its last row, which skips most of the masked
@@ -794,12 +794,13 @@ pub fn cross_entropy(x: &[f32], targets: &[i64], v: usize) -> (Vec<f32>, Vec<f32
 }
 
 simd_fn! {
-    fn ce_back_rows(x: &[f32], targets: &[i64], lse: &[f32], dl: &[f32], v: usize, dx: &mut [f32]) {
+    fn ce_back_rows(x: &[f32], targets: &[i64], lse: &[f32], dl: &[f32], v: usize, dx: &mut [MaybeUninit<f32>]) {
         for ((((xr, &t), z), g), dr) in x.chunks_exact(v).zip(targets).zip(lse).zip(dl).zip(dx.chunks_exact_mut(v)) {
-            for (d, x) in dr.iter_mut().zip(xr) {
-                *d = exp(x - z) * g;
+            let t = t as usize;
+            for (j, (d, x)) in dr.iter_mut().zip(xr).enumerate() {
+                let p = exp(x - z) * g;
+                d.write(if j == t { p - g } else { p });
             }
-            dr[t as usize] -= g;
         }
     }
 }
@@ -812,17 +813,18 @@ pub fn cross_entropy_backward(
     dl: &[f32],
     v: usize,
 ) -> Vec<f32> {
-    let mut dx = vec![0f32; x.len()];
+    assert_eq!(x.len(), targets.len() * v);
     let rows = (CHUNK / v.max(1)).max(1);
-    dx.par_chunks_mut(rows * v)
-        .zip(x.par_chunks(rows * v))
-        .zip(
-            targets
-                .par_chunks(rows)
-                .zip(lse.par_chunks(rows).zip(dl.par_chunks(rows))),
-        )
-        .for_each(|((dx, x), (t, (z, g)))| ce_back_rows(x, t, z, g, v, dx));
-    dx
+    written(x.len(), |dx| {
+        dx.par_chunks_mut(rows * v)
+            .zip(x.par_chunks(rows * v))
+            .zip(
+                targets
+                    .par_chunks(rows)
+                    .zip(lse.par_chunks(rows).zip(dl.par_chunks(rows))),
+            )
+            .for_each(|((dx, x), (t, (z, g)))| ce_back_rows(x, t, z, g, v, dx))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
