@@ -48,7 +48,7 @@ fn main() {
         cpu::cross_entropy(&logits, &t, 4096);
     });
     time("cross-entropy bwd", 20, || {
-        cpu::cross_entropy_backward(&logits, &t, &z, &dl, 4096);
+        cpu::cross_entropy_backward(&z, &t, &dl, 4096);
     });
     let (g, u) = (v(1024 * 384), v(1024 * 384));
     time("swiglu fwd", 50, || {
@@ -101,11 +101,12 @@ fn linear_times() {
         let a = t(&mut || {
             cpu::linear(&x, &w, n, din, dout);
         });
+        let sh = (n, din, dout);
         let b = t(&mut || {
-            cpu::linear_dx(&dy, &w, n, din, dout);
+            cpu::linear_backward(&dy, &x, &w, sh, [true, false]);
         });
         let c = t(&mut || {
-            cpu::linear_dw(&dy, &x, n, din, dout);
+            cpu::linear_backward(&dy, &x, &w, sh, [false, true]);
         });
         println!(
             "{n}x{din}->{dout}: fwd {a:.3} ms ({:.0} GF/s), dx {b:.3} ({:.0}), dw {c:.3} ({:.0})",

@@ -419,10 +419,9 @@ fn written(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
     v
 }
 
-/// [`matmul`] on the rayon pool when the product is large enough to split. A long reduction
-/// into a large output goes in slices of `KSLICE` accumulated in place: measured here, the LM
-/// head's weight gradient (4096 x 128 over 1024 tokens) runs at 293 GFLOP/s sliced, 165 whole.
-/// Writes every element of `c` (reads none of it first).
+/// [`matmul`] on the rayon pool when the product is large enough to split. A long reduction into a large output goes in slices of `KSLICE` accumulated in place:
+/// measured here, the LM head's weight gradient (4096 x 128 over 1024 tokens) runs at 293
+/// GFLOP/s sliced, 165 whole. Writes every element of `c` (reads none of it first).
 fn matmul_par(c: &mut [MaybeUninit<f32>], m: usize, n: usize, k: usize, a: View, b: View) {
     const KSLICE: usize = 256;
     let par = if m * n * k >= 1 << 18 {
@@ -430,7 +429,7 @@ fn matmul_par(c: &mut [MaybeUninit<f32>], m: usize, n: usize, k: usize, a: View,
     } else {
         gemm::Parallelism::None
     };
-    if k <= KSLICE || m * n < 1 << 17 || std::env::var("TERN_NOSLICE").is_ok() {
+    if k <= KSLICE || m * n < 1 << 17 {
         return matmul_with(c, m, n, k, a, b, false, par);
     }
     for k0 in (0..k).step_by(KSLICE) {
@@ -503,16 +502,24 @@ pub fn linear(x: &[f32], w: &[f32], n: usize, d_in: usize, d_out: usize) -> Vec<
     written(n * d_out, |y| matmul_par(y, n, d_out, d_in, x, w))
 }
 
-/// `dx = dy w` of [`linear`].
-pub fn linear_dx(dy: &[f32], w: &[f32], n: usize, d_in: usize, d_out: usize) -> Vec<f32> {
-    let (dy, w) = (View::new(dy, 0, d_out, 1), View::new(w, 0, d_in, 1));
-    written(n * d_in, |dx| matmul_par(dx, n, d_in, d_out, dy, w))
-}
-
-/// `dw = dy^T x` of [`linear`].
-pub fn linear_dw(dy: &[f32], x: &[f32], n: usize, d_in: usize, d_out: usize) -> Vec<f32> {
-    let (dyt, x) = (View::new(dy, 0, d_out, 1).t(), View::new(x, 0, d_in, 1));
-    written(d_out * d_in, |dw| matmul_par(dw, d_out, d_in, n, dyt, x))
+/// `(dx, dw) = (dy w, dy^T x)` of [`linear`], each when asked for. (Run side by side on one
+/// thread each instead, the two took as long: measured on the tiny recipe's step.)
+pub fn linear_backward(
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    (n, d_in, d_out): (usize, usize, usize),
+    want: [bool; 2],
+) -> [Option<Vec<f32>>; 2] {
+    let dx = || {
+        let (dy, w) = (View::new(dy, 0, d_out, 1), View::new(w, 0, d_in, 1));
+        written(n * d_in, |dx| matmul_par(dx, n, d_in, d_out, dy, w))
+    };
+    let dw = || {
+        let (dyt, x) = (View::new(dy, 0, d_out, 1).t(), View::new(x, 0, d_in, 1));
+        written(d_out * d_in, |dw| matmul_par(dw, d_out, d_in, n, dyt, x))
+    };
+    [want[0].then(dx), want[1].then(dw)]
 }
 
 /// Query rows per block: a block's keys stop at its last row, which skips most of the masked
@@ -521,20 +528,19 @@ const QBLOCK: usize = 64;
 
 simd_fn! {
     /// Row-wise causal softmax of `s: [rows, n]` for query rows `i0..i0 + rows` (key j visible
-    /// to row i when j <= i), scaled by `scale` first. Writes the probabilities into `s` and each
-    /// row's log-sum-exp into `lse` (`lse_in` given: uses it instead, as the backward pass does).
-    fn causal_softmax(s: &mut [f32], n: usize, i0: usize, scale: f32, lse: &mut [f32], lse_in: bool) {
+    /// to row i when j <= i), scaled by `scale` first. Writes `exp(s - max)` into `s`, each row's
+    /// log-sum-exp into `lse` and `1 / sum` into `inv` (the caller normalizes the product with
+    /// v, which is narrower than the scores). With `lse_in`, writes the probabilities
+    /// `exp(s - lse)` from the given log-sum-exps instead, as the backward pass does.
+    fn causal_softmax(s: &mut [f32], n: usize, i0: usize, scale: f32, lse: &mut [f32], inv: &mut [f32], lse_in: bool) {
         for (r, row) in s.chunks_exact_mut(n).enumerate() {
             let vis = (i0 + r + 1).min(n);
             let (row, masked) = row.split_at_mut(vis);
             masked.fill(0.0);
-            for x in row.iter_mut() {
-                *x *= scale;
-            }
             if lse_in {
                 let l = lse[r];
                 for x in row.iter_mut() {
-                    *x = exp(*x - l);
+                    *x = exp(*x * scale - l);
                 }
                 continue;
             }
@@ -550,20 +556,17 @@ simd_fn! {
             let mut c = row.chunks_exact_mut(LANES);
             for ch in &mut c {
                 for l in 0..LANES {
-                    ch[l] = exp(ch[l] - m);
+                    ch[l] = exp((ch[l] - m) * scale);
                     acc[l] += ch[l];
                 }
             }
             for (l, x) in c.into_remainder().iter_mut().enumerate() {
-                *x = exp(*x - m);
+                *x = exp((*x - m) * scale);
                 acc[l] += *x;
             }
             let total = sum_lanes(acc);
-            let inv = 1.0 / total;
-            for x in row.iter_mut() {
-                *x *= inv;
-            }
-            lse[r] = m + total.ln();
+            inv[r] = 1.0 / total;
+            lse[r] = m * scale + total.ln();
         }
     }
 }
@@ -584,6 +587,7 @@ fn attention_head(
     let scale = 1.0 / (hd as f32).sqrt();
     let (qrs, kvrs) = (s.heads * hd, s.kv_heads * hd);
     let mut p = vec![0f32; QBLOCK * t];
+    let mut inv = [0f32; QBLOCK];
     for i0 in (0..t).step_by(QBLOCK) {
         let rows = QBLOCK.min(t - i0);
         let n = i0 + rows;
@@ -591,17 +595,16 @@ fn attention_head(
         let kt = View::new(k, s.kv_row(b, 0, g), kvrs, 1).t();
         let p = &mut p[..rows * n];
         matmul(p, rows, n, hd, qv, kt, false);
-        causal_softmax(p, n, i0, scale, &mut lse[i0..i0 + rows], false);
+        let inv = &mut inv[..rows];
+        causal_softmax(p, n, i0, scale, &mut lse[i0..i0 + rows], inv, false);
         let vv = View::new(v, s.kv_row(b, 0, g), kvrs, 1);
-        matmul(
-            &mut out[i0 * hd..(i0 + rows) * hd],
-            rows,
-            hd,
-            n,
-            View::new(p, 0, n, 1),
-            vv,
-            false,
-        );
+        let o = &mut out[i0 * hd..(i0 + rows) * hd];
+        matmul(o, rows, hd, n, View::new(p, 0, n, 1), vv, false);
+        for (row, f) in o.chunks_exact_mut(hd).zip(inv.iter()) {
+            for x in row {
+                *x *= f;
+            }
+        }
     }
 }
 
@@ -684,7 +687,7 @@ fn attention_back_group(
             let (p, ds) = (&mut p[..rows * n], &mut ds[..rows * n]);
             let mut li = l[i0..i0 + rows].to_vec();
             matmul(p, rows, n, hd, qv, kv.t(), false);
-            causal_softmax(p, n, i0, scale, &mut li, true);
+            causal_softmax(p, n, i0, scale, &mut li, &mut [], true);
             matmul(ds, rows, n, hd, dov, vv.t(), false);
             softmax_grad(p, ds, n, &di[..rows], scale);
             let dsv = View::new(ds, 0, n, 1);
@@ -750,8 +753,8 @@ pub fn attention_backward(
 // Cross-entropy
 
 simd_fn! {
-    fn ce_rows(x: &[f32], targets: &[i64], v: usize, loss: &mut [f32], lse: &mut [f32]) {
-        for (((xr, &t), l), z) in x.chunks_exact(v).zip(targets).zip(loss.iter_mut()).zip(lse.iter_mut()) {
+    fn ce_rows(x: &[f32], targets: &[i64], v: usize, loss: &mut [f32], probs: &mut [MaybeUninit<f32>]) {
+        for (((xr, &t), l), pr) in x.chunks_exact(v).zip(targets).zip(loss.iter_mut()).zip(probs.chunks_exact_mut(v)) {
             let mut m = [f32::NEG_INFINITY; LANES];
             let mut c = xr.chunks_exact(LANES);
             for ch in &mut c {
@@ -764,41 +767,55 @@ simd_fn! {
                 mx = mx.max(*r);
             }
             let mut acc = [0f32; LANES];
-            let mut c = xr.chunks_exact(LANES);
-            for ch in &mut c {
+            let mut pc = pr.chunks_exact_mut(LANES);
+            let mut xc = xr.chunks_exact(LANES);
+            for (p, x) in (&mut pc).zip(&mut xc) {
                 for i in 0..LANES {
-                    acc[i] += exp(ch[i] - mx);
+                    let e = exp(x[i] - mx);
+                    p[i].write(e);
+                    acc[i] += e;
                 }
             }
-            for (i, r) in c.remainder().iter().enumerate() {
-                acc[i] += exp(r - mx);
+            for (i, (p, x)) in pc.into_remainder().iter_mut().zip(xc.remainder()).enumerate() {
+                let e = exp(x - mx);
+                p.write(e);
+                acc[i] += e;
             }
-            *z = mx + sum_lanes(acc).ln();
-            *l = *z - xr[t as usize];
+            // SAFETY: the loop above wrote every element of the row.
+            let pr = unsafe { &mut *(pr as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            let total = sum_lanes(acc);
+            let inv = 1.0 / total;
+            for p in pr.iter_mut() {
+                *p *= inv;
+            }
+            *l = mx + total.ln() - xr[t as usize];
         }
     }
 }
 
-/// Per-row `logsumexp(x) - x[target]` of `x: [rows, v]`: the losses and the log-sum-exps.
-/// Targets must lie in `0..v` (checked by the caller).
+/// Per-row `logsumexp(x) - x[target]` of `x: [rows, v]`: the losses and the probabilities
+/// `softmax(x)` (what the backward pass needs: it then computes no exponential). Targets must
+/// lie in `0..v` (checked by the caller).
 pub fn cross_entropy(x: &[f32], targets: &[i64], v: usize) -> (Vec<f32>, Vec<f32>) {
     let n = targets.len();
+    assert_eq!(x.len(), n * v);
     let mut loss = vec![0f32; n];
-    let mut lse = vec![0f32; n];
     let rows = (CHUNK / v.max(1)).max(1);
-    loss.par_chunks_mut(rows)
-        .zip(lse.par_chunks_mut(rows))
-        .zip(x.par_chunks(rows * v).zip(targets.par_chunks(rows)))
-        .for_each(|((l, z), (x, t))| ce_rows(x, t, v, l, z));
-    (loss, lse)
+    let probs = written(x.len(), |probs| {
+        loss.par_chunks_mut(rows)
+            .zip(probs.par_chunks_mut(rows * v))
+            .zip(x.par_chunks(rows * v).zip(targets.par_chunks(rows)))
+            .for_each(|((l, p), (x, t))| ce_rows(x, t, v, l, p))
+    });
+    (loss, probs)
 }
 
 simd_fn! {
-    fn ce_back_rows(x: &[f32], targets: &[i64], lse: &[f32], dl: &[f32], v: usize, dx: &mut [MaybeUninit<f32>]) {
-        for ((((xr, &t), z), g), dr) in x.chunks_exact(v).zip(targets).zip(lse).zip(dl).zip(dx.chunks_exact_mut(v)) {
+    fn ce_back_rows(probs: &[f32], targets: &[i64], dl: &[f32], v: usize, dx: &mut [MaybeUninit<f32>]) {
+        for (((pr, &t), g), dr) in probs.chunks_exact(v).zip(targets).zip(dl).zip(dx.chunks_exact_mut(v)) {
             let t = t as usize;
-            for (j, (d, x)) in dr.iter_mut().zip(xr).enumerate() {
-                let p = exp(x - z) * g;
+            for (j, (d, p)) in dr.iter_mut().zip(pr).enumerate() {
+                let p = p * g;
                 d.write(if j == t { p - g } else { p });
             }
         }
@@ -806,24 +823,14 @@ simd_fn! {
 }
 
 /// Gradient of [`cross_entropy`]'s losses weighted by `dl`: `(softmax(x) - onehot) * dl`.
-pub fn cross_entropy_backward(
-    x: &[f32],
-    targets: &[i64],
-    lse: &[f32],
-    dl: &[f32],
-    v: usize,
-) -> Vec<f32> {
-    assert_eq!(x.len(), targets.len() * v);
+pub fn cross_entropy_backward(probs: &[f32], targets: &[i64], dl: &[f32], v: usize) -> Vec<f32> {
+    assert_eq!(probs.len(), targets.len() * v);
     let rows = (CHUNK / v.max(1)).max(1);
-    written(x.len(), |dx| {
+    written(probs.len(), |dx| {
         dx.par_chunks_mut(rows * v)
-            .zip(x.par_chunks(rows * v))
-            .zip(
-                targets
-                    .par_chunks(rows)
-                    .zip(lse.par_chunks(rows).zip(dl.par_chunks(rows))),
-            )
-            .for_each(|((dx, x), (t, (z, g)))| ce_back_rows(x, t, z, g, v, dx))
+            .zip(probs.par_chunks(rows * v))
+            .zip(targets.par_chunks(rows).zip(dl.par_chunks(rows)))
+            .for_each(|((dx, p), (t, g))| ce_back_rows(p, t, g, v, dx))
     })
 }
 

@@ -138,19 +138,11 @@ impl Kernels for Flex {
     ) -> [Option<FloatTensor<Self>>; 2] {
         let [x, w, dy] = all_f32([&x, &w, &dy]).expect("f32 as in forward");
         let ([n, d_in], d_out) = ([dims(&x)[0], dims(&x)[1]], dims(&w)[0]);
-        let dx = want[0].then(|| {
-            new(
-                cpu::linear_dx(data(&dy), data(&w), n, d_in, d_out),
-                [n, d_in],
-            )
-        });
-        let dw = want[1].then(|| {
-            new(
-                cpu::linear_dw(data(&dy), data(&x), n, d_in, d_out),
-                [d_out, d_in],
-            )
-        });
-        [dx, dw]
+        let [dx, dw] = cpu::linear_backward(data(&dy), data(&x), data(&w), (n, d_in, d_out), want);
+        [
+            dx.map(|v| new(v, [n, d_in])),
+            dw.map(|v| new(v, [d_out, d_in])),
+        ]
     }
 
     fn rms_norm_fwd(
@@ -244,22 +236,23 @@ impl Kernels for Flex {
         let x = f32_tensor(&logits)?;
         let v = dims(&x)[1];
         let ids = token_ids(targets, v);
-        let (loss, lse) = cpu::cross_entropy(data(&x), &ids, v);
+        let (loss, probs) = cpu::cross_entropy(data(&x), &ids, v);
         let n = ids.len();
-        Some((new(loss, [n]), new(lse, [n])))
+        Some((new(loss, [n]), new(probs, dims(&x))))
     }
 
     fn cross_entropy_bwd(
-        logits: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
         targets: FlexTensor,
-        lse: FloatTensor<Self>,
         dloss: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let [x, lse, dl] = all_f32([&logits, &lse, &dloss]).expect("f32 as in forward");
-        let v = dims(&x)[1];
+        let [p, dl] = all_f32([&probs, &dloss]).expect("f32 as in forward");
+        let v = dims(&p)[1];
         let ids = token_ids(targets, v);
-        let dx = cpu::cross_entropy_backward(data(&x), &ids, data(&lse), data(&dl), v);
-        new(dx, dims(&x))
+        new(
+            cpu::cross_entropy_backward(data(&p), &ids, data(&dl), v),
+            dims(&p),
+        )
     }
 
     fn ternary_fwd(w: FloatTensor<Self>, spec: TernarySpec) -> Option<FloatTensor<Self>> {

@@ -206,18 +206,17 @@ pub trait Kernels: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         unreachable!("attention_bwd without attention_fwd")
     }
-    /// The per-row losses and log-sum-exps.
+    /// The per-row losses and the softmax probabilities (what the backward pass keeps).
     fn cross_entropy_fwd(
         _logits: FloatTensor<Self>,
         _targets: IntTensor<Self>,
     ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
         None
     }
-    /// d logits from the per-row loss gradients.
+    /// d logits from the probabilities and the per-row loss gradients.
     fn cross_entropy_bwd(
-        _logits: FloatTensor<Self>,
+        _probs: FloatTensor<Self>,
         _targets: IntTensor<Self>,
-        _lse: FloatTensor<Self>,
         _dloss: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         unreachable!("cross_entropy_bwd without cross_entropy_fwd")
@@ -338,11 +337,11 @@ impl<B: Kernels> Backward<B, 3> for AttentionBack {
 #[derive(Debug)]
 struct CrossEntropyBack;
 impl<B: Kernels> Backward<B, 1> for CrossEntropyBack {
-    type State = (Inner<B>, IntTensor<B>, Inner<B>);
+    type State = (Inner<B>, IntTensor<B>);
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dl = grads.consume::<B>(&ops.node);
-        let (x, t, lse) = ops.state.clone();
-        give::<B, 1>(&ops, grads, 0, B::cross_entropy_bwd(x, t, lse, dl));
+        let (probs, t) = ops.state.clone();
+        give::<B, 1>(&ops, grads, 0, B::cross_entropy_bwd(probs, t, dl));
     }
 }
 
@@ -459,14 +458,14 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
     fn cross_entropy(logits: Tensor<Self, 2>, targets: Tensor<Self, 1, Int>) -> Tensor<Self, 1> {
         let xa = ad(&logits);
         let t = targets.clone().into_primitive();
-        let Some((loss, lse)) = B::cross_entropy_fwd(xa.primitive.clone(), t.clone()) else {
+        let Some((loss, probs)) = B::cross_entropy_fwd(xa.primitive.clone(), t.clone()) else {
             return reference::cross_entropy(logits, targets);
         };
         let kind = CrossEntropyBack
             .prepare::<C>([xa.node])
             .compute_bound()
             .stateful();
-        finish(kind, (xa.primitive, t, lse), loss)
+        finish(kind, (probs, t), loss)
     }
 
     fn ternary_ste(w: Tensor<Self, 2>, spec: TernarySpec) -> Tensor<Self, 2> {
