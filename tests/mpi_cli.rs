@@ -211,7 +211,11 @@ fn bitnet_and_qsparse_tensor_parallel_match_one_process() {
         }
         assert!(one[9] < one[0], "{name}: the loss falls");
     }
-    // The achieved activation sparsity is the same whole-model figure on both layouts.
+    // The achieved activation sparsity is the same whole-model figure on both layouts: equal
+    // while the weights are (the first steps), then within a few flipped selections, since the
+    // layouts' summation orders differ in the last bits and a top-K or ReLU choice at its
+    // threshold follows them (measured: equal to step 5, at most 2.9e-4 apart by step 10, the
+    // losses 3.6e-6 apart at most).
     let sparsity = |run: &str| -> Vec<f64> {
         std::fs::read_to_string(d(run).join("metrics.jsonl"))
             .unwrap()
@@ -224,7 +228,7 @@ fn bitnet_and_qsparse_tensor_parallel_match_one_process() {
     assert_eq!(a.len(), b.len());
     assert!(!a.is_empty());
     for (x, y) in a.iter().zip(&b) {
-        assert!((x - y).abs() < 1e-4, "act_sparsity/mlp {x} vs {y}");
+        assert!((x - y).abs() < 1e-3, "act_sparsity/mlp {x} vs {y}");
     }
 }
 

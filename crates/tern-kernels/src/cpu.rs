@@ -429,7 +429,7 @@ fn matmul_par(c: &mut [MaybeUninit<f32>], m: usize, n: usize, k: usize, a: View,
     } else {
         gemm::Parallelism::None
     };
-    if k <= KSLICE || m * n < 1 << 17 {
+    if k <= KSLICE {
         return matmul_with(c, m, n, k, a, b, false, par);
     }
     for k0 in (0..k).step_by(KSLICE) {

@@ -50,12 +50,13 @@ impl<B: Backend> GradAccumulator<B> {
     /// gradient of the mean loss over all their sequences).
     pub fn mean(self) -> (f64, Vec<Tensor<B, 1>>) {
         let n = self.count.max(1) as f64;
-        let grads = self
-            .sum
-            .expect("at least one micro-batch")
-            .into_iter()
-            .map(|g| g.div_scalar(n))
-            .collect();
+        let sum = self.sum.expect("at least one micro-batch");
+        // One micro-batch: the sum is the mean (x / 1 is x), no pass over the gradients.
+        let grads = if self.count == 1 {
+            sum
+        } else {
+            sum.into_iter().map(|g| g.div_scalar(n)).collect()
+        };
         (self.loss_sum / n, grads)
     }
 }
