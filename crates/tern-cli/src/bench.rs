@@ -82,18 +82,46 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let mut recipe = a.recipe.load()?;
     let dist = crate::start_job(&recipe)?;
-    let vocab = *recipe.model.vocab_size.get_or_insert(a.vocab);
-    let (mb, t) = (recipe.train.micro_batch, recipe.data.seq_len + 1);
+    recipe.model.vocab_size.get_or_insert(a.vocab);
     let device = crate::compute_device(&dist.topo);
-    let plain = Llama::<TrainBackend>::new(&recipe.model, &device);
+    let times = time_steps(&recipe, &dist, &device, a.steps)?;
+    if !dist.topo.is_main() {
+        return Ok(());
+    }
+    report(&recipe, &dist, &times)?;
+    if recipe.optim.name == tern_optim::OptimizerName::GaloreAdamw {
+        galore_refresh_cost(&recipe, &device);
+    }
+    Ok(())
+}
+
+/// Each timed step's parts (seconds) and the volumes moved.
+#[derive(Default)]
+struct StepTimes {
+    compute: Vec<f64>,
+    tp_comm: Vec<f64>,
+    all_reduce: Vec<f64>,
+    optim: Vec<f64>,
+    grad_bytes: usize,
+    tp_bytes: u64,
+    tp_calls: u64,
+}
+
+/// `steps` training steps after one untimed one, on one micro-batch of random tokens.
+fn time_steps(
+    recipe: &tern_train::Recipe,
+    dist: &tern_dist::Dist,
+    device: &burn::tensor::Device<TrainBackend>,
+    steps: usize,
+) -> Result<StepTimes> {
+    let (mb, t) = (recipe.train.micro_batch, recipe.data.seq_len + 1);
+    let vocab = recipe.model.vocab_size.expect("set by run");
+    let plain = Llama::<TrainBackend>::new(&recipe.model, device);
     let whole = param_infos::<TrainBackend, _>(&plain);
     let mut model: TpLlama<TrainBackend> = parallelize(plain, &dist.tp);
-    let slots = ParamSlots::new(
-        &whole,
-        &param_infos::<TrainBackend, _>(&model),
-        dist.topo.tp,
-    );
-    let inner = Tensor::<TrainBackend, 1>::zeros([1], &device)
+    let local = param_infos::<TrainBackend, _>(&model);
+    let slots = ParamSlots::new(&whole, &local, dist.topo.tp);
+    let inner = Tensor::<TrainBackend, 1>::zeros([1], device)
         .inner()
         .device();
     let mut opt = slots.optimizer(&recipe.optim, &dist.tp, &inner);
@@ -107,53 +135,56 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let ids: Vec<i64> = (0..mb * t)
         .map(|_| rng.below(vocab as u64) as i64)
         .collect();
-    let x = Tensor::<TrainBackend, 2, Int>::from_data(TensorData::new(ids, [mb, t]), &device);
-    let (mut compute, mut comm, mut tp_comm, mut optim) = (vec![], vec![], vec![], vec![]);
-    let (mut bytes, mut tp_bytes, mut tp_calls) = (0usize, 0u64, 0u64);
-    for i in 0..=a.steps {
+    let x = Tensor::<TrainBackend, 2, Int>::from_data(TensorData::new(ids, [mb, t]), device);
+    let mut times = StepTimes::default();
+    for i in 0..=steps {
         dist.tp.stats().reset();
         let start = Instant::now();
         let mut acc = GradAccumulator::default();
         let loss = acc.add(&model, model.loss(x.clone()));
         let (_, flat) = acc.mean();
-        TrainBackend::sync(&device)?;
+        TrainBackend::sync(device)?;
         let mid = Instant::now();
-        bytes = flat.iter().map(|g| g.dims()[0] * 4).sum();
+        times.grad_bytes = flat.iter().map(|g| g.dims()[0] * 4).sum();
         let reduced = tern_dist::all_reduce_mean_tensors(
             dist.dp.as_ref(),
             flat,
             tern_dist::comm::BUCKET_ELEMS,
         );
-        TrainBackend::sync(&device)?;
+        TrainBackend::sync(device)?;
         let reduced_at = Instant::now();
         let tp = dist.tp.comm();
         let (m, _, _) = optimizer_step(
             model, reduced, loss, &mut opt, &rules, &trainable, settings, tp,
         );
         model = m;
-        TrainBackend::sync(&device)?;
+        TrainBackend::sync(device)?;
         if i > 0 {
             let (tp_secs, b, calls) = dist.tp.stats().read();
-            (tp_bytes, tp_calls) = (b, calls);
-            compute.push(mid.duration_since(start).as_secs_f64() - tp_secs);
-            tp_comm.push(tp_secs);
-            comm.push(reduced_at.duration_since(mid).as_secs_f64());
-            optim.push(reduced_at.elapsed().as_secs_f64());
+            (times.tp_bytes, times.tp_calls) = (b, calls);
+            times
+                .compute
+                .push(mid.duration_since(start).as_secs_f64() - tp_secs);
+            times.tp_comm.push(tp_secs);
+            times
+                .all_reduce
+                .push(reduced_at.duration_since(mid).as_secs_f64());
+            times.optim.push(reduced_at.elapsed().as_secs_f64());
         }
     }
-    if !dist.topo.is_main() {
-        return Ok(());
-    }
+    Ok(times)
+}
 
-    let (c, m, tpm, o) = (
-        median(compute),
-        median(comm),
-        median(tp_comm),
-        median(optim),
-    );
+/// The two lines: the step's parts and communication, then the whole step against the peak.
+fn report(recipe: &tern_train::Recipe, dist: &tern_dist::Dist, times: &StepTimes) -> Result<()> {
+    let (mb, t) = (recipe.train.micro_batch, recipe.data.seq_len + 1);
+    let c = median(times.compute.clone());
+    let m = median(times.all_reduce.clone());
+    let tpm = median(times.tp_comm.clone());
+    let o = median(times.optim.clone());
     let n = dist.topo.dp as f64;
     let bus = if n > 1.0 {
-        2.0 * (n - 1.0) / n * bytes as f64 / m / 1e9
+        2.0 * (n - 1.0) / n * times.grad_bytes as f64 / m / 1e9
     } else {
         0.0
     };
@@ -171,19 +202,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         t - 1,
         c * 1e3,
         tpm * 1e3,
-        tp_calls,
-        tp_bytes as f64 / 1e6,
+        times.tp_calls,
+        times.tp_bytes as f64 / 1e6,
         m * 1e3,
-        bytes as f64 / 1e6,
+        times.grad_bytes as f64 / 1e6,
         bus,
         tokens / (c + tpm + m)
     );
     let step = c + tpm + m + o;
-    let plan = tern_train::plan::plan(&recipe, dist.topo.world).map_err(anyhow::Error::msg)?;
+    let plan = tern_train::plan::plan(recipe, dist.topo.world).map_err(anyhow::Error::msg)?;
     // This rank's share: a tensor-parallel rank computes 1/tp of the block matrices' products.
     let flops = plan.train_flops_per_token * tokens / dist.topo.tp as f64;
-    let threads = rayon::current_num_threads();
-    let (peak, what) = peak_flops(threads);
+    let (peak, what) = peak_flops(rayon::current_num_threads());
     println!(
         "train step | {} optimizer {:.1} ms | step {:.1} ms | {:.0} tokens/s | {:.1} GFLOP/s on this rank, \
          {:.1}% of its peak {:.0} GFLOP/s ({what})",
@@ -198,9 +228,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
         100.0 * flops / step / peak.max(1.0),
         peak / 1e9,
     );
-    if recipe.optim.name == tern_optim::OptimizerName::GaloreAdamw {
-        galore_refresh_cost(&recipe, &device);
-    }
     Ok(())
 }
 
