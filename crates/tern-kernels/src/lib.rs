@@ -1,8 +1,9 @@
 //! tern's fused kernels, as a burn backend extension.
 //!
-//! [`Kernels`] names the layers that the model runs as one operation each: RMSNorm, the gated
-//! activation of the MLP, RoPE, causal grouped-query attention, per-row cross-entropy and TriLM's
-//! ternary weight with its straight-through gradient. Every backend gets the [`reference`]
+//! [`Kernels`] names the layers that the model runs as one operation each: the bias-free linear
+//! layer, RMSNorm, the gated activation of the MLP, RoPE, causal grouped-query attention, per-row
+//! cross-entropy and TriLM's ternary weight with its straight-through gradient, and two optimizer
+//! passes (the AdamW update, a gradient's squared norm). Every backend gets the [`reference`]
 //! composition of burn ops (autodiff differentiates it op by op). The CPU backend (`Flex`, f32)
 //! has fused forward and backward kernels ([`cpu`]); `Autodiff<Flex>` runs them as single graph
 //! nodes with their own `Backward`, so that no intermediate (attention scores, softmax of the
