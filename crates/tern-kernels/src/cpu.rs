@@ -530,20 +530,12 @@ simd_fn! {
     /// Row-wise causal softmax of `s: [rows, n]` for query rows `i0..i0 + rows` (key j visible
     /// to row i when j <= i), scaled by `scale` first. Writes `exp(s - max)` into `s`, each row's
     /// log-sum-exp into `lse` and `1 / sum` into `inv` (the caller normalizes the product with
-    /// v, which is narrower than the scores). With `lse_in`, writes the probabilities
-    /// `exp(s - lse)` from the given log-sum-exps instead, as the backward pass does.
-    fn causal_softmax(s: &mut [f32], n: usize, i0: usize, scale: f32, lse: &mut [f32], inv: &mut [f32], lse_in: bool) {
+    /// v, which is narrower than the scores).
+    fn causal_softmax(s: &mut [f32], n: usize, i0: usize, scale: f32, lse: &mut [f32], inv: &mut [f32]) {
         for (r, row) in s.chunks_exact_mut(n).enumerate() {
             let vis = (i0 + r + 1).min(n);
             let (row, masked) = row.split_at_mut(vis);
             masked.fill(0.0);
-            if lse_in {
-                let l = lse[r];
-                for x in row.iter_mut() {
-                    *x = exp(*x * scale - l);
-                }
-                continue;
-            }
             let mut mx = [f32::NEG_INFINITY; LANES];
             let mut c = row.chunks_exact(LANES);
             for ch in &mut c {
@@ -567,6 +559,21 @@ simd_fn! {
             let total = sum_lanes(acc);
             inv[r] = 1.0 / total;
             lse[r] = m * scale + total.ln();
+        }
+    }
+}
+
+simd_fn! {
+    /// The probabilities `exp(scale s - lse)` of the scores `s: [rows, n]` from the forward pass's
+    /// log-sum-exps, masked as [`causal_softmax`] masks them (the backward pass's recomputation).
+    fn causal_probs(s: &mut [f32], n: usize, i0: usize, scale: f32, lse: &[f32]) {
+        for ((r, row), l) in s.chunks_exact_mut(n).enumerate().zip(lse) {
+            let vis = (i0 + r + 1).min(n);
+            let (row, masked) = row.split_at_mut(vis);
+            masked.fill(0.0);
+            for x in row.iter_mut() {
+                *x = exp(*x * scale - l);
+            }
         }
     }
 }
@@ -596,7 +603,7 @@ fn attention_head(
         let p = &mut p[..rows * n];
         matmul(p, rows, n, hd, qv, kt, false);
         let inv = &mut inv[..rows];
-        causal_softmax(p, n, i0, scale, &mut lse[i0..i0 + rows], inv, false);
+        causal_softmax(p, n, i0, scale, &mut lse[i0..i0 + rows], inv);
         let vv = View::new(v, s.kv_row(b, 0, g), kvrs, 1);
         let o = &mut out[i0 * hd..(i0 + rows) * hd];
         matmul(o, rows, hd, n, View::new(p, 0, n, 1), vv, false);
@@ -685,9 +692,8 @@ fn attention_back_group(
                 *d = dot(&dout[row..][..hd], &o[row..][..hd]);
             }
             let (p, ds) = (&mut p[..rows * n], &mut ds[..rows * n]);
-            let mut li = l[i0..i0 + rows].to_vec();
             matmul(p, rows, n, hd, qv, kv.t(), false);
-            causal_softmax(p, n, i0, scale, &mut li, &mut [], true);
+            causal_probs(p, n, i0, scale, &l[i0..i0 + rows]);
             matmul(ds, rows, n, hd, dov, vv.t(), false);
             softmax_grad(p, ds, n, &di[..rows], scale);
             let dsv = View::new(ds, 0, n, 1);

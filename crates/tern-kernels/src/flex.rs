@@ -67,7 +67,8 @@ fn token_ids(t: FlexTensor, vocab: usize) -> Vec<i64> {
     ids
 }
 
-/// `t` contiguous from offset 0 and owned alone (copied if shared), ready to be written in place.
+/// `t` contiguous from offset 0 (copied if not), so that `storage_mut` can write it in place
+/// (itself copying first when another tensor shares the buffer).
 fn owned_f32(t: FlexTensor) -> FlexTensor {
     let n = t.shape().num_elements();
     if t.layout().contiguous_offsets() == Some((0, n)) && t.bytes().len() == n * 4 {

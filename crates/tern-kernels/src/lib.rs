@@ -50,9 +50,6 @@ pub struct AdamwScalars {
     pub bc2_sqrt: f64,
 }
 
-/// What the backward pass of a fused op keeps, besides its inputs.
-pub type Saved<B> = Vec<FloatTensor<B>>;
-
 /// A backend with tern's fused layers. The `*_fwd` / `*_bwd` pairs are the fused kernels on the
 /// backend's own tensors: `None` from a `*_fwd` means "not fused here" (the default) and the op
 /// takes the reference path; a `*_bwd` is only called after its `*_fwd` gave `Some`.
@@ -61,7 +58,7 @@ pub trait Kernels: Backend {
     fn linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
         match Self::linear_fwd(prim(&x), prim(&w)) {
             Some(y) => tensor(y),
-            None => x.matmul(w.transpose()),
+            None => reference::linear(x, w),
         }
     }
     /// `x / sqrt(mean(x^2) + eps) * weight` over the last axis of `x: [rows, d]`.
@@ -386,7 +383,7 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
     fn linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
         let (xa, wa) = (ad(&x), ad(&w));
         let Some(y) = B::linear_fwd(xa.primitive.clone(), wa.primitive.clone()) else {
-            return x.matmul(w.transpose());
+            return reference::linear(x, w);
         };
         let kind = LinearBack
             .prepare::<C>([xa.node, wa.node])

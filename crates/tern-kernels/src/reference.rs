@@ -7,6 +7,11 @@ use burn::tensor::{Bool, Int, Tensor};
 
 use crate::{AdamwScalars, Gate, TernarySpec};
 
+/// `x w^T`, `w` stored `[d_out, d_in]`.
+pub fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    x.matmul(w.transpose())
+}
+
 pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
     let rms = x.clone().powi_scalar(2).mean_dim(1).add_scalar(eps).sqrt();
     x.div(rms).mul(weight.unsqueeze())
@@ -118,24 +123,51 @@ pub fn grouped<B: Backend>(w: Tensor<B, 2>, groups: usize, by_rows: bool) -> Ten
     }
 }
 
-/// `gamma_g * clamp(round(W / gamma_g), -1, 1)` without a gradient path.
-pub fn ternary_quantize<B: Backend>(w: Tensor<B, 2>, spec: TernarySpec) -> Tensor<B, 2> {
+/// The codes `clamp(round(W / gamma_g), -1, 1)` of `w` for the per-group scales `gamma`.
+pub fn ternary_codes<B: Backend>(
+    w: Tensor<B, 2>,
+    gamma: Tensor<B, 3>,
+    groups: usize,
+    by_rows: bool,
+) -> Tensor<B, 2> {
     let dims = w.dims();
-    let gamma = group_scales(&w, spec.groups, spec.by_rows, spec.eps);
-    grouped(w, spec.groups, spec.by_rows)
-        .div(gamma.clone())
+    grouped(w, groups, by_rows)
+        .div(gamma)
         .round()
         .clamp(-1.0, 1.0)
-        .mul(gamma)
         .reshape(dims)
 }
 
-/// The quantized weight with a straight-through gradient, written `W~.detach() + (W -
-/// W.detach())` rather than `W + (W~ - W).detach()`: `W - W` is exactly zero, so the forward pass
-/// sees the exact ternary weight.
+/// `gamma_g * codes`: the weight that codes and scales stand for.
+pub fn dequantize<B: Backend>(
+    codes: Tensor<B, 2>,
+    gamma: Tensor<B, 3>,
+    groups: usize,
+    by_rows: bool,
+) -> Tensor<B, 2> {
+    let dims = codes.dims();
+    grouped(codes, groups, by_rows).mul(gamma).reshape(dims)
+}
+
+/// `gamma_g * clamp(round(W / gamma_g), -1, 1)` without a gradient path.
+pub fn ternary_quantize<B: Backend>(w: Tensor<B, 2>, spec: TernarySpec) -> Tensor<B, 2> {
+    let (g, rows) = (spec.groups, spec.by_rows);
+    let gamma = group_scales(&w, g, rows, spec.eps);
+    dequantize(ternary_codes(w, gamma.clone(), g, rows), gamma, g, rows)
+}
+
+/// `q` forward and the gradient straight through to `w` backward, written `q + (W -
+/// W.detach())` (with `q` computed from the detached `W`) rather than `W + (q - W).detach()`:
+/// `W - W` is exactly zero, while `W + (q - W)` is not exactly `q` in floating point, so the
+/// forward pass sees the exact quantized weight.
+pub fn straight_through<B: Backend>(w: Tensor<B, 2>, q: Tensor<B, 2>) -> Tensor<B, 2> {
+    q + (w.clone() - w.detach())
+}
+
+/// TriLM's quantized weight with the straight-through gradient.
 pub fn ternary_ste<B: Backend>(w: Tensor<B, 2>, spec: TernarySpec) -> Tensor<B, 2> {
     let q = ternary_quantize(w.clone().detach(), spec);
-    q + (w.clone() - w.detach())
+    straight_through(w, q)
 }
 
 /// One AdamW update (see [`AdamwScalars`]), each scalar converted to the tensors' precision.

@@ -121,21 +121,6 @@ impl ScaleAxis {
     }
 }
 
-/// Per-group absmean scales `gamma_g = eps + mean|W_g|`, broadcastable against [`grouped`].
-fn group_scales<B: Backend>(
-    w: &Tensor<B, 2>,
-    groups: usize,
-    axis: ScaleAxis,
-    eps: f64,
-) -> Tensor<B, 3> {
-    reference::group_scales(w, groups, axis.by_rows(), eps)
-}
-
-/// `W` viewed so that the group axis broadcasts against [`group_scales`].
-fn grouped<B: Backend>(w: Tensor<B, 2>, groups: usize, axis: ScaleAxis) -> Tensor<B, 3> {
-    reference::grouped(w, groups, axis.by_rows())
-}
-
 /// Ternary codes in {-1, 0, 1} and the per-group scales of `w`.
 pub fn ternary_codes<B: Backend>(
     w: Tensor<B, 2>,
@@ -143,13 +128,8 @@ pub fn ternary_codes<B: Backend>(
     axis: ScaleAxis,
     eps: f64,
 ) -> (Tensor<B, 2>, Tensor<B, 3>) {
-    let dims = w.dims();
-    let gamma = group_scales(&w, groups, axis, eps);
-    let codes = grouped(w, groups, axis)
-        .div(gamma.clone())
-        .round()
-        .clamp(-1.0, 1.0)
-        .reshape(dims);
+    let gamma = reference::group_scales(&w, groups, axis.by_rows(), eps);
+    let codes = reference::ternary_codes(w, gamma.clone(), groups, axis.by_rows());
     (codes, gamma)
 }
 
@@ -177,14 +157,9 @@ pub fn bitnet_codes<B: Backend>(
     groups: usize,
     axis: ScaleAxis,
 ) -> (Tensor<B, 2>, Tensor<B, 3>) {
-    let dims = w.dims();
     // group_scales adds its eps; BitNet clamps instead.
-    let gamma = group_scales(&w, groups, axis, 0.0).clamp_min(1e-5);
-    let codes = grouped(w, groups, axis)
-        .div(gamma.clone())
-        .round()
-        .clamp(-1.0, 1.0)
-        .reshape(dims);
+    let gamma = reference::group_scales(&w, groups, axis.by_rows(), 0.0).clamp_min(1e-5);
+    let codes = reference::ternary_codes(w, gamma.clone(), groups, axis.by_rows());
     (codes, gamma)
 }
 
@@ -207,11 +182,10 @@ pub fn bitnet_input<B: Backend, H: Hooks<B>, const D: usize>(
 }
 
 impl<B: Backend, H> ProjLinear<B, H> {
-    /// The weight the forward pass multiplies by. For ternary layers the straight-through
-    /// estimator makes dL/dW equal dL/dW~ (one fused op: [`Kernels::ternary_ste`]). BitNet's is
-    /// written `W~.detach() + (W - W.detach())` rather than the usual `W + (W~ - W).detach()`
-    /// because `W + (W~ - W)` is not exactly `W~` in floating point, while `W - W` is exactly
-    /// zero: the forward pass sees the exact ternary weight.
+    /// The weight the forward pass multiplies by. For ternary and BitNet layers the
+    /// straight-through estimator makes dL/dW equal dL/dW~ (ternary: one fused op,
+    /// [`Kernels::ternary_ste`]; BitNet: [`reference::straight_through`], which says why it is
+    /// written as it is); the forward pass sees the exact quantized weight.
     pub fn effective_weight(&self) -> Tensor<B, 2>
     where
         B: Kernels,
@@ -229,11 +203,8 @@ impl<B: Backend, H> ProjLinear<B, H> {
             ),
             LinearKind::Bitnet => {
                 let (codes, gamma) = bitnet_codes(w.clone().detach(), self.groups, self.axis);
-                let dims = codes.dims();
-                let q = grouped(codes, self.groups, self.axis)
-                    .mul(gamma)
-                    .reshape(dims);
-                q + (w.clone() - w.detach())
+                let q = reference::dequantize(codes, gamma, self.groups, self.axis.by_rows());
+                reference::straight_through(w, q)
             }
         }
     }

@@ -41,19 +41,31 @@ impl<B: Backend> Block<B> {
     }
 }
 
+/// The Hugging Face names of a block's seven projections, in module order.
+pub const PROJECTION_NAMES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
 impl<B: Backend, H> Block<B, H> {
-    /// The seven projections with their Hugging Face names (`self_attn.q_proj`, ...).
+    /// The seven projections with their Hugging Face names ([`PROJECTION_NAMES`]).
     pub fn projections(&self) -> [(&'static str, &ProjLinear<B, H>); 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
-        ]
+        let p = [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ];
+        std::array::from_fn(|i| (PROJECTION_NAMES[i], p[i]))
     }
 
     /// The projection named `name` (`self_attn.q_proj`, ..., as [`Self::projections`] names them).
@@ -70,16 +82,17 @@ impl<B: Backend, H> Block<B, H> {
     pub fn map_hooks<H2>(self, f: &mut impl FnMut(Option<&'static str>, H) -> H2) -> Block<B, H2> {
         let (a, m) = (self.self_attn, self.mlp);
         let mut p = |name, x: ProjLinear<B, H>| x.map_hooks(|h| f(Some(name), h));
+        let [nq, nk, nv, no, ngate, nup, ndown] = PROJECTION_NAMES;
         let (q, k, v, o) = (
-            p("self_attn.q_proj", a.q_proj),
-            p("self_attn.k_proj", a.k_proj),
-            p("self_attn.v_proj", a.v_proj),
-            p("self_attn.o_proj", a.o_proj),
+            p(nq, a.q_proj),
+            p(nk, a.k_proj),
+            p(nv, a.v_proj),
+            p(no, a.o_proj),
         );
         let (gate, up, down) = (
-            p("mlp.gate_proj", m.gate_proj),
-            p("mlp.up_proj", m.up_proj),
-            p("mlp.down_proj", m.down_proj),
+            p(ngate, m.gate_proj),
+            p(nup, m.up_proj),
+            p(ndown, m.down_proj),
         );
         Block {
             input_layernorm: self.input_layernorm,

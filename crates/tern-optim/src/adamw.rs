@@ -43,8 +43,9 @@ impl<B: Backend> AdamW<B> {
 }
 
 impl<B: Kernels> AdamW<B> {
-    /// One update (one fused pass per parameter on the CPU backend). `decay[i]` says whether parameter i takes weight decay; parameters with
-    /// `trainable[i]` false are left as they are, state included (frozen).
+    /// One update (one fused pass per parameter on the CPU backend). `decay[i]` says whether
+    /// parameter i takes weight decay; parameters with `trainable[i]` false are left as they are,
+    /// state included (frozen).
     pub fn step(
         &mut self,
         params: Vec<Tensor<B, 1>>,

@@ -2,45 +2,39 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use tern_kernels::Kernels;
 
 /// `sqrt(sum_i |g_i|^2)`, accumulated in f64 on the host, tensor by tensor in order.
-pub fn global_norm<B: Backend>(grads: &[Tensor<B, 1>]) -> f64 {
-    grads
-        .iter()
-        .map(|g| g.clone().powi_scalar(2).sum().into_scalar().elem::<f64>())
-        .sum::<f64>()
-        .sqrt()
+pub fn global_norm<B: Kernels>(grads: &[Tensor<B, 1>]) -> f64 {
+    squared_norms(grads).iter().sum::<f64>().sqrt()
 }
 
-use burn::tensor::ElementConversion;
-
 /// `|g_i|^2` of every gradient, in f64 (so that a caller can sum parts held by other ranks).
-pub fn squared_norms<B: tern_kernels::Kernels>(grads: &[Tensor<B, 1>]) -> Vec<f64> {
+pub fn squared_norms<B: Kernels>(grads: &[Tensor<B, 1>]) -> Vec<f64> {
     grads.iter().map(|g| B::sum_squares(g.clone())).collect()
 }
 
 /// Scales `grads` so that their global norm is at most `max_norm` (0 disables clipping).
 /// Returns the norm before clipping.
-pub fn clip_global_norm<B: Backend>(grads: &mut [Tensor<B, 1>], max_norm: f64) -> f64 {
+pub fn clip_global_norm<B: Kernels>(grads: &mut [Tensor<B, 1>], max_norm: f64) -> f64 {
     let norm = global_norm(grads);
-    clip_to(grads, norm, max_norm);
+    scale_grads(grads, clip_scale(norm, max_norm));
     norm
-}
-
-/// Scales `grads`, whose global norm is `norm` (computed by the caller, possibly over several
-/// ranks), so that it is at most `max_norm` (0 disables clipping).
-pub fn clip_to<B: Backend>(grads: &mut [Tensor<B, 1>], norm: f64, max_norm: f64) {
-    if let Some(scale) = clip_scale(norm, max_norm) {
-        for g in grads.iter_mut() {
-            *g = g.clone().mul_scalar(scale);
-        }
-    }
 }
 
 /// The factor that brings a global norm `norm` down to `max_norm`, `None` when no clipping is
 /// needed (or `max_norm` is 0).
 pub fn clip_scale(norm: f64, max_norm: f64) -> Option<f64> {
     (max_norm > 0.0 && norm > max_norm).then(|| max_norm / (norm + 1e-6))
+}
+
+/// Multiplies every gradient by `scale` (`None` leaves them as they are).
+pub fn scale_grads<B: Backend>(grads: &mut [Tensor<B, 1>], scale: Option<f64>) {
+    if let Some(s) = scale {
+        for g in grads.iter_mut() {
+            *g = g.clone().mul_scalar(s);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ pub mod schedule;
 pub mod svd;
 
 pub use adamw::AdamW;
-pub use clip::{clip_global_norm, clip_scale, clip_to, global_norm, squared_norms};
+pub use clip::{clip_global_norm, clip_scale, global_norm, scale_grads, squared_norms};
 pub use config::{OptimConfig, OptimizerName, ProjType, ScheduleKind, SubspaceChange, SvdMethod};
 pub use galore::{GaLoreAdamW, LowRank};
 pub use optimizer::{Optimizer, StateTensor};

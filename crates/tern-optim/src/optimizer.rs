@@ -205,11 +205,7 @@ impl<B: tern_kernels::Kernels> Optimizer<B> {
                 trainable,
             ),
             Self::GaLore(o) => {
-                if let Some(s) = grad_scale {
-                    for g in grads.iter_mut() {
-                        *g = g.clone().mul_scalar(s);
-                    }
-                }
+                crate::scale_grads(&mut grads, grad_scale);
                 o.step(params, &grads, lr, weight_decay, decay, trainable)
             }
         }

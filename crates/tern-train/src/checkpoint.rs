@@ -643,7 +643,7 @@ mod tests {
     use super::*;
     use tern_dist::{SoloComm, ThreadComm};
 
-    fn state(step: u64) -> TrainState {
+    pub(crate) fn state(step: u64) -> TrainState {
         TrainState {
             format_version: FORMAT_VERSION,
             step,
@@ -660,6 +660,40 @@ mod tests {
 
     fn topo(tp: usize) -> Topology {
         Topology { tp, dp: 1 }
+    }
+
+    /// What `n` tensor-parallel ranks (threads) save at `state(step)`, rank `r` its model and
+    /// optimizer pieces `pieces(r)`: each rank's checkpoint directory.
+    pub(crate) fn save_by_ranks(
+        root: &Path,
+        n: usize,
+        step: u64,
+        pieces: impl Fn(usize) -> (Vec<Piece>, Vec<Piece>) + Sync,
+    ) -> Vec<PathBuf> {
+        let pieces = &pieces;
+        std::thread::scope(|s| {
+            let hs: Vec<_> = ThreadComm::group(n)
+                .into_iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        let (m, o) = pieces(c.rank());
+                        let (st, t) = (state(step), topo(n));
+                        let req = SaveRequest {
+                            root,
+                            state: &st,
+                            recipe_toml: "x",
+                            model: &m,
+                            optim: &o,
+                            topology: &t,
+                            keep_last: 0,
+                            faults: &Faults::default(),
+                        };
+                        save(&req, &c).unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
     }
 
     /// A 4x2 split matrix (rows by part) and a replicated vector, as part `r` of `n` holds them.
@@ -735,30 +769,7 @@ mod tests {
     fn tensor_parallel_parts_assemble_into_whole_tensors() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
-        let out: Vec<PathBuf> = std::thread::scope(|s| {
-            let hs: Vec<_> = ThreadComm::group(2)
-                .into_iter()
-                .map(|c| {
-                    let root = root.clone();
-                    s.spawn(move || {
-                        let (m, o) = pieces(c.rank(), 2);
-                        let (st, t) = (state(3), topo(2));
-                        let req = SaveRequest {
-                            root: &root,
-                            state: &st,
-                            recipe_toml: "x",
-                            model: &m,
-                            optim: &o,
-                            topology: &t,
-                            keep_last: 0,
-                            faults: &Faults::default(),
-                        };
-                        save(&req, &c).unwrap()
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let out = save_by_ranks(&root, 2, 3, |r| pieces(r, 2));
         assert_eq!(out[0], out[1]);
         let mut names: Vec<String> = std::fs::read_dir(&out[0])
             .unwrap()

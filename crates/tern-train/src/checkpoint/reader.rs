@@ -323,24 +323,7 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::{save, Piece, SaveRequest, FORMAT_VERSION};
-    use crate::faults::Faults;
-    use tern_dist::{Comm, ThreadComm};
-
-    fn state() -> TrainState {
-        TrainState {
-            format_version: FORMAT_VERSION,
-            step: 3,
-            consumed_samples: 12,
-            tokens_seen: 0,
-            skipped_steps: 0,
-            optimizer_step: 3,
-            seed: 1,
-            tokenizer_sha256: "x".into(),
-            train_blocks: 10,
-            data_fingerprint: "y".into(),
-        }
-    }
+    use crate::checkpoint::Piece;
 
     /// An 8x6 matrix split by rows, a 6x8 one by columns, a replicated vector: every value
     /// distinct.
@@ -357,41 +340,21 @@ mod tests {
 
     /// `whole()` saved by `n` tensor-parallel ranks (threads).
     fn saved(root: &Path, n: usize) -> PathBuf {
-        let dirs: Vec<PathBuf> = std::thread::scope(|s| {
-            let hs: Vec<_> = ThreadComm::group(n)
+        let dirs = crate::checkpoint::tests::save_by_ranks(root, n, 3, |r| {
+            let model: Vec<Piece> = whole()
                 .into_iter()
-                .map(|c| {
-                    s.spawn(move || {
-                        let pieces: Vec<Piece> = whole()
-                            .into_iter()
-                            .map(|(name, shape, dim, v)| Piece {
-                                name: name.into(),
-                                values: match dim {
-                                    Some(d) => {
-                                        tern_parallel::shard_values(&v, &shape, d, c.rank(), n)
-                                    }
-                                    None => v,
-                                },
-                                full_shape: shape,
-                                dim,
-                            })
-                            .collect();
-                        let (st, t) = (state(), Topology { tp: n, dp: 1 });
-                        let req = SaveRequest {
-                            root,
-                            state: &st,
-                            recipe_toml: "x",
-                            model: &pieces,
-                            optim: &pieces[..1],
-                            topology: &t,
-                            keep_last: 0,
-                            faults: &Faults::default(),
-                        };
-                        save(&req, &c).unwrap()
-                    })
+                .map(|(name, shape, dim, v)| Piece {
+                    name: name.into(),
+                    values: match dim {
+                        Some(d) => tern_parallel::shard_values(&v, &shape, d, r, n),
+                        None => v,
+                    },
+                    full_shape: shape,
+                    dim,
                 })
                 .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+            let optim = model[..1].to_vec();
+            (model, optim)
         });
         dirs[0].clone()
     }
@@ -403,7 +366,7 @@ mod tests {
         for written in [1, 2, 4] {
             let dir = tempfile::tempdir().unwrap();
             let r = Reader::open(&saved(dir.path(), written)).unwrap();
-            assert_eq!(r.state, state());
+            assert_eq!(r.state, crate::checkpoint::tests::state(3));
             assert!(r.has(Kind::Optim, "rows") && !r.has(Kind::Optim, "cols"));
             for (name, shape, dim, v) in whole() {
                 for tp in [1, 2, 4, 8] {
