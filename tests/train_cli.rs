@@ -270,11 +270,16 @@ fn tiny_recipe_loss_falls_and_tensorboard_reads_the_run() {
         "train.eval_every=20",
         "--set",
         "train.checkpoint_every=0",
+        "--set",
+        "run.peak_tflops=0.5",
     ]);
     ok(&out);
     let m = metrics(&run);
     let l = losses(&run);
     assert_eq!(l.len(), 40);
+    assert!(m
+        .iter()
+        .any(|v| v["first_step_s"].as_f64().is_some_and(|s| s > 0.0)));
     let first: f64 = l[0].1.parse().unwrap();
     let last5: f64 = l[35..]
         .iter()
@@ -292,9 +297,22 @@ fn tiny_recipe_loss_falls_and_tensorboard_reads_the_run() {
     assert_eq!(vals.len(), 2);
     assert!(vals[1] < vals[0], "{vals:?}");
     for v in m.iter().filter(|v| v.get("loss").is_some()) {
-        for key in ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"] {
+        for key in [
+            "step",
+            "loss",
+            "lr",
+            "grad_norm",
+            "tokens",
+            "tokens_per_s",
+            "mfu",
+        ] {
             assert!(v.get(key).is_some(), "metrics line without {key}: {v}");
         }
+        let tflops = v["tflops_per_device"].as_f64().unwrap();
+        assert!(
+            (v["mfu"].as_f64().unwrap() - tflops / 0.5).abs() < 1e-12,
+            "{v}"
+        );
     }
     assert_eq!(
         m.iter().rev().find(|v| v.get("tokens").is_some()).unwrap()["tokens"],
@@ -313,11 +331,37 @@ fn tiny_recipe_loss_falls_and_tensorboard_reads_the_run() {
     assert_eq!(tb_loss[39][0], 40);
     assert!((tb_loss[0][1].as_f64().unwrap() - first).abs() < 1e-4);
     assert_eq!(tb["val/loss"].as_array().unwrap().len(), 2);
+    assert_eq!(tb["train/mfu"].as_array().unwrap().len(), 40);
     let zero = tb["ternary_zero_fraction/layers.0.self_attn.q_proj"]
         .as_array()
         .unwrap();
     let z = zero[39][1].as_f64().unwrap();
     assert!(z > 0.05 && z < 0.95, "zero fraction {z}");
+}
+
+/// `train.precision = "bf16"` (products in bf16, everything else f32) follows f32's losses over
+/// ten steps of the small ternary model with two scale groups, without being f32.
+#[test]
+fn bf16_products_follow_f32_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |p: &str| {
+        let run = dir.path().join(p);
+        let set = format!("train.precision=\"{p}\"");
+        ok(&train(&run, 10, &["--set", &set]));
+        losses(&run)
+    };
+    let (f32s, bf16s) = (run("f32"), run("bf16"));
+    assert_eq!(f32s.len(), bf16s.len());
+    let mut differ = false;
+    for ((s, a), (_, b)) in f32s.iter().zip(&bf16s) {
+        let (a, b): (f64, f64) = (a.parse().unwrap(), b.parse().unwrap());
+        assert!(
+            (a - b).abs() <= 5e-3 * a.abs(),
+            "step {s}: f32 {a}, bf16 {b}"
+        );
+        differ |= a != b;
+    }
+    assert!(differ, "bf16 gave f32's losses bit for bit: {bf16s:?}");
 }
 
 /// `recipes/bitnet-b158-tiny.toml` and `recipes/qsparse-tiny.toml` (30 steps each): the loss falls;

@@ -83,7 +83,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut recipe = a.recipe.load()?;
     let dist = crate::start_job(&recipe)?;
     recipe.model.vocab_size.get_or_insert(a.vocab);
-    let device = crate::compute_device(&dist.topo);
+    let device = crate::compute_device(&dist.topo)?;
     let times = time_steps(&recipe, &dist, &device, a.steps)?;
     if !dist.topo.is_main() {
         return Ok(());
@@ -141,8 +141,8 @@ fn time_steps(
         dist.tp.stats().reset();
         let start = Instant::now();
         let mut acc = GradAccumulator::default();
-        let loss = acc.add(&model, model.loss(x.clone()));
-        let (_, flat) = acc.mean();
+        acc.add(&model, model.loss(x.clone()));
+        let (loss, flat) = acc.mean();
         TrainBackend::sync(device)?;
         let mid = Instant::now();
         times.grad_bytes = flat.iter().map(|g| g.dims()[0] * 4).sum();

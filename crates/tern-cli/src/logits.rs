@@ -102,7 +102,7 @@ pub fn run(a: LogitsArgs) -> Result<()> {
     if tern_pack::PackedModel::is_packed_file(&a.model) {
         return packed_logits(&a, &ids, b, s);
     }
-    crate::check_device()?;
+    crate::device::check_driver()?;
     let pre = tern_train::pretrained::load(&a.model)?;
     let vocab = pre.config.vocab();
     check_ids(&ids, s, vocab, &a.input_ids)?;

@@ -5,6 +5,7 @@ mod bench;
 mod bench_matmul;
 mod ckpt;
 mod data;
+mod device;
 mod eval;
 mod export;
 mod generate;
@@ -17,6 +18,7 @@ mod train;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+pub use device::{compute_device, device_and_peak};
 
 /// The compute backend: CUDA with `--features cuda`; otherwise the CPU backend flex (measured
 /// fastest for a training step here, docs/backends.md), or ndarray with `--features ndarray`.
@@ -77,54 +79,11 @@ enum Command {
     Eval(eval::EvalArgs),
 }
 
-/// The `cuda` build loads the NVIDIA driver at run time; without one, burn-cuda panics deep inside.
-/// Checking first turns that into a plain error.
-#[cfg(feature = "cuda")]
-pub fn check_device() -> anyhow::Result<()> {
-    for name in ["libcuda.so.1", "libcuda.so"] {
-        // SAFETY: loading the driver library runs its initialisers, as burn-cuda itself would.
-        if unsafe { libloading::Library::new(name) }.is_ok() {
-            return Ok(());
-        }
-    }
-    anyhow::bail!("this tern is built with --features cuda, but no NVIDIA driver (libcuda.so.1) was found: run it on a GPU machine or build without the cuda feature")
-}
-
-#[cfg(not(feature = "cuda"))]
-pub fn check_device() -> anyhow::Result<()> {
-    Ok(())
-}
-
-/// burn 0.21's CUDA matmul gave wrong gradients on an H100 for an inner dimension of 352, while
-/// every multiple of 64 seen was right (docs/backends.md): the cuda build refuses such models
-/// rather than train on wrong gradients.
-#[cfg(feature = "cuda")]
-fn check_cuda_shapes(m: &tern_model::ModelConfig) -> anyhow::Result<()> {
-    for (key, v) in [
-        ("model.hidden", m.hidden),
-        ("model.intermediate", m.intermediate),
-        ("model.n_kv_heads x head_dim", m.kv_heads() * m.head_dim()),
-    ] {
-        if v % 64 != 0 {
-            anyhow::bail!(
-                "{key} = {v} is not a multiple of 64: burn 0.21's CUDA matmul computed wrong gradients \
-                 for such an inner dimension (352) on an H100 (docs/backends.md); use a multiple of 64"
-            );
-        }
-    }
-    Ok(())
-}
-
-#[cfg(not(feature = "cuda"))]
-fn check_cuda_shapes(_: &tern_model::ModelConfig) -> anyhow::Result<()> {
-    Ok(())
-}
-
 /// Starts this process's part of the job: the device check, MPI (under a launcher), and with the
 /// `cuda` feature NCCL for the tensor- and data-parallel groups.
 pub fn start_job(recipe: &tern_train::Recipe) -> anyhow::Result<tern_dist::Dist> {
-    check_device()?;
-    check_cuda_shapes(&recipe.model)?;
+    device::check_driver()?;
+    device::persist_kernel_caches();
     let dist = tern_dist::Dist::init(
         recipe.parallel.tp,
         recipe.parallel.dp,
@@ -132,19 +91,6 @@ pub fn start_job(recipe: &tern_train::Recipe) -> anyhow::Result<tern_dist::Dist>
     )?;
     set_rank(dist.topo.rank, dist.topo.world);
     Ok(dist)
-}
-
-/// The device this rank computes on: with `cuda`, the GPU numbered by the node-local rank.
-#[cfg(feature = "cuda")]
-pub fn compute_device(topo: &tern_dist::Topology) -> burn::backend::cuda::CudaDevice {
-    burn::backend::cuda::CudaDevice::new(topo.local_rank)
-}
-
-#[cfg(not(feature = "cuda"))]
-pub fn compute_device(
-    _: &tern_dist::Topology,
-) -> <Compute as burn::tensor::backend::BackendTypes>::Device {
-    Default::default()
 }
 
 /// Prints a line; a reader that went away (`| head`) is not an error.

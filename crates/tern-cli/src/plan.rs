@@ -31,10 +31,34 @@ pub fn run(a: PlanArgs) -> Result<()> {
     let world = a.world.unwrap_or(p.tp * p.dp.unwrap_or(1));
     let plan = tern_train::plan::plan(&recipe, world).map_err(|e| anyhow!(e))?;
     println!("{plan}");
+    println!("{}", matmul_audit(&recipe));
     if recipe.model.linear == tern_model::LinearKind::Ternary {
         println!("{}", packed_sizes(&recipe.model));
     }
     Ok(())
+}
+
+/// The products whose forward or backward inner dimension is 32 mod 64, which the cuda build
+/// computes on zero-padded operands (burn 0.21's CUDA matmul is wrong there).
+fn matmul_audit(recipe: &tern_train::Recipe) -> String {
+    let all = tern_train::products::step_products(recipe);
+    let hits: Vec<String> = all
+        .iter()
+        .filter(|p| p.hits_the_rule())
+        .map(|p| format!("{} {}x{}x{}", p.what, p.m, p.k, p.n))
+        .collect();
+    if hits.is_empty() {
+        format!(
+            "matmuls          {} shapes a step, none with an inner dimension of 32 mod 64",
+            all.len()
+        )
+    } else {
+        format!(
+            "matmuls          {} shapes a step; padded on CUDA (inner dimension 32 mod 64): {}",
+            all.len(),
+            hits.join(", ")
+        )
+    }
 }
 
 /// What `tern export --format packed` would write for this model (tensor bytes; the header and

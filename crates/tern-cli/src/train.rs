@@ -64,19 +64,29 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))
         .map_err(|e| anyhow::anyhow!("installing the SIGTERM handler: {e}"))?;
+    let precision =
+        tern_train::recipe::PrecisionName::resolve(recipe.train.precision, cfg!(feature = "cuda"));
+    let (device_name, peak_tflops) = crate::device_and_peak(&dist.topo, &recipe, precision);
     let opts = TrainOptions {
+        precision,
         run_dir: run_dir.clone(),
         resume,
         stop: Some(stop),
+        device_name,
+        peak_tflops,
     };
     if main {
         println!(
-            "tern {} | backend {}",
+            "tern {} | backend {} | device {}{} | products in {}",
             env!("CARGO_PKG_VERSION"),
-            crate::backend_name()
+            crate::backend_name(),
+            opts.device_name,
+            opts.peak_tflops
+                .map_or(String::new(), |p| format!(" (peak {p} TFLOP/s)")),
+            format!("{:?}", opts.precision).to_lowercase()
         );
     }
-    let device = crate::compute_device(&dist.topo);
+    let device = crate::compute_device(&dist.topo)?;
     let s = tern_train::train::<TrainBackend>(&recipe, &opts, &device, &dist)?;
     if !main {
         return Ok(());

@@ -124,8 +124,12 @@ impl Dist {
         let tp_comm = world
             .split_by_color(Color::with_value(topo.dp_rank() as i32))
             .ok_or_else(|| anyhow!("rank {rank}: splitting the tensor-parallel group failed"))?;
+        // Members of this rank's tensor-parallel group on this rank's node.
+        let on_node = tp_comm.split_shared(tp_comm.rank()).size() as usize;
+        let node_ranks = world.split_shared(world.rank()).size() as usize;
+        tp_group_on_one_node(rank, tp, on_node, node_ranks).map_err(|e| anyhow!(e))?;
         let (dp, tp): (Box<dyn Comm>, Arc<dyn Comm>) = if nccl {
-            group_comms_nccl(dp_comm, tp_comm, topo.local_rank)?
+            group_comms_nccl(dp_comm, tp_comm, gpu_ordinal(&topo)?)?
         } else {
             (
                 Box::new(MpiComm { comm: dp_comm }),
@@ -166,9 +170,79 @@ fn group_comms_nccl(
     Err(anyhow!("NCCL needs tern built with the cuda feature"))
 }
 
+/// A tensor-parallel group talks at every layer, so it must live on one node (NVLink, shared
+/// memory), as Megatron requires: `on_node` of its `tp` members share this rank's node, which
+/// runs `node_ranks` ranks of the job.
+pub fn tp_group_on_one_node(
+    rank: usize,
+    tp: usize,
+    on_node: usize,
+    node_ranks: usize,
+) -> Result<(), String> {
+    if on_node == tp {
+        return Ok(());
+    }
+    Err(format!(
+        "rank {rank}: parallel.tp = {tp} does not divide the {node_ranks} ranks on this node (only \
+         {on_node} of its tensor-parallel group are here): a tensor-parallel group must not \
+         straddle nodes; use a tp that divides the ranks per node, and place ranks by node \
+         (mpirun's default --map-by slot, Slurm's block distribution)"
+    ))
+}
+
+/// The GPU this rank computes on: its node-local rank among the devices it can see. When the
+/// launcher gave each process a device of its own (`CUDA_VISIBLE_DEVICES` naming one device,
+/// Slurm's `--gpus-per-task=1`), that device is number 0.
+pub fn gpu_ordinal(topo: &Topology) -> Result<usize> {
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    pick_gpu(topo.rank, topo.local_rank, visible.as_deref()).map_err(|e| anyhow!(e))
+}
+
+/// [`gpu_ordinal`] from the value of `CUDA_VISIBLE_DEVICES` (`None`: not set).
+pub fn pick_gpu(rank: usize, local_rank: usize, visible: Option<&str>) -> Result<usize, String> {
+    let Some(v) = visible else {
+        return Ok(local_rank);
+    };
+    let n = v.split(',').filter(|d| !d.trim().is_empty()).count();
+    match n {
+        0 => Err(format!(
+            "rank {rank}: CUDA_VISIBLE_DEVICES is empty: this process may use no GPU"
+        )),
+        1 => Ok(0),
+        n if local_rank < n => Ok(local_rank),
+        n => Err(format!(
+            "rank {rank}: node-local rank {local_rank} but CUDA_VISIBLE_DEVICES={v} shows {n} \
+             GPUs: start at most one rank per GPU on each node"
+        )),
+    }
+}
+
 /// Ends every rank of the job now (after an error or a panic on this one): never a hang.
 pub fn abort_job(code: i32) {
     if mpi::environment::is_initialized() && !mpi::environment::is_finalized() {
         SimpleCommunicator::world().abort(code);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tp_group_across_nodes_is_refused_naming_the_key() {
+        assert!(tp_group_on_one_node(3, 4, 4, 8).is_ok());
+        let e = tp_group_on_one_node(5, 4, 2, 6).unwrap_err();
+        assert!(e.contains("rank 5") && e.contains("parallel.tp = 4"), "{e}");
+        assert!(e.contains("6 ranks on this node"), "{e}");
+    }
+
+    #[test]
+    fn gpus_follow_cuda_visible_devices() {
+        assert_eq!(pick_gpu(3, 3, None), Ok(3));
+        assert_eq!(pick_gpu(9, 1, Some("5")), Ok(0));
+        assert_eq!(pick_gpu(9, 1, Some("0,1,2,3")), Ok(1));
+        let e = pick_gpu(9, 4, Some("0,1")).unwrap_err();
+        assert!(e.contains("rank 9") && e.contains("2 GPUs"), "{e}");
+        assert!(pick_gpu(0, 0, Some("")).is_err());
     }
 }

@@ -193,3 +193,10 @@ impl Comm for NcclComm {
         parts.chunks(2).map(join).collect()
     }
 }
+
+/// The name the CUDA driver gives GPU `ordinal` (`NVIDIA H100 80GB HBM3`).
+pub fn device_name(ordinal: usize) -> Result<String> {
+    let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("CUDA device {ordinal}: {e:?}"))?;
+    ctx.name()
+        .map_err(|e| anyhow!("CUDA device {ordinal}: {e:?}"))
+}

@@ -115,11 +115,12 @@ impl Kernels for Flex {
         (t(pt), t(mt), t(vt))
     }
 
-    fn sum_squares(t: Tensor<Self, 1>) -> f64 {
-        match f32_tensor(&t.clone().into_primitive().tensor()) {
+    fn squared_norms(ts: &[Tensor<Self, 1>]) -> Vec<f64> {
+        let one = |t: &Tensor<Self, 1>| match f32_tensor(&t.clone().into_primitive().tensor()) {
             Some(x) => cpu::sum_squares(data(&x)),
-            None => reference::sum_squares(t),
-        }
+            None => reference::squared_norms(std::slice::from_ref(t))[0],
+        };
+        ts.iter().map(one).collect()
     }
 
     fn linear_fwd(x: FloatTensor<Self>, w: FloatTensor<Self>) -> Option<FloatTensor<Self>> {

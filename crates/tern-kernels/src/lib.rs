@@ -14,6 +14,8 @@
 
 pub mod cpu;
 mod flex;
+pub mod guard;
+pub mod precision;
 pub mod reference;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -54,8 +56,14 @@ pub struct AdamwScalars {
 /// backend's own tensors: `None` from a `*_fwd` means "not fused here" (the default) and the op
 /// takes the reference path; a `*_bwd` is only called after its `*_fwd` gave `Some`.
 pub trait Kernels: Backend {
+    /// This backend's matmul must not see an inner dimension of 32 mod 64 ([`guard`]).
+    const PADS_K32: bool = false;
+
     /// `x w^T` of `x: [rows, d_in]` and `w: [d_out, d_in]`.
     fn linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        if low_precision() {
+            return reference::linear(x, w);
+        }
         match Self::linear_fwd(prim(&x), prim(&w)) {
             Some(y) => tensor(y),
             None => reference::linear(x, w),
@@ -93,6 +101,9 @@ pub trait Kernels: Backend {
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
     ) -> Tensor<Self, 4> {
+        if low_precision() {
+            return reference::causal_attention(q, k, v);
+        }
         match Self::attention_fwd(prim(&q), prim(&k), prim(&v)) {
             Some((y, _)) => tensor(y),
             None => reference::causal_attention(q, k, v),
@@ -137,10 +148,11 @@ pub trait Kernels: Backend {
     ) -> [Option<FloatTensor<Self>>; 2] {
         unreachable!("linear_bwd without linear_fwd")
     }
-    /// `sum(t^2)` of a flat tensor, on the host in f64 (for the global gradient norm). Fused on
-    /// the CPU backend: one read, f32 lanes over blocks summed in f64.
-    fn sum_squares(t: Tensor<Self, 1>) -> f64 {
-        reference::sum_squares(t)
+    /// `sum(t^2)` of each flat tensor, on the host in f64 (for the global gradient norm): by
+    /// default summed on the device and read back at once (one wait for the device a step, not
+    /// one a parameter). Fused on the CPU backend: one read, f32 lanes over blocks summed in f64.
+    fn squared_norms(ts: &[Tensor<Self, 1>]) -> Vec<f64> {
+        reference::squared_norms(ts)
     }
 
     /// Fused RMSNorm: the output and `1 / rms` per row.
@@ -224,6 +236,11 @@ pub trait Kernels: Backend {
     }
 }
 
+/// Products in bf16 ([`precision`]) take the reference path: the fused CPU kernels are f32.
+fn low_precision() -> bool {
+    precision::matmul_precision() != precision::Precision::F32
+}
+
 fn prim<B: Backend, const D: usize>(t: &Tensor<B, D>) -> FloatTensor<B> {
     t.clone().into_primitive().tensor()
 }
@@ -241,9 +258,12 @@ where
 {
 }
 
-// The f32 burn-cuda backend tern trains with: the reference path.
+// The f32 burn-cuda backend tern trains with: the reference path, its products padded where
+// burn 0.21's cubek matmul is wrong (inner dimensions of 32 mod 64).
 #[cfg(feature = "cuda")]
-impl Kernels for burn::backend::Cuda {}
+impl Kernels for burn::backend::Cuda {
+    const PADS_K32: bool = true;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Autodiff: each fused kernel one node with its own backward.
@@ -380,7 +400,12 @@ where
 }
 
 impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
+    const PADS_K32: bool = B::PADS_K32;
+
     fn linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        if low_precision() {
+            return reference::linear(x, w);
+        }
         let (xa, wa) = (ad(&x), ad(&w));
         let Some(y) = B::linear_fwd(xa.primitive.clone(), wa.primitive.clone()) else {
             return reference::linear(x, w);
@@ -436,6 +461,9 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
     ) -> Tensor<Self, 4> {
+        if low_precision() {
+            return reference::causal_attention(q, k, v);
+        }
         let (qa, ka, va) = (ad(&q), ad(&k), ad(&v));
         let fused = B::attention_fwd(
             qa.primitive.clone(),

@@ -5,11 +5,12 @@ use burn::tensor::activation::{log_softmax, relu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 
-use crate::{AdamwScalars, Gate, TernarySpec};
+use crate::precision::product;
+use crate::{AdamwScalars, Gate, Kernels, TernarySpec};
 
 /// `x w^T`, `w` stored `[d_out, d_in]`.
-pub fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
-    x.matmul(w.transpose())
+pub fn linear<B: Kernels>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    product(x, w.transpose())
 }
 
 pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
@@ -49,7 +50,7 @@ pub fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -
 
 /// Causal attention, q `[b, t, heads, hd]`, k and v `[b, t, kv_heads, hd]`; query head j reads
 /// key/value head j / (heads / kv_heads), as Hugging Face's `repeat_kv`.
-pub fn causal_attention<B: Backend>(
+pub fn causal_attention<B: Kernels>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -68,14 +69,14 @@ pub fn causal_attention<B: Backend>(
     };
     let q = q.swap_dims(1, 2);
     let (k, v) = (repeat(k), repeat(v));
-    let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((hd as f64).sqrt());
+    let scores = product(q, k.swap_dims(2, 3)).div_scalar((hd as f64).sqrt());
     let mask = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &scores.device()) // true above the diagonal
         .unsqueeze::<4>()
         .expand([b, nh, t, t]);
     // A large finite value, not -inf: a masked fill may be computed as a blend, and -inf * 0
     // would be NaN.
     let probs = softmax(scores.mask_fill(mask, -1e9), 3);
-    probs.matmul(v).swap_dims(1, 2)
+    product(probs, v).swap_dims(1, 2)
 }
 
 /// Per-row `-log softmax(logits)[target]`.
@@ -193,8 +194,11 @@ pub fn adamw_step<B: Backend>(
     (p, m, v)
 }
 
-/// `sum(t^2)` in f64 on the host.
-pub fn sum_squares<B: Backend>(t: Tensor<B, 1>) -> f64 {
-    use burn::tensor::ElementConversion;
-    t.powi_scalar(2).sum().into_scalar().elem::<f64>()
+/// `sum(t^2)` of each tensor, summed on the device and read back at once, in f64.
+pub fn squared_norms<B: Backend>(ts: &[Tensor<B, 1>]) -> Vec<f64> {
+    if ts.is_empty() {
+        return Vec::new();
+    }
+    let sums = ts.iter().map(|t| t.clone().powi_scalar(2).sum()).collect();
+    Tensor::cat(sums, 0).into_data().iter::<f64>().collect()
 }

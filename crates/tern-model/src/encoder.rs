@@ -8,6 +8,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+use tern_kernels::precision::product as matmul;
 
 use crate::hooks::Hooks;
 
@@ -78,7 +79,7 @@ impl EncoderConfig {
     }
 }
 
-impl<B: Backend> Encoder<B> {
+impl<B: tern_kernels::Kernels> Encoder<B> {
     /// `x: [..., d]` -> values in `{-alpha, 0, alpha}` per channel, same shape. `hooks` are the
     /// projection's: under tensor parallelism an encoder in front of a row-parallel projection is
     /// split like Megatron's MLP the other way round (its hidden layer summed over the group after
@@ -89,9 +90,9 @@ impl<B: Backend> Encoder<B> {
         let d = dims[D - 1];
         let rows = x.shape().num_elements() / d;
         let x = x.reshape([rows, d]);
-        let h = hooks.encoder_hidden(x.matmul(self.fc1.val().transpose()));
+        let h = hooks.encoder_hidden(matmul(x, self.fc1.val().transpose()));
         let h = hooks.encoder_inner(relu(h));
-        let z = h.matmul(self.fc2.val().transpose());
+        let z = matmul(h, self.fc2.val().transpose());
         let out = heaviside(
             z,
             self.alpha.val(),

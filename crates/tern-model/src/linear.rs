@@ -7,6 +7,7 @@ use burn::module::{Initializer, Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
+use tern_kernels::precision::{matmul_precision, Precision};
 use tern_kernels::{reference, Kernels, TernarySpec};
 
 /// What the block projections are made of (`model.linear`).
@@ -209,6 +210,44 @@ impl<B: Backend, H> ProjLinear<B, H> {
         }
     }
 
+    /// `x W~^T` of a ternary or BitNet layer in bf16: the codes are multiplied as they are (exact
+    /// in bf16, where a scaled code is not) and each group's scale applied to the f32 product.
+    /// Backward, the codes carry the straight-through gradient divided by the scale, so that
+    /// `dL/dW = dL/dW~` as in f32.
+    fn scaled_codes(&self, x: Tensor<B, 2>) -> Tensor<B, 2>
+    where
+        B: Kernels,
+    {
+        let w = self.weight.val();
+        let (codes, gamma) = self.codes().expect("a ternary or BitNet layer");
+        let (g, by_rows) = (self.groups, self.axis.by_rows());
+        let dims = w.dims();
+        let unit = reference::grouped(w, g, by_rows)
+            .div(gamma.clone())
+            .reshape(dims);
+        let c = reference::straight_through(unit, codes);
+        let [d_out, d_in] = dims;
+        if by_rows {
+            let scale = gamma
+                .reshape([g, 1])
+                .repeat_dim(1, d_out / g)
+                .reshape([1, d_out]);
+            return <B as Kernels>::linear(x, c) * scale;
+        }
+        let k = d_in / g;
+        let gamma = gamma.reshape([g]);
+        (0..g)
+            .map(|i| {
+                let part = <B as Kernels>::linear(
+                    x.clone().narrow(1, i * k, k),
+                    c.clone().narrow(1, i * k, k),
+                );
+                part * gamma.clone().narrow(0, i, 1).reshape([1, 1])
+            })
+            .reduce(|a, b| a + b)
+            .expect("at least one group")
+    }
+
     /// The codes and scales of a ternary or BitNet layer (`None` for float layers).
     pub fn codes(&self) -> Option<(Tensor<B, 2>, Tensor<B, 3>)> {
         let w = self.weight.val().detach();
@@ -221,10 +260,15 @@ impl<B: Backend, H> ProjLinear<B, H> {
 
     /// Fraction of zero codes of a ternary or BitNet layer (`None` for float layers).
     pub fn zero_fraction(&self) -> Option<f64> {
+        let share = self.zero_share()?.into_scalar();
+        Some(num_to_f64(share))
+    }
+
+    /// [`Self::zero_fraction`] as a one-element tensor on the device (read back with others).
+    pub fn zero_share(&self) -> Option<Tensor<B, 1>> {
         let (codes, _) = self.codes()?;
         let n = codes.shape().num_elements() as f64;
-        let zeros = codes.equal_elem(0.0).int().sum().into_scalar();
-        Some(num_to_f64(zeros) / n)
+        Some(codes.equal_elem(0.0).float().sum().div_scalar(n))
     }
 }
 
@@ -251,12 +295,15 @@ impl<B: Kernels, H: Hooks<B>> ProjLinear<B, H> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let input = x.clone();
         let x = self.matmul_input(x);
-        let w = self.effective_weight();
         let dims = x.dims();
         let d_in = dims[D - 1];
         let rows = x.shape().num_elements() / d_in;
-        let [d_out, _] = w.dims();
-        let y = <B as Kernels>::linear(x.reshape([rows, d_in]), w);
+        let x = x.reshape([rows, d_in]);
+        let y = match (matmul_precision(), self.kind) {
+            (Precision::Bf16, LinearKind::Ternary | LinearKind::Bitnet) => self.scaled_codes(x),
+            _ => <B as Kernels>::linear(x, self.effective_weight()),
+        };
+        let d_out = y.dims()[1];
         let mut out = dims;
         out[D - 1] = d_out;
         let y = self.hooks.output(y.reshape(out));
@@ -568,5 +615,57 @@ mod tests {
         layer.weight = Param::from_tensor(Tensor::from_data(TensorData::new(v, [8, 12]), &dev));
         let z = layer.zero_fraction().unwrap();
         assert!((z - 1.0 / 96.0).abs() < 1e-9, "{z}");
+    }
+
+    /// In bf16 a ternary layer multiplies its exact codes and applies the scales in f32: with
+    /// inputs in {-1, 0, 1} (exact in bf16, sums of at most 12 of them too) the output equals
+    /// f32's to f32 rounding, where a bf16-rounded scaled weight would be off by up to 2^-9
+    /// relative. BitNet's 8-bit inputs are not exact in bf16: its output follows f32's within
+    /// bf16 rounding. The weight gradient is f32's straight-through one within bf16 rounding.
+    #[test]
+    fn bf16_products_keep_codes_exact_and_scales_f32() {
+        use tern_kernels::precision::set_matmul_precision;
+        let dev = Default::default();
+        let xs: Vec<f32> = (0..5 * 12)
+            .map(|i| ((i * 7 + i / 12) % 3) as f32 - 1.0)
+            .collect();
+        let dy0 = Tensor::<B, 2>::random([5, 8], Distribution::Normal(0.0, 1.0), &dev);
+        for kind in [LinearKind::Ternary, LinearKind::Bitnet] {
+            for (groups, axis) in [
+                (2, ScaleAxis::Rows),
+                (2, ScaleAxis::Cols),
+                (1, ScaleAxis::Cols),
+            ] {
+                let layer = cfg(kind, groups, axis).init::<AB>(&dev);
+                let run = |p: Precision| {
+                    set_matmul_precision(p);
+                    let x = Tensor::<AB, 2>::from_data(TensorData::new(xs.clone(), [5, 12]), &dev);
+                    let y = layer.forward(x.require_grad());
+                    set_matmul_precision(Precision::F32);
+                    let g = (y.clone() * Tensor::from_inner(dy0.clone()))
+                        .sum()
+                        .backward();
+                    let dw = layer.weight.val().grad(&g).unwrap();
+                    let host = |t: Tensor<B, 2>| t.into_data().to_vec::<f32>().unwrap();
+                    (host(y.inner()), host(dw))
+                };
+                let (y32, dw32) = run(Precision::F32);
+                let (y16, dw16) = run(Precision::Bf16);
+                let big = |v: &[f32]| v.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+                let diff = |a: &[f32], b: &[f32]| {
+                    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+                };
+                let tol = if kind == LinearKind::Ternary {
+                    1e-6
+                } else {
+                    1e-2
+                };
+                assert!(
+                    diff(&y32, &y16) <= tol * big(&y32),
+                    "{kind:?} {axis:?}: {y32:?} {y16:?}"
+                );
+                assert!(diff(&dw32, &dw16) <= 1e-2 * big(&dw32), "{kind:?} {axis:?}");
+            }
+        }
     }
 }

@@ -254,15 +254,21 @@ impl<B: Backend, H> Llama<B, H> {
 impl<B: Backend, H> Llama<B, H> {
     /// `(layer name, fraction of zero ternary codes)` for every ternary projection.
     pub fn ternary_zero_fractions(&self) -> Vec<(String, f64)> {
-        let mut out = Vec::new();
+        let (mut names, mut shares) = (Vec::new(), Vec::new());
         for (i, l) in self.layers.iter().enumerate() {
             for (name, p) in l.projections() {
-                if let Some(z) = p.zero_fraction() {
-                    out.push((format!("layers.{i}.{name}"), z));
+                if let Some(z) = p.zero_share() {
+                    names.push(format!("layers.{i}.{name}"));
+                    shares.push(z);
                 }
             }
         }
-        out
+        if shares.is_empty() {
+            return Vec::new();
+        }
+        // One read back for all of them.
+        let values = Tensor::cat(shares, 0).into_data();
+        names.into_iter().zip(values.iter::<f64>()).collect()
     }
 }
 

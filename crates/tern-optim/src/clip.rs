@@ -11,7 +11,7 @@ pub fn global_norm<B: Kernels>(grads: &[Tensor<B, 1>]) -> f64 {
 
 /// `|g_i|^2` of every gradient, in f64 (so that a caller can sum parts held by other ranks).
 pub fn squared_norms<B: Kernels>(grads: &[Tensor<B, 1>]) -> Vec<f64> {
-    grads.iter().map(|g| B::sum_squares(g.clone())).collect()
+    B::squared_norms(grads)
 }
 
 /// Scales `grads` so that their global norm is at most `max_norm` (0 disables clipping).

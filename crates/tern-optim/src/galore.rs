@@ -8,6 +8,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use tern_kernels::guard::matmul;
 
 use tern_dist::{to_host, TensorCollectives, TpGroup};
 
@@ -212,7 +213,9 @@ impl<B: Backend> GaLoreAdamW<B> {
             None => t,
         }
     }
+}
 
+impl<B: tern_kernels::Kernels> GaLoreAdamW<B> {
     /// A new projection of parameter `i` from its gradient `g` (this rank's block), and what the
     /// moments do.
     fn refresh(&mut self, i: usize, l: LowRank, g: &Tensor<B, 2>) {
@@ -248,12 +251,12 @@ impl<B: Backend> GaLoreAdamW<B> {
                     // c P_old P_new^T. Left: P_new^T P_old c.
                     let (m, v) = match l.side {
                         Side::Right => {
-                            let c = old.matmul(p.clone().transpose());
-                            (m.matmul(c.clone()), v.matmul(c.powi_scalar(2)))
+                            let c = matmul(old, p.clone().transpose());
+                            (matmul(m, c.clone()), matmul(v, c.powi_scalar(2)))
                         }
                         Side::Left => {
-                            let c = p.clone().transpose().matmul(old);
-                            (c.clone().matmul(m), c.powi_scalar(2).matmul(v))
+                            let c = matmul(p.clone().transpose(), old);
+                            (matmul(c.clone(), m), matmul(c.powi_scalar(2), v))
                         }
                     };
                     self.exp_avg[i] = m.reshape([a * b]);
@@ -307,8 +310,8 @@ impl<B: Backend> GaLoreAdamW<B> {
                     }
                     let pm = self.proj[i].clone().expect("projection");
                     let r = match l.side {
-                        Side::Right => g2.matmul(pm.transpose()),
-                        Side::Left => pm.transpose().matmul(g2),
+                        Side::Right => matmul(g2, pm.transpose()),
+                        Side::Left => matmul(pm.transpose(), g2),
                     };
                     let r = if l.reduces() {
                         self.tp.comm().all_reduce_tensor(r)
@@ -331,8 +334,8 @@ impl<B: Backend> GaLoreAdamW<B> {
                     let pm = self.proj[i].clone().expect("projection");
                     let n2 = n.reshape(l.projected());
                     let back = match l.side {
-                        Side::Right => n2.matmul(pm),
-                        Side::Left => pm.matmul(n2),
+                        Side::Right => matmul(n2, pm),
+                        Side::Left => matmul(pm, n2),
                     };
                     let [a, b] = l.local();
                     back.reshape([a * b]).mul_scalar(self.scale)

@@ -4,6 +4,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use faer::Mat;
+use tern_kernels::guard::matmul;
 
 /// Which singular vectors a projection keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,12 +71,12 @@ fn host<B: Backend>(t: Tensor<B, 2>) -> Vec<f64> {
 
 /// `Y` with orthonormal columns spanning the same space, by shifted Cholesky-QR run twice: the
 /// tall products stay on the device, only the k x k Gram matrix is factorised on the host.
-fn orthonormalize<B: Backend>(y: Tensor<B, 2>) -> Tensor<B, 2> {
+fn orthonormalize<B: tern_kernels::Kernels>(y: Tensor<B, 2>) -> Tensor<B, 2> {
     let k = y.dims()[1];
     let device = y.device();
     let mut q = y;
     for _ in 0..2 {
-        let s = host(q.clone().transpose().matmul(q.clone()));
+        let s = host(matmul(q.clone().transpose(), q.clone()));
         // The shift keeps the factorisation defined for a nearly rank-deficient Y (f32 Gram).
         let shift = 1e-7 * (0..k).map(|i| s[i * k + i]).sum::<f64>().max(1e-30);
         // S + shift I = L L^T; Q = Y L^-T.
@@ -109,7 +110,7 @@ fn orthonormalize<B: Backend>(y: Tensor<B, 2>) -> Tensor<B, 2> {
             .map(|x| inv[(x % k) * k + x / k] as f32)
             .collect();
         let r_inv = Tensor::<B, 2>::from_data(TensorData::new(r_inv, [k, k]), &device);
-        q = q.matmul(r_inv);
+        q = matmul(q, r_inv);
     }
     q
 }
@@ -119,7 +120,7 @@ fn orthonormalize<B: Backend>(y: Tensor<B, 2>) -> Tensor<B, 2> {
 /// `r + oversample` columns, `iters` power iterations with re-orthonormalisation, then the exact
 /// SVD of the small projected matrix. Same layout and sign rule as
 /// [`leading_singular_vectors`]; `seed` fixes the sketch (the same on every rank).
-pub fn randomized_singular_vectors<B: Backend>(
+pub fn randomized_singular_vectors<B: tern_kernels::Kernels>(
     g: &Tensor<B, 2>,
     r: usize,
     side: Side,
@@ -137,13 +138,13 @@ pub fn randomized_singular_vectors<B: Backend>(
     let k = (r + oversample).min(a.min(b));
     let omega = gaussian(b * k, seed);
     let omega = Tensor::<B, 2>::from_data(TensorData::new(omega, [b, k]), &g.device());
-    let mut q = orthonormalize(a_mat.clone().matmul(omega));
+    let mut q = orthonormalize(matmul(a_mat.clone(), omega));
     for _ in 0..iters {
-        let z = orthonormalize(a_mat.clone().transpose().matmul(q));
-        q = orthonormalize(a_mat.clone().matmul(z));
+        let z = orthonormalize(matmul(a_mat.clone().transpose(), q));
+        q = orthonormalize(matmul(a_mat.clone(), z));
     }
     // B = Q^T A (k x b); A ~ Q B, so A's leading left vectors are Q times B's.
-    let small = host(q.clone().transpose().matmul(a_mat));
+    let small = host(matmul(q.clone().transpose(), a_mat));
     let bm = Mat::<f64>::from_fn(k, b, |i, j| small[i * b + j]);
     let svd = bm.thin_svd().expect("the SVD of a finite matrix converges");
     let u = svd.U();
@@ -151,7 +152,7 @@ pub fn randomized_singular_vectors<B: Backend>(
         .flat_map(|i| (0..r).map(move |c| u[(i, c)] as f32))
         .collect();
     let w = Tensor::<B, 2>::from_data(TensorData::new(w, [k, r]), &g.device());
-    let vecs = host(q.matmul(w)); // a x r
+    let vecs = host(matmul(q, w)); // a x r
     let cols: Vec<Vec<f64>> = (0..r)
         .map(|c| (0..a).map(|i| vecs[i * r + c]).collect())
         .collect();

@@ -21,6 +21,9 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     pub tokens: u64,
     pub tokens_per_s: f64,
+    /// Achieved training TFLOP/s of one device, and that over its peak (when the peak is known).
+    pub tflops_per_device: f64,
+    pub mfu: Option<f64>,
     pub skipped_steps: u64,
     /// More fields of the `metrics.jsonl` line (a distillation's `mse`, `ce`, `kl`, `block`);
     /// numeric ones also go to TensorBoard as `train/<key>`.
@@ -143,9 +146,13 @@ impl MetricsLogger {
                 "grad_norm": m.grad_norm,
                 "tokens": m.tokens,
                 "tokens_per_s": m.tokens_per_s,
+                "tflops_per_device": m.tflops_per_device,
                 "skipped_steps": m.skipped_steps,
         });
         let fields = line.as_object_mut().expect("an object");
+        if let Some(mfu) = m.mfu {
+            fields.insert("mfu".into(), json!(mfu));
+        }
         fields.extend(m.extra.clone());
         for (name, z) in zero_fractions {
             fields.insert(format!("ternary_zero_fraction/{name}"), json!(z));
@@ -157,7 +164,11 @@ impl MetricsLogger {
             ("train/grad_norm".into(), m.grad_norm),
             ("train/tokens".into(), m.tokens as f64),
             ("train/tokens_per_s".into(), m.tokens_per_s),
+            ("train/tflops_per_device".into(), m.tflops_per_device),
         ];
+        if let Some(mfu) = m.mfu {
+            scalars.push(("train/mfu".into(), mfu));
+        }
         for (k, v) in &m.extra {
             if let Some(x) = v.as_f64() {
                 // `act_sparsity/attn` and the like keep their own section.
@@ -196,9 +207,12 @@ impl MetricsLogger {
             }
         }
         msg += &format!(
-            " | lr {:.3e} | grad_norm {:.3} | {:.0} tok/s",
-            m.lr, m.grad_norm, m.tokens_per_s
+            " | lr {:.3e} | grad_norm {:.3} | {:.0} tok/s | {:.3} TFLOP/s",
+            m.lr, m.grad_norm, m.tokens_per_s, m.tflops_per_device
         );
+        if let Some(mfu) = m.mfu {
+            msg += &format!(" | MFU {:.1}%", 100.0 * mfu);
+        }
         match &o.bar {
             Some(b) => {
                 b.set_position(m.step);

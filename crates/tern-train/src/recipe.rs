@@ -40,6 +40,31 @@ pub struct TrainConfig {
     /// the last good state); each such step's update is skipped.
     #[serde(default = "d_max_bad_steps")]
     pub max_bad_steps: u64,
+    /// What the matrix products run in; unset: bf16 with the cuda build, f32 on the CPU (whose
+    /// fused kernels are f32).
+    #[serde(default)]
+    pub precision: Option<PrecisionName>,
+}
+
+/// `precision` of `[train]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionName {
+    F32,
+    Bf16,
+}
+
+impl PrecisionName {
+    /// The recipe's precision, or the build's default (`gpu`: the cuda build).
+    pub fn resolve(recipe: Option<Self>, gpu: bool) -> tern_kernels::precision::Precision {
+        use tern_kernels::precision::Precision;
+        match recipe {
+            Some(PrecisionName::F32) => Precision::F32,
+            Some(PrecisionName::Bf16) => Precision::Bf16,
+            None if gpu => Precision::Bf16,
+            None => Precision::F32,
+        }
+    }
 }
 
 fn d_max_bad_steps() -> u64 {
@@ -107,6 +132,10 @@ pub struct RunConfig {
     pub dir: Option<String>,
     #[serde(default)]
     pub progress: Progress,
+    /// Dense matmul peak of one device in TFLOP/s, for the MFU in the metrics; by default the
+    /// table of known GPUs (`tern_train::mfu`), none on the CPU.
+    #[serde(default)]
+    pub peak_tflops: Option<f64>,
 }
 
 /// `[parallel]`: how the processes of an `mpirun` job split the work.

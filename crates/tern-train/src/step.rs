@@ -10,10 +10,12 @@ use tern_optim::{clip_scale, squared_norms, Optimizer};
 
 use crate::params::{assign_trainable, flat_grads, flat_values};
 
-/// The sum of the micro-batches' gradients (module order) and losses.
+/// The sum of the micro-batches' gradients (module order) and losses. The losses are summed on
+/// the device and read back once, in [`GradAccumulator::mean`]: a read per micro-batch would make
+/// the host wait for the device after every backward pass.
 pub struct GradAccumulator<B: Backend> {
     sum: Option<Vec<Tensor<B, 1>>>,
-    loss_sum: f64,
+    loss_sum: Option<Tensor<B, 1>>,
     count: usize,
 }
 
@@ -21,29 +23,30 @@ impl<B: Backend> Default for GradAccumulator<B> {
     fn default() -> Self {
         Self {
             sum: None,
-            loss_sum: 0.0,
+            loss_sum: None,
             count: 0,
         }
     }
 }
 
 impl<B: Backend> GradAccumulator<B> {
-    /// Runs the backward pass of one micro-batch's `loss` and adds its gradients; returns the
-    /// loss value.
-    pub fn add<AB, M>(&mut self, model: &M, loss: Tensor<AB, 1>) -> f64
+    /// Runs the backward pass of one micro-batch's `loss` and adds its gradients and its value.
+    pub fn add<AB, M>(&mut self, model: &M, loss: Tensor<AB, 1>)
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
-        let value: f64 = loss.clone().into_scalar().elem();
+        let value = loss.clone().inner();
         let g = flat_grads(model, &loss.backward());
         self.sum = Some(match self.sum.take() {
             None => g,
             Some(a) => a.into_iter().zip(g).map(|(a, g)| a + g).collect(),
         });
-        self.loss_sum += value;
+        self.loss_sum = Some(match self.loss_sum.take() {
+            None => value,
+            Some(s) => s + value,
+        });
         self.count += 1;
-        value
     }
 
     /// The mean loss and the mean gradients over the micro-batches added (equal sizes: the
@@ -51,13 +54,14 @@ impl<B: Backend> GradAccumulator<B> {
     pub fn mean(self) -> (f64, Vec<Tensor<B, 1>>) {
         let n = self.count.max(1) as f64;
         let sum = self.sum.expect("at least one micro-batch");
+        let loss: f64 = self.loss_sum.expect("a loss").into_scalar().elem();
         // One micro-batch: the sum is the mean (x / 1 is x), no pass over the gradients.
         let grads = if self.count == 1 {
             sum
         } else {
             sum.into_iter().map(|g| g.div_scalar(n)).collect()
         };
-        (self.loss_sum / n, grads)
+        (loss / n, grads)
     }
 }
 

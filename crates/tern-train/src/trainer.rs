@@ -46,6 +46,12 @@ pub struct TrainOptions {
     pub resume: Option<Resume>,
     /// Set (by a SIGTERM handler) to end the run at the next step with a checkpoint.
     pub stop: Option<Arc<AtomicBool>>,
+    /// What each rank computes on (`cpu`, or the GPU's name) and its dense matmul peak in
+    /// TFLOP/s when known (for the MFU).
+    pub device_name: String,
+    pub peak_tflops: Option<f64>,
+    /// What the matrix products run in (`train.precision` resolved for the build).
+    pub precision: tern_kernels::precision::Precision,
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +117,11 @@ pub struct Trainer<'a, B: AutodiffBackend> {
     last_val: Option<f64>,
     /// Since the last logged step: when it began, tokens trained.
     interval: (Instant, u64),
+    /// Training FLOPs a token (the plan's), the devices of the job, one device's peak.
+    flops_per_token: f64,
+    peak_tflops: Option<f64>,
+    /// This process's first step, timed (compilation and autotuning happen there on a GPU).
+    first_step_s: Option<f64>,
 }
 
 /// A fresh run never writes into an earlier run's folder (their checkpoints and metrics would mix):
@@ -181,6 +192,7 @@ where
         let topo = dist.topo;
         recipe.train.validate(topo.dp).map_err(|e| anyhow!(e))?;
         let faults = Faults::from_env()?;
+        tern_kernels::precision::set_matmul_precision(opts.precision);
         let t0 = Instant::now();
         let mut inputs = Inputs::open(recipe)?;
         let recipe = inputs.recipe.clone();
@@ -237,7 +249,13 @@ where
             topo.dp_rank() == 0,
             &inner,
         )?;
+        let flops_per_token = crate::plan::plan(&recipe, topo.world)
+            .map_err(|e| anyhow!(e))?
+            .train_flops_per_token;
         let mut trainer = Self {
+            flops_per_token,
+            peak_tflops: opts.peak_tflops,
+            first_step_s: None,
             schedule: Schedule::new(&recipe.optim, tc.steps),
             mine: dp_slice(tc.global_batch, topo.dp_rank(), topo.dp),
             start_step: state.step,
@@ -435,7 +453,17 @@ where
     pub fn run(mut self) -> Result<TrainSummary> {
         let mut last_loss = f64::NAN;
         while self.state.step < self.recipe.train.steps {
+            let t0 = Instant::now();
             let out = self.train_step()?;
+            if self.first_step_s.is_none() {
+                let s = t0.elapsed().as_secs_f64();
+                self.first_step_s = Some(s);
+                self.metrics.say(&format!(
+                    "first step: {s:.2} s (on a GPU this includes compiling and autotuning kernels)"
+                ));
+                self.metrics
+                    .note(json!({"step": out.step, "first_step_s": s}))?;
+            }
             last_loss = out.loss;
             self.bad_in_a_row = if out.applied {
                 0
@@ -547,6 +575,13 @@ where
             }
         }
         let secs = self.interval.0.elapsed().as_secs_f64();
+        let tokens_per_s = self.interval.1 as f64 / secs.max(1e-9);
+        let (tflops, mfu) = crate::mfu::utilisation(
+            tokens_per_s,
+            self.flops_per_token,
+            self.dist.topo.world,
+            self.peak_tflops,
+        );
         self.metrics.step(
             &StepMetrics {
                 step: out.step,
@@ -555,7 +590,9 @@ where
                 weight_decay: out.weight_decay,
                 grad_norm: out.grad_norm,
                 tokens: self.state.tokens_seen,
-                tokens_per_s: self.interval.1 as f64 / secs.max(1e-9),
+                tokens_per_s,
+                tflops_per_device: tflops,
+                mfu,
                 skipped_steps: self.state.skipped_steps,
                 extra,
             },
