@@ -517,6 +517,10 @@ fn bad_distillation_settings_are_errors_naming_the_key() {
         &["distill", "block_step"],
     );
     fails_with(
+        &with(&["--set", "train.recompute=\"block\""]),
+        &["train.recompute", "pretraining"],
+    );
+    fails_with(
         &with(&["--set", "distill.surrogate=\"sigmoid\""]),
         &["distill.surrogate", "sigmoid"],
     );

@@ -339,6 +339,29 @@ fn tiny_recipe_loss_falls_and_tensorboard_reads_the_run() {
     assert!(z > 0.05 && z < 0.95, "zero fraction {z}");
 }
 
+/// `train.recompute = "block"` gives the losses of the plain backward pass (to float
+/// rounding: the gradients are summed in another order) over eight steps of two micro-batches.
+#[test]
+fn block_recompute_follows_the_plain_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |r: &str| {
+        let run = dir.path().join(r);
+        let set = format!("train.recompute=\"{r}\"");
+        ok(&train(
+            &run,
+            8,
+            &["--set", &set, "--set", "train.global_batch=8"],
+        ));
+        losses(&run)
+    };
+    let (plain, block) = (run("none"), run("block"));
+    assert_eq!(plain.len(), 8);
+    for ((s, a), (_, b)) in plain.iter().zip(&block) {
+        let (a, b): (f64, f64) = (a.parse().unwrap(), b.parse().unwrap());
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "step {s}: {a} against {b}");
+    }
+}
+
 /// `train.precision = "bf16"` (products in bf16, everything else f32) follows f32's losses over
 /// ten steps of the small ternary model with two scale groups, without being f32.
 #[test]
@@ -470,6 +493,14 @@ fn bad_recipes_fail_naming_the_key() {
         &["data.train", "/nonexistent/x"],
     );
     bad_recipe(&["train.max_bad_steps=0"], &["train.max_bad_steps"]);
+    bad_recipe(
+        &["train.precision=\"fp8\""],
+        &["train.precision", "unknown variant"],
+    );
+    bad_recipe(
+        &["train.recompute=\"full\""],
+        &["train.recompute", "unknown variant"],
+    );
     bad_recipe(
         &["model.sparsity.top_k=1.5"],
         &["model.sparsity.top_k", "(0, 1]"],

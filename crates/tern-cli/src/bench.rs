@@ -141,7 +141,14 @@ fn time_steps(
         dist.tp.stats().reset();
         let start = Instant::now();
         let mut acc = GradAccumulator::default();
-        acc.add(&model, model.loss(x.clone()));
+        match recipe.train.recompute {
+            tern_train::recipe::Recompute::None => acc.add(&model, model.loss(x.clone())),
+            tern_train::recipe::Recompute::Block => {
+                let (loss, grads) =
+                    tern_train::recompute::loss_and_grads(&model, x.clone().inner());
+                acc.push(loss, grads);
+            }
+        }
         let (loss, flat) = acc.mean();
         TrainBackend::sync(device)?;
         let mid = Instant::now();

@@ -120,7 +120,8 @@ impl<B: Backend, H> Block<B, H> {
 }
 
 impl<B: Kernels, H: Hooks<B>> Block<B, H> {
-    fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
+    /// `x: [batch, seq, hidden]` through attention and the MLP, each with its residual.
+    pub fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
         let x = x.clone()
             + self
                 .self_attn
@@ -194,8 +195,7 @@ impl<B: Kernels, H: Hooks<B>> Llama<B, H> {
     /// early, as layer-wise distillation's teacher does).
     pub fn forward_blocks(&self, tokens: Tensor<B, 2, Int>, n_blocks: usize) -> Tensor<B, 3> {
         let [_, t] = tokens.dims();
-        let device = tokens.device();
-        let (cos, sin) = rope_tables::<B>(t, self.head_dim, self.rope_theta, &device);
+        let (cos, sin) = self.rope(t, &tokens.device());
         let mut x = self.embed_tokens.forward(tokens);
         for block in self.layers.iter().take(n_blocks) {
             x = block.forward(x, &cos, &sin);
@@ -203,8 +203,13 @@ impl<B: Kernels, H: Hooks<B>> Llama<B, H> {
         x
     }
 
+    /// The RoPE tables of `seq` positions.
+    pub fn rope(&self, seq: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        rope_tables::<B>(seq, self.head_dim, self.rope_theta, device)
+    }
+
     /// Final norm and LM head: hidden states -> logits.
-    fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.norm.forward(x);
         match &self.lm_head {
             Some(head) => head.forward(x),

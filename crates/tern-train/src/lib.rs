@@ -14,6 +14,7 @@ pub mod plan;
 pub mod pretrained;
 pub mod products;
 pub mod recipe;
+pub mod recompute;
 pub mod slots;
 pub mod step;
 pub mod tensorboard;

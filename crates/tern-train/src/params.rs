@@ -98,6 +98,38 @@ pub fn flat_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     v.out
 }
 
+struct AddGrads<'a, B: AutodiffBackend> {
+    grads: &'a B::Gradients,
+    sums: std::slice::IterMut<'a, Option<Tensor<B::InnerBackend, 1>>>,
+}
+impl<B: AutodiffBackend> ModuleVisitor<B> for AddGrads<'_, B> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        let slot = self.sums.next().expect("one slot per parameter");
+        let t = p.val();
+        if let Some(g) = t.grad(self.grads) {
+            let g = g.reshape([t.shape().num_elements()]);
+            *slot = Some(match slot.take() {
+                Some(s) => s + g,
+                None => g,
+            });
+        }
+    }
+}
+
+/// Adds the gradients that `grads` holds to `sums` (one slot per float parameter, module order);
+/// parameters it does not reach are left as they are.
+pub fn add_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    m: &M,
+    grads: &B::Gradients,
+    sums: &mut [Option<Tensor<B::InnerBackend, 1>>],
+) {
+    let mut v = AddGrads::<B> {
+        grads,
+        sums: sums.iter_mut(),
+    };
+    m.visit(&mut v);
+}
+
 struct Assign<T> {
     values: std::vec::IntoIter<Option<T>>,
 }

@@ -40,6 +40,52 @@ pub struct Plan {
     pub forward_flops_per_token: f64,
     /// Forward + backward: three times the forward.
     pub train_flops_per_token: f64,
+    /// What a micro-batch's backward pass needs kept, per rank.
+    pub activations: Activations,
+}
+
+/// Activation bytes of one micro-batch on one rank, kept from the forward pass for the backward
+/// pass: without recompute and with `train.recompute = "block"`, for tern's fused CPU kernels and
+/// for the reference ops (the cuda build: attention scores and probabilities, unfused norms and
+/// activations). Counted from what each op keeps, in f32; a model, not a measurement
+/// (docs/gpu.md compares it with measured memory).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Activations {
+    pub tokens: usize,
+    pub fused: usize,
+    pub fused_recompute: usize,
+    pub reference: usize,
+    pub reference_recompute: usize,
+}
+
+impl Activations {
+    fn of(recipe: &Recipe, tp: usize, ternary_block_params: usize) -> Self {
+        let m = &recipe.model;
+        let (t, b) = (recipe.data.seq_len, recipe.train.micro_batch);
+        let tokens = t * b;
+        let (h, i) = (m.hidden, m.intermediate / tp);
+        let (hs, kv, heads) = (h / tp, m.kv_heads() * m.head_dim() / tp, m.n_heads / tp);
+        // Per token and block: the two norms' inputs and outputs (replicated), q and the
+        // attention output, k, v, the log-sum-exps, the GLU's gate, up and output.
+        let fused_block = 4 * h + 2 + 2 * hs + 2 * kv + heads + 3 * i;
+        // The reference ops add the scores and probabilities of every query against every key,
+        // the norms' and the gate's intermediates, RoPE's rotated halves.
+        let reference_block = fused_block + 2 * heads * t + 4 * h + 2 * i + 2 * (hs + kv);
+        // The final norm and the head's input, its logits and softmax.
+        let head = 2 * h + 2 * m.vocab();
+        let n = m.n_layers;
+        // The weights a block multiplies by (ternary: quantized once a micro-batch, kept).
+        let w_block = ternary_block_params / n.max(1) / tp;
+        let all = |per_block: usize| F32 * (tokens * (n * per_block + head) + n * w_block);
+        let one = |per_block: usize| F32 * (tokens * ((n + 1) * h + per_block + head) + w_block);
+        Self {
+            tokens,
+            fused: all(fused_block),
+            fused_recompute: one(fused_block),
+            reference: all(reference_block),
+            reference_recompute: one(reference_block),
+        }
+    }
 }
 
 /// The plan of `recipe` on `world` processes; the recipe's vocabulary must be known.
@@ -137,6 +183,15 @@ pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
         block_optim_bytes_adamw: block_adamw * F32,
         forward_flops_per_token: forward,
         train_flops_per_token: 3.0 * forward,
+        activations: Activations::of(
+            recipe,
+            tp,
+            if m.linear == tern_model::LinearKind::Float {
+                0
+            } else {
+                block
+            },
+        ),
     })
 }
 
@@ -204,6 +259,17 @@ impl fmt::Display for Plan {
             "FLOPs per token  forward {:.3} G, training {:.3} G",
             self.forward_flops_per_token / 1e9,
             self.train_flops_per_token / 1e9
+        )?;
+        let a = &self.activations;
+        write!(
+            f,
+            "\nactivations      a micro-batch of {} tokens per rank: {} ({} with recompute = \"block\") with the CPU's fused kernels, \
+             {} ({}) with the reference ops of the cuda build",
+            a.tokens,
+            gib(a.fused),
+            gib(a.fused_recompute),
+            gib(a.reference),
+            gib(a.reference_recompute)
         )
     }
 }
@@ -267,5 +333,24 @@ mod tests {
         let block = one.block_params * F32;
         assert_eq!(two.weight_bytes, one.weight_bytes - block / 2);
         assert!(plan(&recipe("trilm-1.1b", &["parallel.tp=2"]), 3).is_err());
+    }
+
+    /// trilm-99m at 2 x 512 tokens: 16 blocks of hidden 512, GLU 1280, 8 heads of 64 (keys and
+    /// values too), vocab 50304, counted by hand from what each op keeps.
+    #[test]
+    fn activation_counts_of_trilm_99m() {
+        let r = recipe("trilm-99m", &["train.micro_batch=2", "data.seq_len=512"]);
+        let a = plan(&r, 1).unwrap().activations;
+        assert_eq!(a.tokens, 1024);
+        let (h, i, kv, heads, v, n) = (512, 1280, 512, 8, 50304, 16);
+        let block = 4 * h + 2 + 2 * h + 2 * kv + heads + 3 * i;
+        let head = 2 * h + 2 * v;
+        let w = plan(&r, 1).unwrap().block_params / n;
+        assert_eq!(a.fused, 4 * (1024 * (n * block + head) + n * w));
+        assert_eq!(
+            a.fused_recompute,
+            4 * (1024 * ((n + 1) * h + block + head) + w)
+        );
+        assert!(a.reference > a.fused && a.reference_recompute < a.reference / 3);
     }
 }

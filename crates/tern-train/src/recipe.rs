@@ -44,6 +44,19 @@ pub struct TrainConfig {
     /// fused kernels are f32).
     #[serde(default)]
     pub precision: Option<PrecisionName>,
+    /// `block`: keep only each block's input in the forward pass and run the block again in the
+    /// backward pass (activation memory of one block instead of all, for one more forward pass).
+    #[serde(default)]
+    pub recompute: Recompute,
+}
+
+/// `recompute` of `[train]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    #[default]
+    None,
+    Block,
 }
 
 /// `precision` of `[train]`.
@@ -360,6 +373,13 @@ impl Recipe {
         self.train.validate(dp)?;
         if let Some(d) = &self.distill {
             d.validate(&self.model, self.train.steps)?;
+            if self.train.recompute != Recompute::None {
+                return Err(
+                    "train.recompute: \"block\" is for pretraining; a distillation \
+                            trains one block at a time and keeps its taps' activations"
+                        .into(),
+                );
+            }
         }
         Ok(())
     }

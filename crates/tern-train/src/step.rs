@@ -38,6 +38,11 @@ impl<B: Backend> GradAccumulator<B> {
     {
         let value = loss.clone().inner();
         let g = flat_grads(model, &loss.backward());
+        self.push(value, g);
+    }
+
+    /// Adds one micro-batch's loss value and gradients computed elsewhere (block recompute).
+    pub fn push(&mut self, value: Tensor<B, 1>, g: Vec<Tensor<B, 1>>) {
         self.sum = Some(match self.sum.take() {
             None => g,
             Some(a) => a.into_iter().zip(g).map(|(a, g)| a + g).collect(),

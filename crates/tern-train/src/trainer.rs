@@ -29,7 +29,7 @@ use crate::faults::Faults;
 use crate::metrics::{MetricsLogger, StepMetrics};
 use crate::objective::{batch_tensor, LossParts, Objective};
 use crate::params::assign_trainable;
-use crate::recipe::Recipe;
+use crate::recipe::{Recipe, Recompute};
 use crate::slots::ParamSlots;
 use crate::step::{optimizer_step, GradAccumulator, StepSettings};
 
@@ -385,6 +385,13 @@ where
             let tokens = self.data.read(chunk)?;
             if first_block.is_empty() {
                 first_block = tokens[..block_len].to_vec();
+            }
+            if tc.recompute == Recompute::Block {
+                let device = self.model.embed_tokens.weight.val().inner().device();
+                let x = batch_tensor(&tokens, block_len, &device);
+                let (loss, grads) = crate::recompute::loss_and_grads(&self.model, x);
+                acc.push(loss, grads);
+                continue;
             }
             let (loss, p) = self.objective.micro_loss(
                 step,
