@@ -12,6 +12,7 @@
 
 #![allow(clippy::too_many_arguments)]
 
+pub mod chunked;
 pub mod cpu;
 mod flex;
 pub mod guard;
@@ -58,6 +59,9 @@ pub struct AdamwScalars {
 pub trait Kernels: Backend {
     /// This backend's matmul must not see an inner dimension of 32 mod 64 ([`guard`]).
     const PADS_K32: bool = false;
+    /// Without fused kernels, attention and cross-entropy run in chunks ([`chunked`]) rather
+    /// than as burn ops over whole `[batch, heads, seq, seq]` scores and a whole softmax.
+    const LEAN_ATTENTION: bool = false;
 
     /// `x w^T` of `x: [rows, d_in]` and `w: [d_out, d_in]`.
     fn linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
@@ -101,6 +105,9 @@ pub trait Kernels: Backend {
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
     ) -> Tensor<Self, 4> {
+        if Self::LEAN_ATTENTION {
+            return chunked::forward(q, k, v, chunked::CHUNK).0;
+        }
         if low_precision() {
             return reference::causal_attention(q, k, v);
         }
@@ -111,6 +118,9 @@ pub trait Kernels: Backend {
     }
     /// Per-row `-log softmax(logits)[target]` of `logits: [rows, vocab]`.
     fn cross_entropy(logits: Tensor<Self, 2>, targets: Tensor<Self, 1, Int>) -> Tensor<Self, 1> {
+        if Self::LEAN_ATTENTION {
+            return chunked::cross_entropy_forward(logits, targets, chunked::CE_ROWS).0;
+        }
         match Self::cross_entropy_fwd(prim(&logits), targets.clone().into_primitive()) {
             Some((y, _)) => tensor(y),
             None => reference::cross_entropy(logits, targets),
@@ -263,6 +273,7 @@ where
 #[cfg(feature = "cuda")]
 impl Kernels for burn::backend::Cuda {
     const PADS_K32: bool = true;
+    const LEAN_ATTENTION: bool = true;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -401,6 +412,7 @@ where
 
 impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
     const PADS_K32: bool = B::PADS_K32;
+    const LEAN_ATTENTION: bool = B::LEAN_ATTENTION;
 
     fn linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
         if low_precision() {
@@ -461,6 +473,9 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
     ) -> Tensor<Self, 4> {
+        if B::LEAN_ATTENTION {
+            return chunked::causal_attention(q, k, v, chunked::CHUNK);
+        }
         if low_precision() {
             return reference::causal_attention(q, k, v);
         }
@@ -482,6 +497,10 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
     }
 
     fn cross_entropy(logits: Tensor<Self, 2>, targets: Tensor<Self, 1, Int>) -> Tensor<Self, 1> {
+        if B::LEAN_ATTENTION {
+            let t = Tensor::from_primitive(targets.into_primitive());
+            return chunked::cross_entropy(logits, t, chunked::CE_ROWS);
+        }
         let xa = ad(&logits);
         let t = targets.clone().into_primitive();
         let Some((loss, probs)) = B::cross_entropy_fwd(xa.primitive.clone(), t.clone()) else {

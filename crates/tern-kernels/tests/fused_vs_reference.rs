@@ -140,6 +140,43 @@ fn rope() {
     );
 }
 
+/// The query-chunked attention of the cuda build against the reference, chunks smaller than,
+/// not dividing, and larger than the sequence.
+#[test]
+fn chunked_attention_equals_the_reference() {
+    for (heads, kv, t, chunk) in [
+        (4, 2, 37, 8),
+        (3, 3, 19, 19),
+        (6, 1, 33, 64),
+        (2, 1, 64, 16),
+    ] {
+        let q = rand([2, t, heads, 12], 17);
+        let k = rand([2, t, kv, 12], 18);
+        let v = rand([2, t, kv, 12], 19);
+        let run = |chunked: bool| {
+            let p = |t: &Tensor<B, 4>| Tensor::<B, 4>::from_inner(t.clone().inner()).require_grad();
+            let (q, k, v) = (p(&q), p(&k), p(&v));
+            let y = if chunked {
+                tern_kernels::chunked::causal_attention(q.clone(), k.clone(), v.clone(), chunk)
+            } else {
+                reference::causal_attention(q.clone(), k.clone(), v.clone())
+            };
+            let up = rand(y.dims(), 20).detach();
+            let g = (y.clone() * up).sum().backward();
+            let gr = |t: &Tensor<B, 4>| -> Vec<f32> {
+                t.grad(&g).unwrap().into_data().to_vec().unwrap()
+            };
+            (host(y), gr(&q), gr(&k), gr(&v))
+        };
+        let (a, b) = (run(true), run(false));
+        let what = format!("chunked attention {heads}/{kv} t {t} chunk {chunk}");
+        close(&format!("{what} out"), &a.0, &b.0, 1e-5);
+        close(&format!("{what} dq"), &a.1, &b.1, 1e-5);
+        close(&format!("{what} dk"), &a.2, &b.2, 1e-5);
+        close(&format!("{what} dv"), &a.3, &b.3, 1e-5);
+    }
+}
+
 #[test]
 fn causal_attention_grouped_and_plain() {
     // 150 positions: several blocks of query rows, the last one partial.
@@ -194,6 +231,13 @@ fn cross_entropy_rows() {
     let (a, b) = (run(true), run(false));
     close("cross-entropy loss", &a.0, &b.0, 1e-6);
     close("cross-entropy dlogits", &a.1, &b.1, 1e-6);
+    // The cuda build's row-chunked op, 4 rows a chunk (the last one partial).
+    let x = Tensor::<B, 2>::from_inner(logits.clone().inner()).require_grad();
+    let l = tern_kernels::chunked::cross_entropy(x.clone(), targets.clone(), 4);
+    let g = (l.clone() * rand([13], 12).detach()).sum().backward();
+    let dx = x.grad(&g).unwrap().into_data().to_vec::<f32>().unwrap();
+    close("chunked cross-entropy loss", &host(l), &b.0, 1e-5);
+    close("chunked cross-entropy dlogits", &dx, &b.1, 1e-6);
 }
 
 #[test]
