@@ -84,11 +84,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let dist = crate::start_job(&recipe)?;
     recipe.model.vocab_size.get_or_insert(a.vocab);
     let device = crate::compute_device(&dist.topo)?;
+    let precision =
+        tern_train::recipe::PrecisionName::resolve(recipe.train.precision, cfg!(feature = "cuda"));
+    tern_kernels::precision::set_matmul_precision(precision);
     let times = time_steps(&recipe, &dist, &device, a.steps)?;
     if !dist.topo.is_main() {
         return Ok(());
     }
-    report(&recipe, &dist, &times)?;
+    let peak = crate::device_and_peak(&dist.topo, &recipe, precision);
+    report(&recipe, &dist, &times, peak)?;
     if recipe.optim.name == tern_optim::OptimizerName::GaloreAdamw {
         galore_refresh_cost(&recipe, &device);
     }
@@ -105,6 +109,8 @@ struct StepTimes {
     grad_bytes: usize,
     tp_bytes: u64,
     tp_calls: u64,
+    /// The untimed first step (kernel compilation and autotuning on a GPU).
+    first_step: f64,
 }
 
 /// `steps` training steps after one untimed one, on one micro-batch of random tokens.
@@ -166,6 +172,9 @@ fn time_steps(
         );
         model = m;
         TrainBackend::sync(device)?;
+        if i == 0 {
+            times.first_step = start.elapsed().as_secs_f64();
+        }
         if i > 0 {
             let (tp_secs, b, calls) = dist.tp.stats().read();
             (times.tp_bytes, times.tp_calls) = (b, calls);
@@ -183,7 +192,14 @@ fn time_steps(
 }
 
 /// The two lines: the step's parts and communication, then the whole step against the peak.
-fn report(recipe: &tern_train::Recipe, dist: &tern_dist::Dist, times: &StepTimes) -> Result<()> {
+/// The figures; `device` is what the rank computes on and its known matmul peak (a GPU's), else
+/// the CPU's peak is counted from its cores, lanes and clock.
+fn report(
+    recipe: &tern_train::Recipe,
+    dist: &tern_dist::Dist,
+    times: &StepTimes,
+    device: (String, Option<f64>),
+) -> Result<()> {
     let (mb, t) = (recipe.train.micro_batch, recipe.data.seq_len + 1);
     let c = median(times.compute.clone());
     let m = median(times.all_reduce.clone());
@@ -220,10 +236,13 @@ fn report(recipe: &tern_train::Recipe, dist: &tern_dist::Dist, times: &StepTimes
     let plan = tern_train::plan::plan(recipe, dist.topo.world).map_err(anyhow::Error::msg)?;
     // This rank's share: a tensor-parallel rank computes 1/tp of the block matrices' products.
     let flops = plan.train_flops_per_token * tokens / dist.topo.tp as f64;
-    let (peak, what) = peak_flops(rayon::current_num_threads());
+    let (peak, what) = match device {
+        (name, Some(tflops)) => (tflops * 1e12, format!("{name}, dense matmul peak")),
+        _ => peak_flops(rayon::current_num_threads()),
+    };
     println!(
         "train step | {} optimizer {:.1} ms | step {:.1} ms | {:.0} tokens/s | {:.1} GFLOP/s on this rank, \
-         {:.1}% of its peak {:.0} GFLOP/s ({what})",
+         MFU {:.1}% of its peak {:.0} GFLOP/s ({what}) | first step {:.1} s",
         match recipe.optim.name {
             tern_optim::OptimizerName::Adamw => "adamw",
             tern_optim::OptimizerName::GaloreAdamw => "galore_adamw",
@@ -234,6 +253,7 @@ fn report(recipe: &tern_train::Recipe, dist: &tern_dist::Dist, times: &StepTimes
         flops / step / 1e9,
         100.0 * flops / step / peak.max(1.0),
         peak / 1e9,
+        times.first_step,
     );
     Ok(())
 }

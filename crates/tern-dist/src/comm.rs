@@ -260,8 +260,11 @@ pub fn f64_from_parts(p: &[f32]) -> f64 {
 /// Gradient buckets hold at most this many f32 (100 MB): a few large calls, not one per tensor.
 pub const BUCKET_ELEMS: usize = 25 * 1024 * 1024;
 
-/// Averages a list of flat tensors over the group, packing them into buckets of at most
-/// `bucket_elems` elements (a tensor larger than a bucket travels alone). Order is kept.
+/// Averages a list of flat tensors (module order) over the group, packing them into buckets of
+/// at most `bucket_elems` elements (a tensor larger than a bucket travels alone). Buckets are
+/// filled and reduced from the end of the list, the order in which the backward pass finishes
+/// gradients (the head first, the embedding last), as PyTorch DDP's buckets are: a bucket is
+/// then ready as soon as the blocks above it are done. The result is in the given order.
 pub fn all_reduce_mean_tensors<B: Backend>(
     comm: &dyn Comm,
     tensors: Vec<Tensor<B, 1>>,
@@ -272,7 +275,7 @@ pub fn all_reduce_mean_tensors<B: Backend>(
     }
     let device = tensors[0].device();
     let scale = 1.0 / comm.size() as f32;
-    let sizes: Vec<usize> = tensors.iter().map(|t| t.dims()[0]).collect();
+    let sizes: Vec<usize> = tensors.iter().map(|t| t.dims()[0]).rev().collect();
     let mut out = Vec::with_capacity(tensors.len());
     let mut pending: Vec<Tensor<B, 1>> = Vec::new();
     let mut pending_len = 0;
@@ -297,7 +300,7 @@ pub fn all_reduce_mean_tensors<B: Backend>(
             off += len;
         }
     };
-    for (t, len) in tensors.into_iter().zip(sizes) {
+    for (t, len) in tensors.into_iter().rev().zip(sizes) {
         if pending_len + len > bucket_elems && !pending.is_empty() {
             flush(&mut pending, &mut out);
             pending_len = 0;
@@ -306,6 +309,7 @@ pub fn all_reduce_mean_tensors<B: Backend>(
         pending_len += len;
     }
     flush(&mut pending, &mut out);
+    out.reverse();
     out
 }
 
@@ -445,7 +449,7 @@ mod tests {
     }
 
     #[test]
-    fn buckets_keep_order_and_average() {
+    fn buckets_go_from_the_last_tensor_keep_order_and_average() {
         let dev = Default::default();
         let sizes = [2usize, 3, 1, 7, 2];
         let tensors: Vec<Tensor<Flex, 1>> = sizes
@@ -455,8 +459,8 @@ mod tests {
             .collect();
         let comm = FakePeer::new(10.0);
         let out = all_reduce_mean_tensors(&comm, tensors, 5);
-        // Buckets of at most 5 elements: [2, 3], [1], [7] alone, [2].
-        assert_eq!(comm.calls(), vec![5, 1, 7, 2]);
+        // Buckets of at most 5 elements from the last tensor: [2], [7] alone, [1, 3], [2].
+        assert_eq!(comm.calls(), vec![2, 7, 4, 2]);
         for (k, t) in out.into_iter().enumerate() {
             let v: Vec<f32> = t.into_data().to_vec().unwrap();
             assert_eq!(v.len(), sizes[k]);
