@@ -127,9 +127,30 @@ impl Dist {
         // Members of this rank's tensor-parallel group on this rank's node.
         let on_node = tp_comm.split_shared(tp_comm.rank()).size() as usize;
         let node_ranks = world.split_shared(world.rank()).size() as usize;
-        tp_group_on_one_node(rank, tp, on_node, node_ranks).map_err(|e| anyhow!(e))?;
-        let (dp, tp): (Box<dyn Comm>, Arc<dyn Comm>) = if nccl {
-            group_comms_nccl(dp_comm, tp_comm, gpu_ordinal(&topo)?)?
+        let placed = tp_group_on_one_node(rank, tp, on_node, node_ranks).and_then(|()| {
+            let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+            nccl.then(|| pick_gpu(rank, local_rank, visible.as_deref()))
+                .transpose()
+        });
+        // Every rank learns whether any failed, so that all of them stop (a rank left waiting in
+        // a collective for one that returned would hang the job).
+        let mut failed = 0i32;
+        world.all_reduce_into(
+            &(placed.is_err() as i32),
+            &mut failed,
+            SystemOperation::sum(),
+        );
+        let gpu = match placed {
+            Err(e) => return Err(anyhow!(e)),
+            Ok(_) if failed > 0 => {
+                return Err(anyhow!(
+                    "rank {rank}: {failed} other rank(s) of the job failed the placement checks"
+                ))
+            }
+            Ok(gpu) => gpu,
+        };
+        let (dp, tp): (Box<dyn Comm>, Arc<dyn Comm>) = if let Some(gpu) = gpu {
+            group_comms_nccl(dp_comm, tp_comm, gpu)?
         } else {
             (
                 Box::new(MpiComm { comm: dp_comm }),

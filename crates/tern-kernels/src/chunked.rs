@@ -13,7 +13,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::{Bool, Tensor, TensorPrimitive};
 
-use crate::precision::product;
+use crate::precision::{matmul_precision, product_in, Precision};
 use crate::Kernels;
 
 /// Query rows per chunk.
@@ -53,6 +53,7 @@ fn chunks(t: usize, c: usize) -> impl Iterator<Item = (usize, usize)> {
 
 /// Scores of queries `s..s+n` against keys `0..s+n`, scaled, the diagonal block masked.
 fn scores<B: Kernels>(
+    p: Precision,
     q: &T4<B>,
     k: &T4<B>,
     s: usize,
@@ -63,7 +64,7 @@ fn scores<B: Kernels>(
     let e = s + n;
     let qj = q.clone().narrow(2, s, n);
     let kj = k.clone().narrow(2, 0, e);
-    let sc = product(qj, kj.swap_dims(2, 3)).div_scalar((d as f64).sqrt());
+    let sc = product_in(p, qj, kj.swap_dims(2, 3)).div_scalar((d as f64).sqrt());
     let [b, h, _, _] = sc.dims();
     let diag = sc.clone().narrow(3, s, n);
     let m = mask.clone().narrow(0, 0, n).narrow(1, 0, n);
@@ -81,26 +82,34 @@ fn causal_mask<B: Kernels>(c: usize, device: &B::Device) -> Tensor<B, 2, Bool> {
 }
 
 /// Output `[b, t, heads, d]` and log-sum-exps `[b, heads, t, 1]` of causal attention, on plain
-/// tensors.
-pub fn forward<B: Kernels>(q: T4<B>, k: T4<B>, v: T4<B>, c: usize) -> (T4<B>, T4<B>) {
+/// tensors, the products in precision `pr`.
+pub fn forward<B: Kernels>(
+    pr: Precision,
+    q: T4<B>,
+    k: T4<B>,
+    v: T4<B>,
+    c: usize,
+) -> (T4<B>, T4<B>) {
     let h = q.dims()[2];
     let t = q.dims()[1];
     let (q, k, v) = (heads_first(q, h), heads_first(k, h), heads_first(v, h));
     let mask = causal_mask::<B>(c.min(t), &q.device());
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for (s, n) in chunks(t, c) {
-        let sc = scores(&q, &k, s, n, &mask);
+        let sc = scores(pr, &q, &k, s, n, &mask);
         let m = sc.clone().max_dim(3);
         let p = (sc - m.clone()).exp();
         let l = p.clone().sum_dim(3);
-        outs.push(product(p, v.clone().narrow(2, 0, s + n)) / l.clone());
+        outs.push(product_in(pr, p, v.clone().narrow(2, 0, s + n)) / l.clone());
         lses.push(m + l.log());
     }
     (Tensor::cat(outs, 2).swap_dims(1, 2), Tensor::cat(lses, 2))
 }
 
-/// `(dq, dk, dv)` from the inputs, the output, the log-sum-exps and the output's gradient.
+/// `(dq, dk, dv)` from the inputs, the output, the log-sum-exps and the output's gradient, the
+/// products in the forward pass's precision `pr`.
 pub fn backward<B: Kernels>(
+    pr: Precision,
     [q, k, v, out, lse, dout]: [T4<B>; 6],
     c: usize,
 ) -> (T4<B>, T4<B>, T4<B>) {
@@ -123,21 +132,21 @@ pub fn backward<B: Kernels>(
     };
     for (s, n) in chunks(t, c) {
         let e = s + n;
-        let p = (scores(&q, &k, s, n, &mask) - lse.clone().narrow(2, s, n)).exp();
+        let p = (scores(pr, &q, &k, s, n, &mask) - lse.clone().narrow(2, s, n)).exp();
         let dout_j = dout.clone().narrow(2, s, n);
-        dv = dv + pad(product(p.clone().swap_dims(2, 3), dout_j.clone()), e);
-        let dp = product(dout_j, v.clone().narrow(2, 0, e).swap_dims(2, 3));
+        dv = dv + pad(product_in(pr, p.clone().swap_dims(2, 3), dout_j.clone()), e);
+        let dp = product_in(pr, dout_j, v.clone().narrow(2, 0, e).swap_dims(2, 3));
         let ds = p * (dp - rowdot.clone().narrow(2, s, n));
-        dq.push(product(ds.clone(), k.clone().narrow(2, 0, e)).mul_scalar(scale));
+        dq.push(product_in(pr, ds.clone(), k.clone().narrow(2, 0, e)).mul_scalar(scale));
         let qj = q.clone().narrow(2, s, n);
-        dk = dk + pad(product(ds.swap_dims(2, 3), qj).mul_scalar(scale), e);
+        dk = dk + pad(product_in(pr, ds.swap_dims(2, 3), qj).mul_scalar(scale), e);
     }
     let dq = Tensor::cat(dq, 2).swap_dims(1, 2);
     (dq, heads_back(dk, kvh), heads_back(dv, kvh))
 }
 
 #[derive(Debug)]
-struct ChunkedBack(usize);
+struct ChunkedBack(usize, Precision);
 
 impl<B: Kernels> Backward<B, 3> for ChunkedBack {
     type State = [burn::tensor::ops::FloatTensor<B>; 5];
@@ -145,7 +154,7 @@ impl<B: Kernels> Backward<B, 3> for ChunkedBack {
         let dout = grads.consume::<B>(&ops.node);
         let [q, k, v, out, lse] = ops.state.clone();
         let t = |p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p));
-        let (dq, dk, dv) = backward([t(q), t(k), t(v), t(out), t(lse), t(dout)], self.0);
+        let (dq, dk, dv) = backward(self.1, [t(q), t(k), t(v), t(out), t(lse), t(dout)], self.0);
         for (i, g) in [dq, dk, dv].into_iter().enumerate() {
             if let Some(node) = &ops.parents[i] {
                 grads.register::<B>(node.id, g.into_primitive().tensor());
@@ -167,14 +176,16 @@ pub fn causal_attention<B: Kernels, C: CheckpointStrategy>(
         v.into_primitive().tensor(),
     );
     let t = |p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p));
+    let pr = matmul_precision();
     let (y, lse) = forward(
+        pr,
         t(qa.primitive.clone()),
         t(ka.primitive.clone()),
         t(va.primitive.clone()),
         c,
     );
     let (y, lse) = (y.into_primitive().tensor(), lse.into_primitive().tensor());
-    let kind = ChunkedBack(c)
+    let kind = ChunkedBack(c, pr)
         .prepare::<C>([qa.node, ka.node, va.node])
         .compute_bound()
         .stateful();

@@ -106,7 +106,8 @@ pub trait Kernels: Backend {
         v: Tensor<Self, 4>,
     ) -> Tensor<Self, 4> {
         if Self::LEAN_ATTENTION {
-            return chunked::forward(q, k, v, chunked::CHUNK).0;
+            let p = precision::matmul_precision();
+            return chunked::forward(p, q, k, v, chunked::CHUNK).0;
         }
         if low_precision() {
             return reference::causal_attention(q, k, v);

@@ -34,7 +34,17 @@ pub fn matmul_precision() -> Precision {
 
 /// `a @ b` in this thread's precision, the result in f32.
 pub fn product<B: Kernels, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
-    match matmul_precision() {
+    product_in(matmul_precision(), a, b)
+}
+
+/// `a @ b` in precision `p` (a backward pass recomputing what its forward pass did uses the
+/// forward's), the result in f32.
+pub fn product_in<B: Kernels, const D: usize>(
+    p: Precision,
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+) -> Tensor<B, D> {
+    match p {
         Precision::F32 => matmul(a, b),
         Precision::Bf16 => {
             let (a, b) = (a.cast(FloatDType::BF16), b.cast(FloatDType::BF16));

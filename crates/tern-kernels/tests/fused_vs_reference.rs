@@ -174,6 +174,21 @@ fn chunked_attention_equals_the_reference() {
         close(&format!("{what} dq"), &a.1, &b.1, 1e-5);
         close(&format!("{what} dk"), &a.2, &b.2, 1e-5);
         close(&format!("{what} dv"), &a.3, &b.3, 1e-5);
+        // Products in bf16 (the backward pass in the forward's precision, whatever the thread's
+        // is by then): within bf16 rounding of f32.
+        use tern_kernels::precision::{set_matmul_precision, Precision};
+        set_matmul_precision(Precision::Bf16);
+        let p = |t: &Tensor<B, 4>| Tensor::<B, 4>::from_inner(t.clone().inner()).require_grad();
+        let (qb, kb, vb) = (p(&q), p(&k), p(&v));
+        let y = tern_kernels::chunked::causal_attention(qb.clone(), kb.clone(), vb.clone(), chunk);
+        set_matmul_precision(Precision::F32);
+        let g = (y.clone() * rand(y.dims(), 20).detach()).sum().backward();
+        let gr =
+            |t: &Tensor<B, 4>| -> Vec<f32> { t.grad(&g).unwrap().into_data().to_vec().unwrap() };
+        close(&format!("{what} bf16 out"), &host(y), &b.0, 2e-2);
+        close(&format!("{what} bf16 dq"), &gr(&qb), &b.1, 3e-2);
+        close(&format!("{what} bf16 dk"), &gr(&kb), &b.2, 3e-2);
+        close(&format!("{what} bf16 dv"), &gr(&vb), &b.3, 3e-2);
     }
 }
 

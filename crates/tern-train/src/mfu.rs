@@ -12,9 +12,10 @@ pub enum MatmulPrecision {
 
 /// Dense tensor-core peaks in TFLOP/s (bf16, tf32) from NVIDIA's data sheets, without
 /// structured sparsity; the first entry whose name occurs in the device's name applies.
-const PEAKS: [(&str, f64, f64); 8] = [
+const PEAKS: [(&str, f64, f64); 9] = [
     ("H100 PCIe", 756.0, 378.0),
     ("H100 NVL", 835.0, 417.5),
+    ("H200 NVL", 835.0, 417.5),
     ("H200", 989.4, 494.7),
     ("H100", 989.4, 494.7),
     ("H800", 989.4, 494.7),
@@ -55,6 +56,7 @@ mod tests {
         assert_eq!(bf16("NVIDIA H100 80GB HBM3"), Some(989.4));
         assert_eq!(bf16("NVIDIA H100 PCIe"), Some(756.0));
         assert_eq!(bf16("NVIDIA H200"), Some(989.4));
+        assert_eq!(bf16("NVIDIA H200 NVL"), Some(835.0));
         assert_eq!(bf16("NVIDIA A100-SXM4-80GB"), Some(312.0));
         assert_eq!(
             known_peak_tflops("NVIDIA A100-SXM4-40GB", MatmulPrecision::Tf32),
