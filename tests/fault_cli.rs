@@ -316,3 +316,45 @@ fn inspect_and_consolidate_a_tensor_parallel_checkpoint() {
         assert!(diff < 1e-4, "{na}: max difference {diff}");
     }
 }
+
+/// `checkpoint.async_save = true`: training goes on while a checkpoint is written (the next
+/// step's line appears before the checkpoint is complete); a kill -9 while the writer works
+/// leaves the previous checkpoint, and the resumed run's losses are the uninterrupted run's.
+#[test]
+fn an_asynchronous_save_overlaps_training_and_a_kill_during_it_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = dir.path().join("straight");
+    ok(&run(0, &args(&straight, 6, &[]), &[]));
+    let run_dir = dir.path().join("killed");
+    let asynch = ["--set", "checkpoint.async_save=true"];
+    let mut child = spawn(
+        0,
+        &args(&run_dir, 6, &asynch),
+        &[("TERN_TEST_FAULT", "slow:400")],
+    );
+    // Step 2's save is written in the background (5 files x 400 ms) while steps 3 and on run.
+    wait_for("step 3 while step 2's checkpoint is written", 120, || {
+        losses(&run_dir).iter().any(|(s, _)| *s == 3)
+    });
+    assert!(run_dir.join("checkpoints/.tmp-step_00000002").exists());
+    assert!(!ckpt(&run_dir, 2).exists());
+    // It completes at step 3's end; then step 4's starts: kill -9 while it is being written.
+    wait_for("the save of step 4", 120, || {
+        run_dir.join("checkpoints/.tmp-step_00000004").exists()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(ckpt(&run_dir, 2).join("manifest.json").exists());
+    assert!(!ckpt(&run_dir, 4).exists());
+    let resumed = run(0, &args(&run_dir, 6, &["--resume", "auto"]), &[]);
+    ok(&resumed);
+    let log = String::from_utf8_lossy(&resumed.stdout);
+    assert!(log.contains("step_00000002"), "{log}");
+    let mut by_step = std::collections::BTreeMap::new();
+    for (s, l) in losses(&run_dir) {
+        by_step.insert(s, l);
+    }
+    assert_eq!(by_step.into_iter().collect::<Vec<_>>(), losses(&straight));
+    assert!(ckpt(&run_dir, 6).join("manifest.json").exists());
+}

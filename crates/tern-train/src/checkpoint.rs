@@ -347,6 +347,14 @@ pub struct SaveRequest<'a> {
 /// stage the ranks agree that all succeeded before the next; a failure anywhere removes the
 /// temporary directory and leaves the previous checkpoints as they were.
 pub fn save(req: &SaveRequest, group: &dyn Comm) -> Result<PathBuf> {
+    let (tmp, final_dir) = begin(req, group)?;
+    let written = write_part(req, &tmp, group.rank(), group.size());
+    finish(req, group, &tmp, &final_dir, written)
+}
+
+/// The first stage: a clean temporary directory, made by the first rank (a collective). Returns
+/// it and the checkpoint's final directory.
+fn begin(req: &SaveRequest, group: &dyn Comm) -> Result<(PathBuf, PathBuf)> {
     let step = step_dir_name(req.state.step);
     let (final_dir, tmp) = (req.root.join(&step), req.root.join(format!(".tmp-{step}")));
     // The first rank makes a clean temporary directory; the others wait for it.
@@ -359,10 +367,21 @@ pub fn save(req: &SaveRequest, group: &dyn Comm) -> Result<PathBuf> {
         made?;
         bail!("tensor-parallel rank 0 could not create {}", tmp.display());
     }
-    let written = write_part(req, &tmp, group.rank(), group.size());
+    Ok((tmp, final_dir))
+}
+
+/// The last stages once this rank's part is `written` (a collective): every rank's success
+/// agreed, the manifest and the rename by the first rank, agreed again.
+fn finish(
+    req: &SaveRequest,
+    group: &dyn Comm,
+    tmp: &Path,
+    final_dir: &Path,
+    written: Result<()>,
+) -> Result<PathBuf> {
     if !all_ok(group, written.is_ok()) {
         if group.rank() == 0 {
-            let _ = std::fs::remove_dir_all(&tmp);
+            let _ = std::fs::remove_dir_all(tmp);
         }
         written?;
         bail!(
@@ -371,13 +390,13 @@ pub fn save(req: &SaveRequest, group: &dyn Comm) -> Result<PathBuf> {
         );
     }
     let finished = if group.rank() == 0 {
-        complete(req, &tmp, &final_dir, group.size())
+        complete(req, tmp, final_dir, group.size())
     } else {
         Ok(())
     };
     if !all_ok(group, finished.is_ok()) {
         if group.rank() == 0 {
-            let _ = std::fs::remove_dir_all(&tmp);
+            let _ = std::fs::remove_dir_all(tmp);
         }
         finished?;
         bail!(
@@ -385,10 +404,87 @@ pub fn save(req: &SaveRequest, group: &dyn Comm) -> Result<PathBuf> {
             final_dir.display()
         );
     }
-    Ok(final_dir)
+    Ok(final_dir.to_path_buf())
 }
 
-/// An empty `tmp` under `root` (an earlier attempt's removed).
+/// A save's inputs, owned (for a writer thread).
+pub struct OwnedSave {
+    pub root: PathBuf,
+    pub state: TrainState,
+    pub recipe_toml: String,
+    pub model: Vec<Piece>,
+    pub optim: Vec<Piece>,
+    pub topology: Topology,
+    pub keep_last: usize,
+    pub faults: Faults,
+}
+
+impl OwnedSave {
+    pub fn request(&self) -> SaveRequest<'_> {
+        SaveRequest {
+            root: &self.root,
+            state: &self.state,
+            recipe_toml: &self.recipe_toml,
+            model: &self.model,
+            optim: &self.optim,
+            topology: &self.topology,
+            keep_last: self.keep_last,
+            faults: &self.faults,
+        }
+    }
+}
+
+/// A save whose files a thread is writing: its agreement and completion wait for
+/// [`PendingSave::finish`], so training goes on meanwhile. Until then the checkpoint is a
+/// temporary directory, which a crash leaves behind as stale: the previous one stays the latest.
+pub struct PendingSave {
+    save: std::sync::Arc<OwnedSave>,
+    tmp: PathBuf,
+    final_dir: PathBuf,
+    writer: std::thread::JoinHandle<Result<()>>,
+}
+
+impl PendingSave {
+    /// Starts `save` (a collective over `group`, as [`save`]): the temporary directory now, this
+    /// rank's files on a thread of their own.
+    pub fn start(save: OwnedSave, group: &dyn Comm) -> Result<Self> {
+        let (tmp, final_dir) = begin(&save.request(), group)?;
+        let save = std::sync::Arc::new(save);
+        let (s, t) = (std::sync::Arc::clone(&save), tmp.clone());
+        let (part, parts) = (group.rank(), group.size());
+        let writer = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || write_part(&s.request(), &t, part, parts))
+            .context("starting the checkpoint writer thread")?;
+        Ok(Self {
+            save,
+            tmp,
+            final_dir,
+            writer,
+        })
+    }
+
+    /// The step being saved.
+    pub fn step(&self) -> u64 {
+        self.save.state.step
+    }
+
+    /// Waits for this rank's files, then agrees and completes (a collective over `group`).
+    pub fn finish(self, group: &dyn Comm) -> Result<PathBuf> {
+        let written = match self.writer.join() {
+            Ok(r) => r,
+            Err(_) => Err(anyhow!("the checkpoint writer thread panicked")),
+        };
+        finish(
+            &self.save.request(),
+            group,
+            &self.tmp,
+            &self.final_dir,
+            written,
+        )
+    }
+}
+
 fn fresh_dir(root: &Path, tmp: &Path) -> Result<()> {
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     if tmp.exists() {

@@ -174,6 +174,10 @@ pub struct CheckpointConfig {
     /// Complete checkpoints kept (older ones are removed once a newer one is complete); 0: all.
     #[serde(default)]
     pub keep_last: usize,
+    /// Write checkpoints on a background thread from host copies, completing each at the next
+    /// step (the last checkpoint of a run is written at once).
+    #[serde(default)]
+    pub async_save: bool,
 }
 
 impl Default for ParallelConfig {

@@ -22,7 +22,7 @@ use tern_optim::{Optimizer, Schedule};
 use tern_parallel::TpLlama;
 
 use crate::build::{model_and_objective, Inputs};
-use crate::checkpoint::manager::CheckpointManager;
+use crate::checkpoint::manager::{CheckpointManager, Saved};
 use crate::checkpoint::{self, TrainState};
 use crate::evaluator::Evaluator;
 use crate::faults::Faults;
@@ -533,19 +533,29 @@ where
             self.last_val = Some(v);
             self.note_projection_stats(false)?;
         }
+        // A checkpoint written in the background since the previous step is completed now.
+        if let Some(done) = self.checkpoints.finish_pending(self.dist)? {
+            self.say_saved(step, done);
+        }
         if self.checkpoints.due(step, last) {
+            // The last one is written at once: the job ends after it.
+            let background = self.recipe.checkpoint.async_save && !last;
             let saved = self.checkpoints.save(
                 &self.state,
                 &self.model.valid(),
                 &self.opt,
                 &self.slots,
                 self.dist,
+                background,
             )?;
-            if let Some((dir, checksum, ranks)) = saved {
-                self.metrics.say(&format!(
-                    "step {step} | checkpoint {} | weights checksum {checksum:.6e} on {ranks} rank(s)",
-                    dir.display()
-                ));
+            match saved {
+                Some(Saved::Done(dir, checksum, ranks)) => {
+                    self.say_saved(step, (dir, checksum, ranks))
+                }
+                Some(Saved::Started(s)) => self.metrics.say(&format!(
+                    "step {step} | checkpoint of step {s} being written in the background"
+                )),
+                None => {}
             }
         }
         if last {
@@ -553,6 +563,13 @@ where
             self.dist.world.barrier();
         }
         Ok(())
+    }
+
+    fn say_saved(&self, step: u64, (dir, checksum, ranks): (PathBuf, f64, usize)) {
+        self.metrics.say(&format!(
+            "step {step} | checkpoint {} | weights checksum {checksum:.6e} on {ranks} rank(s)",
+            dir.display()
+        ));
     }
 
     /// The step's metrics.jsonl line and TensorBoard scalars, with the share of zero ternary codes

@@ -13,7 +13,7 @@ use tern_optim::Optimizer;
 use tern_parallel::TpLlama;
 
 use super::reader::{Kind, Reader};
-use super::{Piece, SaveRequest, Topology, TrainState};
+use super::{OwnedSave, PendingSave, Piece, Topology, TrainState};
 use crate::faults::Faults;
 use crate::params::flat_values;
 use crate::recipe::Recipe;
@@ -28,6 +28,17 @@ pub struct CheckpointManager {
     every: u64,
     topology: Topology,
     faults: Faults,
+    /// A save being written in the background, with its weights' checksum and rank count.
+    pending: Option<(PendingSave, f64, usize)>,
+}
+
+/// A save that was asked for, on a rank of the first data-parallel group (the others write
+/// nothing).
+pub enum Saved {
+    /// Complete: its directory, the weights' checksum, on how many data-parallel ranks.
+    Done(PathBuf, f64, usize),
+    /// Being written in the background; [`CheckpointManager::finish_pending`] completes it.
+    Started(u64),
 }
 
 /// A checkpoint read back for this rank: its state, and the reader of its tensors.
@@ -63,6 +74,7 @@ impl CheckpointManager {
                 dp: dist.topo.dp,
             },
             faults,
+            pending: None,
         }
     }
 
@@ -166,18 +178,40 @@ impl CheckpointManager {
         Ok(())
     }
 
+    /// Completes the save being written in the background, if any (a collective over the
+    /// writing ranks, who all have one at the same steps).
+    pub fn finish_pending(&mut self, dist: &Dist) -> Result<Option<(PathBuf, f64, usize)>> {
+        let Some((p, sum, ranks)) = self.pending.take() else {
+            return Ok(None);
+        };
+        let step = p.step();
+        let dir = p
+            .finish(dist.tp.comm())
+            .map_err(|e| anyhow!("saving checkpoint of step {step}: {e:#}"))?;
+        Ok(Some((dir, sum, ranks)))
+    }
+
     /// Saves the run at `state` (a collective over every rank): checks that the data-parallel
     /// ranks hold the same weights and the tensor-parallel ranks the same replicated ones, then
-    /// the first data-parallel group writes, each tensor-parallel rank its part. Returns the
-    /// directory on the writing ranks.
+    /// the first data-parallel group writes, each tensor-parallel rank its part, from host copies
+    /// taken now: at once, or (`background`) on a writer thread while training goes on. `None`
+    /// on the ranks that do not write.
     pub fn save<B: Backend>(
-        &self,
+        &mut self,
         state: &TrainState,
         model: &TpLlama<B>,
         opt: &Optimizer<B>,
         slots: &ParamSlots,
         dist: &Dist,
-    ) -> Result<Option<(PathBuf, f64, usize)>> {
+        background: bool,
+    ) -> Result<Option<Saved>> {
+        // A save still being written completes first (one at a time).
+        if let Some((dir, sum, ranks)) = self.finish_pending(dist)? {
+            return Err(anyhow!(
+                "internal: checkpoint {} ({sum}, {ranks}) was still pending at the next save",
+                dir.display()
+            ));
+        }
         let values: Vec<Vec<f32>> = flat_values::<B, _>(model)
             .into_iter()
             .map(to_host)
@@ -225,18 +259,23 @@ impl CheckpointManager {
                 });
             }
         }
-        let req = SaveRequest {
-            root: &self.root,
-            state,
-            recipe_toml: &self.recipe_toml,
-            model: &model_pieces,
-            optim: &optim_pieces,
-            topology: &self.topology,
+        let owned = OwnedSave {
+            root: self.root.clone(),
+            state: state.clone(),
+            recipe_toml: self.recipe_toml.clone(),
+            model: model_pieces,
+            optim: optim_pieces,
+            topology: self.topology.clone(),
             keep_last: self.keep_last,
-            faults: &self.faults,
+            faults: self.faults.clone(),
         };
-        let dir = super::save(&req, dist.tp.comm())
-            .map_err(|e| anyhow!("saving checkpoint of step {}: {e:#}", state.step))?;
-        Ok(Some((dir, sums[0], sums.len())))
+        let failed = |e: anyhow::Error| anyhow!("saving checkpoint of step {}: {e:#}", state.step);
+        if background {
+            let p = PendingSave::start(owned, dist.tp.comm()).map_err(failed)?;
+            self.pending = Some((p, sums[0], sums.len()));
+            return Ok(Some(Saved::Started(state.step)));
+        }
+        let dir = super::save(&owned.request(), dist.tp.comm()).map_err(failed)?;
+        Ok(Some(Saved::Done(dir, sums[0], sums.len())))
     }
 }
