@@ -138,6 +138,32 @@ fn galore_under_tensor_parallelism_matches_one_process_and_reshards() {
     }
 }
 
+/// The distributed optimizer (`parallel.zero = 1`, AdamW's moments split over the data-parallel
+/// ranks) against one process over 20 steps: dp=2, and tp=2 x dp=2 on 4 ranks; a dp=2 zero=1
+/// checkpoint (moments saved whole) resumed on one process and at tp=2 continues the losses.
+#[test]
+fn zero1_matches_one_process_and_resumes_on_other_layouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name);
+    let base: Vec<&str> = vec!["--set", "model.scale_groups=2", "--set", "train.steps=20"];
+    let zero = [&base[..], &["--set", "parallel.zero=1"]].concat();
+    let tp2 = ["--set", "parallel.tp=2"];
+    let one = train(0, &d("one"), &base);
+    assert_eq!(one.len(), 20);
+    assert_close(&one, &train(2, &d("dp2"), &zero), "dp=2 zero=1");
+    let tp2dp2 = [&zero[..], &tp2].concat();
+    assert_close(&one, &train(4, &d("tp2dp2"), &tp2dp2), "tp=2 x dp=2 zero=1");
+    for (name, to, procs) in [
+        ("dp1", base.clone(), 0),
+        ("tp2", [&base[..], &tp2].concat(), 2),
+    ] {
+        let run = d(&format!("to-{name}"));
+        train(2, &run, &[&zero[..], &["--set", "train.steps=10"]].concat());
+        let resumed = train(procs, &run, &[&to[..], &["--resume", "auto"]].concat());
+        assert_close(&one, &resumed, &format!("dp=2 zero=1 resumed as {name}"));
+    }
+}
+
 #[test]
 fn tensor_parallel_matches_one_process_with_as_many_scale_groups() {
     let dir = tempfile::tempdir().unwrap();

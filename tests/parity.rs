@@ -530,6 +530,7 @@ where
                 &train,
                 settings,
                 tp.comm(),
+                None,
             );
             assert!(applied, "{name} {opt_name}: step {} skipped", step + 1);
             ms.model = model;

@@ -501,6 +501,11 @@ fn bad_recipes_fail_naming_the_key() {
         &["train.recompute=\"full\""],
         &["train.recompute", "unknown variant"],
     );
+    bad_recipe(&["parallel.zero=2"], &["parallel.zero = 2"]);
+    bad_recipe(
+        &[galore, "optim.rank=32", "parallel.zero=1"],
+        &["parallel.zero = 1", "galore_adamw"],
+    );
     bad_recipe(
         &["model.sparsity.top_k=1.5"],
         &["model.sparsity.top_k", "(0, 1]"],

@@ -130,7 +130,13 @@ fn time_steps(
     let inner = Tensor::<TrainBackend, 1>::zeros([1], device)
         .inner()
         .device();
-    let mut opt = slots.optimizer(&recipe.optim, &dist.tp, &inner);
+    let zero = recipe.parallel.zero == 1;
+    let (dp_rank, dp) = (dist.topo.dp_rank(), dist.topo.dp);
+    let mut opt = if zero {
+        slots.optimizer_chunks(&recipe.optim, dp_rank, dp, &inner)
+    } else {
+        slots.optimizer(&recipe.optim, &dist.tp, &inner)
+    };
     let (rules, trainable) = (slots.rules(), vec![true; slots.len()]);
     let settings = StepSettings {
         lr: recipe.optim.lr,
@@ -159,16 +165,18 @@ fn time_steps(
         TrainBackend::sync(device)?;
         let mid = Instant::now();
         times.grad_bytes = flat.iter().map(|g| g.dims()[0] * 4).sum();
-        let reduced = tern_dist::all_reduce_mean_tensors(
-            dist.dp.as_ref(),
-            flat,
-            tern_dist::comm::BUCKET_ELEMS,
-        );
+        let bucket = tern_dist::comm::BUCKET_ELEMS;
+        let reduced = if zero {
+            tern_dist::reduce_scatter_mean_tensors(dist.dp.as_ref(), flat, bucket)
+        } else {
+            tern_dist::all_reduce_mean_tensors(dist.dp.as_ref(), flat, bucket)
+        };
         TrainBackend::sync(device)?;
         let reduced_at = Instant::now();
         let tp = dist.tp.comm();
+        let chunks = zero.then_some(dist.dp.as_ref());
         let (m, _, _) = optimizer_step(
-            model, reduced, loss, &mut opt, &rules, &trainable, settings, tp,
+            model, reduced, loss, &mut opt, &rules, &trainable, settings, tp, chunks,
         );
         model = m;
         TrainBackend::sync(device)?;

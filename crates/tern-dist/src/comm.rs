@@ -313,6 +313,123 @@ pub fn all_reduce_mean_tensors<B: Backend>(
     out
 }
 
+/// Rank `rank`'s chunk `(start, len)` of a flat tensor of `n` elements split over `size` ranks
+/// (ZeRO-1's ownership): chunks of `ceil(n / size)`, the last ones shorter or empty.
+pub fn dp_chunk(n: usize, rank: usize, size: usize) -> (usize, usize) {
+    let c = n.div_ceil(size);
+    let start = (rank * c).min(n);
+    (start, c.min(n - start))
+}
+
+/// Buckets of consecutive tensors (by element counts `sizes`) of at most `bucket_elems` each,
+/// a larger tensor alone: index ranges.
+fn buckets(sizes: &[usize], bucket_elems: usize) -> Vec<std::ops::Range<usize>> {
+    let (mut out, mut start, mut len) = (Vec::new(), 0, 0);
+    for (i, &n) in sizes.iter().enumerate() {
+        if len + n > bucket_elems && i > start {
+            out.push(start..i);
+            (start, len) = (i, 0);
+        }
+        len += n;
+    }
+    if start < sizes.len() {
+        out.push(start..sizes.len());
+    }
+    out
+}
+
+/// The mean over the group of each flat tensor, of which this rank gets its [`dp_chunk`] only
+/// (ZeRO-1's gradient reduce-scatter), in buckets of at most `bucket_elems` elements.
+pub fn reduce_scatter_mean_tensors<B: Backend>(
+    comm: &dyn Comm,
+    tensors: Vec<Tensor<B, 1>>,
+    bucket_elems: usize,
+) -> Vec<Tensor<B, 1>> {
+    let (rank, size) = (comm.rank(), comm.size());
+    if size == 1 || tensors.is_empty() {
+        return tensors;
+    }
+    let device = tensors[0].device();
+    let sizes: Vec<usize> = tensors.iter().map(|t| t.dims()[0]).collect();
+    let mut tensors = tensors.into_iter();
+    let mut out = Vec::with_capacity(sizes.len());
+    for b in buckets(&sizes, bucket_elems) {
+        // Read back bucket by bucket: one bucket's gradients on the host at a time.
+        let host: Vec<Vec<f32>> = (&mut tensors).take(b.len()).map(to_host).collect();
+        let host = |i: usize| &host[i - b.start];
+        // Rank-major: every tensor's chunk for rank 0, then for rank 1, each padded to its
+        // chunk length, so that rank r receives its chunks contiguously.
+        let widths: Vec<usize> = sizes[b.clone()].iter().map(|n| n.div_ceil(size)).collect();
+        let per_rank: usize = widths.iter().sum();
+        let mut send = vec![0f32; per_rank * size];
+        for r in 0..size {
+            let mut off = r * per_rank;
+            for (i, w) in b.clone().zip(&widths) {
+                let (start, len) = dp_chunk(sizes[i], r, size);
+                send[off..off + len].copy_from_slice(&host(i)[start..start + len]);
+                off += w;
+            }
+        }
+        let mut recv = vec![0f32; per_rank];
+        comm.reduce_scatter_sum(&send, &mut recv);
+        let scale = 1.0 / size as f32;
+        let mut off = 0;
+        for (i, w) in b.zip(&widths) {
+            let (_, len) = dp_chunk(sizes[i], rank, size);
+            let part: Vec<f32> = recv[off..off + len].iter().map(|x| x * scale).collect();
+            out.push(Tensor::from_data(TensorData::new(part, [len]), &device));
+            off += w;
+        }
+    }
+    out
+}
+
+/// Whole tensors of `sizes` elements from every rank's [`dp_chunk`] of each (ZeRO-1's
+/// all-gather of the updated weights), in buckets of at most `bucket_elems` elements.
+pub fn all_gather_chunks<B: Backend>(
+    comm: &dyn Comm,
+    chunks: Vec<Tensor<B, 1>>,
+    sizes: &[usize],
+    bucket_elems: usize,
+) -> Vec<Tensor<B, 1>> {
+    let size = comm.size();
+    if size == 1 || chunks.is_empty() {
+        return chunks;
+    }
+    let device = chunks[0].device();
+    let mut chunks = chunks.into_iter();
+    let mut out = Vec::with_capacity(sizes.len());
+    for b in buckets(sizes, bucket_elems) {
+        let host: Vec<Vec<f32>> = (&mut chunks).take(b.len()).map(to_host).collect();
+        let host = |i: usize| &host[i - b.start];
+        let widths: Vec<usize> = sizes[b.clone()].iter().map(|n| n.div_ceil(size)).collect();
+        let per_rank: usize = widths.iter().sum();
+        let mut send = vec![0f32; per_rank];
+        let mut off = 0;
+        for (i, w) in b.clone().zip(&widths) {
+            send[off..off + host(i).len()].copy_from_slice(host(i));
+            off += w;
+        }
+        let mut recv = vec![0f32; per_rank * size];
+        comm.all_gather(&send, &mut recv);
+        let mut col = 0;
+        for (i, w) in b.zip(&widths) {
+            let mut whole = Vec::with_capacity(sizes[i]);
+            for r in 0..size {
+                let (_, len) = dp_chunk(sizes[i], r, size);
+                let at = r * per_rank + col;
+                whole.extend_from_slice(&recv[at..at + len]);
+            }
+            out.push(Tensor::from_data(
+                TensorData::new(whole, [sizes[i]]),
+                &device,
+            ));
+            col += w;
+        }
+    }
+    out
+}
+
 /// Rank 0 of a two-rank group whose other rank holds `other` in every element of every buffer;
 /// records the length of each all-reduce (unit tests of what is built on the collectives).
 #[cfg(test)]
@@ -445,6 +562,45 @@ mod tests {
         for v in [0.0, 1.0 / 3.0, -5.815727e2, 1e10 + 0.25, 7.3762] {
             let back = f64_from_parts(&f64_to_parts(v));
             assert!((back - v).abs() <= v.abs() * 1e-13, "{v} -> {back}");
+        }
+    }
+
+    /// Three thread ranks: each gets the mean of its chunks, and gathering the chunks back gives
+    /// every rank the whole means (sizes that split evenly, unevenly, smaller than the group).
+    #[test]
+    fn reduce_scatter_then_all_gather_is_the_all_reduce_mean() {
+        let sizes = [7usize, 3, 1, 12, 2];
+        let comms = ThreadComm::group(3);
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                std::thread::spawn(move || {
+                    let dev = Default::default();
+                    let r = c.rank() as f32;
+                    let tensors: Vec<Tensor<Flex, 1>> = sizes
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &n)| {
+                            let v = (0..n).map(|j| r * 100.0 + (k * 10 + j) as f32).collect();
+                            Tensor::from_data(TensorData::new(v, [n]), &dev)
+                        })
+                        .collect();
+                    let chunks = reduce_scatter_mean_tensors(&c, tensors, 6);
+                    for (k, t) in chunks.iter().enumerate() {
+                        assert_eq!(t.dims()[0], dp_chunk(sizes[k], c.rank(), 3).1);
+                    }
+                    let whole = all_gather_chunks(&c, chunks, &sizes, 6);
+                    whole.into_iter().map(to_host).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            let whole = h.join().unwrap();
+            for (k, v) in whole.iter().enumerate() {
+                // mean over ranks 0, 1, 2 of r * 100 + (10 k + j) = 100 + 10 k + j
+                let want: Vec<f32> = (0..sizes[k]).map(|j| 100.0 + (k * 10 + j) as f32).collect();
+                assert_eq!(v, &want, "tensor {k}");
+            }
         }
     }
 

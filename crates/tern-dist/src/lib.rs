@@ -10,7 +10,10 @@ pub mod nccl;
 pub mod ops;
 pub mod topology;
 
-pub use comm::{all_reduce_mean_tensors, to_host, Comm, SoloComm, TensorCollectives, ThreadComm};
+pub use comm::{
+    all_gather_chunks, all_reduce_mean_tensors, dp_chunk, reduce_scatter_mean_tensors, to_host,
+    Comm, SoloComm, TensorCollectives, ThreadComm,
+};
 pub use launch::{Dist, MpiRuntime};
 pub use ops::{CollectiveBackend, CommStats, TpGroup};
 pub use topology::Topology;

@@ -20,6 +20,8 @@ pub struct Plan {
     pub rank: Option<usize>,
     pub tp: usize,
     pub dp: usize,
+    /// The distributed optimizer: the moments split over the data-parallel ranks.
+    pub zero: bool,
     pub params: usize,
     /// Embedding and LM head (replicated under tensor parallelism).
     pub embedding_params: usize,
@@ -125,6 +127,13 @@ pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
     } else {
         0
     };
+    let per_rank = |x: usize| {
+        if recipe.parallel.zero == 1 {
+            x.div_ceil(dp)
+        } else {
+            x
+        }
+    };
     for (name, shape) in m.param_shapes().into_iter().chain(encoders) {
         let n: usize = shape.iter().product();
         params += n;
@@ -145,6 +154,8 @@ pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
             }
             _ => adamw,
         };
+        // ZeRO-1: this data-parallel rank keeps its chunk of every moment.
+        let (state, adamw) = (per_rank(state), per_rank(adamw));
         optim += state;
         if block_matrix_dim(&name).is_some() {
             block += n;
@@ -170,6 +181,7 @@ pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
         rank: o.rank,
         tp,
         dp,
+        zero: recipe.parallel.zero == 1,
         params,
         embedding_params: emb,
         encoder_params: enc,
@@ -207,6 +219,7 @@ impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let opt = match (self.optimizer, self.rank) {
             (OptimizerName::GaloreAdamw, Some(r)) => format!("galore_adamw rank {r}"),
+            _ if self.zero => "adamw, moments split over the data-parallel ranks (zero 1)".into(),
             _ => "adamw".to_string(),
         };
         writeln!(
@@ -352,5 +365,25 @@ mod tests {
         );
         assert!(a.reference > a.fused && a.reference_recompute < a.reference);
         assert!(a.reference - a.reference_recompute > a.fused - a.fused_recompute);
+    }
+
+    /// ZeRO-1 divides AdamW's moments (2 x 4 bytes a parameter) by the data-parallel size, and
+    /// nothing else.
+    #[test]
+    fn zero1_splits_the_moments_over_dp() {
+        let zero = |z: u8| {
+            let r = recipe("trilm-99m", &[&format!("parallel.zero={z}")]);
+            plan(&r, 4).unwrap()
+        };
+        let (a, b) = (zero(0), zero(1));
+        assert!(b.zero && !a.zero);
+        assert_eq!(a.weight_bytes, b.weight_bytes);
+        assert_eq!(a.grad_bytes, b.grad_bytes);
+        assert!(
+            b.optim_bytes.abs_diff(a.optim_bytes / 4) <= 64,
+            "{} {}",
+            a.optim_bytes,
+            b.optim_bytes
+        );
     }
 }

@@ -161,6 +161,11 @@ pub struct ParallelConfig {
     /// Data-parallel degree; defaults to world size / tp.
     #[serde(default)]
     pub dp: Option<usize>,
+    /// 1: the distributed optimizer (ZeRO-1): each data-parallel rank keeps the AdamW moments of
+    /// its chunk of every parameter, gradients are reduce-scattered and the updated weights
+    /// all-gathered. 0: every rank keeps all of them.
+    #[serde(default)]
+    pub zero: u8,
 }
 
 fn d_one() -> usize {
@@ -182,7 +187,11 @@ pub struct CheckpointConfig {
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        Self { tp: 1, dp: None }
+        Self {
+            tp: 1,
+            dp: None,
+            zero: 0,
+        }
     }
 }
 
@@ -346,6 +355,20 @@ impl Recipe {
         self.model.validate().map_err(|e| e.to_string())?;
         self.data.validate()?;
         self.optim.validate()?;
+        if self.parallel.zero > 1 {
+            return Err(format!(
+                "parallel.zero = {}: 0 (off) or 1 (optimizer state split over the data-parallel ranks)",
+                self.parallel.zero
+            ));
+        }
+        if self.parallel.zero == 1 && self.optim.name != tern_optim::OptimizerName::Adamw {
+            return Err(
+                "parallel.zero = 1 splits AdamW's moments; galore_adamw keeps its low-rank \
+                        state whole on every data-parallel rank (its projection needs the whole \
+                        gradient): use parallel.zero = 0 with GaLore"
+                    .into(),
+            );
+        }
         if self.parallel.tp == 0 {
             return Err("parallel.tp: must be at least 1".into());
         }

@@ -100,6 +100,22 @@ impl ParamSlots {
         )
     }
 
+    /// AdamW over this data-parallel rank's chunk of every parameter (ZeRO-1).
+    pub fn optimizer_chunks<B: burn::tensor::backend::Backend>(
+        &self,
+        cfg: &tern_optim::OptimConfig,
+        dp_rank: usize,
+        dp: usize,
+        device: &B::Device,
+    ) -> tern_optim::Optimizer<B> {
+        let sizes: Vec<usize> = self
+            .local_shapes()
+            .iter()
+            .map(|s| tern_dist::dp_chunk(s.iter().product(), dp_rank, dp).1)
+            .collect();
+        tern_optim::Optimizer::AdamW(tern_optim::AdamW::new(cfg, &sizes, device))
+    }
+
     pub fn local_shapes(&self) -> Vec<Vec<usize>> {
         self.iter().map(|s| s.local.clone()).collect()
     }

@@ -89,15 +89,23 @@ pub struct StepSettings {
 }
 
 /// The gradient norm of the whole model: replicated gradients once (they are equal on every
-/// tensor-parallel rank), the shards' squares summed over the group `tp`.
+/// tensor-parallel rank), the shards' squares summed over the group `tp`. With `chunks` (ZeRO-1)
+/// each gradient is this rank's chunk of it, and the squares are first summed over that group.
 pub fn global_grad_norm<B: tern_kernels::Kernels>(
     grads: &[Tensor<B, 1>],
     sharded: &[bool],
     tp: &dyn Comm,
+    chunks: Option<&dyn Comm>,
 ) -> f64 {
     let (mut replicated, mut shards) = (0.0, 0.0);
     for (x, &s) in squared_norms(grads).iter().zip(sharded) {
         *(if s { &mut shards } else { &mut replicated }) += x;
+    }
+    if let Some(dp) = chunks {
+        (replicated, shards) = (
+            dp.all_reduce_sum_f64(replicated),
+            dp.all_reduce_sum_f64(shards),
+        );
     }
     (replicated + tp.all_reduce_sum_f64(shards)).sqrt()
 }
@@ -106,6 +114,11 @@ pub fn global_grad_norm<B: tern_kernels::Kernels>(
 /// take no part in the norm and no update), the global norm clipped, then the update, unless the
 /// loss or the norm is not finite (the step is skipped). Returns the model, the gradient norm
 /// before clipping and whether the update was applied.
+///
+/// With `chunks`, the distributed optimizer (ZeRO-1) over that data-parallel group: `grads` are
+/// this rank's chunks of the mean gradients ([`tern_dist::reduce_scatter_mean_tensors`]), `opt`
+/// holds the moments of those chunks only, each rank updates its chunks and the updated weights
+/// are all-gathered whole.
 #[allow(clippy::too_many_arguments)]
 pub fn optimizer_step<B, M>(
     model: M,
@@ -116,6 +129,7 @@ pub fn optimizer_step<B, M>(
     trainable: &[bool],
     s: StepSettings,
     tp: &dyn Comm,
+    chunks: Option<&dyn Comm>,
 ) -> (M, f64, bool)
 where
     B: AutodiffBackend,
@@ -127,11 +141,22 @@ where
             *g = g.zeros_like();
         }
     }
-    let norm = global_grad_norm(&grads, &rules.sharded, tp);
+    let norm = global_grad_norm(&grads, &rules.sharded, tp, chunks);
     if !(loss.is_finite() && norm.is_finite()) {
         return (model, norm, false);
     }
     let params = flat_values::<B::InnerBackend, _>(&model.valid());
+    let sizes: Vec<usize> = params.iter().map(|p| p.dims()[0]).collect();
+    let params = match chunks {
+        Some(dp) => params
+            .into_iter()
+            .map(|p| {
+                let (start, len) = tern_dist::dp_chunk(p.dims()[0], dp.rank(), dp.size());
+                p.narrow(0, start, len)
+            })
+            .collect(),
+        None => params,
+    };
     let updated = opt.step(
         params,
         grads,
@@ -141,5 +166,11 @@ where
         &rules.decay,
         trainable,
     );
+    let updated = match chunks {
+        Some(dp) => {
+            tern_dist::all_gather_chunks(dp, updated, &sizes, tern_dist::comm::BUCKET_ELEMS)
+        }
+        None => updated,
+    };
     (assign_trainable(model, updated), norm, true)
 }

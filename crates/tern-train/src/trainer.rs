@@ -16,7 +16,10 @@ use burn::tensor::backend::AutodiffBackend;
 use serde_json::{json, Map, Value};
 use tern_data::sampler::dp_slice;
 use tern_data::TrainData;
-use tern_dist::{all_reduce_mean_tensors, comm::BUCKET_ELEMS, CollectiveBackend, Dist};
+use tern_dist::{
+    all_reduce_mean_tensors, comm::BUCKET_ELEMS, reduce_scatter_mean_tensors, CollectiveBackend,
+    Dist,
+};
 use tern_model::{Hooks, Llama};
 use tern_optim::{Optimizer, Schedule};
 use tern_parallel::TpLlama;
@@ -149,6 +152,22 @@ fn move_aside_earlier_run(run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// ZeRO-1 gives every data-parallel rank a chunk of every parameter: none may be smaller than
+/// the group.
+fn check_chunks(slots: &ParamSlots, dp: usize) -> Result<()> {
+    for s in slots.iter() {
+        let n: usize = s.local.iter().product();
+        if n < dp {
+            bail!(
+                "parallel.zero = 1: parameter {} has {n} elements on this rank, fewer than the {dp} \
+                 data-parallel ranks that would split it",
+                s.name
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `act_sparsity/attn` and `act_sparsity/mlp`: the share of zero entries in the inputs of each type
 /// of projection, on one sequence (over the whole tensor-parallel group).
 fn activation_sparsity<B: Kernels, H: Hooks<B>>(
@@ -205,7 +224,12 @@ where
         let (model, objective, slots) =
             model_and_objective::<B>(&recipe, inputs.teacher.take(), device, dist)?;
         let inner = model.valid().embed_tokens.weight.val().device();
-        let mut opt = slots.optimizer(&recipe.optim, &dist.tp, &inner);
+        let mut opt = if recipe.parallel.zero == 1 {
+            check_chunks(&slots, topo.dp)?;
+            slots.optimizer_chunks(&recipe.optim, topo.dp_rank(), topo.dp, &inner)
+        } else {
+            slots.optimizer(&recipe.optim, &dist.tp, &inner)
+        };
         let mut state = TrainState {
             format_version: checkpoint::FORMAT_VERSION,
             step: 0,
@@ -405,8 +429,14 @@ where
             acc.add(&self.model, loss);
         }
         let (loss, grads) = acc.mean();
-        // Equal shares: the mean over data-parallel ranks is the mean of the global batch.
-        let mut grads = all_reduce_mean_tensors(dist.dp.as_ref(), grads, BUCKET_ELEMS);
+        let zero = self.recipe.parallel.zero == 1;
+        // Equal shares: the mean over data-parallel ranks is the mean of the global batch (with
+        // ZeRO-1 each rank receives its chunks of it).
+        let mut grads = if zero {
+            reduce_scatter_mean_tensors(dist.dp.as_ref(), grads, BUCKET_ELEMS)
+        } else {
+            all_reduce_mean_tensors(dist.dp.as_ref(), grads, BUCKET_ELEMS)
+        };
         let mut loss = dist.dp.all_reduce_sum_f64(loss) / dist.topo.dp as f64;
         if self.faults.nan(step + 1) {
             loss = f64::NAN;
@@ -420,15 +450,10 @@ where
         let trainable = self.objective.trainable(step, &self.slots);
         let model = self.model.clone();
         let rules = self.slots.rules();
+        let (opt, tp) = (&mut self.opt, dist.tp.comm());
+        let chunks = zero.then_some(dist.dp.as_ref());
         let (model, grad_norm, applied) = optimizer_step(
-            model,
-            grads,
-            loss,
-            &mut self.opt,
-            &rules,
-            &trainable,
-            settings,
-            dist.tp.comm(),
+            model, grads, loss, opt, &rules, &trainable, settings, tp, chunks,
         );
         self.model = model;
         let step_tokens = (tc.global_batch * self.recipe.data.seq_len) as u64;

@@ -30,6 +30,9 @@ pub struct CheckpointManager {
     faults: Faults,
     /// A save being written in the background, with its weights' checksum and rank count.
     pending: Option<(PendingSave, f64, usize)>,
+    /// ZeRO-1: the optimizer holds this data-parallel rank's chunk of each moment; checkpoints
+    /// hold them whole (gathered to save, cut to restore).
+    chunked: bool,
 }
 
 /// A save that was asked for, on a rank of the first data-parallel group (the others write
@@ -75,6 +78,7 @@ impl CheckpointManager {
             },
             faults,
             pending: None,
+            chunked: recipe.parallel.zero == 1,
         }
     }
 
@@ -171,11 +175,57 @@ impl CheckpointManager {
                     }
                     continue;
                 }
-                let v = r.reader.read(Kind::Optim, &name, &full, shard, at)?;
+                let mut v = r.reader.read(Kind::Optim, &name, &full, shard, at)?;
+                if self.chunked && key != "step" {
+                    let (start, len) =
+                        tern_dist::dp_chunk(v.len(), dist.topo.dp_rank(), dist.topo.dp);
+                    v = v[start..start + len].to_vec();
+                }
                 opt.set_state(i, key, to_device(v, device));
             }
         }
         Ok(())
+    }
+
+    /// Every optimizer state tensor as this rank's tensor-parallel part holds it (with ZeRO-1
+    /// gathered whole from the data-parallel ranks' chunks: a collective over them).
+    fn optim_pieces<B: Backend>(
+        &self,
+        opt: &Optimizer<B>,
+        slots: &ParamSlots,
+        dist: &Dist,
+    ) -> Vec<Piece> {
+        let mut pieces = Vec::new();
+        let (mut chunks, mut sizes, mut at) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, s) in slots.iter().enumerate() {
+            let n: usize = s.local.iter().product();
+            for e in opt.state(i, &s.shape, s.shard) {
+                if self.chunked && e.key != "step" {
+                    at.push(pieces.len());
+                    chunks.push(e.value);
+                    sizes.push(n);
+                    pieces.push(Piece {
+                        name: format!("{}.{}", s.name, e.key),
+                        full_shape: e.full_shape,
+                        dim: e.shard,
+                        values: Vec::new(),
+                    });
+                    continue;
+                }
+                pieces.push(Piece {
+                    name: format!("{}.{}", s.name, e.key),
+                    full_shape: e.full_shape,
+                    dim: e.shard,
+                    values: to_host(e.value),
+                });
+            }
+        }
+        let bucket = tern_dist::comm::BUCKET_ELEMS;
+        let whole = tern_dist::all_gather_chunks(dist.dp.as_ref(), chunks, &sizes, bucket);
+        for (k, t) in at.into_iter().zip(whole) {
+            pieces[k].values = to_host(t);
+        }
+        pieces
     }
 
     /// Completes the save being written in the background, if any (a collective over the
@@ -235,6 +285,12 @@ impl CheckpointManager {
                 state.step
             );
         }
+        // With ZeRO-1 every data-parallel rank takes part in gathering the moments whole.
+        let optim_pieces = if self.chunked {
+            self.optim_pieces(opt, slots, dist)
+        } else {
+            Vec::new()
+        };
         if dist.topo.dp_rank() != 0 {
             return Ok(None);
         }
@@ -248,17 +304,11 @@ impl CheckpointManager {
                 values: v,
             })
             .collect();
-        let mut optim_pieces = Vec::new();
-        for (i, s) in slots.iter().enumerate() {
-            for e in opt.state(i, &s.shape, s.shard) {
-                optim_pieces.push(Piece {
-                    name: format!("{}.{}", s.name, e.key),
-                    full_shape: e.full_shape,
-                    dim: e.shard,
-                    values: to_host(e.value),
-                });
-            }
-        }
+        let optim_pieces = if self.chunked {
+            optim_pieces
+        } else {
+            self.optim_pieces(opt, slots, dist)
+        };
         let owned = OwnedSave {
             root: self.root.clone(),
             state: state.clone(),
