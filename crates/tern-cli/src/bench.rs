@@ -131,12 +131,7 @@ fn time_steps(
         .inner()
         .device();
     let zero = recipe.parallel.zero == 1;
-    let (dp_rank, dp) = (dist.topo.dp_rank(), dist.topo.dp);
-    let mut opt = if zero {
-        slots.optimizer_chunks(&recipe.optim, dp_rank, dp, &inner)
-    } else {
-        slots.optimizer(&recipe.optim, &dist.tp, &inner)
-    };
+    let mut opt = slots.optimizer_for_rank(&recipe.optim, zero, dist, &inner)?;
     let (rules, trainable) = (slots.rules(), vec![true; slots.len()]);
     let settings = StepSettings {
         lr: recipe.optim.lr,
@@ -165,12 +160,7 @@ fn time_steps(
         TrainBackend::sync(device)?;
         let mid = Instant::now();
         times.grad_bytes = flat.iter().map(|g| g.dims()[0] * 4).sum();
-        let bucket = tern_dist::comm::BUCKET_ELEMS;
-        let reduced = if zero {
-            tern_dist::reduce_scatter_mean_tensors(dist.dp.as_ref(), flat, bucket)
-        } else {
-            tern_dist::all_reduce_mean_tensors(dist.dp.as_ref(), flat, bucket)
-        };
+        let reduced = tern_dist::comm::mean_gradients(dist.dp.as_ref(), flat, zero);
         TrainBackend::sync(device)?;
         let reduced_at = Instant::now();
         let tp = dist.tp.comm();

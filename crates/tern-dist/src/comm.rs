@@ -313,6 +313,20 @@ pub fn all_reduce_mean_tensors<B: Backend>(
     out
 }
 
+/// The mean of each gradient over the data-parallel group `comm`, in buckets of
+/// [`BUCKET_ELEMS`]: whole, or with ZeRO-1 (`chunked`) only this rank's chunk of each.
+pub fn mean_gradients<B: Backend>(
+    comm: &dyn Comm,
+    grads: Vec<Tensor<B, 1>>,
+    chunked: bool,
+) -> Vec<Tensor<B, 1>> {
+    if chunked {
+        reduce_scatter_mean_tensors(comm, grads, BUCKET_ELEMS)
+    } else {
+        all_reduce_mean_tensors(comm, grads, BUCKET_ELEMS)
+    }
+}
+
 /// Rank `rank`'s chunk `(start, len)` of a flat tensor of `n` elements split over `size` ranks
 /// (ZeRO-1's ownership): chunks of `ceil(n / size)`, the last ones shorter or empty.
 pub fn dp_chunk(n: usize, rank: usize, size: usize) -> (usize, usize) {

@@ -127,11 +127,8 @@ impl Dist {
         // Members of this rank's tensor-parallel group on this rank's node.
         let on_node = tp_comm.split_shared(tp_comm.rank()).size() as usize;
         let node_ranks = world.split_shared(world.rank()).size() as usize;
-        let placed = tp_group_on_one_node(rank, tp, on_node, node_ranks).and_then(|()| {
-            let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-            nccl.then(|| pick_gpu(rank, local_rank, visible.as_deref()))
-                .transpose()
-        });
+        let placed = tp_group_on_one_node(rank, tp, on_node, node_ranks)
+            .and_then(|()| nccl.then(|| visible_gpu(rank, local_rank)).transpose());
         // Every rank learns whether any failed, so that all of them stop (a rank left waiting in
         // a collective for one that returned would hang the job).
         let mut failed = 0i32;
@@ -215,8 +212,13 @@ pub fn tp_group_on_one_node(
 /// launcher gave each process a device of its own (`CUDA_VISIBLE_DEVICES` naming one device,
 /// Slurm's `--gpus-per-task=1`), that device is number 0.
 pub fn gpu_ordinal(topo: &Topology) -> Result<usize> {
+    visible_gpu(topo.rank, topo.local_rank).map_err(|e| anyhow!(e))
+}
+
+/// [`pick_gpu`] with this process's `CUDA_VISIBLE_DEVICES`.
+fn visible_gpu(rank: usize, local_rank: usize) -> Result<usize, String> {
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-    pick_gpu(topo.rank, topo.local_rank, visible.as_deref()).map_err(|e| anyhow!(e))
+    pick_gpu(rank, local_rank, visible.as_deref())
 }
 
 /// [`gpu_ordinal`] from the value of `CUDA_VISIBLE_DEVICES` (`None`: not set).

@@ -13,6 +13,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::{Bool, Tensor, TensorPrimitive};
 
+use crate::guard::pad_axis;
 use crate::precision::{matmul_precision, product_in, Precision};
 use crate::Kernels;
 
@@ -123,23 +124,18 @@ pub fn backward<B: Kernels>(
     let mut dq = Vec::new();
     let mut dk = T4::<B>::zeros([b, h, t, d], &q.device());
     let mut dv = dk.clone();
-    let pad = |x: T4<B>, e: usize| -> T4<B> {
-        if e == t {
-            return x;
-        }
-        let zeros = T4::<B>::zeros([b, h, t - e, d], &x.device());
-        Tensor::cat(vec![x, zeros], 2)
-    };
+    // A chunk's key and value gradients cover keys 0..e: zeros for the keys after it.
+    let pad = |x: T4<B>| pad_axis(x, 2, t);
     for (s, n) in chunks(t, c) {
         let e = s + n;
         let p = (scores(pr, &q, &k, s, n, &mask) - lse.clone().narrow(2, s, n)).exp();
         let dout_j = dout.clone().narrow(2, s, n);
-        dv = dv + pad(product_in(pr, p.clone().swap_dims(2, 3), dout_j.clone()), e);
+        dv = dv + pad(product_in(pr, p.clone().swap_dims(2, 3), dout_j.clone()));
         let dp = product_in(pr, dout_j, v.clone().narrow(2, 0, e).swap_dims(2, 3));
         let ds = p * (dp - rowdot.clone().narrow(2, s, n));
         dq.push(product_in(pr, ds.clone(), k.clone().narrow(2, 0, e)).mul_scalar(scale));
         let qj = q.clone().narrow(2, s, n);
-        dk = dk + pad(product_in(pr, ds.swap_dims(2, 3), qj).mul_scalar(scale), e);
+        dk = dk + pad(product_in(pr, ds.swap_dims(2, 3), qj).mul_scalar(scale));
     }
     let dq = Tensor::cat(dq, 2).swap_dims(1, 2);
     (dq, heads_back(dk, kvh), heads_back(dv, kvh))

@@ -69,7 +69,7 @@ pub fn padded_matmul<B: burn::tensor::backend::Backend, const D: usize>(
 }
 
 /// `t` with zeros appended along `axis` up to `len`.
-fn pad_axis<B: burn::tensor::backend::Backend, const D: usize>(
+pub(crate) fn pad_axis<B: burn::tensor::backend::Backend, const D: usize>(
     t: Tensor<B, D>,
     axis: usize,
     len: usize,

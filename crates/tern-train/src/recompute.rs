@@ -34,11 +34,11 @@ where
     let inputs = block.clone().narrow(1, 0, t1 - 1);
     let targets = Tensor::<AB, 2, Int>::from_inner(block.narrow(1, 1, t1 - 1));
     let device = targets.device();
-    let mut slots: Vec<Option<Tensor<AB::InnerBackend, 1>>> =
-        vec![None; crate::params::flat_values(model).len()];
+    let plain = model.valid();
+    let values = crate::params::flat_values(&plain);
+    let mut slots: Vec<Option<Tensor<AB::InnerBackend, 1>>> = vec![None; values.len()];
 
     // Forward without a graph: the input of every block and of the head.
-    let plain = model.valid();
     let (cos, sin) = plain.rope(t1 - 1, &inputs.device());
     let mut kept = vec![plain.embed_tokens.forward(inputs.clone())];
     for layer in &plain.layers {
@@ -68,7 +68,6 @@ where
         .forward(Tensor::<AB, 2, Int>::from_inner(inputs));
     add_grads(model, &pull(e, dy).backward(), &mut slots);
 
-    let values = crate::params::flat_values(&plain);
     let grads = slots
         .into_iter()
         .zip(values)

@@ -100,20 +100,34 @@ impl ParamSlots {
         )
     }
 
-    /// AdamW over this data-parallel rank's chunk of every parameter (ZeRO-1).
-    pub fn optimizer_chunks<B: burn::tensor::backend::Backend>(
+    /// This rank's optimizer: [`Self::optimizer`], or with ZeRO-1 (`zero`) AdamW over this
+    /// data-parallel rank's chunk of every parameter (none may be smaller than the group).
+    pub fn optimizer_for_rank<B: burn::tensor::backend::Backend>(
         &self,
         cfg: &tern_optim::OptimConfig,
-        dp_rank: usize,
-        dp: usize,
+        zero: bool,
+        dist: &tern_dist::Dist,
         device: &B::Device,
-    ) -> tern_optim::Optimizer<B> {
-        let sizes: Vec<usize> = self
-            .local_shapes()
-            .iter()
-            .map(|s| tern_dist::dp_chunk(s.iter().product(), dp_rank, dp).1)
-            .collect();
-        tern_optim::Optimizer::AdamW(tern_optim::AdamW::new(cfg, &sizes, device))
+    ) -> anyhow::Result<tern_optim::Optimizer<B>> {
+        if !zero {
+            return Ok(self.optimizer(cfg, &dist.tp, device));
+        }
+        let (dp_rank, dp) = (dist.topo.dp_rank(), dist.topo.dp);
+        let mut sizes = Vec::with_capacity(self.len());
+        for s in self.iter() {
+            let n: usize = s.local.iter().product();
+            if n < dp {
+                anyhow::bail!(
+                    "parallel.zero = 1: parameter {} has {n} elements on this rank, fewer than \
+                     the {dp} data-parallel ranks that would split it",
+                    s.name
+                );
+            }
+            sizes.push(tern_dist::dp_chunk(n, dp_rank, dp).1);
+        }
+        Ok(tern_optim::Optimizer::AdamW(tern_optim::AdamW::new(
+            cfg, &sizes, device,
+        )))
     }
 
     pub fn local_shapes(&self) -> Vec<Vec<usize>> {

@@ -16,10 +16,7 @@ use burn::tensor::backend::AutodiffBackend;
 use serde_json::{json, Map, Value};
 use tern_data::sampler::dp_slice;
 use tern_data::TrainData;
-use tern_dist::{
-    all_reduce_mean_tensors, comm::BUCKET_ELEMS, reduce_scatter_mean_tensors, CollectiveBackend,
-    Dist,
-};
+use tern_dist::{comm::mean_gradients, CollectiveBackend, Dist};
 use tern_model::{Hooks, Llama};
 use tern_optim::{Optimizer, Schedule};
 use tern_parallel::TpLlama;
@@ -123,8 +120,6 @@ pub struct Trainer<'a, B: AutodiffBackend> {
     /// Training FLOPs a token (the plan's), the devices of the job, one device's peak.
     flops_per_token: f64,
     peak_tflops: Option<f64>,
-    /// This process's first step, timed (compilation and autotuning happen there on a GPU).
-    first_step_s: Option<f64>,
 }
 
 /// A fresh run never writes into an earlier run's folder (their checkpoints and metrics would mix):
@@ -149,22 +144,6 @@ fn move_aside_earlier_run(run_dir: &Path) -> Result<()> {
         run_dir.display(),
         free.display()
     );
-    Ok(())
-}
-
-/// ZeRO-1 gives every data-parallel rank a chunk of every parameter: none may be smaller than
-/// the group.
-fn check_chunks(slots: &ParamSlots, dp: usize) -> Result<()> {
-    for s in slots.iter() {
-        let n: usize = s.local.iter().product();
-        if n < dp {
-            bail!(
-                "parallel.zero = 1: parameter {} has {n} elements on this rank, fewer than the {dp} \
-                 data-parallel ranks that would split it",
-                s.name
-            );
-        }
-    }
     Ok(())
 }
 
@@ -224,12 +203,8 @@ where
         let (model, objective, slots) =
             model_and_objective::<B>(&recipe, inputs.teacher.take(), device, dist)?;
         let inner = model.valid().embed_tokens.weight.val().device();
-        let mut opt = if recipe.parallel.zero == 1 {
-            check_chunks(&slots, topo.dp)?;
-            slots.optimizer_chunks(&recipe.optim, topo.dp_rank(), topo.dp, &inner)
-        } else {
-            slots.optimizer(&recipe.optim, &dist.tp, &inner)
-        };
+        let zero = recipe.parallel.zero == 1;
+        let mut opt = slots.optimizer_for_rank(&recipe.optim, zero, dist, &inner)?;
         let mut state = TrainState {
             format_version: checkpoint::FORMAT_VERSION,
             step: 0,
@@ -279,7 +254,6 @@ where
         let mut trainer = Self {
             flops_per_token,
             peak_tflops: opts.peak_tflops,
-            first_step_s: None,
             schedule: Schedule::new(&recipe.optim, tc.steps),
             mine: dp_slice(tc.global_batch, topo.dp_rank(), topo.dp),
             start_step: state.step,
@@ -432,11 +406,7 @@ where
         let zero = self.recipe.parallel.zero == 1;
         // Equal shares: the mean over data-parallel ranks is the mean of the global batch (with
         // ZeRO-1 each rank receives its chunks of it).
-        let mut grads = if zero {
-            reduce_scatter_mean_tensors(dist.dp.as_ref(), grads, BUCKET_ELEMS)
-        } else {
-            all_reduce_mean_tensors(dist.dp.as_ref(), grads, BUCKET_ELEMS)
-        };
+        let mut grads = mean_gradients(dist.dp.as_ref(), grads, zero);
         let mut loss = dist.dp.all_reduce_sum_f64(loss) / dist.topo.dp as f64;
         if self.faults.nan(step + 1) {
             loss = f64::NAN;
@@ -485,11 +455,11 @@ where
     pub fn run(mut self) -> Result<TrainSummary> {
         let mut last_loss = f64::NAN;
         while self.state.step < self.recipe.train.steps {
-            let t0 = Instant::now();
+            // This process's first step is timed: on a GPU, kernels are compiled and tuned there.
+            let (first, t0) = (self.state.step == self.start_step, Instant::now());
             let out = self.train_step()?;
-            if self.first_step_s.is_none() {
+            if first {
                 let s = t0.elapsed().as_secs_f64();
-                self.first_step_s = Some(s);
                 self.metrics.say(&format!(
                     "first step: {s:.2} s (on a GPU this includes compiling and autotuning kernels)"
                 ));
