@@ -536,5 +536,18 @@ fn bad_distillation_settings_are_errors_naming_the_key() {
         &with(&["--set", "model.linear=bitnet"]),
         &["model.linear", "bitnet", "encoder"],
     );
+    for key in ["parallel.vocab", "parallel.sequence"] {
+        fails_with(
+            &with(&[
+                "--set",
+                &format!("{key}=true"),
+                "--set",
+                "parallel.tp=2",
+                "--set",
+                "model.scale_groups=2",
+            ]),
+            &[key, "pretraining"],
+        );
+    }
     assert!(!run.join("checkpoints").exists());
 }

@@ -42,7 +42,7 @@ fn padded_products_are_the_listed_ones_and_change_nothing() {
             guard::force(false);
             (padded, value, grads)
         };
-        let listed: usize = products(&c, 1, 1, 32, vec![])
+        let listed: usize = products(&c, 1, Default::default(), 1, 32, vec![])
             .iter()
             .filter(|p| p.hits_the_rule())
             .map(|p| p.calls)

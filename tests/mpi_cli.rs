@@ -164,6 +164,94 @@ fn zero1_matches_one_process_and_resumes_on_other_layouts() {
     }
 }
 
+/// GaLore with ZeRO-1, each parameter's state whole on its owner: dp=2 and tp=2 x dp=2 give one
+/// process's losses over 20 steps (projection refreshes every 4); a dp=2 zero=1 checkpoint of
+/// step 10 resumes in one process and at dp=2 zero=1, continuing the losses.
+#[test]
+fn galore_with_zero1_matches_one_process_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name);
+    #[rustfmt::skip]
+    let base = [GALORE, &["--set", "model.scale_groups=2", "--set", "train.steps=20"]].concat();
+    let zero = [&base[..], &["--set", "parallel.zero=1"]].concat();
+    let one = train(0, &d("one"), &base);
+    assert_eq!(one.len(), 20);
+    assert_close(&one, &train(2, &d("dp2"), &zero), "galore dp=2 zero=1");
+    let four = [&zero[..], &["--set", "parallel.tp=2"]].concat();
+    assert_close(
+        &one,
+        &train(4, &d("tp2dp2"), &four),
+        "galore tp=2 x dp=2 zero=1",
+    );
+    for (name, to, procs) in [("dp1", base.clone(), 0), ("dp2", zero.clone(), 2)] {
+        let run = d(&format!("to-{name}"));
+        train(2, &run, &[&zero[..], &["--set", "train.steps=10"]].concat());
+        let resumed = train(procs, &run, &[&to[..], &["--resume", "auto"]].concat());
+        assert_close(
+            &one,
+            &resumed,
+            &format!("galore dp=2 zero=1 resumed as {name}"),
+        );
+    }
+}
+
+/// The vocabulary split (embedding and head by rows, the vocabulary-parallel cross-entropy) and
+/// sequence parallelism at tp=2, alone and together, untied and tied, and with ZeRO-1 at tp=2 x
+/// dp=2: one process's losses over 20 steps. A checkpoint of a split run holds whole tensors: it
+/// resumes in one process and continues the losses.
+#[test]
+fn vocabulary_and_sequence_parallel_match_one_process_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name);
+    #[rustfmt::skip]
+    let base = ["--set", "model.scale_groups=2", "--set", "train.steps=20", "--set", "parallel.tp=1"];
+    let tp2 = |sets: &[&'static str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(&["--set", "parallel.tp=2"]);
+        for s in sets {
+            a.extend_from_slice(&["--set", s]);
+        }
+        a
+    };
+    let one = train(0, &d("one"), &base);
+    assert_eq!(one.len(), 20);
+    let (vocab, sequence) = ("parallel.vocab=true", "parallel.sequence=true");
+    for (name, sets) in [
+        ("vocab", vec![vocab]),
+        ("sequence", vec![sequence]),
+        ("both", vec![vocab, sequence]),
+    ] {
+        assert_close(
+            &one,
+            &train(2, &d(name), &tp2(&sets)),
+            &format!("tp=2 {name}"),
+        );
+    }
+    let four = [&tp2(&[vocab, sequence])[..], &["--set", "parallel.zero=1"]].concat();
+    assert_close(
+        &one,
+        &train(4, &d("tp2dp2"), &four),
+        "tp=2 x dp=2 zero=1 vocab sequence",
+    );
+    let tied = ["--set", "model.tie_embeddings=true"];
+    let one_tied = train(0, &d("one-tied"), &[&base[..], &tied].concat());
+    for (name, sets) in [
+        ("tied-vocab", vec![vocab]),
+        ("tied-both", vec![vocab, sequence]),
+    ] {
+        let split = train(2, &d(name), &[&tp2(&sets)[..], &tied].concat());
+        assert_close(&one_tied, &split, &format!("tp=2 {name}"));
+    }
+    let run = d("to-one");
+    train(
+        2,
+        &run,
+        &[&tp2(&[vocab, sequence])[..], &["--set", "train.steps=10"]].concat(),
+    );
+    let resumed = train(0, &run, &[&base[..], &["--resume", "auto"]].concat());
+    assert_close(&one, &resumed, "tp=2 vocab sequence resumed in one process");
+}
+
 #[test]
 fn tensor_parallel_matches_one_process_with_as_many_scale_groups() {
     let dir = tempfile::tempdir().unwrap();

@@ -29,7 +29,7 @@ use tern_train::init::init_normal;
 use tern_train::objective::{LossParts, Objective};
 use tern_train::params::{assign_trainable, flat_values, param_infos, ParamInfo};
 use tern_train::slots::ParamSlots;
-use tern_train::step::{optimizer_step, GradAccumulator, StepSettings};
+use tern_train::step::{optimizer_step, GradAccumulator, StateSplit, StepSettings};
 
 type F64 = Autodiff<NdArray<f64>>;
 type F32 = Autodiff<Flex>;
@@ -422,7 +422,7 @@ fn build<B: AutodiffBackend>(case: &Case, f: &Fixture, tp: &TpGroup, dev: &B::De
             let objective = Objective::Distill {
                 cfg: d.clone(),
                 teacher: Box::new(Teacher::new(
-                    parallelize(teacher, tp),
+                    parallelize(teacher, tp, Default::default()),
                     &d.blocks(m.n_layers),
                 )),
                 n_layers: m.n_layers,
@@ -432,8 +432,13 @@ fn build<B: AutodiffBackend>(case: &Case, f: &Fixture, tp: &TpGroup, dev: &B::De
     };
     let model = load(model, &f.init, dev);
     let whole = param_infos::<B, _>(&model);
-    let model = parallelize(model, tp);
-    let slots = ParamSlots::new(&whole, &param_infos::<B, _>(&model), tp.size());
+    let model = parallelize(model, tp, Default::default());
+    let slots = ParamSlots::new(
+        &whole,
+        &param_infos::<B, _>(&model),
+        tp.size(),
+        Default::default(),
+    );
     Models {
         model,
         objective,
@@ -510,7 +515,8 @@ where
         let inner = ms.model.valid().embed_tokens.weight.val().device();
         let s = &ms.slots;
         let (shapes, low, dims) = (s.local_shapes(), s.low_rank(), s.shard_dims());
-        let mut opt = Optimizer::<B::InnerBackend>::new(oc, &shapes, &low, &dims, tp, &inner);
+        let all = vec![true; shapes.len()];
+        let mut opt = Optimizer::<B::InnerBackend>::new(oc, &shapes, &low, &dims, tp, &inner, &all);
         let schedule = Schedule::new(oc, f.inputs.steps);
         let mut run = Run::default();
         for step in 0..f.inputs.steps {
@@ -530,7 +536,7 @@ where
                 &train,
                 settings,
                 tp.comm(),
-                None,
+                &StateSplit::Whole,
             );
             assert!(applied, "{name} {opt_name}: step {} skipped", step + 1);
             ms.model = model;

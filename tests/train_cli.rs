@@ -503,8 +503,26 @@ fn bad_recipes_fail_naming_the_key() {
     );
     bad_recipe(&["parallel.zero=2"], &["parallel.zero = 2"]);
     bad_recipe(
-        &[galore, "optim.rank=32", "parallel.zero=1"],
-        &["parallel.zero = 1", "galore_adamw"],
+        &["parallel.sequence=true"],
+        &["parallel.sequence", "parallel.tp > 1"],
+    );
+    bad_recipe(
+        &[
+            "parallel.sequence=true",
+            "parallel.tp=2",
+            "model.scale_groups=2",
+            "data.seq_len=127",
+        ],
+        &["data.seq_len", "127 positions", "parallel.tp = 2"],
+    );
+    bad_recipe(
+        &[
+            "parallel.vocab=true",
+            "parallel.tp=2",
+            "model.scale_groups=2",
+            "model.vocab_size=4097",
+        ],
+        &["parallel.vocab", "4097 tokens", "multiple of 2"],
     );
     bad_recipe(
         &["model.sparsity.top_k=1.5"],

@@ -82,7 +82,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let mut recipe = a.recipe.load()?;
     let dist = crate::start_job(&recipe)?;
-    recipe.model.vocab_size.get_or_insert(a.vocab);
+    recipe
+        .resolve_vocab(a.vocab)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let device = crate::compute_device(&dist.topo)?;
     let precision =
         tern_train::recipe::PrecisionName::resolve(recipe.train.precision, cfg!(feature = "cuda"));
@@ -124,9 +126,10 @@ fn time_steps(
     let vocab = recipe.model.vocab_size.expect("set by run");
     let plain = Llama::<TrainBackend>::new(&recipe.model, device);
     let whole = param_infos::<TrainBackend, _>(&plain);
-    let mut model: TpLlama<TrainBackend> = parallelize(plain, &dist.tp);
+    let layout = recipe.parallel.layout();
+    let mut model: TpLlama<TrainBackend> = parallelize(plain, &dist.tp, layout);
     let local = param_infos::<TrainBackend, _>(&model);
-    let slots = ParamSlots::new(&whole, &local, dist.topo.tp);
+    let slots = ParamSlots::new(&whole, &local, dist.topo.tp, layout);
     let inner = Tensor::<TrainBackend, 1>::zeros([1], device)
         .inner()
         .device();
@@ -160,13 +163,14 @@ fn time_steps(
         TrainBackend::sync(device)?;
         let mid = Instant::now();
         times.grad_bytes = flat.iter().map(|g| g.dims()[0] * 4).sum();
-        let reduced = tern_dist::comm::mean_gradients(dist.dp.as_ref(), flat, zero);
+        let split = slots.state_split(zero, &recipe.optim, dist);
+        let reduced =
+            tern_train::step::reduce_gradients(flat, &slots.partial(), dist, split.chunked());
         TrainBackend::sync(device)?;
         let reduced_at = Instant::now();
         let tp = dist.tp.comm();
-        let chunks = zero.then_some(dist.dp.as_ref());
         let (m, _, _) = optimizer_step(
-            model, reduced, loss, &mut opt, &rules, &trainable, settings, tp, chunks,
+            model, reduced, loss, &mut opt, &rules, &trainable, settings, tp, &split,
         );
         model = m;
         TrainBackend::sync(device)?;

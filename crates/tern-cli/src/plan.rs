@@ -25,7 +25,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         let t = TextTokenizer::load(Path::new(tok), &recipe.data.eos_token).map_err(|e| {
             anyhow!("model.vocab_size is not set and the tokenizer could not be read: {e:#}")
         })?;
-        recipe.model.vocab_size = Some(t.vocab_size);
+        recipe.resolve_vocab(t.vocab_size).map_err(|e| anyhow!(e))?;
     }
     let p = &recipe.parallel;
     let world = a.world.unwrap_or(p.tp * p.dp.unwrap_or(1));

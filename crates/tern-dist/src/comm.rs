@@ -270,11 +270,28 @@ pub fn all_reduce_mean_tensors<B: Backend>(
     tensors: Vec<Tensor<B, 1>>,
     bucket_elems: usize,
 ) -> Vec<Tensor<B, 1>> {
+    all_reduce_scaled(comm, tensors, bucket_elems, 1.0 / comm.size() as f32)
+}
+
+/// [`all_reduce_mean_tensors`], the sum instead of the mean.
+pub fn all_reduce_sum_tensors<B: Backend>(
+    comm: &dyn Comm,
+    tensors: Vec<Tensor<B, 1>>,
+    bucket_elems: usize,
+) -> Vec<Tensor<B, 1>> {
+    all_reduce_scaled(comm, tensors, bucket_elems, 1.0)
+}
+
+fn all_reduce_scaled<B: Backend>(
+    comm: &dyn Comm,
+    tensors: Vec<Tensor<B, 1>>,
+    bucket_elems: usize,
+    scale: f32,
+) -> Vec<Tensor<B, 1>> {
     if comm.size() == 1 || tensors.is_empty() {
         return tensors;
     }
     let device = tensors[0].device();
-    let scale = 1.0 / comm.size() as f32;
     let sizes: Vec<usize> = tensors.iter().map(|t| t.dims()[0]).rev().collect();
     let mut out = Vec::with_capacity(tensors.len());
     let mut pending: Vec<Tensor<B, 1>> = Vec::new();
@@ -292,7 +309,9 @@ pub fn all_reduce_mean_tensors<B: Backend>(
             buf.extend_from_slice(data.as_slice::<f32>().expect("f32 data"));
         }
         comm.all_reduce_sum(&mut buf);
-        buf.iter_mut().for_each(|x| *x *= scale);
+        if scale != 1.0 {
+            buf.iter_mut().for_each(|x| *x *= scale);
+        }
         let mut off = 0;
         for len in lens {
             let part = TensorData::new(buf[off..off + len].to_vec(), [len]);
@@ -337,6 +356,24 @@ pub fn dp_chunk(n: usize, rank: usize, size: usize) -> (usize, usize) {
 
 /// Buckets of consecutive tensors (by element counts `sizes`) of at most `bucket_elems` each,
 /// a larger tensor alone: index ranges.
+/// The data-parallel rank that owns each of the parameters of `sizes` elements when they are
+/// kept whole, each on one of `size` ranks (GaLore's ZeRO-1, whose projection needs the whole
+/// gradient of a matrix): the largest first, each to the rank holding the fewest elements so
+/// far (the lowest rank on a tie). The same on every rank.
+pub fn owners(sizes: &[usize], size: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(sizes[i]), i));
+    let (mut load, mut out) = (vec![0usize; size.max(1)], vec![0; sizes.len()]);
+    for i in order {
+        let r = (0..load.len())
+            .min_by_key(|&r| (load[r], r))
+            .expect("a rank");
+        load[r] += sizes[i];
+        out[i] = r;
+    }
+    out
+}
+
 fn buckets(sizes: &[usize], bucket_elems: usize) -> Vec<std::ops::Range<usize>> {
     let (mut out, mut start, mut len) = (Vec::new(), 0, 0);
     for (i, &n) in sizes.iter().enumerate() {
@@ -406,13 +443,36 @@ pub fn all_gather_chunks<B: Backend>(
     sizes: &[usize],
     bucket_elems: usize,
 ) -> Vec<Tensor<B, 1>> {
+    let mut out: Vec<Option<Tensor<B, 1>>> = vec![None; sizes.len()];
+    all_gather_chunks_each(comm, chunks, sizes, bucket_elems, |range, whole| {
+        for (i, t) in range.zip(whole) {
+            out[i] = Some(t);
+        }
+    });
+    out.into_iter()
+        .map(|t| t.expect("every tensor gathered"))
+        .collect()
+}
+
+/// [`all_gather_chunks`] handing each bucket's whole tensors (indices `range`) to `f` as soon as
+/// they are gathered, so that a caller can put them in place of the old ones bucket by bucket
+/// instead of holding two copies of every tensor at once.
+pub fn all_gather_chunks_each<B: Backend>(
+    comm: &dyn Comm,
+    chunks: Vec<Tensor<B, 1>>,
+    sizes: &[usize],
+    bucket_elems: usize,
+    mut f: impl FnMut(std::ops::Range<usize>, Vec<Tensor<B, 1>>),
+) {
     let size = comm.size();
     if size == 1 || chunks.is_empty() {
-        return chunks;
+        if !chunks.is_empty() {
+            f(0..chunks.len(), chunks);
+        }
+        return;
     }
     let device = chunks[0].device();
     let mut chunks = chunks.into_iter();
-    let mut out = Vec::with_capacity(sizes.len());
     for b in buckets(sizes, bucket_elems) {
         let host: Vec<Vec<f32>> = (&mut chunks).take(b.len()).map(to_host).collect();
         let host = |i: usize| &host[i - b.start];
@@ -427,21 +487,23 @@ pub fn all_gather_chunks<B: Backend>(
         let mut recv = vec![0f32; per_rank * size];
         comm.all_gather(&send, &mut recv);
         let mut col = 0;
-        for (i, w) in b.zip(&widths) {
+        let mut whole_tensors = Vec::with_capacity(b.len());
+        for (i, w) in b.clone().zip(&widths) {
             let mut whole = Vec::with_capacity(sizes[i]);
             for r in 0..size {
                 let (_, len) = dp_chunk(sizes[i], r, size);
                 let at = r * per_rank + col;
                 whole.extend_from_slice(&recv[at..at + len]);
             }
-            out.push(Tensor::from_data(
+            whole_tensors.push(Tensor::from_data(
                 TensorData::new(whole, [sizes[i]]),
                 &device,
             ));
             col += w;
         }
+        drop(recv);
+        f(b, whole_tensors);
     }
-    out
 }
 
 /// Rank 0 of a two-rank group whose other rank holds `other` in every element of every buffer;
@@ -640,5 +702,22 @@ mod tests {
                 "{k}: {v:?}"
             );
         }
+    }
+
+    #[test]
+    fn owners_balance_whole_parameters_largest_first() {
+        // 9 -> 0; 7 -> 1; 5 -> 2; 4 -> 2 (loads 9, 7, 5); 3 -> 1 (9, 7, 9); 1 -> 0 (loads
+        // 9, 10, 9: the lowest of the two least loaded).
+        assert_eq!(owners(&[4, 9, 1, 7, 5, 3], 3), vec![2, 0, 0, 1, 2, 1]);
+        assert_eq!(owners(&[4, 9, 1], 1), vec![0, 0, 0]);
+        // Equal sizes go round the ranks in order.
+        assert_eq!(owners(&[2, 2, 2, 2], 2), vec![0, 1, 0, 1]);
+        let sums = all_reduce_sum_tensors::<Flex>(
+            &FakePeer::new(1.5),
+            vec![Tensor::from_data([1.0, 2.0], &Default::default())],
+            8,
+        );
+        let v: Vec<f32> = sums[0].clone().into_data().to_vec().unwrap();
+        assert_eq!(v, vec![2.5, 3.5]);
     }
 }

@@ -36,6 +36,9 @@ pub struct MpiComm {
 unsafe impl Send for MpiComm {}
 unsafe impl Sync for MpiComm {}
 
+/// The most elements a rank receives from one MPI reduce-scatter call (4 MB of f32).
+const REDUCE_SCATTER_PIECE: usize = 1 << 20;
+
 impl Comm for MpiComm {
     fn rank(&self) -> usize {
         self.comm.rank() as usize
@@ -51,9 +54,28 @@ impl Comm for MpiComm {
     fn all_gather(&self, send: &[f32], recv: &mut [f32]) {
         self.comm.all_gather_into(send, recv);
     }
+    /// In pieces of at most [`REDUCE_SCATTER_PIECE`] elements a rank: Open MPI's reduce-scatter
+    /// may first reduce the whole buffer on one rank (a temporary as large as `send` there
+    /// only, which made ZeRO-1's ranks' peak memory differ by a whole bucket).
     fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) {
-        self.comm
-            .reduce_scatter_block_into(send, recv, SystemOperation::sum());
+        let (n, size) = (recv.len(), self.size());
+        if n <= REDUCE_SCATTER_PIECE {
+            self.comm
+                .reduce_scatter_block_into(send, recv, SystemOperation::sum());
+            return;
+        }
+        let mut piece = vec![0f32; REDUCE_SCATTER_PIECE * size];
+        for start in (0..n).step_by(REDUCE_SCATTER_PIECE) {
+            let len = REDUCE_SCATTER_PIECE.min(n - start);
+            for r in 0..size {
+                piece[r * len..(r + 1) * len].copy_from_slice(&send[r * n + start..][..len]);
+            }
+            self.comm.reduce_scatter_block_into(
+                &piece[..len * size],
+                &mut recv[start..start + len],
+                SystemOperation::sum(),
+            );
+        }
     }
     fn broadcast(&self, buf: &mut [f32], root: usize) {
         self.comm.process_at_rank(root as i32).broadcast_into(buf);

@@ -11,8 +11,8 @@ pub mod ops;
 pub mod topology;
 
 pub use comm::{
-    all_gather_chunks, all_reduce_mean_tensors, dp_chunk, reduce_scatter_mean_tensors, to_host,
-    Comm, SoloComm, TensorCollectives, ThreadComm,
+    all_gather_chunks, all_reduce_mean_tensors, all_reduce_sum_tensors, dp_chunk, owners,
+    reduce_scatter_mean_tensors, to_host, Comm, SoloComm, TensorCollectives, ThreadComm,
 };
 pub use launch::{Dist, MpiRuntime};
 pub use ops::{CollectiveBackend, CommStats, TpGroup};

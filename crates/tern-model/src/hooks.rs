@@ -7,7 +7,8 @@
 use std::fmt::Debug;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
+use tern_kernels::Kernels;
 
 /// Hooks of one projection (and of the module input its column-parallel projections share). Every
 /// default is the identity, which is the whole model in one process.
@@ -74,6 +75,35 @@ pub trait Hooks<B: Backend>: Clone + Debug + Send + Sync {
     /// This projection's output holds a block of the output's columns (a column-parallel shard).
     fn splits_output(&self) -> bool {
         false
+    }
+
+    // The model's ends, called on the hooks of the model itself ([`crate::Llama::ends`]): the
+    // embedding, the head and the loss, where a vocabulary or a sequence split acts.
+
+    /// The embedding of `tokens: [batch, seq]` from `table` (this rank's rows of the table when
+    /// the vocabulary is split), `[batch, seq, hidden]` as the first block takes it.
+    fn embed(&self, table: Tensor<B, 2>, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        burn::tensor::module::embedding(table, tokens)
+    }
+
+    /// The final norm's output as the LM head takes it.
+    fn head_input(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        x
+    }
+
+    /// Mean next-token cross-entropy of the head's `logits: [batch, seq, vocab here]` against
+    /// `targets: [batch, seq]` (all positions' targets, whatever the head saw).
+    fn loss(&self, logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1>
+    where
+        B: Kernels,
+    {
+        crate::model::cross_entropy(logits, targets)
+    }
+
+    /// The whole logits `[batch, seq, vocab]` from the head's, for callers that read them (no
+    /// gradient flows back through a gather).
+    fn whole_logits(&self, logits: Tensor<B, 3>) -> Tensor<B, 3> {
+        logits
     }
 }
 

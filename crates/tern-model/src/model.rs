@@ -143,9 +143,9 @@ pub struct Llama<B: Backend, H = NoHooks> {
     pub head_dim: usize,
     #[module(skip)]
     pub rope_theta: f64,
-    /// Tells burn's derive that `H` is not a module (only the projections carry hooks).
+    /// The hooks of the model's ends: the embedding, the head's input, the loss.
     #[module(skip)]
-    pub hooks: PhantomData<H>,
+    pub ends: H,
 }
 
 impl<B: Backend> Llama<B> {
@@ -179,7 +179,7 @@ impl<B: Backend> Llama<B> {
             lm_head,
             head_dim: c.head_dim(),
             rope_theta: c.rope_theta,
-            hooks: PhantomData,
+            ends: NoHooks,
         }
     }
 }
@@ -188,7 +188,12 @@ impl<B: Kernels, H: Hooks<B>> Llama<B, H> {
     /// `tokens: [batch, seq]` -> logits `[batch, seq, vocab]`.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let x = self.forward_blocks(tokens, self.layers.len());
-        self.head(x)
+        self.ends.whole_logits(self.head(x))
+    }
+
+    /// The embedding of `tokens`, as the first block takes it.
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.ends.embed(self.embed_tokens.weight.val(), tokens)
     }
 
     /// The hidden states after the embedding and the first `n_blocks` blocks (a pass that stops
@@ -196,7 +201,7 @@ impl<B: Kernels, H: Hooks<B>> Llama<B, H> {
     pub fn forward_blocks(&self, tokens: Tensor<B, 2, Int>, n_blocks: usize) -> Tensor<B, 3> {
         let [_, t] = tokens.dims();
         let (cos, sin) = self.rope(t, &tokens.device());
-        let mut x = self.embed_tokens.forward(tokens);
+        let mut x = self.embed(tokens);
         for block in self.layers.iter().take(n_blocks) {
             x = block.forward(x, &cos, &sin);
         }
@@ -208,9 +213,10 @@ impl<B: Kernels, H: Hooks<B>> Llama<B, H> {
         rope_tables::<B>(seq, self.head_dim, self.rope_theta, device)
     }
 
-    /// Final norm and LM head: hidden states -> logits.
+    /// Final norm and LM head: hidden states -> logits (this rank's block of the vocabulary
+    /// when it is split).
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = self.norm.forward(x);
+        let x = self.ends.head_input(self.norm.forward(x));
         match &self.lm_head {
             Some(head) => head.forward(x),
             None => {
@@ -227,13 +233,18 @@ impl<B: Kernels, H: Hooks<B>> Llama<B, H> {
         let [_, t1] = block.dims();
         let inputs = block.clone().narrow(1, 0, t1 - 1);
         let targets = block.narrow(1, 1, t1 - 1);
-        cross_entropy(self.forward(inputs), targets)
+        self.head_loss(self.forward_blocks(inputs, self.layers.len()), targets)
+    }
+
+    /// Mean cross-entropy of the last hidden states `x` against `targets`.
+    pub fn head_loss(&self, x: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+        self.ends.loss(self.head(x), targets)
     }
 }
 
 impl<B: Backend, H> Llama<B, H> {
     /// This model with every hook mapped by `f` (told the layer and the projection's name; `None`
-    /// for module inputs and the head): how `parallelize` and the taps are applied.
+    /// for module inputs, the head and the model's ends): how `parallelize` and the taps are applied.
     pub fn map_hooks<H2>(
         self,
         mut f: impl FnMut(Option<(usize, &'static str)>, H) -> H2,
@@ -251,7 +262,7 @@ impl<B: Backend, H> Llama<B, H> {
             lm_head: self.lm_head.map(|p| p.map_hooks(|h| f(None, h))),
             head_dim: self.head_dim,
             rope_theta: self.rope_theta,
-            hooks: PhantomData,
+            ends: f(None, self.ends),
         }
     }
 }

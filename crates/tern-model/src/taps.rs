@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 
 use crate::hooks::Hooks;
 use crate::model::Llama;
@@ -159,5 +159,20 @@ impl<B: Backend, H: Hooks<B>> Hooks<B> for Tapped<H> {
     }
     fn splits_output(&self) -> bool {
         self.inner.splits_output()
+    }
+    fn embed(&self, table: Tensor<B, 2>, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.inner.embed(table, tokens)
+    }
+    fn head_input(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.inner.head_input(x)
+    }
+    fn loss(&self, logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1>
+    where
+        B: tern_kernels::Kernels,
+    {
+        self.inner.loss(logits, targets)
+    }
+    fn whole_logits(&self, logits: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.inner.whole_logits(logits)
     }
 }

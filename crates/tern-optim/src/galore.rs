@@ -147,7 +147,9 @@ pub struct GaLoreAdamW<B: Backend> {
 impl<B: Backend> GaLoreAdamW<B> {
     /// `matrices[i]` = `Some((m, n))` (the local shape) for a parameter GaLore projects;
     /// `sizes[i]` its element count; `shard_dims[i]` the dimension `tp` splits it along. The
-    /// rank must fit every projected matrix (the recipe checks it first).
+    /// rank must fit every projected matrix (the recipe checks it first). It keeps the state of
+    /// the parameters this rank `owns` (all of them but under ZeRO-1 with whole parameters, where
+    /// the others keep their layout but empty moments and must not be updated here).
     pub fn new(
         cfg: &OptimConfig,
         sizes: &[usize],
@@ -155,6 +157,7 @@ impl<B: Backend> GaLoreAdamW<B> {
         shard_dims: &[Option<usize>],
         tp: &TpGroup,
         device: &B::Device,
+        owns: &[bool],
     ) -> Self {
         let rank = cfg.rank.expect("optim.rank is validated for galore_adamw");
         let layout: Vec<Option<LowRank>> = matrices
@@ -183,7 +186,7 @@ impl<B: Backend> GaLoreAdamW<B> {
         };
         let zeros = || {
             (0..sizes.len())
-                .map(|i| Tensor::zeros([state_len(i)], device))
+                .map(|i| Tensor::zeros([if owns[i] { state_len(i) } else { 0 }], device))
                 .collect::<Vec<_>>()
         };
         Self {
@@ -418,6 +421,7 @@ mod tests {
             &[None; 4],
             &TpGroup::default(),
             &dev,
+            &[true; 4],
         );
         assert_eq!(opt.layout[0].unwrap().side, Side::Right);
         assert_eq!(opt.layout[1].unwrap().side, Side::Left);
@@ -467,6 +471,7 @@ mod tests {
             &[None],
             &TpGroup::default(),
             &dev,
+            &[true],
         );
         let l = opt.layout[0].unwrap();
         opt.proj[0] = Some(Tensor::from_data([[-1.0f32, 0.0]], &dev));

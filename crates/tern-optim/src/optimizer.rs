@@ -28,7 +28,9 @@ pub struct StateTensor<B: Backend> {
 
 impl<B: Backend> Optimizer<B> {
     /// `shapes[i]` of every parameter (this rank's block); `low_rank[i]` marks the matrices
-    /// GaLore projects; `shard_dims[i]` the dimension the tensor-parallel group `tp` splits.
+    /// GaLore projects; `shard_dims[i]` the dimension the tensor-parallel group `tp` splits;
+    /// `owns[i]`: this rank keeps parameter i's state (all but under ZeRO-1 with whole
+    /// parameters on their owners, where the others are never updated here).
     pub fn new(
         cfg: &OptimConfig,
         shapes: &[Vec<usize>],
@@ -36,10 +38,18 @@ impl<B: Backend> Optimizer<B> {
         shard_dims: &[Option<usize>],
         tp: &TpGroup,
         device: &B::Device,
+        owns: &[bool],
     ) -> Self {
         let sizes: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
         match cfg.name {
-            OptimizerName::Adamw => Self::AdamW(AdamW::new(cfg, &sizes, device)),
+            OptimizerName::Adamw => {
+                let kept: Vec<usize> = sizes
+                    .iter()
+                    .zip(owns)
+                    .map(|(&n, &o)| if o { n } else { 0 })
+                    .collect();
+                Self::AdamW(AdamW::new(cfg, &kept, device))
+            }
             OptimizerName::GaloreAdamw => {
                 let matrices: Vec<Option<(usize, usize)>> = shapes
                     .iter()
@@ -47,10 +57,37 @@ impl<B: Backend> Optimizer<B> {
                     .map(|(s, &low)| (low && s.len() == 2).then(|| (s[0], s[1])))
                     .collect();
                 Self::GaLore(GaLoreAdamW::new(
-                    cfg, &sizes, &matrices, shard_dims, tp, device,
+                    cfg, &sizes, &matrices, shard_dims, tp, device, owns,
                 ))
             }
         }
+    }
+
+    /// The length of each state tensor of parameter `i` on a rank of a `tp`-way group, as
+    /// [`Self::layout`] lists them.
+    pub fn state_lens(
+        &self,
+        i: usize,
+        full_shape: &[usize],
+        shard: Option<usize>,
+        tp: usize,
+    ) -> Vec<usize> {
+        self.layout(i, full_shape, shard)
+            .into_iter()
+            .map(|(_, full, dim)| {
+                let n: usize = full.iter().product();
+                if dim.is_some() {
+                    n / tp
+                } else {
+                    n
+                }
+            })
+            .collect()
+    }
+
+    /// Whether parameter `i` has its GaLore projection yet (computed at its first update).
+    pub fn has_projection(&self, i: usize) -> bool {
+        matches!(self, Self::GaLore(o) if o.proj[i].is_some())
     }
 
     /// Sets the update count of parameter `i`.

@@ -6,9 +6,11 @@ pub mod form;
 pub mod parallelize;
 pub mod plan;
 
-pub use form::TpForm;
+pub use form::{Split, TpForm};
 pub use parallelize::{parallelize, shard_param};
-pub use plan::{block_matrix_dim, check_tp, shard_dim, shard_values, unshard_values, TP_PLAN};
+pub use plan::{
+    block_matrix_dim, check_tp, shard_dim, shard_values, unshard_values, TpLayout, TP_PLAN,
+};
 
 /// A model split over a tensor-parallel group (a group of one holds it whole).
 pub type TpLlama<B> = tern_model::Llama<B, TpForm>;

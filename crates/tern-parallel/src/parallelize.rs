@@ -21,7 +21,8 @@ use tern_model::encoder::Encoder;
 use tern_model::mlp::Mlp;
 use tern_model::{Block, Llama, ProjLinear};
 
-use crate::form::TpForm;
+use crate::form::{Split, TpForm};
+use crate::plan::TpLayout;
 
 /// This rank's block of a parameter along `dim`. A parameter not initialized yet stays lazy at
 /// the block's shape (a rank builds only its shard: the trainer then sets its values, and the
@@ -88,17 +89,31 @@ fn shard<B: Backend>(p: ProjLinear<B>, dim: usize, group: &TpGroup) -> ProjLinea
     }
 }
 
-/// Splits a plain model across `group` (this process holds shard `group.rank()`). The model must
-/// fit the split (`crate::plan::check_tp`); in a group of one every form is `Replicated`.
-pub fn parallelize<B: Backend>(model: Llama<B>, group: &TpGroup) -> Llama<B, TpForm> {
+/// Splits a plain model across `group` (this process holds shard `group.rank()`) as `layout`
+/// says. The model must fit the split (`crate::plan::check_tp`); in a group of one every form is
+/// `Replicated`.
+pub fn parallelize<B: Backend>(
+    model: Llama<B>,
+    group: &TpGroup,
+    layout: TpLayout,
+) -> Llama<B, TpForm> {
     let n = group.size();
     if n == 1 {
         return model.map_hooks(|_, _| TpForm::Replicated);
     }
     // Projections behind encoders get f after each encoder instead of once on the module's input.
-    let input = |has_encoder: bool| match has_encoder {
-        true => TpForm::Replicated,
-        false => TpForm::SharedInput(group.clone()),
+    let input = |has_encoder: bool| match (has_encoder, layout.sequence) {
+        (true, _) => TpForm::Replicated,
+        (false, false) => TpForm::SharedInput(group.clone()),
+        (false, true) => TpForm::SequenceInput(group.clone()),
+    };
+    let out = match layout.sequence {
+        false => TpForm::Rowwise(group.clone()),
+        true => TpForm::RowwiseToSequence(group.clone()),
+    };
+    let shard = |p, dim| match dim {
+        0 => shard(p, 0, group),
+        _ => shard(p, 1, group).map_hooks(|_| out.clone()),
     };
     let layers = model
         .layers
@@ -109,10 +124,10 @@ pub fn parallelize<B: Backend>(model: Llama<B>, group: &TpGroup) -> Llama<B, TpF
                 input_layernorm: b.input_layernorm,
                 self_attn: Attention {
                     input: input(a.q_proj.encoder.is_some()),
-                    q_proj: shard(a.q_proj, 0, group),
-                    k_proj: shard(a.k_proj, 0, group),
-                    v_proj: shard(a.v_proj, 0, group),
-                    o_proj: shard(a.o_proj, 1, group),
+                    q_proj: shard(a.q_proj, 0),
+                    k_proj: shard(a.k_proj, 0),
+                    v_proj: shard(a.v_proj, 0),
+                    o_proj: shard(a.o_proj, 1),
                     n_heads: a.n_heads / n,
                     n_kv_heads: a.n_kv_heads / n,
                     head_dim: a.head_dim,
@@ -120,22 +135,40 @@ pub fn parallelize<B: Backend>(model: Llama<B>, group: &TpGroup) -> Llama<B, TpF
                 post_attention_layernorm: b.post_attention_layernorm,
                 mlp: Mlp {
                     input: input(m.gate_proj.encoder.is_some()),
-                    gate_proj: shard(m.gate_proj, 0, group),
-                    up_proj: shard(m.up_proj, 0, group),
-                    down_proj: shard(m.down_proj, 1, group),
+                    gate_proj: shard(m.gate_proj, 0),
+                    up_proj: shard(m.up_proj, 0),
+                    down_proj: shard(m.down_proj, 1),
                     kind: m.kind,
                 },
                 hooks: PhantomData,
             }
         })
         .collect();
+    let rows = |p| match layout.vocab {
+        true => shard_param(p, 0, group),
+        false => p,
+    };
+    let embed_tokens = burn::nn::Embedding {
+        weight: rows(model.embed_tokens.weight),
+    };
+    let lm_head = model.lm_head.map(|h| {
+        let h = h.map_hooks(|_| TpForm::Replicated);
+        ProjLinear {
+            weight: rows(h.weight),
+            ..h
+        }
+    });
     Llama {
-        embed_tokens: model.embed_tokens,
+        embed_tokens,
         layers,
         norm: model.norm,
-        lm_head: model.lm_head.map(|h| h.map_hooks(|_| TpForm::Replicated)),
+        lm_head,
         head_dim: model.head_dim,
         rope_theta: model.rope_theta,
-        hooks: PhantomData,
+        ends: TpForm::Ends(Split {
+            group: group.clone(),
+            vocab: layout.vocab,
+            sequence: layout.sequence,
+        }),
     }
 }

@@ -16,10 +16,39 @@ pub const TP_PLAN: [(&str, usize); 7] = [
     ("mlp.down_proj.weight", 1),
 ];
 
-/// The dimension along which parameter `name` (e.g. `layers.3.mlp.up_proj.weight`) is split, or
-/// `None` for a replicated parameter.
+/// The dimension along which parameter `name` (e.g. `layers.3.mlp.up_proj.weight`) is split by
+/// the blocks' plan, or `None` for a parameter held whole ([`TpLayout::shard_dim`] adds the
+/// vocabulary's).
 pub fn shard_dim(name: &str) -> Option<usize> {
     block_matrix_dim(name).or_else(|| encoder_shard_dim(name))
+}
+
+/// What tensor parallelism splits beyond the blocks' matrices: the vocabulary
+/// (`parallel.vocab`: the embedding's and the LM head's rows) and the sequence
+/// (`parallel.sequence`: Megatron-SP's norm and residual regions).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TpLayout {
+    pub vocab: bool,
+    pub sequence: bool,
+}
+
+impl TpLayout {
+    /// [`shard_dim`] under this layout: with the vocabulary split, the embedding and the head
+    /// split by rows too.
+    pub fn shard_dim(&self, name: &str) -> Option<usize> {
+        match name {
+            "embed_tokens.weight" | "lm_head.weight" if self.vocab => Some(0),
+            _ => shard_dim(name),
+        }
+    }
+
+    /// Whether a rank's gradient of parameter `name` covers only its own positions, so that the
+    /// group sums it: under sequence parallelism every parameter held whole (norms, and the
+    /// embedding and head when the vocabulary is not split) is applied to this rank's positions
+    /// only, as Megatron-SP's layer norms are.
+    pub fn partial_gradient(&self, name: &str) -> bool {
+        self.sequence && self.shard_dim(name).is_none()
+    }
 }
 
 /// [`shard_dim`] of the seven block matrices only (the matrices GaLore projects).
@@ -46,8 +75,8 @@ fn encoder_shard_dim(name: &str) -> Option<usize> {
     }
 }
 
-/// Whether a model can be split `tp` ways; the error names the key and the numbers.
-pub fn check_tp(c: &ModelConfig, tp: usize) -> Result<(), ModelConfigError> {
+/// Whether a model can be split `tp` ways under `layout`; the error names the key and the numbers.
+pub fn check_tp(c: &ModelConfig, tp: usize, layout: TpLayout) -> Result<(), ModelConfigError> {
     let fail = |key: &str, message: String| {
         Err(ModelConfigError {
             key: key.into(),
@@ -56,6 +85,19 @@ pub fn check_tp(c: &ModelConfig, tp: usize) -> Result<(), ModelConfigError> {
     };
     if tp <= 1 {
         return Ok(());
+    }
+    // Checked again once the vocabulary is known (from the tokenizer or a teacher).
+    match c.vocab_size {
+        Some(v) if layout.vocab && !v.is_multiple_of(tp) => {
+            return fail(
+                "parallel.vocab",
+                format!(
+                    "a vocabulary of {v} tokens cannot be split across parallel.tp = {tp} ranks \
+                     (set model.vocab_size to a multiple of {tp})"
+                ),
+            );
+        }
+        _ => {}
     }
     for (key, n, what) in [
         ("model.n_heads", c.n_heads, "attention heads "),
@@ -137,6 +179,22 @@ mod tests {
         );
         assert_eq!(shard_dim("layers.1.mlp.up_proj.encoder.fc1"), None);
         assert_eq!(block_matrix_dim("layers.1.mlp.down_proj.encoder.fc1"), None);
+        let both = TpLayout {
+            vocab: true,
+            sequence: true,
+        };
+        assert_eq!(both.shard_dim("embed_tokens.weight"), Some(0));
+        assert_eq!(both.shard_dim("lm_head.weight"), Some(0));
+        assert!(both.partial_gradient("layers.0.input_layernorm.weight"));
+        assert!(both.partial_gradient("norm.weight"));
+        assert!(!both.partial_gradient("embed_tokens.weight"));
+        assert!(!both.partial_gradient("layers.0.mlp.up_proj.weight"));
+        let sequence = TpLayout {
+            vocab: false,
+            sequence: true,
+        };
+        assert!(sequence.partial_gradient("embed_tokens.weight"));
+        assert!(!TpLayout::default().partial_gradient("norm.weight"));
     }
 
     #[test]
@@ -166,16 +224,22 @@ mod tests {
     #[test]
     fn tp_must_fit_heads_and_scale_groups() {
         let c = ModelConfig::tiny(64, LinearKind::Ternary); // 4 heads, 2 kv heads, 1 scale group
-        assert_eq!(check_tp(&c, 2).unwrap_err().key, "model.scale_groups");
+        assert_eq!(
+            check_tp(&c, 2, TpLayout::default()).unwrap_err().key,
+            "model.scale_groups"
+        );
         let c2 = ModelConfig {
             scale_groups: 2,
             ..c.clone()
         };
-        assert!(check_tp(&c2, 2).is_ok());
-        assert_eq!(check_tp(&c2, 4).unwrap_err().key, "model.n_kv_heads");
+        assert!(check_tp(&c2, 2, TpLayout::default()).is_ok());
+        assert_eq!(
+            check_tp(&c2, 4, TpLayout::default()).unwrap_err().key,
+            "model.n_kv_heads"
+        );
         let f = ModelConfig::tiny(64, LinearKind::Float);
         assert!(
-            check_tp(&f, 2).is_ok(),
+            check_tp(&f, 2, TpLayout::default()).is_ok(),
             "float layers have no scales to split"
         );
         let e = check_tp(
@@ -186,7 +250,18 @@ mod tests {
                 ..f
             },
             4,
+            TpLayout::default(),
         );
         assert_eq!(e.unwrap_err().key, "model.n_heads");
+        let vocab = TpLayout {
+            vocab: true,
+            sequence: false,
+        };
+        let odd = ModelConfig {
+            vocab_size: Some(51),
+            ..ModelConfig::tiny(64, LinearKind::Float)
+        };
+        assert_eq!(check_tp(&odd, 2, vocab).unwrap_err().key, "parallel.vocab");
+        assert!(check_tp(&odd, 2, TpLayout::default()).is_ok());
     }
 }

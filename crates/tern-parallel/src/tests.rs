@@ -140,7 +140,8 @@ fn two_thread_ranks_compute_the_full_models_logits() {
                 .map(|comm| {
                     let (full, tokens) = (full.clone(), tokens.clone());
                     sc.spawn(move || {
-                        let m = parallelize(full, &TpGroup::new(Arc::new(comm)));
+                        let m =
+                            parallelize(full, &TpGroup::new(Arc::new(comm)), Default::default());
                         let a = &m.layers[0].self_attn;
                         let dims = [
                             a.q_proj.weight.dims(),
@@ -182,6 +183,117 @@ fn two_thread_ranks_compute_the_full_models_logits() {
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
                 assert!(d > 1e-4, "one scale per matrix gives the same logits ({d})");
+            }
+        }
+    }
+}
+
+/// Every float parameter's gradient (flattened, module order) and its shape.
+fn grads_of(m: &Llama<AB, TpForm>, loss: Tensor<AB, 1>) -> Vec<(Vec<usize>, Vec<f32>)> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    struct Grads<'a>(
+        &'a <AB as burn::tensor::backend::AutodiffBackend>::Gradients,
+        Vec<(Vec<usize>, Vec<f32>)>,
+    );
+    impl ModuleVisitor<AB> for Grads<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AB, D>>) {
+            let g = p
+                .val()
+                .grad(self.0)
+                .expect("every parameter gets a gradient");
+            self.1
+                .push((g.dims().to_vec(), g.into_data().to_vec().unwrap()));
+        }
+    }
+    let grads = loss.backward();
+    let mut v = Grads(&grads, vec![]);
+    m.visit(&mut v);
+    v.1
+}
+
+/// Block `r` of 2 of a row-major `full` of `shape` along the dimension where `local` differs.
+fn block_of(full: &[f32], shape: &[usize], local: &[usize], r: usize) -> Vec<f32> {
+    let dim = (0..shape.len()).find(|&d| shape[d] != local[d]).unwrap();
+    crate::shard_values(full, shape, dim, r, 2)
+}
+
+/// The vocabulary split (embedding and head by rows, the vocabulary-parallel loss) and the
+/// sequence split (Megatron-SP), alone and together, tied and untied: on two thread ranks the
+/// loss and the logits are the whole model's, each split parameter's gradient is its block of
+/// the whole gradient, and each whole parameter's gradient is the whole one (summed over the
+/// ranks under sequence parallelism, where each rank's covers its own positions).
+#[test]
+fn vocabulary_and_sequence_splits_give_the_whole_models_loss_and_gradients() {
+    use crate::TpLayout;
+    use burn::tensor::Int;
+    let dev = Default::default();
+    let ids: Vec<i32> = (0..2 * 9).map(|i| i * 23 % 64).collect();
+    for tie in [false, true] {
+        let c = ModelConfig {
+            scale_groups: 2,
+            tie_embeddings: tie,
+            ..ModelConfig::tiny(64, LinearKind::Ternary)
+        };
+        let full = Llama::<AB>::new(&c, &dev);
+        let block = Tensor::<AB, 2, Int>::from_data(TensorData::new(ids.clone(), [2, 9]), &dev);
+        let inputs = block.clone().narrow(1, 0, 8);
+        let want_logits: Vec<f32> = full.forward(inputs.clone()).into_data().to_vec().unwrap();
+        let whole = full.clone().map_hooks(|_, _| TpForm::Replicated);
+        let want_loss = whole.loss(block.clone());
+        let want_value: f32 = want_loss.clone().into_scalar();
+        let want = grads_of(&whole, want_loss);
+        for (vocab, sequence) in [(true, false), (false, true), (true, true)] {
+            let layout = TpLayout { vocab, sequence };
+            let what = format!("tie {tie}, {layout:?}");
+            let ranks: Vec<_> = std::thread::scope(|sc| {
+                let hs: Vec<_> = ThreadComm::group(2)
+                    .into_iter()
+                    .map(|comm| {
+                        let (full, block, inputs) = (full.clone(), block.clone(), inputs.clone());
+                        sc.spawn(move || {
+                            let m = parallelize(full, &TpGroup::new(Arc::new(comm)), layout);
+                            let logits: Vec<f32> = m.forward(inputs).into_data().to_vec().unwrap();
+                            let loss = m.loss(block);
+                            let value: f32 = loss.clone().into_scalar();
+                            (logits, value, grads_of(&m, loss))
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (r, (logits, value, grads)) in ranks.iter().enumerate() {
+                let worst = logits
+                    .iter()
+                    .zip(&want_logits)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst < 1e-5, "{what}: logits differ by {worst}");
+                assert!(
+                    (value - want_value).abs() <= 1e-6 * want_value.abs(),
+                    "{what}, rank {r}: loss {value} vs {want_value}"
+                );
+                assert_eq!(grads.len(), want.len());
+                for (i, ((local, g), (shape, w))) in grads.iter().zip(&want).enumerate() {
+                    let (g, w): (Vec<f32>, Vec<f32>) = match local == shape {
+                        true if sequence => {
+                            let other = &ranks[1 - r].2[i].1;
+                            (g.iter().zip(other).map(|(a, b)| a + b).collect(), w.clone())
+                        }
+                        true => (g.clone(), w.clone()),
+                        false => (g.clone(), block_of(w, shape, local, r)),
+                    };
+                    let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let worst = g
+                        .iter()
+                        .zip(&w)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        worst <= 1e-5 * scale.max(1e-3),
+                        "{what}, rank {r}, parameter {i} {local:?}: gradient differs by {worst} \
+                         (largest {scale})"
+                    );
+                }
             }
         }
     }

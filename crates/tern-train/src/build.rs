@@ -57,13 +57,14 @@ impl Inputs {
             }
         };
         match recipe.model.vocab_size {
-            None => recipe.model.vocab_size = Some(tokenizer.vocab_size),
             Some(v) if v < tokenizer.vocab_size => bail!(
                 "model.vocab_size: {v} is smaller than the vocabulary of {} ({})",
                 dc.tokenizer,
                 tokenizer.vocab_size
             ),
-            Some(_) => {}
+            _ => recipe
+                .resolve_vocab(tokenizer.vocab_size)
+                .map_err(|e| anyhow!(e))?,
         }
         let train = TrainData::open(&recipe.data, &tokenizer, recipe.train.seed)?;
         let val = ValData::open(&recipe.data, &tokenizer)?;
@@ -124,15 +125,16 @@ where
         None => Llama::<B>::new(mc, device),
     };
     let whole = param_infos::<B, _>(&plain);
-    let model = parallelize(plain, &dist.tp);
-    let slots = ParamSlots::new(&whole, &param_infos::<B, _>(&model), tp);
+    let layout = recipe.parallel.layout();
+    let model = parallelize(plain, &dist.tp, layout);
+    let slots = ParamSlots::new(&whole, &param_infos::<B, _>(&model), tp, layout);
     match (&recipe.distill, teacher) {
         (Some(d), Some(t)) => {
             // The teacher is built whole: the student's blocks come from its weights.
             let t: Llama<B::InnerBackend> = t.build(device)?;
             let model = assign_some_trainable(model, teacher_shards(&t, &slots, rank, tp));
             // Split like the student: each rank's taps are then the blocks its projections hold.
-            let teacher = Teacher::new(parallelize(t, &dist.tp), &d.blocks(mc.n_layers));
+            let teacher = Teacher::new(parallelize(t, &dist.tp, layout), &d.blocks(mc.n_layers));
             let objective = Objective::Distill {
                 cfg: d.clone(),
                 teacher: Box::new(teacher),

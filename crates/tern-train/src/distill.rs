@@ -358,7 +358,7 @@ pub fn student_of<B: AutodiffBackend>(
         device,
     );
     let infos = param_infos::<B, _>(&student);
-    let slots = ParamSlots::new(&infos, &infos, 1);
+    let slots = ParamSlots::new(&infos, &infos, 1, Default::default());
     assign_some_trainable(student, teacher_shards(teacher, &slots, 0, 1))
 }
 

@@ -118,6 +118,7 @@ mod tests {
                 shape: shape.to_vec(),
                 shard: Some(dim),
                 local: vec![],
+                partial: false,
             };
             for rank in 0..tp {
                 let want = tern_parallel::shard_values(&whole, &shape, dim, rank, tp);
@@ -129,6 +130,7 @@ mod tests {
             shape: vec![7],
             shard: None,
             local: vec![7],
+            partial: false,
         };
         assert_eq!(initial_shard(9, &norm, 0.5, 0, 1), None);
     }

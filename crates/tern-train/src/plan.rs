@@ -6,7 +6,7 @@ use std::fmt;
 
 use tern_optim::galore::side_of;
 use tern_optim::{LowRank, OptimizerName};
-use tern_parallel::{block_matrix_dim, shard_dim};
+use tern_parallel::block_matrix_dim;
 
 use crate::recipe::Recipe;
 
@@ -66,19 +66,35 @@ impl Activations {
         let tokens = t * b;
         let (h, i) = (m.hidden, m.intermediate / tp);
         let (hs, kv, heads) = (h / tp, m.kv_heads() * m.head_dim() / tp, m.n_heads / tp);
-        // Per token and block: the two norms' inputs and outputs (replicated), q and the
-        // attention output, k, v, the log-sum-exps, the GLU's gate, up and output.
-        let fused_block = 4 * h + 2 + 2 * hs + 2 * kv + heads + 3 * i;
+        let layout = recipe.parallel.layout();
+        let split = |on: bool| if on && tp > 1 { tp } else { 1 };
+        let (sp, vp) = (split(layout.sequence), split(layout.vocab));
+        // A token's row between the parallel projections: this rank's share of the positions
+        // under sequence parallelism.
+        let hr = h / sp;
+        // Per token and block: the two norms' inputs and outputs (replicated, or this rank's
+        // positions under sequence parallelism, where the column-parallel projections also keep
+        // their gathered inputs), q and the attention output, k, v, the log-sum-exps, the GLU's
+        // gate, up and output.
+        let norms = 4 * hr + if sp > 1 { 2 * h } else { 0 };
+        let fused_block = norms + 2 + 2 * hs + 2 * kv + heads + 3 * i;
         // burn's ops (the cuda build) add the norms' and the gate's intermediates and RoPE's
         // rotated halves; its attention runs in query chunks and keeps what the fused one keeps.
-        let reference_block = fused_block + 4 * h + 2 * i + 2 * (hs + kv);
-        // The final norm and the head's input, its logits and softmax.
-        let head = 2 * h + 2 * m.vocab();
+        let reference_block = fused_block + 4 * hr + 2 * i + 2 * (hs + kv);
+        // The final norm and the head's input, its logits and softmax: this rank's block of the
+        // vocabulary when it is split (after gathering the positions under sequence
+        // parallelism), or its own positions' logits under sequence parallelism alone.
+        let head = match (vp > 1, sp > 1) {
+            (true, true) => hr + h + 2 * m.vocab() / tp,
+            (true, false) => 2 * h + 2 * m.vocab() / tp,
+            (false, true) => 2 * hr + 2 * m.vocab() / tp,
+            (false, false) => 2 * h + 2 * m.vocab(),
+        };
         let n = m.n_layers;
         // The weights a block multiplies by (ternary: quantized once a micro-batch, kept).
         let w_block = ternary_block_params / n.max(1) / tp;
         let all = |per_block: usize| F32 * (tokens * (n * per_block + head) + n * w_block);
-        let one = |per_block: usize| F32 * (tokens * ((n + 1) * h + per_block + head) + w_block);
+        let one = |per_block: usize| F32 * (tokens * ((n + 1) * hr + per_block + head) + w_block);
         Self {
             tokens,
             fused: all(fused_block),
@@ -127,18 +143,37 @@ pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
     } else {
         0
     };
-    let per_rank = |x: usize| {
-        if recipe.parallel.zero == 1 {
-            x.div_ceil(dp)
+    let zero = recipe.parallel.zero == 1;
+    let per_rank = |x: usize| if zero { x.div_ceil(dp) } else { x };
+    // GaLore's ZeRO-1 keeps each parameter's state whole on its owner: the rank with the most.
+    let all: Vec<(String, Vec<usize>)> = m.param_shapes().into_iter().chain(encoders).collect();
+    let layout = recipe.parallel.layout();
+    let local_n = |name: &str, n: usize| {
+        if layout.shard_dim(name).is_some() {
+            n / tp
         } else {
-            x
+            n
         }
     };
-    for (name, shape) in m.param_shapes().into_iter().chain(encoders) {
+    let owned: Option<Vec<bool>> = (zero && o.name == OptimizerName::GaloreAdamw).then(|| {
+        let sizes: Vec<usize> = all
+            .iter()
+            .map(|(name, shape)| local_n(name, shape.iter().product()))
+            .collect();
+        let owner = tern_dist::owners(&sizes, dp);
+        let mut load = vec![0; dp];
+        for (r, n) in owner.iter().zip(&sizes) {
+            load[*r] += n;
+        }
+        let most = (0..dp)
+            .max_by_key(|&r| (load[r], std::cmp::Reverse(r)))
+            .unwrap_or(0);
+        owner.into_iter().map(|r| r == most).collect()
+    });
+    for (k, (name, shape)) in all.into_iter().enumerate() {
         let n: usize = shape.iter().product();
         params += n;
-        let dim = shard_dim(&name);
-        let local_n = if dim.is_some() { n / tp } else { n };
+        let local_n = local_n(&name, n);
         local += local_n;
         let adamw = 2 * local_n;
         let state = match (o.name, block_matrix_dim(&name)) {
@@ -154,8 +189,13 @@ pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
             }
             _ => adamw,
         };
-        // ZeRO-1: this data-parallel rank keeps its chunk of every moment.
-        let (state, adamw) = (per_rank(state), per_rank(adamw));
+        // ZeRO-1: this data-parallel rank keeps its chunk of every moment, or (GaLore) the
+        // state of the parameters it owns.
+        let (state, adamw) = match &owned {
+            Some(mine) if mine[k] => (state, adamw),
+            Some(_) => (0, 0),
+            None => (per_rank(state), per_rank(adamw)),
+        };
         optim += state;
         if block_matrix_dim(&name).is_some() {
             block += n;
@@ -367,6 +407,42 @@ mod tests {
         assert!(a.reference - a.reference_recompute > a.fused - a.fused_recompute);
     }
 
+    /// The vocabulary split divides the embedding's and the head's weights, gradients and
+    /// moments by tp, and the logits kept for the backward pass; the sequence split divides the
+    /// norms' and residuals' activations.
+    #[test]
+    fn vocabulary_and_sequence_splits_shrink_what_a_rank_holds() {
+        let at = |sets: &[&str]| {
+            let mut all = vec![
+                "parallel.tp=2",
+                "model.scale_groups=2",
+                "train.micro_batch=2",
+                "data.seq_len=512",
+            ];
+            all.extend_from_slice(sets);
+            plan(&recipe("trilm-99m", &all), 2).unwrap()
+        };
+        let (plain, vocab) = (at(&[]), at(&["parallel.vocab=true"]));
+        // trilm-99m is untied: embedding and head, 50304 x 512 each.
+        let ends = 2 * 50304 * 512 * F32;
+        assert_eq!(plain.weight_bytes - vocab.weight_bytes, ends / 2);
+        assert_eq!(plain.optim_bytes - vocab.optim_bytes, ends);
+        let logits = 2 * 50304 / 2 * 1024 * F32;
+        assert_eq!(plain.activations.fused - vocab.activations.fused, logits);
+        let both = at(&["parallel.vocab=true", "parallel.sequence=true"]);
+        assert_eq!(both.weight_bytes, vocab.weight_bytes);
+        // Per token: 16 blocks' norms 4h -> 4h/2 + 2h gathered (the same), the head's norm h
+        // -> h/2; with recompute also the 17 kept inputs h -> h/2.
+        assert_eq!(
+            vocab.activations.fused - both.activations.fused,
+            1024 * 256 * F32
+        );
+        assert_eq!(
+            vocab.activations.fused_recompute - both.activations.fused_recompute,
+            1024 * (17 * 256 + 256) * F32
+        );
+    }
+
     /// ZeRO-1 divides AdamW's moments (2 x 4 bytes a parameter) by the data-parallel size, and
     /// nothing else.
     #[test]
@@ -385,5 +461,19 @@ mod tests {
             a.optim_bytes,
             b.optim_bytes
         );
+        // GaLore keeps each parameter's state on its owner: the busiest of 2 ranks holds about
+        // half (the embedding and the head, 50304 x 512 each, go to different ranks).
+        let galore = |z: u8| {
+            let sets = [
+                "optim.name=\"galore_adamw\"".to_string(),
+                "optim.rank=128".into(),
+                format!("parallel.zero={z}"),
+            ];
+            let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+            plan(&recipe("trilm-99m", &sets), 2).unwrap()
+        };
+        let (g0, g1) = (galore(0), galore(1));
+        let share = g1.optim_bytes as f64 / g0.optim_bytes as f64;
+        assert!((0.5..0.52).contains(&share), "{share}");
     }
 }

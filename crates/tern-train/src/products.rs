@@ -3,7 +3,7 @@
 //! 32 mod 64 gives wrong results; `tern_kernels::guard` pads such products).
 
 use tern_kernels::guard;
-use tern_parallel::shard_dim;
+use tern_parallel::TpLayout;
 
 use tern_model::ModelConfig;
 
@@ -54,6 +54,7 @@ pub fn step_products(recipe: &Recipe) -> Vec<Product> {
     products(
         &recipe.model,
         recipe.parallel.tp,
+        recipe.parallel.layout(),
         recipe.train.micro_batch,
         recipe.data.seq_len,
         encoders,
@@ -61,17 +62,23 @@ pub fn step_products(recipe: &Recipe) -> Vec<Product> {
 }
 
 /// The products of one forward pass of `batch` sequences of `seq` tokens through model `m` on one
-/// rank of `tp`: each layer's seven projections on this rank's shard, attention's scores and
+/// rank of `tp` split as `layout` says: each layer's seven projections on this rank's shard, attention's scores and
 /// weighted values per local head, the LM head (or the tied embedding), and the `encoders` of a
 /// distillation student (their parameter shapes).
 pub fn products(
     m: &ModelConfig,
     tp: usize,
+    layout: TpLayout,
     batch: usize,
     seq: usize,
     encoders: Vec<(String, Vec<usize>)>,
 ) -> Vec<Product> {
     let rows = batch * seq;
+    // Under sequence parallelism alone the head sees this rank's positions only.
+    let head_rows = match layout.sequence && !layout.vocab && tp > 1 {
+        true => rows / tp,
+        false => rows,
+    };
     let mut out: Vec<Product> = Vec::new();
     let mut add = |what: String, [m, k, n]: [usize; 3], batch: usize, calls: usize| {
         let same = |p: &&mut Product| (&p.what, p.m, p.k, p.n, p.batch) == (&what, m, k, n, batch);
@@ -96,15 +103,25 @@ pub fn products(
             continue;
         }
         let (mut d_out, mut d_in) = (shape[0], shape[1]);
-        match shard_dim(name) {
+        match layout.shard_dim(name).filter(|_| tp > 1) {
             Some(0) => d_out /= tp,
             Some(_) => d_in /= tp,
             None => {}
         }
-        add(layer_free(name), [rows, d_in, d_out], 1, 1);
+        let r = if name == "lm_head.weight" {
+            head_rows
+        } else {
+            rows
+        };
+        add(layer_free(name), [r, d_in, d_out], 1, 1);
     }
     if m.tie_embeddings {
-        add("lm_head (tied)".into(), [rows, m.hidden, m.vocab()], 1, 1);
+        let v = if layout.vocab && tp > 1 {
+            m.vocab() / tp
+        } else {
+            m.vocab()
+        };
+        add("lm_head (tied)".into(), [head_rows, m.hidden, v], 1, 1);
     }
     let hd = m.head_dim();
     let heads = batch * m.n_heads / tp;

@@ -166,6 +166,25 @@ pub struct ParallelConfig {
     /// all-gathered. 0: every rank keeps all of them.
     #[serde(default)]
     pub zero: u8,
+    /// Split the embedding's and the LM head's rows over the tensor-parallel group, with a
+    /// vocabulary-parallel cross-entropy (no rank computes all logits).
+    #[serde(default)]
+    pub vocab: bool,
+    /// Sequence parallelism (Megatron-SP): between the blocks' parallel projections each
+    /// tensor-parallel rank holds a block of the positions (norms, residuals); all-gathers
+    /// before the column-parallel projections, reduce-scatters after the row-parallel ones.
+    #[serde(default)]
+    pub sequence: bool,
+}
+
+impl ParallelConfig {
+    /// What tensor parallelism splits beyond the blocks' matrices.
+    pub fn layout(&self) -> tern_parallel::TpLayout {
+        tern_parallel::TpLayout {
+            vocab: self.vocab,
+            sequence: self.sequence,
+        }
+    }
 }
 
 fn d_one() -> usize {
@@ -191,6 +210,8 @@ impl Default for ParallelConfig {
             tp: 1,
             dp: None,
             zero: 0,
+            vocab: false,
+            sequence: false,
         }
     }
 }
@@ -350,6 +371,14 @@ impl Recipe {
         Ok(recipe)
     }
 
+    /// Sets the vocabulary size (when the recipe has none) from the tokenizer or a teacher, and
+    /// checks what depends on it.
+    pub fn resolve_vocab(&mut self, v: usize) -> Result<(), String> {
+        self.model.vocab_size.get_or_insert(v);
+        let (tp, layout) = (self.parallel.tp, self.parallel.layout());
+        tern_parallel::check_tp(&self.model, tp, layout).map_err(|e| e.to_string())
+    }
+
     /// Every rule that does not need the data or the world size.
     pub fn validate(&self) -> Result<(), String> {
         self.model.validate().map_err(|e| e.to_string())?;
@@ -361,18 +390,25 @@ impl Recipe {
                 self.parallel.zero
             ));
         }
-        if self.parallel.zero == 1 && self.optim.name != tern_optim::OptimizerName::Adamw {
-            return Err(
-                "parallel.zero = 1 splits AdamW's moments; galore_adamw keeps its low-rank \
-                        state whole on every data-parallel rank (its projection needs the whole \
-                        gradient): use parallel.zero = 0 with GaLore"
-                    .into(),
-            );
-        }
         if self.parallel.tp == 0 {
             return Err("parallel.tp: must be at least 1".into());
         }
-        tern_parallel::check_tp(&self.model, self.parallel.tp).map_err(|e| e.to_string())?;
+        let (tp, layout) = (self.parallel.tp, self.parallel.layout());
+        tern_parallel::check_tp(&self.model, tp, layout).map_err(|e| e.to_string())?;
+        if layout.sequence && tp == 1 {
+            return Err(
+                "parallel.sequence = true splits the sequence over the tensor-parallel \
+                        group: it needs parallel.tp > 1"
+                    .into(),
+            );
+        }
+        if layout.sequence && !self.data.seq_len.is_multiple_of(tp) {
+            return Err(format!(
+                "data.seq_len: {} positions cannot be split across parallel.tp = {tp} ranks \
+                 (parallel.sequence = true)",
+                self.data.seq_len
+            ));
+        }
         if let Some(rank) = self.optim.rank {
             let m = &self.model;
             let kv = m.kv_heads() * m.head_dim();
@@ -400,6 +436,18 @@ impl Recipe {
         self.train.validate(dp)?;
         if let Some(d) = &self.distill {
             d.validate(&self.model, self.train.steps)?;
+            for (key, on) in [
+                ("parallel.vocab", layout.vocab),
+                ("parallel.sequence", layout.sequence),
+            ] {
+                if on {
+                    return Err(format!(
+                        "{key} = true is for pretraining: a distillation compares the student's \
+                         projections and whole logits with the teacher's, which these splits \
+                         do not keep on each rank"
+                    ));
+                }
+            }
             if self.train.recompute != Recompute::None {
                 return Err(
                     "train.recompute: \"block\" is for pretraining; a distillation \

@@ -10,7 +10,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor};
 use tern_kernels::Kernels;
-use tern_model::{cross_entropy, Hooks, Llama};
+use tern_model::{Hooks, Llama};
 
 use crate::params::add_grads;
 
@@ -40,7 +40,7 @@ where
 
     // Forward without a graph: the input of every block and of the head.
     let (cos, sin) = plain.rope(t1 - 1, &inputs.device());
-    let mut kept = vec![plain.embed_tokens.forward(inputs.clone())];
+    let mut kept = vec![plain.embed(inputs.clone())];
     for layer in &plain.layers {
         let x = layer.forward(kept.last().expect("the embedding").clone(), &cos, &sin);
         kept.push(x);
@@ -48,7 +48,7 @@ where
 
     // The head and the loss, from the last hidden state.
     let x = leaf::<AB>(kept.pop().expect("the head's input"));
-    let loss = cross_entropy(model.head(x.clone()), targets);
+    let loss = model.head_loss(x.clone(), targets);
     let value = loss.clone().inner();
     let grads = loss.backward();
     add_grads(model, &grads, &mut slots);
@@ -63,9 +63,7 @@ where
         add_grads(model, &grads, &mut slots);
         dy = x.grad(&grads).expect("a block's input gets a gradient");
     }
-    let e = model
-        .embed_tokens
-        .forward(Tensor::<AB, 2, Int>::from_inner(inputs));
+    let e = model.embed(Tensor::<AB, 2, Int>::from_inner(inputs));
     add_grads(model, &pull(e, dy).backward(), &mut slots);
 
     let grads = slots

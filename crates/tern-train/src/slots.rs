@@ -3,10 +3,10 @@
 //! is deterministic (unlike parameter ids, which are random per process), so it is the order of
 //! optimizer state, gradient buckets and checkpoints.
 
-use tern_parallel::{block_matrix_dim, shard_dim};
+use tern_parallel::{block_matrix_dim, TpLayout};
 
 use crate::params::ParamInfo;
-use crate::step::UpdateRules;
+use crate::step::{StateSplit, UpdateRules};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamSlot {
@@ -18,6 +18,9 @@ pub struct ParamSlot {
     pub shard: Option<usize>,
     /// This rank's shape.
     pub local: Vec<usize>,
+    /// A rank's gradient covers its own positions only (a whole parameter under sequence
+    /// parallelism): the tensor-parallel group sums it.
+    pub partial: bool,
 }
 
 impl ParamSlot {
@@ -44,8 +47,8 @@ pub struct ParamSlots(pub Vec<ParamSlot>);
 
 impl ParamSlots {
     /// The slots of a model whose whole parameters are `whole` and whose shards on a `tp`-way
-    /// group are `local` (the same names, in the same order).
-    pub fn new(whole: &[ParamInfo], local: &[ParamInfo], tp: usize) -> Self {
+    /// group split as `layout` says are `local` (the same names, in the same order).
+    pub fn new(whole: &[ParamInfo], local: &[ParamInfo], tp: usize, layout: TpLayout) -> Self {
         assert_eq!(whole.len(), local.len(), "one shard per parameter");
         Self(
             whole
@@ -56,8 +59,9 @@ impl ParamSlots {
                     ParamSlot {
                         name: w.name.clone(),
                         shape: w.shape.clone(),
-                        shard: shard_dim(&w.name).filter(|_| tp > 1),
+                        shard: layout.shard_dim(&w.name).filter(|_| tp > 1),
                         local: l.shape.clone(),
+                        partial: tp > 1 && layout.partial_gradient(&w.name),
                     }
                 })
                 .collect(),
@@ -90,6 +94,17 @@ impl ParamSlots {
         tp: &tern_dist::TpGroup,
         device: &B::Device,
     ) -> tern_optim::Optimizer<B> {
+        self.optimizer_owning(cfg, tp, device, &vec![true; self.len()])
+    }
+
+    /// [`Self::optimizer`] keeping the state of the parameters this rank `owns` only.
+    fn optimizer_owning<B: burn::tensor::backend::Backend>(
+        &self,
+        cfg: &tern_optim::OptimConfig,
+        tp: &tern_dist::TpGroup,
+        device: &B::Device,
+        owns: &[bool],
+    ) -> tern_optim::Optimizer<B> {
         tern_optim::Optimizer::new(
             cfg,
             &self.local_shapes(),
@@ -97,11 +112,39 @@ impl ParamSlots {
             &self.shard_dims(),
             tp,
             device,
+            owns,
         )
     }
 
+    /// Which parameters this data-parallel rank owns when they are kept whole on one rank each
+    /// ([`StateSplit::Owners`]), balanced by their elements here.
+    pub fn owned(&self, dist: &tern_dist::Dist) -> Vec<bool> {
+        let sizes: Vec<usize> = self.iter().map(|s| s.local.iter().product()).collect();
+        let me = dist.topo.dp_rank();
+        tern_dist::owners(&sizes, dist.topo.dp)
+            .into_iter()
+            .map(|r| r == me)
+            .collect()
+    }
+
+    /// How the optimizer's state is split over `dist`'s data-parallel group: whole, or with
+    /// ZeRO-1 (`zero`) in chunks (AdamW) or by owners (GaLore).
+    pub fn state_split<'a>(
+        &self,
+        zero: bool,
+        cfg: &tern_optim::OptimConfig,
+        dist: &'a tern_dist::Dist,
+    ) -> StateSplit<'a> {
+        match (zero, cfg.name) {
+            (false, _) => StateSplit::Whole,
+            (true, tern_optim::OptimizerName::Adamw) => StateSplit::Chunks(dist.dp.as_ref()),
+            (true, _) => StateSplit::Owners(dist.dp.as_ref(), self.owned(dist)),
+        }
+    }
+
     /// This rank's optimizer: [`Self::optimizer`], or with ZeRO-1 (`zero`) AdamW over this
-    /// data-parallel rank's chunk of every parameter (none may be smaller than the group).
+    /// data-parallel rank's chunk of every parameter (none may be smaller than the group), or
+    /// GaLore holding the state of the parameters this rank owns.
     pub fn optimizer_for_rank<B: burn::tensor::backend::Backend>(
         &self,
         cfg: &tern_optim::OptimConfig,
@@ -111,6 +154,9 @@ impl ParamSlots {
     ) -> anyhow::Result<tern_optim::Optimizer<B>> {
         if !zero {
             return Ok(self.optimizer(cfg, &dist.tp, device));
+        }
+        if let StateSplit::Owners(_, owns) = self.state_split(zero, cfg, dist) {
+            return Ok(self.optimizer_owning(cfg, &dist.tp, device, &owns));
         }
         let (dp_rank, dp) = (dist.topo.dp_rank(), dist.topo.dp);
         let mut sizes = Vec::with_capacity(self.len());
@@ -128,6 +174,11 @@ impl ParamSlots {
         Ok(tern_optim::Optimizer::AdamW(tern_optim::AdamW::new(
             cfg, &sizes, device,
         )))
+    }
+
+    /// Which gradients the tensor-parallel group sums ([`ParamSlot::partial`]).
+    pub fn partial(&self) -> Vec<bool> {
+        self.iter().map(|s| s.partial).collect()
     }
 
     pub fn local_shapes(&self) -> Vec<Vec<usize>> {

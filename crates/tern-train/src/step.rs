@@ -8,7 +8,7 @@ use burn::tensor::{ElementConversion, Tensor};
 use tern_dist::Comm;
 use tern_optim::{clip_scale, squared_norms, Optimizer};
 
-use crate::params::{assign_trainable, flat_grads, flat_values};
+use crate::params::{assign_some_trainable, assign_trainable, flat_grads, flat_values};
 
 /// The sum of the micro-batches' gradients (module order) and losses. The losses are summed on
 /// the device and read back once, in [`GradAccumulator::mean`]: a read per micro-batch would make
@@ -70,6 +70,60 @@ impl<B: Backend> GradAccumulator<B> {
     }
 }
 
+/// The step's gradients (module order) as the update takes them: those of whole parameters
+/// that cover this rank's positions only (`partial`, sequence parallelism) summed over the
+/// tensor-parallel group, then every one averaged over the data-parallel group (with ZeRO-1,
+/// `zero`, this rank's chunk of each).
+pub fn reduce_gradients<B: Backend>(
+    grads: Vec<Tensor<B, 1>>,
+    partial: &[bool],
+    dist: &tern_dist::Dist,
+    zero: bool,
+) -> Vec<Tensor<B, 1>> {
+    let mut grads: Vec<Option<Tensor<B, 1>>> = grads.into_iter().map(Some).collect();
+    let which: Vec<usize> = (0..grads.len()).filter(|&i| partial[i]).collect();
+    if !which.is_empty() {
+        let parts = which
+            .iter()
+            .map(|&i| grads[i].take().expect("once"))
+            .collect();
+        let summed = tern_dist::comm::all_reduce_sum_tensors(
+            dist.tp.comm(),
+            parts,
+            tern_dist::comm::BUCKET_ELEMS,
+        );
+        for (i, g) in which.into_iter().zip(summed) {
+            grads[i] = Some(g);
+        }
+    }
+    let grads = grads
+        .into_iter()
+        .map(|g| g.expect("every gradient"))
+        .collect();
+    tern_dist::comm::mean_gradients(dist.dp.as_ref(), grads, zero)
+}
+
+/// How the optimizer's state is split over the data-parallel group (`parallel.zero`).
+pub enum StateSplit<'a> {
+    /// Every rank holds all of it.
+    Whole,
+    /// ZeRO-1 for AdamW: each rank the moments of its chunk of every parameter
+    /// ([`tern_dist::dp_chunk`]); gradients reduce-scattered, weights all-gathered.
+    Chunks(&'a dyn Comm),
+    /// ZeRO-1 with whole parameters (GaLore, whose projection needs a matrix's whole gradient):
+    /// each parameter's state on one rank, its owner (`owns[i]`: this rank), which alone
+    /// updates it; gradients all-reduced, and the owners' new weights summed over the group
+    /// (every other rank adds zeros, so the sum is the owner's value exactly).
+    Owners(&'a dyn Comm, Vec<bool>),
+}
+
+impl StateSplit<'_> {
+    /// The gradients are reduce-scattered: each rank receives its chunks.
+    pub fn chunked(&self) -> bool {
+        matches!(self, Self::Chunks(_))
+    }
+}
+
 /// What an update needs to know of each parameter, in module order.
 #[derive(Debug, Clone)]
 pub struct UpdateRules {
@@ -115,10 +169,11 @@ pub fn global_grad_norm<B: tern_kernels::Kernels>(
 /// loss or the norm is not finite (the step is skipped). Returns the model, the gradient norm
 /// before clipping and whether the update was applied.
 ///
-/// With `chunks`, the distributed optimizer (ZeRO-1) over that data-parallel group: `grads` are
-/// this rank's chunks of the mean gradients ([`tern_dist::reduce_scatter_mean_tensors`]), `opt`
+/// With a distributed optimizer (ZeRO-1, `split`): with [`StateSplit::Chunks`] `grads` are this
+/// rank's chunks of the mean gradients ([`tern_dist::reduce_scatter_mean_tensors`]), `opt`
 /// holds the moments of those chunks only, each rank updates its chunks and the updated weights
-/// are all-gathered whole.
+/// are all-gathered whole; with [`StateSplit::Owners`] each rank updates the parameters it owns
+/// and the group sums the new weights (zeros from the others).
 #[allow(clippy::too_many_arguments)]
 pub fn optimizer_step<B, M>(
     model: M,
@@ -129,7 +184,7 @@ pub fn optimizer_step<B, M>(
     trainable: &[bool],
     s: StepSettings,
     tp: &dyn Comm,
-    chunks: Option<&dyn Comm>,
+    split: &StateSplit,
 ) -> (M, f64, bool)
 where
     B: AutodiffBackend,
@@ -141,6 +196,10 @@ where
             *g = g.zeros_like();
         }
     }
+    let chunks = match split {
+        StateSplit::Chunks(dp) => Some(*dp),
+        _ => None,
+    };
     let norm = global_grad_norm(&grads, &rules.sharded, tp, chunks);
     if !(loss.is_finite() && norm.is_finite()) {
         return (model, norm, false);
@@ -157,6 +216,10 @@ where
             .collect(),
         None => params,
     };
+    let here: Vec<bool> = match split {
+        StateSplit::Owners(_, owns) => trainable.iter().zip(owns).map(|(&t, &o)| t && o).collect(),
+        _ => trainable.to_vec(),
+    };
     let updated = opt.step(
         params,
         grads,
@@ -164,13 +227,32 @@ where
         s.lr,
         s.weight_decay,
         &rules.decay,
-        trainable,
+        &here,
     );
-    let updated = match chunks {
-        Some(dp) => {
-            tern_dist::all_gather_chunks(dp, updated, &sizes, tern_dist::comm::BUCKET_ELEMS)
+    let bucket = tern_dist::comm::BUCKET_ELEMS;
+    let updated = match split {
+        StateSplit::Chunks(dp) => {
+            // Each bucket's gathered weights replace the old ones at once: one bucket, not the
+            // whole model, is held twice.
+            let mut model = Some(model);
+            tern_dist::comm::all_gather_chunks_each(*dp, updated, &sizes, bucket, |at, whole| {
+                let mut values: Vec<Option<_>> = vec![None; sizes.len()];
+                for (i, w) in at.zip(whole) {
+                    values[i] = Some(w);
+                }
+                model = model.take().map(|m| assign_some_trainable(m, values));
+            });
+            return (model.expect("the model"), norm, true);
         }
-        None => updated,
+        StateSplit::Owners(dp, owns) => {
+            let mine = updated
+                .into_iter()
+                .zip(owns)
+                .map(|(w, &o)| if o { w } else { w.zeros_like() })
+                .collect();
+            tern_dist::all_reduce_sum_tensors(*dp, mine, bucket)
+        }
+        StateSplit::Whole => updated,
     };
     (assign_trainable(model, updated), norm, true)
 }

@@ -16,7 +16,7 @@ use burn::tensor::backend::AutodiffBackend;
 use serde_json::{json, Map, Value};
 use tern_data::sampler::dp_slice;
 use tern_data::TrainData;
-use tern_dist::{comm::mean_gradients, CollectiveBackend, Dist};
+use tern_dist::{CollectiveBackend, Dist};
 use tern_model::{Hooks, Llama};
 use tern_optim::{Optimizer, Schedule};
 use tern_parallel::TpLlama;
@@ -31,7 +31,7 @@ use crate::objective::{batch_tensor, LossParts, Objective};
 use crate::params::assign_trainable;
 use crate::recipe::{Recipe, Recompute};
 use crate::slots::ParamSlots;
-use crate::step::{optimizer_step, GradAccumulator, StepSettings};
+use crate::step::{optimizer_step, reduce_gradients, GradAccumulator, StepSettings};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resume {
@@ -406,7 +406,8 @@ where
         let zero = self.recipe.parallel.zero == 1;
         // Equal shares: the mean over data-parallel ranks is the mean of the global batch (with
         // ZeRO-1 each rank receives its chunks of it).
-        let mut grads = mean_gradients(dist.dp.as_ref(), grads, zero);
+        let split = self.slots.state_split(zero, &self.recipe.optim, dist);
+        let mut grads = reduce_gradients(grads, &self.slots.partial(), dist, split.chunked());
         let mut loss = dist.dp.all_reduce_sum_f64(loss) / dist.topo.dp as f64;
         if self.faults.nan(step + 1) {
             loss = f64::NAN;
@@ -421,9 +422,8 @@ where
         let model = self.model.clone();
         let rules = self.slots.rules();
         let (opt, tp) = (&mut self.opt, dist.tp.comm());
-        let chunks = zero.then_some(dist.dp.as_ref());
         let (model, grad_norm, applied) = optimizer_step(
-            model, grads, loss, opt, &rules, &trainable, settings, tp, chunks,
+            model, grads, loss, opt, &rules, &trainable, settings, tp, &split,
         );
         self.model = model;
         let step_tokens = (tc.global_batch * self.recipe.data.seq_len) as u64;

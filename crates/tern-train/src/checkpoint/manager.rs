@@ -18,6 +18,7 @@ use crate::faults::Faults;
 use crate::params::flat_values;
 use crate::recipe::Recipe;
 use crate::slots::ParamSlots;
+use crate::step::StateSplit;
 use crate::trainer::Resume;
 
 pub struct CheckpointManager {
@@ -30,9 +31,11 @@ pub struct CheckpointManager {
     faults: Faults,
     /// A save being written in the background, with its weights' checksum and rank count.
     pending: Option<(PendingSave, f64, usize)>,
-    /// ZeRO-1: the optimizer holds this data-parallel rank's chunk of each moment; checkpoints
-    /// hold them whole (gathered to save, cut to restore).
-    chunked: bool,
+    /// ZeRO-1: the optimizer holds this data-parallel rank's chunk of each moment (AdamW) or the
+    /// state of the parameters it owns (GaLore); checkpoints hold them whole (gathered to save,
+    /// cut or picked to restore).
+    zero: bool,
+    optim: tern_optim::OptimConfig,
 }
 
 /// A save that was asked for, on a rank of the first data-parallel group (the others write
@@ -64,6 +67,61 @@ fn to_device<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
     Tensor::from_data(TensorData::new(v, [n]), device)
 }
 
+/// Every optimizer state tensor whole from the data-parallel ranks that own them (GaLore's
+/// ZeRO-1): each rank gives the state of its own parameters and zeros for the others, and the
+/// group's sum is each owner's value. The update counts and whether a projection exists yet
+/// come first, so that every rank lists the same tensors.
+fn owners_pieces<B: Backend>(
+    opt: &Optimizer<B>,
+    slots: &ParamSlots,
+    dp: &dyn tern_dist::Comm,
+    owns: &[bool],
+    dist: &Dist,
+) -> Vec<Piece> {
+    let mut meta = vec![0f32; 2 * slots.len()];
+    for (i, _) in owns.iter().enumerate().filter(|(_, &o)| o) {
+        meta[2 * i] = opt.param_step(i) as f32;
+        meta[2 * i + 1] = opt.has_projection(i) as u8 as f32;
+    }
+    dp.all_reduce_sum(&mut meta);
+    let (mut pieces, mut values, mut at) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, s) in slots.iter().enumerate() {
+        let mine = opt.state(i, &s.shape, s.shard);
+        let device = mine[0].value.device();
+        let lens = opt.state_lens(i, &s.shape, s.shard, dist.topo.tp);
+        for ((key, full_shape, dim), len) in opt.layout(i, &s.shape, s.shard).into_iter().zip(lens)
+        {
+            let piece = |values| Piece {
+                name: format!("{}.{key}", s.name),
+                full_shape: full_shape.clone(),
+                dim,
+                values,
+            };
+            match key {
+                "step" => pieces.push(piece(vec![meta[2 * i]])),
+                "galore_proj" if meta[2 * i + 1] == 0.0 => {}
+                _ => {
+                    let own = mine.iter().find(|e| e.key == key).filter(|_| owns[i]);
+                    values.push(match own {
+                        Some(e) => e.value.clone(),
+                        None => Tensor::zeros([len], &device),
+                    });
+                    at.push(pieces.len());
+                    pieces.push(piece(Vec::new()));
+                }
+            }
+        }
+    }
+    let bucket = tern_dist::comm::BUCKET_ELEMS;
+    for (k, t) in at
+        .into_iter()
+        .zip(tern_dist::all_reduce_sum_tensors(dp, values, bucket))
+    {
+        pieces[k].values = to_host(t);
+    }
+    pieces
+}
+
 impl CheckpointManager {
     /// Checkpoints of `run_dir` (in `checkpoints/`), every `every` steps (0: only the last).
     pub fn new(run_dir: &Path, recipe: &Recipe, dist: &Dist, faults: Faults) -> Self {
@@ -78,7 +136,8 @@ impl CheckpointManager {
             },
             faults,
             pending: None,
-            chunked: recipe.parallel.zero == 1,
+            zero: recipe.parallel.zero == 1,
+            optim: recipe.optim.clone(),
         }
     }
 
@@ -164,7 +223,13 @@ impl CheckpointManager {
     ) -> Result<()> {
         let at = (dist.topo.tp_rank(), dist.topo.tp);
         opt.set_steps(r.state.optimizer_step);
+        let split = slots.state_split(self.zero, &self.optim, dist);
         for (i, s) in slots.iter().enumerate() {
+            if let StateSplit::Owners(_, owns) = &split {
+                if !owns[i] {
+                    continue;
+                }
+            }
             for (key, full, shard) in opt.layout(i, &s.shape, s.shard) {
                 let name = format!("{}.{key}", s.name);
                 if Optimizer::<B>::optional_state(key) && !r.reader.has(Kind::Optim, &name) {
@@ -176,7 +241,7 @@ impl CheckpointManager {
                     continue;
                 }
                 let mut v = r.reader.read(Kind::Optim, &name, &full, shard, at)?;
-                if self.chunked && key != "step" {
+                if split.chunked() && key != "step" {
                     let (start, len) =
                         tern_dist::dp_chunk(v.len(), dist.topo.dp_rank(), dist.topo.dp);
                     v = v[start..start + len].to_vec();
@@ -188,19 +253,23 @@ impl CheckpointManager {
     }
 
     /// Every optimizer state tensor as this rank's tensor-parallel part holds it (with ZeRO-1
-    /// gathered whole from the data-parallel ranks' chunks: a collective over them).
+    /// gathered whole from the data-parallel ranks' chunks or owners: a collective over them).
     fn optim_pieces<B: Backend>(
         &self,
         opt: &Optimizer<B>,
         slots: &ParamSlots,
         dist: &Dist,
     ) -> Vec<Piece> {
+        match slots.state_split(self.zero, &self.optim, dist) {
+            StateSplit::Owners(dp, owns) => return owners_pieces(opt, slots, dp, &owns, dist),
+            StateSplit::Whole | StateSplit::Chunks(_) => {}
+        }
         let mut pieces = Vec::new();
         let (mut chunks, mut sizes, mut at) = (Vec::new(), Vec::new(), Vec::new());
         for (i, s) in slots.iter().enumerate() {
             let n: usize = s.local.iter().product();
             for e in opt.state(i, &s.shape, s.shard) {
-                if self.chunked && e.key != "step" {
+                if self.zero && e.key != "step" {
                     at.push(pieces.len());
                     chunks.push(e.value);
                     sizes.push(n);
@@ -286,7 +355,7 @@ impl CheckpointManager {
             );
         }
         // With ZeRO-1 every data-parallel rank takes part in gathering the moments whole.
-        let optim_pieces = if self.chunked {
+        let optim_pieces = if self.zero {
             self.optim_pieces(opt, slots, dist)
         } else {
             Vec::new()
@@ -304,7 +373,7 @@ impl CheckpointManager {
                 values: v,
             })
             .collect();
-        let optim_pieces = if self.chunked {
+        let optim_pieces = if self.zero {
             optim_pieces
         } else {
             self.optim_pieces(opt, slots, dist)
