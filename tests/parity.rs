@@ -173,6 +173,8 @@ fn cases() -> BTreeMap<String, Case> {
                     surrogate_scale: 4.0,
                     train_embeddings: false,
                     train_head: false,
+                    init: tern_train::distill::DistillInit::Unit,
+                    calibration_batches: 8,
                 }),
             ),
         ),

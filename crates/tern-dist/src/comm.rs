@@ -354,12 +354,10 @@ pub fn dp_chunk(n: usize, rank: usize, size: usize) -> (usize, usize) {
     (start, c.min(n - start))
 }
 
-/// Buckets of consecutive tensors (by element counts `sizes`) of at most `bucket_elems` each,
-/// a larger tensor alone: index ranges.
-/// The data-parallel rank that owns each of the parameters of `sizes` elements when they are
-/// kept whole, each on one of `size` ranks (GaLore's ZeRO-1, whose projection needs the whole
-/// gradient of a matrix): the largest first, each to the rank holding the fewest elements so
-/// far (the lowest rank on a tie). The same on every rank.
+/// The data-parallel rank that owns each of the parameters weighing `sizes` (their optimizer
+/// state's elements) when they are kept whole, each on one of `size` ranks (GaLore's ZeRO-1,
+/// whose projection needs the whole gradient of a matrix): the heaviest first, each to the rank
+/// holding the least so far (the lowest rank on a tie). The same on every rank.
 pub fn owners(sizes: &[usize], size: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..sizes.len()).collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(sizes[i]), i));
@@ -374,6 +372,8 @@ pub fn owners(sizes: &[usize], size: usize) -> Vec<usize> {
     out
 }
 
+/// Buckets of consecutive tensors (by element counts `sizes`) of at most `bucket_elems` each,
+/// a larger tensor alone: index ranges.
 fn buckets(sizes: &[usize], bucket_elems: usize) -> Vec<std::ops::Range<usize>> {
     let (mut out, mut start, mut len) = (Vec::new(), 0, 0);
     for (i, &n) in sizes.iter().enumerate() {

@@ -2,6 +2,8 @@
 //! DarthMurse/SpikingLlama; docs/distill.md): `Linear(d -> d/2) -> ReLU -> Linear(d/2 -> d) ->`
 //! per-channel Heaviside `alpha * sign(z - beta)`, so the projection behind it sees only the
 //! values {-alpha, 0, +alpha} per channel. The step has no useful derivative; a surrogate stands in.
+//! A calibrated start uses a residual form with an output offset ([`EncoderConfig::residual`]):
+//! the projection then sees `offset ± alpha` per channel, still one bit an input.
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::relu;
@@ -28,6 +30,11 @@ pub enum Surrogate {
 pub struct EncoderConfig {
     pub surrogate: Surrogate,
     pub scale: f64,
+    /// The form of a calibrated start (`distill.init = "calibrated"`): `z = x + fc2(relu(fc1 x))`
+    /// with `fc2` starting at zero, so that the code starts as `sign(x - beta)` (a hidden layer
+    /// of `d/2` cannot pass `d` channels through), and a learned per-channel offset added to the
+    /// output, the channel's centre that the sign drops: `offset + alpha * sign(z - beta)`.
+    pub residual: bool,
 }
 
 #[derive(Module, Debug)]
@@ -40,6 +47,11 @@ pub struct Encoder<B: Backend> {
     pub alpha: Param<Tensor<B, 1>>,
     /// Per-channel threshold (init 0).
     pub beta: Param<Tensor<B, 1>>,
+    /// Per-channel offset of the output (the residual form only).
+    pub offset: Option<Param<Tensor<B, 1>>>,
+    /// `z` adds the input itself to the fully connected net's output.
+    #[module(skip)]
+    pub residual: bool,
     #[module(skip)]
     pub surrogate: Surrogate,
     #[module(skip)]
@@ -48,7 +60,9 @@ pub struct Encoder<B: Backend> {
 
 impl EncoderConfig {
     /// An encoder for `d` input channels. The matrices start as PyTorch's `nn.Linear` default
-    /// (uniform in `+-1/sqrt(fan_in)`, from `seed`), so that a run is reproducible.
+    /// (uniform in `+-1/sqrt(fan_in)`, from `seed`), so that a run is reproducible; in the
+    /// residual form `fc2` and the offset start at zero (a calibration then sets alpha, beta and
+    /// the offset).
     pub fn init<B: Backend>(&self, d: usize, seed: u64, device: &B::Device) -> Encoder<B> {
         let h = (d / 2).max(1);
         let uniform = |rows: usize, cols: usize, seed: u64| {
@@ -68,11 +82,19 @@ impl EncoderConfig {
                 .collect();
             Param::from_tensor(Tensor::from_data(TensorData::new(v, [rows, cols]), device))
         };
+        let fc2 = match self.residual {
+            true => Param::from_tensor(Tensor::zeros([d, h], device)),
+            false => uniform(d, h, seed ^ 0x5555_5555_5555_5555),
+        };
         Encoder {
             fc1: uniform(h, d, seed),
-            fc2: uniform(d, h, seed ^ 0x5555_5555_5555_5555),
+            fc2,
             alpha: Param::from_tensor(Tensor::ones([d], device)),
             beta: Param::from_tensor(Tensor::zeros([d], device)),
+            offset: self
+                .residual
+                .then(|| Param::from_tensor(Tensor::zeros([d], device))),
+            residual: self.residual,
             surrogate: self.surrogate,
             scale: self.scale,
         }
@@ -90,18 +112,22 @@ impl<B: tern_kernels::Kernels> Encoder<B> {
         let d = dims[D - 1];
         let rows = x.shape().num_elements() / d;
         let x = x.reshape([rows, d]);
-        let h = hooks.encoder_hidden(matmul(x, self.fc1.val().transpose()));
+        let h = hooks.encoder_hidden(matmul(x.clone(), self.fc1.val().transpose()));
         let h = hooks.encoder_inner(relu(h));
         let z = matmul(h, self.fc2.val().transpose());
+        let z = if self.residual { z + x } else { z };
         let out = heaviside(
             z,
             self.alpha.val(),
             self.beta.val(),
             self.surrogate,
             self.scale,
-        )
-        .reshape(dims);
-        hooks.encoder_output(out)
+        );
+        let out = match &self.offset {
+            Some(o) => out + o.val().unsqueeze::<2>(),
+            None => out,
+        };
+        hooks.encoder_output(out.reshape(dims))
     }
 }
 
@@ -213,6 +239,7 @@ mod tests {
         let cfg = EncoderConfig {
             surrogate: Surrogate::Asinh,
             scale: 4.0,
+            residual: false,
         };
         let mut enc = cfg.init::<Flex>(6, 7, &dev);
         assert_eq!(enc.fc1.dims(), [3, 6]);
@@ -258,5 +285,61 @@ mod tests {
         let other = cfg.init::<Flex>(6, 8, &dev);
         assert_ne!(vec1(other.fc1.val().reshape([18])), w1);
         assert!(w1.iter().all(|v| v.abs() <= 1.0 / 6f32.sqrt()));
+    }
+
+    /// The residual form starts as `offset + alpha * sign(x - beta)` per channel (fc2 zero), and
+    /// adds the input to the net's output once fc2 has moved.
+    #[test]
+    fn residual_encoder_starts_as_the_sign_of_the_centred_input_plus_the_offset() {
+        let dev = Default::default();
+        let cfg = EncoderConfig {
+            surrogate: Surrogate::Asinh,
+            scale: 4.0,
+            residual: true,
+        };
+        let mut enc = cfg.init::<Flex>(4, 3, &dev);
+        assert_eq!(vec1(enc.fc2.val().reshape([8])), vec![0.0; 8]);
+        let (alpha, beta, offset) = (
+            [0.5f32, 1.0, 2.0, 3.0],
+            [0.1f32, -0.2, 0.0, 1.0],
+            [1.0f32, 2.0, -1.0, 0.5],
+        );
+        enc.alpha = Param::from_tensor(Tensor::from_floats(alpha, &dev));
+        enc.beta = Param::from_tensor(Tensor::from_floats(beta, &dev));
+        enc.offset = Some(Param::from_tensor(Tensor::from_floats(offset, &dev)));
+        let xv = [0.3f32, -0.5, 0.2, 0.9, -0.1, 0.4, -2.0, 1.5];
+        let x = Tensor::<Flex, 2>::from_data(TensorData::new(xv.to_vec(), [2, 4]), &dev);
+        let expect = |z: &[f64]| -> Vec<f32> {
+            (0..8)
+                .map(|i| {
+                    let c = i % 4;
+                    let y = z[i] - beta[c] as f64;
+                    (offset[c] as f64 + alpha[c] as f64 * y.signum() * (y != 0.0) as u8 as f64)
+                        as f32
+                })
+                .collect()
+        };
+        let start = vec1(enc.forward(x.clone(), &crate::hooks::NoHooks).reshape([8]));
+        let xz: Vec<f64> = xv.iter().map(|&v| v as f64).collect();
+        assert_eq!(start, expect(&xz));
+        // With fc2 = 1 everywhere z = x + sum(relu(fc1 x)) per row.
+        enc.fc2 = Param::from_tensor(Tensor::ones([4, 2], &dev));
+        let w1 = vec1(enc.fc1.val().reshape([8]));
+        let z: Vec<f64> = (0..8)
+            .map(|i| {
+                let r = i / 4;
+                let h: f64 = (0..2)
+                    .map(|j| {
+                        (0..4)
+                            .map(|k| w1[j * 4 + k] as f64 * xv[r * 4 + k] as f64)
+                            .sum::<f64>()
+                            .max(0.0)
+                    })
+                    .sum();
+                xv[i] as f64 + h
+            })
+            .collect();
+        let moved = vec1(enc.forward(x, &crate::hooks::NoHooks).reshape([8]));
+        assert_eq!(moved, expect(&z));
     }
 }

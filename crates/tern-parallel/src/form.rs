@@ -13,7 +13,8 @@ use tern_model::Hooks;
 /// a tensor-parallel group.
 #[derive(Debug, Clone, Default)]
 pub enum TpForm {
-    /// Held whole on every rank (the embedding's head, a group of one).
+    /// No collective at the projection: held whole on every rank (a group of one), or the LM
+    /// head, whose split of the vocabulary the model's ends ([`TpForm::Ends`]) handle.
     #[default]
     Replicated,
     /// A block of output rows: its replicated input needs f, which the module applies once to its
@@ -69,7 +70,14 @@ fn own_block<B: burn::tensor::backend::Backend, const D: usize, K>(
 where
     K: burn::tensor::BasicOps<B>,
 {
-    let len = x.dims()[dim] / g.size();
+    let n = x.dims()[dim];
+    // The recipe checks data.seq_len; anything else is a bug, not a position to drop.
+    assert!(
+        n.is_multiple_of(g.size()),
+        "internal: {n} positions do not split over {} ranks",
+        g.size()
+    );
+    let len = n / g.size();
     x.narrow(dim, g.rank() * len, len)
 }
 

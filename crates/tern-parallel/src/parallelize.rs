@@ -5,9 +5,13 @@
 //! The plan (Megatron's, [`crate::plan::TP_PLAN`]): q, k, v, gate and up are column-parallel (a
 //! block of output rows, whole attention heads and KV heads per rank), o and down row-parallel (a
 //! block of input columns). Attention and MLP apply f once to their input, the row-parallel
-//! outputs go through g. Embedding, norms and the LM head are replicated: each rank holds them
-//! whole and computes the same values, so their gradients are equal on every rank and need no
-//! tensor-parallel reduction. Ternary scales: a shard owns `scale_groups / tp` whole groups and
+//! outputs go through g. By default the embedding, norms and the LM head are replicated: each
+//! rank holds them whole and computes the same values, so their gradients are equal on every
+//! rank and need no tensor-parallel reduction. A [`TpLayout`] may split more: the vocabulary
+//! (embedding and head by rows, a vocabulary-parallel loss) and the sequence (Megatron-SP:
+//! between the projections each rank holds a block of the positions, f becomes an all-gather
+//! and g a reduce-scatter along the sequence, and the whole parameters' gradients, each from its
+//! rank's positions, are summed over the group by the trainer). Ternary scales: a shard owns `scale_groups / tp` whole groups and
 //! computes their scales itself, with no communication, as TriLM's per-shard scales.
 
 use std::marker::PhantomData;
@@ -77,6 +81,7 @@ fn shard<B: Backend>(p: ProjLinear<B>, dim: usize, group: &TpGroup) -> ProjLinea
             fc2: shard_param(e.fc2, 0, group),
             alpha: shard_param(e.alpha, 0, group),
             beta: shard_param(e.beta, 0, group),
+            offset: e.offset.map(|o| shard_param(o, 0, group)),
             ..e
         },
     });

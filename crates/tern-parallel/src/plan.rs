@@ -59,7 +59,7 @@ pub fn block_matrix_dim(name: &str) -> Option<usize> {
 
 /// A distillation student's encoder in front of a row-parallel projection sees only this rank's
 /// input channels: its `fc1 [d/2, d]` is split by input columns (row-parallel), `fc2 [d, d/2]`
-/// by output rows (column-parallel) and `alpha`, `beta` `[d]` by channel. Encoders in front of
+/// by output rows (column-parallel) and `alpha`, `beta`, `offset` `[d]` by channel. Encoders in front of
 /// column-parallel projections are replicated.
 fn encoder_shard_dim(name: &str) -> Option<usize> {
     let (_, within) = name.strip_prefix("layers.")?.split_once('.')?;
@@ -70,7 +70,7 @@ fn encoder_shard_dim(name: &str) -> Option<usize> {
     match (rowwise, param) {
         (false, _) => None,
         (true, "fc1") => Some(1),
-        (true, "fc2" | "alpha" | "beta") => Some(0),
+        (true, "fc2" | "alpha" | "beta" | "offset") => Some(0),
         _ => None,
     }
 }

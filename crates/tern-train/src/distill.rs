@@ -60,6 +60,30 @@ pub struct DistillConfig {
     /// Train the final norm and LM head during the block phases too (frozen by default).
     #[serde(default)]
     pub train_head: bool,
+    /// How the encoders start: `unit` (alpha 1, beta 0, random nets: the reference's) or
+    /// `calibrated` (the residual form, alpha, beta and offset from the teacher's inputs).
+    #[serde(default)]
+    pub init: DistillInit,
+    /// Micro-batches of the first training blocks that a calibrated start reads.
+    #[serde(default = "d_calibration")]
+    pub calibration_batches: usize,
+}
+
+/// `distill.init`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DistillInit {
+    #[default]
+    Unit,
+    /// Each encoder in the residual form (`EncoderConfig::residual`), its code starting as
+    /// `sign(x - beta)`, with per channel `beta`, the output offset and `alpha` the best one-bit
+    /// code of the teacher's input over the calibration blocks ([`calibrated_encoders`]): the
+    /// student's projection starts from `beta + alpha * sign(x - beta)`.
+    Calibrated,
+}
+
+fn d_calibration() -> usize {
+    8
 }
 
 fn d_mse() -> f64 {
@@ -147,6 +171,7 @@ impl DistillConfig {
             encoder: EncoderConfig {
                 surrogate: self.surrogate,
                 scale: self.surrogate_scale,
+                residual: self.init == DistillInit::Calibrated,
             },
             seed,
         }
@@ -219,6 +244,9 @@ impl DistillConfig {
                 out.push((format!("{p}.fc2"), vec![d, h]));
                 out.push((format!("{p}.alpha"), vec![d]));
                 out.push((format!("{p}.beta"), vec![d]));
+                if self.init == DistillInit::Calibrated {
+                    out.push((format!("{p}.offset"), vec![d]));
+                }
             }
         }
         out
@@ -268,6 +296,9 @@ impl DistillConfig {
             if v.is_nan() || v <= 0.0 {
                 return Err(format!("{key}: must be positive"));
             }
+        }
+        if self.init == DistillInit::Calibrated && self.calibration_batches == 0 {
+            return Err("distill.calibration_batches: a calibrated start needs at least 1".into());
         }
         let total = self.total_steps(n);
         if total != train_steps {
@@ -544,6 +575,96 @@ where
     }
 }
 
+/// Lloyd iterations of a calibrated start (after the mean): each moves a channel's threshold to
+/// the midpoint of its two levels.
+const CALIBRATION_ROUNDS: usize = 2;
+
+/// The calibrated start of the encoders (`distill.init = "calibrated"`): for every projection of
+/// the distilled `layers`, per channel of the teacher's input `x` over `blocks` (`[batch, seq +
+/// 1]` tokens), the best two-level code `offset ± alpha` of `x` in L2 around a threshold `beta`
+/// (Lloyd-Max for one bit): starting from `beta` = the mean, the levels are the means of `x`
+/// above and below `beta` (`offset` their midpoint, `alpha` half their distance), and `beta`
+/// moves to that midpoint, [`CALIBRATION_ROUNDS`] times. Values for the slots
+/// `layers.{l}.{projection}.encoder.{beta,offset,alpha}`, `None` for every other slot. Each rank
+/// computes its own channels (a row-parallel projection's input is split) from the same blocks,
+/// so the values are the one-process ones under any layout, with no communication.
+pub fn calibrated_encoders<B: Kernels, H: Hooks<B>>(
+    teacher: &Teacher<B, H>,
+    layers: &[usize],
+    blocks: &[Tensor<B, 2, Int>],
+    slots: &ParamSlots,
+) -> Vec<Option<Tensor<B, 1>>> {
+    // Per tap, summed over rows: `f(x, threshold)` -> [d] tensors (with the row count).
+    let pass = |f: &dyn Fn(Tensor<B, 2>, Option<&Tensor<B, 1>>) -> Vec<Tensor<B, 1>>,
+                at: Option<&HashMap<String, Tensor<B, 1>>>| {
+        let mut acc: HashMap<String, (Vec<Tensor<B, 1>>, usize)> = HashMap::new();
+        for block in blocks {
+            let [_, t1] = block.dims();
+            let (_, taps) = teacher.run(block.clone().narrow(1, 0, t1 - 1), layers, false);
+            for (l, taps) in layers.iter().zip(taps) {
+                for tap in taps {
+                    let key = format!("layers.{l}.{}.encoder", tap.name);
+                    let d = tap.input.dims()[2];
+                    let x = tap.input.reshape([-1, d as i32]);
+                    let rows = x.dims()[0];
+                    let parts = f(x, at.map(|m| &m[&key]));
+                    let e = acc
+                        .entry(key)
+                        .or_insert_with(|| (parts.iter().map(|p| p.zeros_like()).collect(), 0));
+                    e.0 = e.0.iter().zip(parts).map(|(a, p)| a.clone() + p).collect();
+                    e.1 += rows;
+                }
+            }
+        }
+        acc
+    };
+    let sum = |x: Tensor<B, 2>| x.sum_dim(0).squeeze_dim::<1>(0);
+    let mean: HashMap<String, Tensor<B, 1>> = pass(&|x, _| vec![sum(x)], None)
+        .into_iter()
+        .map(|(k, (s, n))| (k, s[0].clone().div_scalar(n as f64)))
+        .collect();
+    let (mut beta, mut levels) = (mean, HashMap::new());
+    for _ in 0..CALIBRATION_ROUNDS {
+        // Sums and counts of the rows above the threshold; the rest are below.
+        let split = |x: Tensor<B, 2>, c: Option<&Tensor<B, 1>>| {
+            let c = c.expect("a threshold").clone().unsqueeze::<2>();
+            let above = x.clone().greater(c).float();
+            vec![sum(x.clone() * above.clone()), sum(above), sum(x)]
+        };
+        levels = pass(&split, Some(&beta))
+            .into_iter()
+            .map(|(k, (s, n))| {
+                let (up, n_up, all) = (s[0].clone(), s[1].clone(), s[2].clone());
+                let n_down = n_up.clone().neg().add_scalar(n as f64);
+                // A side with no rows takes the threshold's value (alpha then near 0).
+                let c = beta[&k].clone();
+                let hi = (up.clone() / n_up.clone().clamp_min(1.0))
+                    .mask_where(n_up.equal_elem(0.0), c.clone());
+                let lo = ((all - up) / n_down.clone().clamp_min(1.0))
+                    .mask_where(n_down.equal_elem(0.0), c);
+                (k, (hi, lo))
+            })
+            .collect::<HashMap<_, _>>();
+        beta = levels
+            .iter()
+            .map(|(k, (hi, lo))| (k.clone(), (hi.clone() + lo.clone()).div_scalar(2.0)))
+            .collect();
+    }
+    slots
+        .iter()
+        .map(|s| {
+            let (enc, param) = s.name.rsplit_once('.')?;
+            let (hi, lo) = levels.get(enc)?;
+            match param {
+                "beta" | "offset" => beta.get(enc).cloned(),
+                // A channel that never varies keeps a small positive scale.
+                "alpha" => Some((hi.clone() - lo.clone()).div_scalar(2.0).clamp_min(1e-6)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 /// One projection's figures on the validation blocks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProjectionStat {
@@ -763,5 +884,122 @@ mod tests {
             (total - (0.3 * l.ce + l.kl)).abs() < 1e-5 * total.abs(),
             "{total}"
         );
+    }
+
+    /// The calibrated start: per channel of each distilled projection's teacher input over the
+    /// blocks, the Lloyd-Max one-bit code (threshold and offset the midpoint of the means above
+    /// and below it, alpha half their distance), against the same iterations on the host; under TP=2 (thread ranks)
+    /// each rank gets its block of the row-parallel projections' channels and the whole
+    /// column-parallel ones, the one-process values.
+    #[test]
+    fn calibrated_encoders_are_the_one_bit_lloyd_codes_of_the_inputs_also_under_tp2() {
+        use burn::backend::Flex;
+        use burn::tensor::TensorData;
+        use std::sync::Arc;
+        use tern_dist::{ThreadComm, TpGroup};
+        use tern_model::LinearKind;
+        let dev = Default::default();
+        let m = ModelConfig {
+            n_layers: 2,
+            ..ModelConfig::tiny(64, LinearKind::Float)
+        };
+        let cfg = DistillConfig {
+            blocks: Some(vec![1]),
+            init: DistillInit::Calibrated,
+            ..cfg()
+        };
+        let teacher_model = Llama::<Flex>::new(&m, &dev);
+        let blocks: Vec<Tensor<Flex, 2, Int>> = (0..2)
+            .map(|b| {
+                let ids: Vec<i64> = (0..2 * 9).map(|i| ((i * 7 + b * 29) % 64) as i64).collect();
+                Tensor::from_data(TensorData::new(ids, [2, 9]), &dev)
+            })
+            .collect();
+        // Lazy parameters take their values when first read: before any clone.
+        teacher_model.forward(blocks[0].clone());
+        // The host's figures from the one-process teacher's taps.
+        let teacher = Teacher::new(teacher_model.clone(), &[1]);
+        let mut inputs: HashMap<String, Vec<Vec<f64>>> = HashMap::new();
+        for b in &blocks {
+            let (_, taps) = teacher.run(b.clone().narrow(1, 0, 8), &[1], false);
+            for tap in taps.into_iter().flatten() {
+                let d = tap.input.dims()[2];
+                let v: Vec<f32> = tap.input.into_data().to_vec().unwrap();
+                let rows = inputs
+                    .entry(format!("layers.1.{}.encoder", tap.name))
+                    .or_default();
+                rows.extend(v.chunks(d).map(|r| r.iter().map(|&x| x as f64).collect()));
+            }
+        }
+        let want = |name: &str| -> Vec<f32> {
+            let (enc, param) = name.rsplit_once('.').unwrap();
+            let rows = &inputs[enc];
+            let n = rows.len() as f64;
+            (0..rows[0].len())
+                .map(|c| {
+                    let mut t = rows.iter().map(|r| r[c]).sum::<f64>() / n;
+                    let (mut hi, mut lo) = (t, t);
+                    for _ in 0..CALIBRATION_ROUNDS {
+                        let (up, down): (Vec<f64>, Vec<f64>) =
+                            rows.iter().map(|r| r[c]).partition(|&x| x > t);
+                        hi = up.iter().sum::<f64>() / up.len() as f64;
+                        lo = down.iter().sum::<f64>() / down.len() as f64;
+                        t = (hi + lo) / 2.0;
+                    }
+                    (if param == "alpha" { (hi - lo) / 2.0 } else { t }) as f32
+                })
+                .collect()
+        };
+        let student = studentize(Llama::<Flex>::new(&m, &dev), &cfg.student(2, 1), &dev);
+        let whole = param_infos::<Flex, _>(&student);
+        let check = |slots: &ParamSlots, got: Vec<Option<Tensor<Flex, 1>>>, rank: usize| {
+            let mut seen = 0;
+            for (s, v) in slots.iter().zip(got) {
+                let calibrated = [".alpha", ".beta", ".offset"]
+                    .iter()
+                    .any(|p| s.name.ends_with(p));
+                let Some(v) = v else {
+                    assert!(!calibrated, "{} has no value", s.name);
+                    continue;
+                };
+                let mut w = want(&s.name);
+                if s.shard.is_some() {
+                    w = tern_parallel::shard_values(&w, &s.shape, 0, rank, 2);
+                }
+                let v: Vec<f32> = v.into_data().to_vec().unwrap();
+                let worst = v
+                    .iter()
+                    .zip(&w)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst < 1e-5, "{} rank {rank}: differs by {worst}", s.name);
+                seen += 1;
+            }
+            // 7 projections x alpha, beta, offset.
+            assert_eq!(seen, 21);
+        };
+        let one = ParamSlots::new(&whole, &whole, 1, Default::default());
+        check(&one, calibrated_encoders(&teacher, &[1], &blocks, &one), 0);
+        std::thread::scope(|sc| {
+            for (r, comm) in ThreadComm::group(2).into_iter().enumerate() {
+                let (teacher_model, student, blocks) =
+                    (teacher_model.clone(), student.clone(), blocks.clone());
+                let (check, whole) = (&check, &whole);
+                sc.spawn(move || {
+                    let group = TpGroup::new(Arc::new(comm));
+                    let t = Teacher::new(
+                        tern_parallel::parallelize(teacher_model, &group, Default::default()),
+                        &[1],
+                    );
+                    let s = tern_parallel::parallelize(student, &group, Default::default());
+                    let slots =
+                        ParamSlots::new(whole, &param_infos::<Flex, _>(&s), 2, Default::default());
+                    assert!(slots
+                        .iter()
+                        .any(|s| s.shard.is_some() && s.name.ends_with(".alpha")));
+                    check(&slots, calibrated_encoders(&t, &[1], &blocks, &slots), r);
+                });
+            }
+        });
     }
 }

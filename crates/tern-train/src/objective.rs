@@ -57,6 +57,39 @@ where
         }
     }
 
+    /// A calibrated start's encoder values for `slots` ([`crate::distill::calibrated_encoders`])
+    /// from the first `calibration_batches` micro-batches of `data` (the same blocks on every
+    /// rank); `None` unless the objective is a distillation with `distill.init = "calibrated"`.
+    pub fn calibrated_start(
+        &self,
+        data: &mut tern_data::TrainData,
+        micro_batch: usize,
+        block_len: usize,
+        slots: &ParamSlots,
+        device: &B::Device,
+    ) -> anyhow::Result<Option<Vec<Option<Tensor<B, 1>>>>> {
+        let Objective::Distill {
+            cfg,
+            teacher,
+            n_layers,
+        } = self
+        else {
+            return Ok(None);
+        };
+        if cfg.init != crate::distill::DistillInit::Calibrated {
+            return Ok(None);
+        }
+        let mut blocks = Vec::with_capacity(cfg.calibration_batches);
+        for b in 0..cfg.calibration_batches {
+            let refs = data.samples((b * micro_batch) as u64, micro_batch);
+            blocks.push(batch_tensor::<B>(&data.read(&refs)?, block_len, device));
+        }
+        let layers = cfg.blocks(*n_layers);
+        Ok(Some(crate::distill::calibrated_encoders(
+            teacher, &layers, &blocks, slots,
+        )))
+    }
+
     /// Which parameters step `step` trains (the others keep their values and optimizer state).
     pub fn trainable(&self, step: u64, slots: &ParamSlots) -> Vec<bool> {
         match (self, self.phase(step)) {

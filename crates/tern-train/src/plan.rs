@@ -105,6 +105,30 @@ impl Activations {
     }
 }
 
+/// Optimizer state elements a rank keeps for parameter `name` of whole `shape`, `local_n`
+/// elements of it on a rank of a `tp`-way group: GaLore's low-rank moments and projection for a
+/// block matrix, else AdamW's two moments.
+pub fn state_elems(
+    o: &tern_optim::OptimConfig,
+    name: &str,
+    shape: &[usize],
+    local_n: usize,
+    tp: usize,
+) -> usize {
+    match (o.name, block_matrix_dim(name), o.rank) {
+        (OptimizerName::GaloreAdamw, Some(d), Some(rank)) => {
+            let (rows, cols) = (shape[0], shape[1]);
+            let l = LowRank {
+                shard: (tp > 1).then_some(d),
+                tp,
+                ..LowRank::whole(rows, cols, rank, side_of(o.proj_type, rows, cols))
+            };
+            2 * l.projected().iter().product::<usize>() + l.proj().iter().product::<usize>()
+        }
+        _ => 2 * local_n,
+    }
+}
+
 /// The plan of `recipe` on `world` processes; the recipe's vocabulary must be known.
 pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
     let tp = recipe.parallel.tp;
@@ -155,14 +179,15 @@ pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
             n
         }
     };
+    let states: Vec<usize> = all
+        .iter()
+        .map(|(name, shape)| state_elems(o, name, shape, local_n(name, shape.iter().product()), tp))
+        .collect();
+    // GaLore's ZeRO-1: the owners as the run assigns them, and the rank that holds the most.
     let owned: Option<Vec<bool>> = (zero && o.name == OptimizerName::GaloreAdamw).then(|| {
-        let sizes: Vec<usize> = all
-            .iter()
-            .map(|(name, shape)| local_n(name, shape.iter().product()))
-            .collect();
-        let owner = tern_dist::owners(&sizes, dp);
+        let owner = tern_dist::owners(&states, dp);
         let mut load = vec![0; dp];
-        for (r, n) in owner.iter().zip(&sizes) {
+        for (r, n) in owner.iter().zip(&states) {
             load[*r] += n;
         }
         let most = (0..dp)
@@ -175,20 +200,7 @@ pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
         params += n;
         let local_n = local_n(&name, n);
         local += local_n;
-        let adamw = 2 * local_n;
-        let state = match (o.name, block_matrix_dim(&name)) {
-            (OptimizerName::GaloreAdamw, Some(d)) => {
-                let (rows, cols) = (shape[0], shape[1]);
-                let rank = o.rank.expect("validated");
-                let l = LowRank {
-                    shard: (tp > 1).then_some(d),
-                    tp,
-                    ..LowRank::whole(rows, cols, rank, side_of(o.proj_type, rows, cols))
-                };
-                2 * l.projected().iter().product::<usize>() + l.proj().iter().product::<usize>()
-            }
-            _ => adamw,
-        };
+        let (state, adamw) = (states[k], 2 * local_n);
         // ZeRO-1: this data-parallel rank keeps its chunk of every moment, or (GaLore) the
         // state of the parameters it owns.
         let (state, adamw) = match &owned {
@@ -293,14 +305,16 @@ impl fmt::Display for Plan {
         writeln!(f, "  weights        {:>10}", gib(self.weight_bytes))?;
         writeln!(f, "  gradients      {:>10}", gib(self.grad_bytes))?;
         writeln!(f, "  optimizer      {:>10}", gib(self.optim_bytes))?;
-        let saving = 1.0 - self.block_optim_bytes as f64 / self.block_optim_bytes_adamw as f64;
-        writeln!(
-            f,
-            "  optimizer, block matrices {} (AdamW {}: {:.1}% less)",
-            gib(self.block_optim_bytes),
-            gib(self.block_optim_bytes_adamw),
-            100.0 * saving
-        )?;
+        if self.block_optim_bytes_adamw > 0 {
+            let saving = 1.0 - self.block_optim_bytes as f64 / self.block_optim_bytes_adamw as f64;
+            writeln!(
+                f,
+                "  optimizer, block matrices {} (AdamW {}: {:.1}% less)",
+                gib(self.block_optim_bytes),
+                gib(self.block_optim_bytes_adamw),
+                100.0 * saving
+            )?;
+        }
         writeln!(
             f,
             "  total          {:>10}",
@@ -475,5 +489,14 @@ mod tests {
         let (g0, g1) = (galore(0), galore(1));
         let share = g1.optim_bytes as f64 / g0.optim_bytes as f64;
         assert!((0.5..0.52).contains(&share), "{share}");
+        // On 4 ranks the busiest owner holds the embedding's moments alone: a whole parameter
+        // is not split.
+        let sets = [
+            "optim.name=\"galore_adamw\"",
+            "optim.rank=128",
+            "parallel.zero=1",
+        ];
+        let four = plan(&recipe("trilm-99m", &sets), 4).unwrap();
+        assert_eq!(four.optim_bytes, 2 * 50304 * 512 * F32);
     }
 }

@@ -117,11 +117,15 @@ impl ParamSlots {
     }
 
     /// Which parameters this data-parallel rank owns when they are kept whole on one rank each
-    /// ([`StateSplit::Owners`]), balanced by their elements here.
-    pub fn owned(&self, dist: &tern_dist::Dist) -> Vec<bool> {
-        let sizes: Vec<usize> = self.iter().map(|s| s.local.iter().product()).collect();
+    /// ([`StateSplit::Owners`]), balanced by the optimizer state `cfg` keeps of each.
+    pub fn owned(&self, cfg: &tern_optim::OptimConfig, dist: &tern_dist::Dist) -> Vec<bool> {
+        let tp = dist.topo.tp;
+        let states: Vec<usize> = self
+            .iter()
+            .map(|s| crate::plan::state_elems(cfg, &s.name, &s.shape, s.local.iter().product(), tp))
+            .collect();
         let me = dist.topo.dp_rank();
-        tern_dist::owners(&sizes, dist.topo.dp)
+        tern_dist::owners(&states, dist.topo.dp)
             .into_iter()
             .map(|r| r == me)
             .collect()
@@ -138,7 +142,7 @@ impl ParamSlots {
         match (zero, cfg.name) {
             (false, _) => StateSplit::Whole,
             (true, tern_optim::OptimizerName::Adamw) => StateSplit::Chunks(dist.dp.as_ref()),
-            (true, _) => StateSplit::Owners(dist.dp.as_ref(), self.owned(dist)),
+            (true, _) => StateSplit::Owners(dist.dp.as_ref(), self.owned(cfg, dist)),
         }
     }
 

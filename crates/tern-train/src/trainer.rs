@@ -28,7 +28,7 @@ use crate::evaluator::Evaluator;
 use crate::faults::Faults;
 use crate::metrics::{MetricsLogger, StepMetrics};
 use crate::objective::{batch_tensor, LossParts, Objective};
-use crate::params::assign_trainable;
+use crate::params::{assign_some_trainable, assign_trainable};
 use crate::recipe::{Recipe, Recompute};
 use crate::slots::ParamSlots;
 use crate::step::{optimizer_step, reduce_gradients, GradAccumulator, StepSettings};
@@ -218,6 +218,21 @@ where
             data_fingerprint: inputs.train.fingerprint(),
         };
         let mut model = model;
+        let block_len = recipe.data.seq_len + 1;
+        let tc = &recipe.train;
+        let calibrated = match resume_dir {
+            None => objective.calibrated_start(
+                &mut inputs.train,
+                tc.micro_batch,
+                block_len,
+                &slots,
+                &inner,
+            )?,
+            Some(_) => None,
+        };
+        if let Some(values) = calibrated {
+            model = assign_some_trainable(model, values);
+        }
         if let Some(dir) = &resume_dir {
             let r = checkpoints.restore(dir, &recipe, &state)?;
             let weights = checkpoints.restore_weights(&r, &slots, dist, &inner)?;
