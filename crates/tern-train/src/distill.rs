@@ -575,6 +575,9 @@ where
     }
 }
 
+/// Per-channel sums over a tap's input rows `x: [rows, d]`, given a per-channel threshold.
+type RowSums<'a, B> = dyn Fn(Tensor<B, 2>, Option<&Tensor<B, 1>>) -> Vec<Tensor<B, 1>> + 'a;
+
 /// Lloyd iterations of a calibrated start (after the mean): each moves a channel's threshold to
 /// the midpoint of its two levels.
 const CALIBRATION_ROUNDS: usize = 2;
@@ -595,8 +598,7 @@ pub fn calibrated_encoders<B: Kernels, H: Hooks<B>>(
     slots: &ParamSlots,
 ) -> Vec<Option<Tensor<B, 1>>> {
     // Per tap, summed over rows: `f(x, threshold)` -> [d] tensors (with the row count).
-    let pass = |f: &dyn Fn(Tensor<B, 2>, Option<&Tensor<B, 1>>) -> Vec<Tensor<B, 1>>,
-                at: Option<&HashMap<String, Tensor<B, 1>>>| {
+    let pass = |f: &RowSums<'_, B>, at: Option<&HashMap<String, Tensor<B, 1>>>| {
         let mut acc: HashMap<String, (Vec<Tensor<B, 1>>, usize)> = HashMap::new();
         for block in blocks {
             let [_, t1] = block.dims();
