@@ -168,6 +168,7 @@ fn cases() -> BTreeMap<String, Case> {
                     mse_weight: 0.7,
                     ce_weight: 0.3,
                     kl_weight: 0.1,
+                    hidden_weight: 0.0,
                     temperature: 2.0,
                     surrogate: tern_model::Surrogate::Asinh,
                     surrogate_scale: 4.0,

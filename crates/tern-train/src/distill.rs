@@ -46,6 +46,10 @@ pub struct DistillConfig {
     pub ce_weight: f64,
     #[serde(default)]
     pub kl_weight: f64,
+    /// Weight of each distilled block's output MSE against the teacher's (the block run on the
+    /// teacher's input to it), in the block phases.
+    #[serde(default)]
+    pub hidden_weight: f64,
     /// Softmax temperature of the KL term (scaled by temperature^2, as Hinton et al.).
     #[serde(default = "d_one")]
     pub temperature: f64,
@@ -177,14 +181,16 @@ impl DistillConfig {
         }
     }
 
-    /// The weights of (MSE, CE, KL) in `phase`: the end-to-end phase has no MSE.
-    pub fn weights(&self, phase: Phase) -> [f64; 3] {
-        let mse = if phase == Phase::EndToEnd {
-            0.0
-        } else {
-            self.mse_weight
-        };
-        [mse, self.ce_weight, self.kl_weight]
+    /// The weights of (projection MSE, CE, KL, block output MSE) in `phase`: the end-to-end
+    /// phase has no MSE.
+    pub fn weights(&self, phase: Phase) -> [f64; 4] {
+        let local = |w: f64| if phase == Phase::EndToEnd { 0.0 } else { w };
+        [
+            local(self.mse_weight),
+            self.ce_weight,
+            self.kl_weight,
+            local(self.hidden_weight),
+        ]
     }
 
     /// Whether `phase` runs the student's whole forward pass (for CE or KL); an MSE-only block
@@ -193,22 +199,24 @@ impl DistillConfig {
         phase == Phase::EndToEnd || self.ce_weight > 0.0 || self.kl_weight > 0.0
     }
 
-    /// A step's loss and its `metrics.jsonl` fields (`mse`, `ce`, `kl`, `phase`, `block`) from
-    /// its whole-batch MSE, CE and KL (CE is not a number when the phase did not compute it).
+    /// A step's loss and its `metrics.jsonl` fields (`mse`, `hidden`, `ce`, `kl`, `phase`,
+    /// `block`) from its whole-batch projection MSE, block output MSE, CE and KL (CE is not a
+    /// number when the phase did not compute it).
     pub fn step_fields(
         &self,
         phase: Phase,
-        mse: f64,
-        ce: f64,
-        kl: f64,
+        [mse, hidden, ce, kl]: [f64; 4],
     ) -> (f64, serde_json::Map<String, serde_json::Value>) {
         use serde_json::json;
-        let [wm, wc, wk] = self.weights(phase);
+        let [wm, wc, wk, wh] = self.weights(phase);
         let ran = self.runs_student(phase);
-        let loss = wm * mse + if ran { wc * ce } else { 0.0 } + wk * kl;
+        let loss = wm * mse + if ran { wc * ce } else { 0.0 } + wk * kl + wh * hidden;
         let mut f = serde_json::Map::new();
         if phase != Phase::EndToEnd {
             f.insert("mse".into(), json!(mse));
+            if self.hidden_weight > 0.0 {
+                f.insert("hidden".into(), json!(hidden));
+            }
         }
         if ran {
             f.insert("ce".into(), json!(ce));
@@ -276,14 +284,17 @@ impl DistillConfig {
             ("distill.mse_weight", self.mse_weight),
             ("distill.ce_weight", self.ce_weight),
             ("distill.kl_weight", self.kl_weight),
+            ("distill.hidden_weight", self.hidden_weight),
         ] {
             if v.is_nan() || v < 0.0 {
                 return Err(format!("{key}: must be at least 0"));
             }
         }
-        if self.mse_weight + self.ce_weight + self.kl_weight == 0.0 {
+        if self.mse_weight + self.ce_weight + self.kl_weight + self.hidden_weight == 0.0 {
             return Err(
-                "distill: mse_weight, ce_weight and kl_weight are all 0: nothing to learn".into(),
+                "distill: mse_weight, hidden_weight, ce_weight and kl_weight are all 0: nothing \
+                 to learn"
+                    .into(),
             );
         }
         if self.e2e_steps > 0 && self.ce_weight + self.kl_weight == 0.0 {
@@ -446,6 +457,8 @@ pub struct DistillLoss<B: Backend> {
     /// NaN when the phase does not compute it (CE and KL weights 0).
     pub ce: f64,
     pub kl: f64,
+    /// The distilled blocks' output MSE (equal on every rank of the group).
+    pub hidden: f64,
 }
 
 fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
@@ -481,16 +494,46 @@ impl<B: Kernels, H: Hooks<B>> Teacher<B, H> {
         layers: &[usize],
         logits: bool,
     ) -> (Option<Tensor<B, 3>>, Vec<Vec<Tap<B>>>) {
-        self.recorder.record(true);
-        let out = if logits {
-            Some(self.model.forward(inputs))
-        } else {
-            let last = layers.iter().max().map_or(0, |&l| l + 1);
-            self.model.forward_blocks(inputs, last);
-            None
+        let (out, taps, _) = self.run_blocks(inputs, layers, logits);
+        (out, taps)
+    }
+
+    /// [`Self::run`], with the input and output of each of `layers` (in `layers`' order).
+    #[allow(clippy::type_complexity)]
+    pub fn run_blocks(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        layers: &[usize],
+        logits: bool,
+    ) -> (
+        Option<Tensor<B, 3>>,
+        Vec<Vec<Tap<B>>>,
+        Vec<(Tensor<B, 3>, Tensor<B, 3>)>,
+    ) {
+        let m = &self.model;
+        let last = match logits {
+            true => m.layers.len(),
+            false => layers.iter().max().map_or(0, |&l| l + 1),
         };
+        let [_, t] = inputs.dims();
+        let (cos, sin) = m.rope(t, &inputs.device());
+        self.recorder.record(true);
+        let mut x = m.embed(inputs);
+        let mut ends = vec![None; m.layers.len()];
+        for (i, block) in m.layers.iter().enumerate().take(last) {
+            let y = block.forward(x.clone(), &cos, &sin);
+            if layers.contains(&i) {
+                ends[i] = Some((x, y.clone()));
+            }
+            x = y;
+        }
         self.recorder.record(false);
-        (out, self.recorder.take(layers))
+        let out = logits.then(|| m.ends.whole_logits(m.head(x)));
+        let ends = layers
+            .iter()
+            .map(|&l| ends[l].clone().expect("a block that ran"))
+            .collect();
+        (out, self.recorder.take(layers), ends)
     }
 }
 
@@ -517,7 +560,7 @@ where
     // What this phase needs: the teacher's logits only for KL, the student's whole forward pass
     // only for CE or KL (an MSE-only block phase runs the teacher up to the block and the
     // student's projections of the block, nothing else).
-    let (t_logits, taps) = teacher.run(inputs.clone(), &matched, cfg.kl_weight > 0.0);
+    let (t_logits, taps, ends) = teacher.run_blocks(inputs.clone(), &matched, cfg.kl_weight > 0.0);
 
     let device = student.embed_tokens.weight.device();
     let zero = || Tensor::<B, 1>::zeros([1], &device);
@@ -540,6 +583,16 @@ where
         }
     }
     let mse = split.clone() + whole.clone();
+    // Each block's output from the teacher's input to it (replicated under tensor parallelism).
+    let mut hidden = zero();
+    if cfg.weights(phase)[3] > 0.0 {
+        let [_, t] = inputs.dims();
+        let (cos, sin) = student.rope(t, &device);
+        for (&l, (x, y)) in matched.iter().zip(ends) {
+            let s = student.layers[l].forward(Tensor::from_inner(x), &cos, &sin);
+            hidden = hidden + (s - Tensor::<B, 3>::from_inner(y)).powi_scalar(2).mean();
+        }
+    }
     let (ce, kl) = match cfg.runs_student(phase) {
         false => (None, zero()),
         true => {
@@ -564,13 +617,17 @@ where
     };
     let ce_value = ce.as_ref().map_or(f64::NAN, scalar);
     let ce = ce.unwrap_or_else(zero);
-    let [wm, wc, wk] = cfg.weights(phase);
-    let total = mse.mul_scalar(wm) + ce.mul_scalar(wc) + kl.clone().mul_scalar(wk);
+    let [wm, wc, wk, wh] = cfg.weights(phase);
+    let total = mse.mul_scalar(wm)
+        + ce.mul_scalar(wc)
+        + kl.clone().mul_scalar(wk)
+        + hidden.clone().mul_scalar(wh);
     DistillLoss {
         mse_split: scalar(&split),
         mse_whole: scalar(&whole),
         ce: ce_value,
         kl: scalar(&kl),
+        hidden: scalar(&hidden),
         total,
     }
 }
@@ -886,6 +943,52 @@ mod tests {
             (total - (0.3 * l.ce + l.kl)).abs() < 1e-5 * total.abs(),
             "{total}"
         );
+    }
+
+    /// The block output MSE: block 1 of another model run on the teacher's input to block 1,
+    /// against the teacher's output of it, computed here from two of the teacher's passes that
+    /// stop early; zero for the teacher itself, and the total is its weight times it.
+    #[test]
+    fn hidden_mse_is_the_blocks_output_error_on_the_teachers_input() {
+        use burn::backend::{Autodiff, Flex};
+        use burn::module::AutodiffModule;
+        use burn::tensor::TensorData;
+        type AB = Autodiff<Flex>;
+        let m = ModelConfig {
+            n_layers: 3,
+            ..ModelConfig::tiny(20, tern_model::LinearKind::Float)
+        };
+        let dev = Default::default();
+        let student = crate::init::init_normal(Llama::<AB>::new(&m, &dev), 3, 0.3, &dev);
+        let teacher_model = student.valid();
+        let teacher = Teacher::new(teacher_model.clone(), &[1]);
+        let c = DistillConfig {
+            blocks: Some(vec![1]),
+            mse_weight: 0.0,
+            ce_weight: 0.0,
+            hidden_weight: 2.0,
+            ..cfg()
+        };
+        let block = Tensor::<Flex, 2, Int>::from_data(
+            TensorData::new(vec![1i64, 4, 7, 2, 9, 3, 0, 5, 8, 6], [2, 5]),
+            &dev,
+        );
+        let l = distill_loss(&c, Phase::Block(1), &student, &teacher, block.clone(), 1);
+        assert!(l.hidden.abs() < 1e-12, "the teacher itself: {}", l.hidden);
+        let other = crate::init::init_normal(Llama::<AB>::new(&m, &dev), 4, 0.3, &dev);
+        let l = distill_loss(&c, Phase::Block(1), &other, &teacher, block.clone(), 1);
+        let inputs = block.narrow(1, 0, 4);
+        let x = teacher_model.forward_blocks(inputs.clone(), 1);
+        let y = teacher_model.forward_blocks(inputs, 2);
+        let (cos, sin) = teacher_model.rope(4, &dev);
+        let s = other.valid().layers[1].forward(x, &cos, &sin);
+        let want = scalar(&(s - y).powi_scalar(2).mean());
+        assert!(
+            want > 1e-3 && (l.hidden - want).abs() <= 1e-6 * want,
+            "{} vs {want}",
+            l.hidden
+        );
+        assert!((scalar(&l.total) - 2.0 * want).abs() <= 1e-6 * want);
     }
 
     /// The calibrated start: per channel of each distilled projection's teacher input over the

@@ -28,9 +28,9 @@ pub enum Objective<B: Backend> {
 
 /// A step's loss terms averaged over its micro-batches, this rank's share: the MSE of
 /// projections whose output this rank holds a block of (to be summed over the tensor-parallel
-/// group), the other projections' MSE, CE and KL.
+/// group), the other projections' MSE, CE, KL and the blocks' output MSE.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct LossParts(pub [f64; 4]);
+pub struct LossParts(pub [f64; 5]);
 
 /// Blocks of `block_len` tokens, one after another, as a `[blocks, block_len]` int tensor.
 pub fn batch_tensor<B: Backend>(
@@ -122,7 +122,8 @@ where
             (Objective::Distill { cfg, teacher, .. }, Some(ph)) => {
                 let x = batch_tensor::<B>(tokens, block_len, &weight.inner().device());
                 let l = distill_loss(cfg, ph, model, teacher, x, tp);
-                let parts = [l.mse_split, l.mse_whole, l.ce, l.kl].map(|v| v / n_micro as f64);
+                let parts =
+                    [l.mse_split, l.mse_whole, l.ce, l.kl, l.hidden].map(|v| v / n_micro as f64);
                 (l.total, LossParts(parts))
             }
             _ => (
@@ -147,10 +148,10 @@ where
             return (loss, Map::new());
         };
         let n = dp.size() as f64;
-        let [split, whole, ce, kl] = parts.0.map(|v| dp.all_reduce_sum_f64(v) / n);
+        let [split, whole, ce, kl, hidden] = parts.0.map(|v| dp.all_reduce_sum_f64(v) / n);
         // Under tensor parallelism the ranks' totals differ (each holds its share of the MSE).
         let mse = tp.all_reduce_sum_f64(split) + whole;
-        cfg.step_fields(ph, mse, ce, kl)
+        cfg.step_fields(ph, [mse, hidden, ce, kl])
     }
 
     /// Every distilled projection's validation MSE against the teacher (`None` when pretraining).
