@@ -194,8 +194,8 @@ where
             return None;
         };
         Some(format!(
-            "distill: teacher {} | blocks {:?}: {} steps each, then {} all together, then {} end to end | loss {} mse + {} ce + {} kl",
-            d.teacher, d.blocks(*n_layers), d.block_steps, d.all_steps, d.e2e_steps, d.mse_weight, d.ce_weight, d.kl_weight
+            "distill: teacher {} | blocks {:?}: {} steps each, then {} all together, then {} end to end | loss {} mse + {} hidden + {} ce + {} kl | {:?} start",
+            d.teacher, d.blocks(*n_layers), d.block_steps, d.all_steps, d.e2e_steps, d.mse_weight, d.hidden_weight, d.ce_weight, d.kl_weight, d.init
         ))
     }
 }
