@@ -63,28 +63,6 @@ impl<B: Backend> Optimizer<B> {
         }
     }
 
-    /// The length of each state tensor of parameter `i` on a rank of a `tp`-way group, as
-    /// [`Self::layout`] lists them.
-    pub fn state_lens(
-        &self,
-        i: usize,
-        full_shape: &[usize],
-        shard: Option<usize>,
-        tp: usize,
-    ) -> Vec<usize> {
-        self.layout(i, full_shape, shard)
-            .into_iter()
-            .map(|(_, full, dim)| {
-                let n: usize = full.iter().product();
-                if dim.is_some() {
-                    n / tp
-                } else {
-                    n
-                }
-            })
-            .collect()
-    }
-
     /// Whether parameter `i` has its GaLore projection yet (computed at its first update).
     pub fn has_projection(&self, i: usize) -> bool {
         matches!(self, Self::GaLore(o) if o.proj[i].is_some())

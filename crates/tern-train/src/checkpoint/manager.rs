@@ -88,9 +88,14 @@ fn owners_pieces<B: Backend>(
     for (i, s) in slots.iter().enumerate() {
         let mine = opt.state(i, &s.shape, s.shard);
         let device = mine[0].value.device();
-        let lens = opt.state_lens(i, &s.shape, s.shard, dist.topo.tp);
-        for ((key, full_shape, dim), len) in opt.layout(i, &s.shape, s.shard).into_iter().zip(lens)
-        {
+        for (key, full_shape, dim) in opt.layout(i, &s.shape, s.shard) {
+            // This rank's length: a split state tensor holds its tensor-parallel block.
+            let whole: usize = full_shape.iter().product();
+            let len = if dim.is_some() {
+                whole / dist.topo.tp
+            } else {
+                whole
+            };
             let piece = |values| Piece {
                 name: format!("{}.{key}", s.name),
                 full_shape: full_shape.clone(),
