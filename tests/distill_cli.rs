@@ -338,17 +338,121 @@ fn distillation_lowers_the_projections_mse_and_freezes_the_rest() {
         "--out",
         s(&out),
     ]));
-    let lb = std::fs::read(&out).unwrap();
-    let st = SafeTensors::deserialize(&lb).unwrap();
-    assert_eq!(st.tensor("logits").unwrap().shape(), [2, 3, 4096]);
-    // Its encoders have no packed / Hugging Face / GGUF form: export says so.
-    let packed = dir.path().join("student.tpk");
+    let (shape, burn) = read_logits(&out);
+    assert_eq!(shape, [2, 3, 4096]);
+    // Packed, the encoders kept beside the ternary codes: the packed kernel's logits.
+    packed_student_matches(&run, dir.path(), &ids, &burn);
+}
+
+/// `run`'s student exported packed computes the checkpoint's logits `burn` (of `ids`) on the
+/// packed kernel; a Hugging Face or GGUF export of it is refused and writes nothing.
+fn packed_student_matches(run: &Path, dir: &Path, ids: &Path, burn: &[f32]) {
+    let packed = dir.join("student.tpk");
     #[rustfmt::skip]
-    fails_with(
-        &tern(&["export", "--checkpoint", s(&run), "--format", "packed", "--out", s(&packed)]),
-        &["distillation student", "encoders"],
+    ok(&tern(&["export", "--checkpoint", s(run), "--format", "packed", "--out", s(&packed)]));
+    let out = dir.join("packed-logits.safetensors");
+    #[rustfmt::skip]
+    ok(&tern(&["logits", "--model", s(&packed), "--input-ids", s(ids), "--out", s(&out)]));
+    let (_, got) = read_logits(&out);
+    assert_eq!(got.len(), burn.len());
+    let d = got
+        .iter()
+        .zip(burn)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("packed student vs checkpoint: max |logit difference| {d}");
+    assert!(
+        d <= 1e-4,
+        "packed student vs checkpoint: max |logit difference| {d}"
     );
-    assert!(!packed.exists());
+    for (format, file) in [("hf", dir.join("hf")), ("gguf", dir.join("s.gguf"))] {
+        #[rustfmt::skip]
+        fails_with(
+            &tern(&["export", "--checkpoint", s(run), "--format", format, "--out", s(&file)]),
+            &["distillation student", "1-bit", "--format packed"],
+        );
+        assert!(!file.exists(), "{format}");
+    }
+}
+
+/// A calibrated ternary student (the residual encoders with their offsets, 2 scale groups) runs
+/// packed: its logits are the checkpoint's, `tern eval` gives the run's validation loss, and
+/// `tern generate` writes text.
+#[test]
+fn packed_calibrated_student_is_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("calibrated");
+    let teacher_arg = format!("distill.teacher=\"{}\"", teacher().display());
+    let mut a = distill_args(&run, &teacher_arg);
+    #[rustfmt::skip]
+    a.extend([
+        "--set", "distill.init=\"calibrated\"", "--set", "distill.calibration_batches=2",
+        "--set", "distill.blocks=[1]", "--set", "distill.block_steps=4", "--set", "distill.all_steps=0",
+        "--set", "distill.e2e_steps=0", "--set", "train.steps=4", "--set", "train.eval_every=4",
+        "--set", "train.checkpoint_every=4", "--set", "model.scale_groups=2",
+    ]);
+    ok(&tern(&a));
+    let ids = dir.path().join("ids.safetensors");
+    let values: Vec<i64> = (0..2 * 24).map(|i| (i * 131 + 7) % 4096).collect();
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![2, 24], &bytes).unwrap();
+    std::fs::write(
+        &ids,
+        safetensors::tensor::serialize([("input_ids", view)], None).unwrap(),
+    )
+    .unwrap();
+    let out = dir.path().join("logits.safetensors");
+    #[rustfmt::skip]
+    ok(&tern(&["logits", "--model", s(&run), "--input-ids", s(&ids), "--out", s(&out)]));
+    let (_, burn) = read_logits(&out);
+    packed_student_matches(&run, dir.path(), &ids, &burn);
+
+    let packed = dir.path().join("student.tpk");
+    let b = std::fs::read(&packed).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    let student: Value =
+        serde_json::from_str(header["__metadata__"]["student"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        student,
+        serde_json::json!({"layers": [1], "residual": true})
+    );
+    // Block 1's projections are codes, with their encoders in f32; block 0 stays float.
+    assert!(header.get("layers.1.mlp.down_proj.weight.codes").is_some());
+    assert!(header
+        .get("layers.1.mlp.down_proj.encoder.offset")
+        .is_some());
+    assert!(header.get("layers.0.mlp.down_proj.weight").is_some());
+    assert!(header.get("layers.0.mlp.down_proj.encoder.fc1").is_none());
+
+    // The run's last validation loss, on the same blocks (eval_batches 2 x micro_batch 8 of 64 tokens).
+    let val = metrics(&run)
+        .iter()
+        .filter_map(|m| m["val_loss"].as_f64())
+        .next_back()
+        .unwrap();
+    #[rustfmt::skip]
+    let out = tern(&["eval", "--model", s(&packed), "--recipe", "recipes/distill-tiny.toml", "--seq-len", "64", "--max-blocks", "16"]);
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let loss: f64 = text
+        .split("loss ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (loss - val).abs() < 1e-4 * val,
+        "eval {loss} vs the run's val_loss {val}: {text}"
+    );
+    #[rustfmt::skip]
+    let out = tern(&["generate", "--model", s(&packed), "--prompt", "The", "--max-tokens", "8", "--temperature", "0"]);
+    ok(&out);
+    assert!(!out.stdout.is_empty());
 }
 
 /// `args` (a run in a fresh directory) resumed from a copy of `run`'s checkpoint of `step` logs
@@ -425,9 +529,17 @@ fn same_as_one_process(one: &[&str], two: &[&str]) {
     let (s1, s2) = (steps(&m1), steps(&m2));
     assert_eq!(s1.len(), 10);
     assert_eq!(s1.len(), s2.len());
+    let relations = one.contains(&"distill.attention_weight=1");
+    assert_eq!(
+        s1.iter().any(|x| x.get("attention").is_some()),
+        relations,
+        "attention logged when its weight is set"
+    );
     for (x, y) in s1.iter().zip(&s2) {
         assert_eq!(x["phase"], y["phase"]);
-        for key in ["loss", "mse", "ce"] {
+        assert_eq!(x.get("attention").is_some(), y.get("attention").is_some());
+        let keys = ["loss", "mse", "ce", "attention"];
+        for key in keys.into_iter().filter(|k| x.get(*k).is_some()) {
             close(
                 x[key].as_f64().unwrap(),
                 y[key].as_f64().unwrap(),
@@ -455,12 +567,14 @@ fn data_parallel_distillation_logs_the_single_process_losses() {
 
 /// The student and the teacher split two ways; one ternary scale per shard, as one process with
 /// two scale groups.
+/// With the attention-relation loss on block 1 too: each rank holds its heads' share of it.
 #[test]
 fn tensor_parallel_distillation_logs_the_single_process_losses() {
-    same_as_one_process(
-        &["--set", "model.scale_groups=2"],
-        &["--set", "model.scale_groups=2", "--set", "parallel.tp=2"],
-    );
+    #[rustfmt::skip]
+    let one = ["--set", "model.scale_groups=2", "--set", "distill.attention_weight=1", "--set", "distill.attention_layer=1"];
+    let mut two = one.to_vec();
+    two.extend(["--set", "parallel.tp=2"]);
+    same_as_one_process(&one, &two);
 }
 
 /// With CE and KL off, a block phase runs only the teacher up to the block and the block's
@@ -507,6 +621,22 @@ fn bad_distillation_settings_are_errors_naming_the_key() {
     fails_with(
         &with(&["--set", "distill.blocks=[0, 2]"]),
         &["distill.blocks", "block 2 does not exist"],
+    );
+    fails_with(
+        &with(&[
+            "--set",
+            "distill.blocks=[0]",
+            "--set",
+            "distill.attention_layer=1",
+        ]),
+        &[
+            "distill.attention_layer",
+            "block 1 is not one of distill.blocks",
+        ],
+    );
+    fails_with(
+        &with(&["--set", "distill.attention_weight=-1"]),
+        &["distill.attention_weight", "at least 0"],
     );
     fails_with(
         &with(&["--set", "train.steps=21"]),

@@ -169,6 +169,8 @@ fn cases() -> BTreeMap<String, Case> {
                     ce_weight: 0.3,
                     kl_weight: 0.1,
                     hidden_weight: 0.0,
+                    attention_weight: 0.0,
+                    attention_layer: None,
                     temperature: 2.0,
                     surrogate: tern_model::Surrogate::Asinh,
                     surrogate_scale: 4.0,

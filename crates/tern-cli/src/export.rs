@@ -54,6 +54,13 @@ pub fn run(a: ExportArgs) -> Result<()> {
     };
     let loaded = crate::load::load(&a.checkpoint, encoding, float_dtype, a.tokenizer.as_deref())?;
     let src = loaded.source.display().to_string();
+    if loaded.packed.student.is_some() && a.format != Format::Packed {
+        bail!(
+            "{src}: a distillation student; its projections take their input through 1-bit \
+             encoders, which a Hugging Face LlamaForCausalLM or a llama.cpp GGUF cannot express. \
+             Export it with --format packed (tern generate, eval and logits run that file)"
+        );
+    }
     match a.format {
         Format::Packed => {
             let bytes = loaded.packed.write(&a.out)?;

@@ -91,18 +91,17 @@ pub fn load(
         });
     }
     let pre = tern_train::pretrained::load(path)?;
-    if pre.student.is_some() {
-        bail!(
-            "{}: a distillation student; its 1-bit input encoders have no packed, Hugging Face or \
-             GGUF form (tern logits runs it)",
-            pre.source.display()
-        );
-    }
+    // A student keeps its encoders beside its projections (tern-infer runs them); only the
+    // distilled blocks are ternary.
+    let student = pre.student.as_ref().map(|s| tern_pack::StudentSpec {
+        layers: s.layers.clone(),
+        residual: s.encoder.residual,
+    });
     let source = pre.source.clone();
     let config = pre.config.clone();
     let mut map = pre.tensors;
     let mut tensors = Vec::new();
-    for (name, shape) in config.param_shapes() {
+    for (name, shape) in tern_infer::packed_shapes(&config, student.as_ref()) {
         let (s, v) = map
             .remove(&name)
             .with_context(|| format!("{}: no tensor {name}", source.display()))?;
@@ -114,7 +113,7 @@ pub fn load(
         }
         tensors.push((name, shape, v));
     }
-    let mut packed = tern_infer::pack_model(&config, tensors, encoding, float_dtype)?;
+    let mut packed = tern_infer::pack_model(&config, student, tensors, encoding, float_dtype)?;
     let mut max_positions = None;
     let (found, seq_len) = if tern_hf::is_hf_dir(&source) {
         let special = tern_hf::read_config(&source)?.1;

@@ -33,7 +33,11 @@ pub fn run(a: PlanArgs) -> Result<()> {
     println!("{plan}");
     println!("{}", matmul_audit(&recipe));
     if recipe.model.linear == tern_model::LinearKind::Ternary {
-        println!("{}", packed_sizes(&recipe.model));
+        let student = recipe.distill.as_ref().map(|d| tern_pack::StudentSpec {
+            layers: d.blocks(recipe.model.n_layers),
+            residual: d.init == tern_train::distill::DistillInit::Calibrated,
+        });
+        println!("{}", packed_sizes(&recipe.model, student.as_ref()));
     }
     Ok(())
 }
@@ -62,8 +66,8 @@ fn matmul_audit(recipe: &tern_train::Recipe) -> String {
 }
 
 /// What `tern export --format packed` would write for this model (tensor bytes; the header and
-/// tokenizer add a few hundred KB), for the two code encodings.
-fn packed_sizes(m: &tern_model::ModelConfig) -> String {
+/// tokenizer add a few hundred KB), for the two code encodings; a student's encoders are float.
+fn packed_sizes(m: &tern_model::ModelConfig, student: Option<&tern_pack::StudentSpec>) -> String {
     use tern_pack::file::FloatDtype;
     use tern_pack::{Encoding, SizeReport};
     let mut parts = Vec::new();
@@ -72,8 +76,8 @@ fn packed_sizes(m: &tern_model::ModelConfig) -> String {
         (Encoding::Base3, FloatDtype::F16, "base3 + f16"),
     ] {
         let mut r = SizeReport::default();
-        for (name, shape) in m.param_shapes() {
-            match tern_infer::convert::ternary_axis(m, &name) {
+        for (name, shape) in tern_infer::packed_shapes(m, student) {
+            match tern_infer::convert::ternary_axis(m, student, &name) {
                 Some(_) => r.add_ternary(shape[0], shape[1], m.scale_groups, enc),
                 None => r.add_float(shape.iter().product(), dtype),
             }

@@ -8,12 +8,32 @@ use burn::tensor::{Tensor, TensorData};
 use tern_model::linear::ternary_codes;
 use tern_model::{LinearKind, ModelConfig, ScaleAxis};
 use tern_pack::file::FloatDtype;
-use tern_pack::{Encoding, PackedModel, PackedTensor, TernaryMatrix};
+use tern_pack::{Encoding, PackedModel, PackedTensor, StudentSpec, TernaryMatrix};
 
-/// How a parameter is split into scale groups when it is a ternary block projection.
-pub fn ternary_axis(config: &ModelConfig, name: &str) -> Option<ScaleAxis> {
+/// The block index of a `layers.{i}.` name.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// How a parameter is split into scale groups when it is a ternary block projection. In a
+/// distillation student only the distilled blocks take the linear kind; the others are float
+/// copies of the teacher's.
+pub fn ternary_axis(
+    config: &ModelConfig,
+    student: Option<&StudentSpec>,
+    name: &str,
+) -> Option<ScaleAxis> {
     if config.linear != LinearKind::Ternary || !name.starts_with("layers.") {
         return None;
+    }
+    if let Some(s) = student {
+        if !layer_of(name).is_some_and(|l| s.layers.contains(&l)) {
+            return None;
+        }
     }
     if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
         Some(ScaleAxis::Cols)
@@ -70,18 +90,50 @@ pub fn check_supported(config: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// The packed model of `config` from its tensors in module order (`ModelConfig::param_shapes`).
+/// Names and shapes of a packed model's tensors, in their order: the model's parameters
+/// (`ModelConfig::param_shapes`), and in a student each distilled projection's encoder after the
+/// projection's weight (`fc1 [d/2, d]`, `fc2 [d, d/2]`, `alpha`, `beta` and, in the residual form,
+/// `offset`, each `[d]`, for `d` inputs).
+pub fn packed_shapes(
+    config: &ModelConfig,
+    student: Option<&StudentSpec>,
+) -> Vec<(String, Vec<usize>)> {
+    let mut out = Vec::new();
+    for (name, shape) in config.param_shapes() {
+        let encoded = student.is_some_and(|s| {
+            name.ends_with("_proj.weight") && layer_of(&name).is_some_and(|l| s.layers.contains(&l))
+        });
+        let d = shape.get(1).copied().unwrap_or(0);
+        let prefix = name.trim_end_matches(".weight").to_string();
+        out.push((name, shape));
+        if let (true, Some(s)) = (encoded, student) {
+            let h = (d / 2).max(1);
+            out.push((format!("{prefix}.encoder.fc1"), vec![h, d]));
+            out.push((format!("{prefix}.encoder.fc2"), vec![d, h]));
+            out.push((format!("{prefix}.encoder.alpha"), vec![d]));
+            out.push((format!("{prefix}.encoder.beta"), vec![d]));
+            if s.residual {
+                out.push((format!("{prefix}.encoder.offset"), vec![d]));
+            }
+        }
+    }
+    out
+}
+
+/// The packed model of `config` (a student's when `student` is set) from its tensors in the
+/// order of [`packed_shapes`].
 pub fn pack_model(
     config: &ModelConfig,
+    student: Option<StudentSpec>,
     tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
     encoding: Encoding,
     float_dtype: FloatDtype,
 ) -> Result<PackedModel> {
     check_supported(config)?;
-    let expected = config.param_shapes();
+    let expected = packed_shapes(config, student.as_ref());
     if tensors.len() != expected.len() {
         bail!(
-            "{} tensors for a model of {} parameters tensors",
+            "{} tensors for a model of {} tensors",
             tensors.len(),
             expected.len()
         );
@@ -91,7 +143,7 @@ pub fn pack_model(
         if name != want || shape != want_shape {
             bail!("tensor {name} {shape:?} where the model has {want} {want_shape:?}");
         }
-        let t = match ternary_axis(config, &name) {
+        let t = match ternary_axis(config, student.as_ref(), &name) {
             Some(axis) => PackedTensor::Ternary(ternary_matrix(
                 values,
                 shape[0],
@@ -113,6 +165,7 @@ pub fn pack_model(
         source: None,
         bos_token_id: None,
         eos_token_id: None,
+        student,
     })
 }
 
@@ -139,7 +192,14 @@ pub fn packed_config(p: &PackedModel) -> Result<ModelConfig> {
         bail!("packed file's config has no vocab_size");
     }
     check_supported(&c)?;
-    let want = c.param_shapes();
+    let student = p.student.as_ref();
+    if let Some(bad) = student.and_then(|s| s.layers.iter().find(|&&l| l >= c.n_layers)) {
+        bail!(
+            "packed file's student names block {bad}; its config has {} blocks",
+            c.n_layers
+        );
+    }
+    let want = packed_shapes(&c, student);
     if want.len() != p.tensors.len() {
         bail!(
             "the packed file holds {} tensors; its config's model has {}",
@@ -155,7 +215,7 @@ pub fn packed_config(p: &PackedModel) -> Result<ModelConfig> {
         if name != wname || &shape != wshape {
             bail!("tensor {name} {shape:?} where the config's model has {wname} {wshape:?}");
         }
-        if ternary != ternary_axis(&c, name).is_some() {
+        if ternary != ternary_axis(&c, student, name).is_some() {
             bail!(
                 "{name} is {} but the config's linear kind is {:?}",
                 if ternary { "ternary" } else { "float" },

@@ -1,13 +1,16 @@
 //! Inference on packed ternary models: the packed-code matmul kernel ([`kernel`]), a LLaMA
 //! forward pass with a KV cache ([`model`]), sampling and generation ([`sample`]), and the step
-//! from a trained model's tensors to its packed form ([`convert`]).
+//! from a trained model's tensors to its packed form ([`convert`]); a distillation student's
+//! projections take their input through their 1-bit encoders ([`encoder`]).
 
 pub mod convert;
+pub mod encoder;
 pub mod kernel;
 pub mod model;
 pub mod sample;
 
-pub use convert::{effective_tensors, pack_model, packed_config, ternary_matrix};
+pub use convert::{effective_tensors, pack_model, packed_config, packed_shapes, ternary_matrix};
+pub use encoder::{BitEncoder, Proj};
 pub use kernel::{Dense, Matrix, PackedTernary};
 pub use model::{InferModel, KvCache};
 pub use sample::{generate, Conversation, Generated, Sampler, SamplerConfig};

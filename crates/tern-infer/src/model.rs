@@ -1,7 +1,9 @@
 //! The LLaMA forward pass for inference, on the packed model: plain f32 arrays, the matrices of
 //! [`crate::kernel`], and a KV cache so that generating a token costs one position, not the
 //! whole prefix. Computes what `tern_model::Llama::forward` computes (RMSNorm, RoPE in
-//! `rotate_half` layout, grouped-query attention, SwiGLU, tied or untied head).
+//! `rotate_half` layout, grouped-query attention, SwiGLU, tied or untied head), and for a
+//! distillation student its encoders in front of the distilled blocks' projections
+//! ([`crate::encoder`]).
 
 use anyhow::{anyhow, bail, Result};
 use rayon::prelude::*;
@@ -9,18 +11,19 @@ use tern_model::ModelConfig;
 use tern_pack::{PackedModel, PackedTensor};
 
 use crate::convert::packed_config;
+use crate::encoder::{BitEncoder, Proj};
 use crate::kernel::{Dense, Matrix, PackedTernary};
 
 pub struct Layer {
     pub input_layernorm: Vec<f32>,
-    pub q_proj: Matrix,
-    pub k_proj: Matrix,
-    pub v_proj: Matrix,
-    pub o_proj: Matrix,
+    pub q_proj: Proj,
+    pub k_proj: Proj,
+    pub v_proj: Proj,
+    pub o_proj: Proj,
     pub post_attention_layernorm: Vec<f32>,
-    pub gate_proj: Matrix,
-    pub up_proj: Matrix,
-    pub down_proj: Matrix,
+    pub gate_proj: Proj,
+    pub up_proj: Proj,
+    pub down_proj: Proj,
 }
 
 pub struct InferModel {
@@ -56,76 +59,119 @@ impl KvCache {
     }
 }
 
+/// The packed file's tensors, taken one by one (what is left over is an error).
+struct Tensors {
+    map: std::collections::HashMap<String, PackedTensor>,
+    student: Option<tern_pack::StudentSpec>,
+}
+
+impl Tensors {
+    fn matrix(&mut self, name: &str, shape: &[usize]) -> Result<Matrix> {
+        let t = self
+            .map
+            .remove(name)
+            .ok_or_else(|| anyhow!("the packed file has no tensor {name}"))?;
+        Ok(match t {
+            PackedTensor::Ternary(m) => {
+                if [m.rows, m.cols] != shape {
+                    bail!(
+                        "{name} is [{}, {}]; the config needs {shape:?}",
+                        m.rows,
+                        m.cols
+                    );
+                }
+                Matrix::Ternary(PackedTernary::new(&m))
+            }
+            PackedTensor::Float { shape: s, values } => {
+                if s != shape {
+                    bail!("{name} is {s:?}; the config needs {shape:?}");
+                }
+                let cols = if s.len() == 2 { s[1] } else { s[0] };
+                Matrix::Dense(Dense {
+                    rows: values.len() / cols.max(1),
+                    cols,
+                    values,
+                })
+            }
+        })
+    }
+
+    /// A tensor that must be float (an embedding, a norm, an encoder's).
+    fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Dense> {
+        match self.matrix(name, shape)? {
+            Matrix::Dense(d) => Ok(d),
+            Matrix::Ternary(_) => bail!("{name} cannot be ternary"),
+        }
+    }
+
+    /// Block `l`'s projection `name` (`self_attn.q_proj`, ...), with its encoder when the block is
+    /// one a student distilled.
+    fn proj(&mut self, l: usize, name: &str, shape: [usize; 2]) -> Result<Proj> {
+        let full = format!("layers.{l}.{name}");
+        let weight = self.matrix(&format!("{full}.weight"), &shape)?;
+        let Some(residual) = self
+            .student
+            .as_ref()
+            .filter(|s| s.layers.contains(&l))
+            .map(|s| s.residual)
+        else {
+            return Ok(Proj {
+                weight,
+                encoder: None,
+            });
+        };
+        let (d, hid) = (shape[1], (shape[1] / 2).max(1));
+        let e = |part: &str| format!("{full}.encoder.{part}");
+        let fc1 = self.dense(&e("fc1"), &[hid, d])?;
+        let fc2 = self.dense(&e("fc2"), &[d, hid])?;
+        let alpha = self.dense(&e("alpha"), &[d])?.values;
+        let beta = self.dense(&e("beta"), &[d])?.values;
+        let offset = match residual {
+            true => Some(self.dense(&e("offset"), &[d])?.values),
+            false => None,
+        };
+        Ok(Proj {
+            weight,
+            encoder: Some(BitEncoder::new(fc1, fc2, alpha, beta, offset, &full)?),
+        })
+    }
+}
+
 impl InferModel {
     /// The model of a packed file (ternary matrices stay packed).
     pub fn from_packed(p: PackedModel) -> Result<Self> {
         let config = packed_config(&p)?;
-        let mut map: std::collections::HashMap<String, PackedTensor> =
-            p.tensors.into_iter().collect();
-        let mut take = |name: &str, shape: &[usize]| -> Result<Matrix> {
-            let t = map
-                .remove(name)
-                .ok_or_else(|| anyhow!("the packed file has no tensor {name}"))?;
-            let m = match t {
-                PackedTensor::Ternary(m) => {
-                    if [m.rows, m.cols] != shape {
-                        bail!(
-                            "{name} is [{}, {}]; the config needs {shape:?}",
-                            m.rows,
-                            m.cols
-                        );
-                    }
-                    Matrix::Ternary(PackedTernary::new(&m))
-                }
-                PackedTensor::Float { shape: s, values } => {
-                    if s != shape {
-                        bail!("{name} is {s:?}; the config needs {shape:?}");
-                    }
-                    let cols = if s.len() == 2 { s[1] } else { s[0] };
-                    Matrix::Dense(Dense {
-                        rows: values.len() / cols.max(1),
-                        cols,
-                        values,
-                    })
-                }
-            };
-            Ok(m)
-        };
-        let vector = |m: Matrix| match m {
-            Matrix::Dense(d) => Ok(d.values),
-            Matrix::Ternary(_) => Err(anyhow!("a norm weight cannot be ternary")),
+        let mut t = Tensors {
+            map: p.tensors.into_iter().collect(),
+            student: p.student,
         };
         let (h, i, v) = (config.hidden, config.intermediate, config.vocab());
         let kv = config.kv_heads() * config.head_dim();
-        let embed_tokens = match take("embed_tokens.weight", &[v, h])? {
-            Matrix::Dense(d) => d,
-            Matrix::Ternary(_) => bail!("embed_tokens.weight cannot be ternary"),
-        };
+        let embed_tokens = t.dense("embed_tokens.weight", &[v, h])?;
         let mut layers = Vec::new();
         for l in 0..config.n_layers {
             let n = |s: &str| format!("layers.{l}.{s}");
             layers.push(Layer {
-                input_layernorm: vector(take(&n("input_layernorm.weight"), &[h])?)?,
-                q_proj: take(&n("self_attn.q_proj.weight"), &[h, h])?,
-                k_proj: take(&n("self_attn.k_proj.weight"), &[kv, h])?,
-                v_proj: take(&n("self_attn.v_proj.weight"), &[kv, h])?,
-                o_proj: take(&n("self_attn.o_proj.weight"), &[h, h])?,
-                post_attention_layernorm: vector(take(
-                    &n("post_attention_layernorm.weight"),
-                    &[h],
-                )?)?,
-                gate_proj: take(&n("mlp.gate_proj.weight"), &[i, h])?,
-                up_proj: take(&n("mlp.up_proj.weight"), &[i, h])?,
-                down_proj: take(&n("mlp.down_proj.weight"), &[h, i])?,
+                input_layernorm: t.dense(&n("input_layernorm.weight"), &[h])?.values,
+                q_proj: t.proj(l, "self_attn.q_proj", [h, h])?,
+                k_proj: t.proj(l, "self_attn.k_proj", [kv, h])?,
+                v_proj: t.proj(l, "self_attn.v_proj", [kv, h])?,
+                o_proj: t.proj(l, "self_attn.o_proj", [h, h])?,
+                post_attention_layernorm: t
+                    .dense(&n("post_attention_layernorm.weight"), &[h])?
+                    .values,
+                gate_proj: t.proj(l, "mlp.gate_proj", [i, h])?,
+                up_proj: t.proj(l, "mlp.up_proj", [i, h])?,
+                down_proj: t.proj(l, "mlp.down_proj", [h, i])?,
             });
         }
-        let norm = vector(take("norm.weight", &[h])?)?;
+        let norm = t.dense("norm.weight", &[h])?.values;
         let (embed_tokens, lm_head) = if config.tie_embeddings {
             (None, Matrix::Dense(embed_tokens))
         } else {
-            (Some(embed_tokens), take("lm_head.weight", &[v, h])?)
+            (Some(embed_tokens), t.matrix("lm_head.weight", &[v, h])?)
         };
-        if let Some(extra) = map.keys().next() {
+        if let Some(extra) = t.map.keys().next() {
             bail!("the packed file has a tensor the config does not explain: {extra}");
         }
         Ok(Self {

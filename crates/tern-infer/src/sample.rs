@@ -294,6 +294,7 @@ mod tests {
             .collect();
         let p = crate::pack_model(
             &config,
+            None,
             tensors,
             tern_pack::Encoding::Bits2,
             tern_pack::file::FloatDtype::F32,
@@ -359,6 +360,7 @@ mod tests {
             .collect();
         let mut p = crate::pack_model(
             &config,
+            None,
             tensors,
             tern_pack::Encoding::Bits2,
             tern_pack::file::FloatDtype::F32,

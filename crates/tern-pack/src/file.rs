@@ -6,7 +6,8 @@
 //! - metadata: `format = "tern-packed"`, `version = "1"`, `encoding` (`2bit` | `base3`), `config`
 //!   (the model's `[model]` section as JSON), `ternary` (JSON: name -> shape and scale groups),
 //!   `order` (JSON list: every tensor in module order), optionally `tokenizer` (the tokenizer.json
-//!   text, so the file alone can generate text) and `source`.
+//!   text, so the file alone can generate text), `source`, and `student` (JSON [`StudentSpec`]:
+//!   a distillation student, whose encoders are among the float tensors).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -80,6 +81,18 @@ struct TernaryMeta {
     col_groups: usize,
 }
 
+/// A distillation student: the blocks whose projections take their input through a 1-bit
+/// encoder, stored as float tensors `layers.{i}.{projection}.encoder.{fc1,fc2,alpha,beta}` (and
+/// `offset` in the residual form) beside the projection's weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentSpec {
+    pub layers: Vec<usize>,
+    /// The encoder adds its input to its net's output and an offset to its code (a calibrated
+    /// start's form).
+    pub residual: bool,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedModel {
     /// The `[model]` section (tern's `ModelConfig`) as JSON.
@@ -95,6 +108,8 @@ pub struct PackedModel {
     /// Begin / end of sequence ids, when the source says them (a Hugging Face config.json).
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// Set for a distillation student.
+    pub student: Option<StudentSpec>,
 }
 
 /// Sizes of a model's tensors as stored (headers and tokenizer not counted).
@@ -228,6 +243,9 @@ impl PackedModel {
         if let Some(s) = &self.source {
             meta.insert("source".into(), s.clone());
         }
+        if let Some(s) = &self.student {
+            meta.insert("student".into(), serde_json::to_string(s)?);
+        }
         for (k, v) in [
             ("bos_token_id", self.bos_token_id),
             ("eos_token_id", self.eos_token_id),
@@ -345,6 +363,10 @@ impl PackedModel {
             source: meta.get("source").cloned(),
             bos_token_id: token_id(&meta, "bos_token_id")?,
             eos_token_id: token_id(&meta, "eos_token_id")?,
+            student: meta
+                .get("student")
+                .map(|s| serde_json::from_str(s).context("metadata student"))
+                .transpose()?,
         })
     }
 
@@ -445,6 +467,10 @@ mod tests {
             source: Some("run/checkpoints/step_9".into()),
             bos_token_id: None,
             eos_token_id: Some(2),
+            student: Some(StudentSpec {
+                layers: vec![0],
+                residual: true,
+            }),
         }
     }
 

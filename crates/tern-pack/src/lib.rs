@@ -10,4 +10,4 @@ pub mod ggml;
 pub mod gguf;
 
 pub use codes::{Encoding, TernaryMatrix};
-pub use file::{PackedModel, PackedTensor, SizeReport};
+pub use file::{PackedModel, PackedTensor, SizeReport, StudentSpec};

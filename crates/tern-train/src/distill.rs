@@ -50,6 +50,13 @@ pub struct DistillConfig {
     /// teacher's input to it), in the block phases.
     #[serde(default)]
     pub hidden_weight: f64,
+    /// Weight of the attention-relation loss (MiniLM-v2 / BitDistill) on `attention_layer`, in
+    /// the phases that train that block.
+    #[serde(default)]
+    pub attention_weight: f64,
+    /// The block whose q, k and v relations are matched (default: the last distilled block).
+    #[serde(default)]
+    pub attention_layer: Option<usize>,
     /// Softmax temperature of the KL term (scaled by temperature^2, as Hinton et al.).
     #[serde(default = "d_one")]
     pub temperature: f64,
@@ -169,6 +176,12 @@ impl DistillConfig {
         }
     }
 
+    /// The block of the attention-relation loss.
+    pub fn attention_block(&self, n_layers: usize) -> usize {
+        self.attention_layer
+            .unwrap_or_else(|| *self.blocks(n_layers).last().unwrap_or(&0))
+    }
+
     pub fn student(&self, n_layers: usize, seed: u64) -> StudentConfig {
         StudentConfig {
             layers: self.blocks(n_layers),
@@ -181,15 +194,16 @@ impl DistillConfig {
         }
     }
 
-    /// The weights of (projection MSE, CE, KL, block output MSE) in `phase`: the end-to-end
-    /// phase has no MSE.
-    pub fn weights(&self, phase: Phase) -> [f64; 4] {
+    /// The weights of (projection MSE, CE, KL, block output MSE, attention relations) in
+    /// `phase`: the end-to-end phase has none of the local terms.
+    pub fn weights(&self, phase: Phase) -> [f64; 5] {
         let local = |w: f64| if phase == Phase::EndToEnd { 0.0 } else { w };
         [
             local(self.mse_weight),
             self.ce_weight,
             self.kl_weight,
             local(self.hidden_weight),
+            local(self.attention_weight),
         ]
     }
 
@@ -199,23 +213,27 @@ impl DistillConfig {
         phase == Phase::EndToEnd || self.ce_weight > 0.0 || self.kl_weight > 0.0
     }
 
-    /// A step's loss and its `metrics.jsonl` fields (`mse`, `hidden`, `ce`, `kl`, `phase`,
-    /// `block`) from its whole-batch projection MSE, block output MSE, CE and KL (CE is not a
-    /// number when the phase did not compute it).
+    /// A step's loss and its `metrics.jsonl` fields (`mse`, `hidden`, `attention`, `ce`, `kl`,
+    /// `phase`, `block`) from its whole-batch projection MSE, block output MSE, CE, KL and
+    /// attention-relation loss (CE is not a number when the phase did not compute it).
     pub fn step_fields(
         &self,
         phase: Phase,
-        [mse, hidden, ce, kl]: [f64; 4],
+        [mse, hidden, ce, kl, attention]: [f64; 5],
     ) -> (f64, serde_json::Map<String, serde_json::Value>) {
         use serde_json::json;
-        let [wm, wc, wk, wh] = self.weights(phase);
+        let [wm, wc, wk, wh, wa] = self.weights(phase);
         let ran = self.runs_student(phase);
-        let loss = wm * mse + if ran { wc * ce } else { 0.0 } + wk * kl + wh * hidden;
+        let loss =
+            wm * mse + if ran { wc * ce } else { 0.0 } + wk * kl + wh * hidden + wa * attention;
         let mut f = serde_json::Map::new();
         if phase != Phase::EndToEnd {
             f.insert("mse".into(), json!(mse));
             if self.hidden_weight > 0.0 {
                 f.insert("hidden".into(), json!(hidden));
+            }
+            if self.attention_weight > 0.0 {
+                f.insert("attention".into(), json!(attention));
             }
         }
         if ran {
@@ -285,17 +303,32 @@ impl DistillConfig {
             ("distill.ce_weight", self.ce_weight),
             ("distill.kl_weight", self.kl_weight),
             ("distill.hidden_weight", self.hidden_weight),
+            ("distill.attention_weight", self.attention_weight),
         ] {
             if v.is_nan() || v < 0.0 {
                 return Err(format!("{key}: must be at least 0"));
             }
         }
-        if self.mse_weight + self.ce_weight + self.kl_weight + self.hidden_weight == 0.0 {
+        if self.mse_weight
+            + self.ce_weight
+            + self.kl_weight
+            + self.hidden_weight
+            + self.attention_weight
+            == 0.0
+        {
             return Err(
-                "distill: mse_weight, hidden_weight, ce_weight and kl_weight are all 0: nothing \
-                 to learn"
+                "distill: mse_weight, hidden_weight, attention_weight, ce_weight and kl_weight \
+                 are all 0: nothing to learn"
                     .into(),
             );
+        }
+        if let Some(l) = self.attention_layer {
+            if !blocks.contains(&l) {
+                return Err(format!(
+                    "distill.attention_layer: block {l} is not one of distill.blocks {blocks:?} \
+                     (the loss trains a distilled block's encoders)"
+                ));
+            }
         }
         if self.e2e_steps > 0 && self.ce_weight + self.kl_weight == 0.0 {
             return Err("distill.e2e_steps: the end-to-end phase trains on ce_weight * CE + kl_weight * KL, both 0".into());
@@ -459,6 +492,9 @@ pub struct DistillLoss<B: Backend> {
     pub kl: f64,
     /// The distilled blocks' output MSE (equal on every rank of the group).
     pub hidden: f64,
+    /// The attention-relation loss of this rank's heads, divided by the group size (summed over
+    /// the group it is the loss).
+    pub attention_split: f64,
 }
 
 fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
@@ -564,14 +600,28 @@ where
 
     let device = student.embed_tokens.weight.device();
     let zero = || Tensor::<B, 1>::zeros([1], &device);
-    let (mut split, mut whole) = (zero(), zero());
+    let (mut split, mut whole, mut attention) = (zero(), zero(), zero());
+    let relations = cfg.weights(phase)[4] > 0.0;
+    let relation_block = cfg.attention_block(n_layers);
     for (&l, taps) in matched.iter().zip(taps) {
         for tap in taps {
             let proj = student.layers[l].projection(tap.name);
             let y = proj.forward(Tensor::<B, 3>::from_inner(tap.input));
-            let mse = (y - Tensor::<B, 3>::from_inner(tap.output))
-                .powi_scalar(2)
-                .mean();
+            let target = Tensor::<B, 3>::from_inner(tap.output);
+            if relations
+                && l == relation_block
+                && matches!(
+                    tap.name,
+                    "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj"
+                )
+            {
+                // A third of the mean over q, k and v; q, k and v are column-parallel, so this
+                // rank's heads' share is divided by the group size like their MSE.
+                let hd = student.layers[l].self_attn.head_dim;
+                let r = relation_kl(target.clone().detach(), y.clone(), hd);
+                attention = attention + r.div_scalar(3.0 * tp as f64);
+            }
+            let mse = (y - target).powi_scalar(2).mean();
             // Under tensor parallelism the teacher is split like the student: a column-parallel
             // projection's tap holds this rank's block of outputs. Its share of the loss is
             // divided by the group size, so that the gradient all-reduce after its encoder sums
@@ -617,19 +667,53 @@ where
     };
     let ce_value = ce.as_ref().map_or(f64::NAN, scalar);
     let ce = ce.unwrap_or_else(zero);
-    let [wm, wc, wk, wh] = cfg.weights(phase);
+    let [wm, wc, wk, wh, wa] = cfg.weights(phase);
     let total = mse.mul_scalar(wm)
         + ce.mul_scalar(wc)
         + kl.clone().mul_scalar(wk)
-        + hidden.clone().mul_scalar(wh);
+        + hidden.clone().mul_scalar(wh)
+        + attention.clone().mul_scalar(wa);
     DistillLoss {
         mse_split: scalar(&split),
         mse_whole: scalar(&whole),
         ce: ce_value,
         kl: scalar(&kl),
         hidden: scalar(&hidden),
+        attention_split: scalar(&attention),
         total,
     }
+}
+
+/// The attention-relation loss of one projection's outputs (MiniLM-v2, as BitDistill uses it):
+/// `teacher`, `student`: `[batch, seq, heads * hd]`, split into heads of `hd`; per head the
+/// relation `R = softmax(A A^T / sqrt(hd))` over the positions a causal model sees (up to and
+/// including its own), and the loss `KL(R_teacher || R_student)` summed over a row, averaged over
+/// batch, heads and rows.
+pub fn relation_kl<B: Backend>(
+    teacher: Tensor<B, 3>,
+    student: Tensor<B, 3>,
+    hd: usize,
+) -> Tensor<B, 1> {
+    let [b, t, d] = student.dims();
+    let heads = d / hd;
+    let device = student.device();
+    // A large finite negative, not -inf: a masked entry then has p = 0 and adds exactly 0.
+    let mask = Tensor::<B, 2>::ones([t, t], &device)
+        .triu(1)
+        .mul_scalar(-1e9)
+        .unsqueeze::<4>();
+    let log_relation = |a: Tensor<B, 3>| {
+        let a = a.reshape([b, t, heads, hd]).swap_dims(1, 2);
+        let scores = a
+            .clone()
+            .matmul(a.transpose())
+            .div_scalar((hd as f64).sqrt());
+        log_softmax(scores + mask.clone(), 3)
+    };
+    let (lt, ls) = (log_relation(teacher), log_relation(student));
+    (lt.clone().exp() * (lt - ls))
+        .sum()
+        .div_scalar((b * heads * t) as f64)
 }
 
 /// Per-channel sums over a tap's input rows `x: [rows, d]`, given a per-channel threshold.
@@ -790,6 +874,24 @@ pub fn projection_stats<B: Kernels, H: Hooks<B>>(
 mod tests {
     use super::*;
 
+    type AB = burn::backend::Autodiff<burn::backend::Flex>;
+
+    /// A float model of 3 blocks, normal weights (std 0.3) from `seed`.
+    fn three_blocks(seed: u64) -> Llama<AB> {
+        let m = ModelConfig {
+            n_layers: 3,
+            ..ModelConfig::tiny(20, tern_model::LinearKind::Float)
+        };
+        let dev = Default::default();
+        crate::init::init_normal(Llama::<AB>::new(&m, &dev), seed, 0.3, &dev)
+    }
+
+    /// Two blocks of 5 tokens (4 inputs and their targets).
+    fn two_sequences() -> Tensor<burn::backend::Flex, 2, Int> {
+        let data = burn::tensor::TensorData::new(vec![1i64, 4, 7, 2, 9, 3, 0, 5, 8, 6], [2, 5]);
+        Tensor::from_data(data, &Default::default())
+    }
+
     fn cfg() -> DistillConfig {
         toml::from_str(
             r#"
@@ -913,10 +1015,7 @@ mod tests {
 
     #[test]
     fn kl_is_zero_for_the_teacher_itself_and_positive_otherwise() {
-        use burn::backend::{Autodiff, Flex};
         use burn::module::AutodiffModule;
-        use burn::tensor::TensorData;
-        type AB = Autodiff<Flex>;
         let m = ModelConfig::tiny(20, tern_model::LinearKind::Float);
         let dev = Default::default();
         let student = crate::init::init_normal(Llama::<AB>::new(&m, &dev), 3, 0.3, &dev);
@@ -926,16 +1025,13 @@ mod tests {
             temperature: 2.0,
             ..cfg()
         };
-        let block = Tensor::<Flex, 2, Int>::from_data(
-            TensorData::new(vec![1i64, 4, 7, 2, 9, 3, 0, 5, 8, 6], [2, 5]),
-            &dev,
-        );
+        let block = two_sequences();
         let l = distill_loss(&c, Phase::EndToEnd, &student, &teacher, block.clone(), 1);
         assert!(l.kl.abs() < 1e-6, "KL(p || p) = {}", l.kl);
         let ce = scalar(&teacher.model().loss(block.clone()));
         assert!((l.ce - ce).abs() < 1e-6, "{} vs {ce}", l.ce);
         // Another student: KL > 0, and the total is ce_weight * CE + kl_weight * KL (no MSE end to end).
-        let other = crate::init::init_normal(Llama::<AB>::new(&m, &dev), 4, 0.3, &dev);
+        let other = three_blocks(4);
         let l = distill_loss(&c, Phase::EndToEnd, &other, &teacher, block, 1);
         assert!(l.kl > 1e-3, "{}", l.kl);
         let total = scalar(&l.total);
@@ -950,16 +1046,9 @@ mod tests {
     /// stop early; zero for the teacher itself, and the total is its weight times it.
     #[test]
     fn hidden_mse_is_the_blocks_output_error_on_the_teachers_input() {
-        use burn::backend::{Autodiff, Flex};
         use burn::module::AutodiffModule;
-        use burn::tensor::TensorData;
-        type AB = Autodiff<Flex>;
-        let m = ModelConfig {
-            n_layers: 3,
-            ..ModelConfig::tiny(20, tern_model::LinearKind::Float)
-        };
         let dev = Default::default();
-        let student = crate::init::init_normal(Llama::<AB>::new(&m, &dev), 3, 0.3, &dev);
+        let student = three_blocks(3);
         let teacher_model = student.valid();
         let teacher = Teacher::new(teacher_model.clone(), &[1]);
         let c = DistillConfig {
@@ -969,13 +1058,10 @@ mod tests {
             hidden_weight: 2.0,
             ..cfg()
         };
-        let block = Tensor::<Flex, 2, Int>::from_data(
-            TensorData::new(vec![1i64, 4, 7, 2, 9, 3, 0, 5, 8, 6], [2, 5]),
-            &dev,
-        );
+        let block = two_sequences();
         let l = distill_loss(&c, Phase::Block(1), &student, &teacher, block.clone(), 1);
         assert!(l.hidden.abs() < 1e-12, "the teacher itself: {}", l.hidden);
-        let other = crate::init::init_normal(Llama::<AB>::new(&m, &dev), 4, 0.3, &dev);
+        let other = three_blocks(4);
         let l = distill_loss(&c, Phase::Block(1), &other, &teacher, block.clone(), 1);
         let inputs = block.narrow(1, 0, 4);
         let x = teacher_model.forward_blocks(inputs.clone(), 1);
@@ -989,6 +1075,106 @@ mod tests {
             l.hidden
         );
         assert!((scalar(&l.total) - 2.0 * want).abs() <= 1e-6 * want);
+    }
+
+    /// The attention-relation loss against the formula computed here in f64: a two-position case
+    /// written out (the first row sees only itself, so only the second row counts), and a case
+    /// of 2 sequences x 3 heads x 5 positions; zero for equal states.
+    #[test]
+    fn relation_kl_is_the_kl_of_causal_attention_relations() {
+        use burn::backend::Flex;
+        use burn::tensor::TensorData;
+        let dev = Default::default();
+        let t3 = |v: &[f64], shape: [usize; 3]| {
+            let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+            Tensor::<Flex, 3>::from_data(TensorData::new(v, shape), &dev)
+        };
+        let softmax = |s: &[f64]| {
+            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+            s.iter().map(|x| (x - m).exp() / z).collect::<Vec<f64>>()
+        };
+        let kl = |p: &[f64], q: &[f64]| p.iter().zip(q).map(|(p, q)| p * (p / q).ln()).sum::<f64>();
+        // Teacher rows (1, 0), (0.5, 1); student rows (0.2, 0.3), (1, -1); hd 2.
+        let r2 = 2f64.sqrt();
+        let p = softmax(&[0.5 / r2, 1.25 / r2]);
+        let q = softmax(&[-0.1 / r2, 2.0 / r2]);
+        let want = kl(&p, &q) / 2.0;
+        let got = scalar(&relation_kl(
+            t3(&[1.0, 0.0, 0.5, 1.0], [1, 2, 2]),
+            t3(&[0.2, 0.3, 1.0, -1.0], [1, 2, 2]),
+            2,
+        ));
+        assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
+
+        let (b, t, heads, hd) = (2, 5, 3, 4);
+        let d = heads * hd;
+        let wave = |k: f64| -> Vec<f64> {
+            (0..b * t * d)
+                .map(|i| ((i as f64) * k + 0.3).sin())
+                .collect()
+        };
+        let (ta, sa) = (wave(0.37), wave(0.91));
+        let rel = |a: &[f64], bi: usize, h: usize, i: usize| -> Vec<f64> {
+            let row = |j: usize| &a[(bi * t + j) * d + h * hd..][..hd];
+            let scores: Vec<f64> = (0..=i)
+                .map(|j| {
+                    row(i).iter().zip(row(j)).map(|(x, y)| x * y).sum::<f64>() / (hd as f64).sqrt()
+                })
+                .collect();
+            softmax(&scores)
+        };
+        let mut want = 0.0;
+        for bi in 0..b {
+            for h in 0..heads {
+                for i in 0..t {
+                    want += kl(&rel(&ta, bi, h, i), &rel(&sa, bi, h, i));
+                }
+            }
+        }
+        want /= (b * heads * t) as f64;
+        let got = scalar(&relation_kl(t3(&ta, [b, t, d]), t3(&sa, [b, t, d]), hd));
+        assert!(
+            want > 1e-2 && (got - want).abs() <= 1e-5 * want,
+            "{got} vs {want}"
+        );
+        let same = scalar(&relation_kl(t3(&ta, [b, t, d]), t3(&ta, [b, t, d]), hd));
+        assert!(same.abs() < 1e-7, "{same}");
+    }
+
+    /// In `distill_loss` the relations are those of the chosen block only, in the phases that
+    /// train it: zero for the teacher itself, positive for another model, and nothing in block
+    /// 0's phase when the chosen block is 1.
+    #[test]
+    fn attention_relations_count_on_the_chosen_block_only() {
+        use burn::module::AutodiffModule;
+        let student = three_blocks(3);
+        let teacher = Teacher::new(student.valid(), &[0, 1]);
+        let c = DistillConfig {
+            blocks: Some(vec![0, 1]),
+            mse_weight: 0.0,
+            ce_weight: 0.0,
+            attention_weight: 2.0,
+            attention_layer: Some(1),
+            ..cfg()
+        };
+        let block = two_sequences();
+        let l = distill_loss(&c, Phase::Block(1), &student, &teacher, block.clone(), 1);
+        assert!(
+            l.attention_split.abs() < 1e-7,
+            "the teacher itself: {}",
+            l.attention_split
+        );
+        let other = three_blocks(4);
+        let l = distill_loss(&c, Phase::Block(1), &other, &teacher, block.clone(), 1);
+        assert!(l.attention_split > 1e-4, "{}", l.attention_split);
+        let total = scalar(&l.total);
+        assert!(
+            (total - 2.0 * l.attention_split).abs() <= 1e-6 * total,
+            "{total}"
+        );
+        let l0 = distill_loss(&c, Phase::Block(0), &other, &teacher, block, 1);
+        assert_eq!(l0.attention_split, 0.0);
     }
 
     /// The calibrated start: per channel of each distilled projection's teacher input over the

@@ -28,9 +28,10 @@ pub enum Objective<B: Backend> {
 
 /// A step's loss terms averaged over its micro-batches, this rank's share: the MSE of
 /// projections whose output this rank holds a block of (to be summed over the tensor-parallel
-/// group), the other projections' MSE, CE, KL and the blocks' output MSE.
+/// group), the other projections' MSE, CE, KL, the blocks' output MSE and this rank's share of
+/// the attention-relation loss (summed over the group).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct LossParts(pub [f64; 5]);
+pub struct LossParts(pub [f64; 6]);
 
 /// Blocks of `block_len` tokens, one after another, as a `[blocks, block_len]` int tensor.
 pub fn batch_tensor<B: Backend>(
@@ -122,8 +123,15 @@ where
             (Objective::Distill { cfg, teacher, .. }, Some(ph)) => {
                 let x = batch_tensor::<B>(tokens, block_len, &weight.inner().device());
                 let l = distill_loss(cfg, ph, model, teacher, x, tp);
-                let parts =
-                    [l.mse_split, l.mse_whole, l.ce, l.kl, l.hidden].map(|v| v / n_micro as f64);
+                let parts = [
+                    l.mse_split,
+                    l.mse_whole,
+                    l.ce,
+                    l.kl,
+                    l.hidden,
+                    l.attention_split,
+                ]
+                .map(|v| v / n_micro as f64);
                 (l.total, LossParts(parts))
             }
             _ => (
@@ -148,10 +156,13 @@ where
             return (loss, Map::new());
         };
         let n = dp.size() as f64;
-        let [split, whole, ce, kl, hidden] = parts.0.map(|v| dp.all_reduce_sum_f64(v) / n);
-        // Under tensor parallelism the ranks' totals differ (each holds its share of the MSE).
+        let [split, whole, ce, kl, hidden, attention] =
+            parts.0.map(|v| dp.all_reduce_sum_f64(v) / n);
+        // Under tensor parallelism the ranks' totals differ (each holds its share of the MSE and
+        // of the attention relations).
         let mse = tp.all_reduce_sum_f64(split) + whole;
-        cfg.step_fields(ph, [mse, hidden, ce, kl])
+        let attention = tp.all_reduce_sum_f64(attention);
+        cfg.step_fields(ph, [mse, hidden, ce, kl, attention])
     }
 
     /// Every distilled projection's validation MSE against the teacher (`None` when pretraining).
@@ -194,8 +205,8 @@ where
             return None;
         };
         Some(format!(
-            "distill: teacher {} | blocks {:?}: {} steps each, then {} all together, then {} end to end | loss {} mse + {} hidden + {} ce + {} kl | {:?} start",
-            d.teacher, d.blocks(*n_layers), d.block_steps, d.all_steps, d.e2e_steps, d.mse_weight, d.hidden_weight, d.ce_weight, d.kl_weight, d.init
+            "distill: teacher {} | blocks {:?}: {} steps each, then {} all together, then {} end to end | loss {} mse + {} hidden + {} attention (block {}) + {} ce + {} kl | {:?} start",
+            d.teacher, d.blocks(*n_layers), d.block_steps, d.all_steps, d.e2e_steps, d.mse_weight, d.hidden_weight, d.attention_weight, d.attention_block(*n_layers), d.ce_weight, d.kl_weight, d.init
         ))
     }
 }
