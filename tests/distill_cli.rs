@@ -494,6 +494,35 @@ fn galore_distillation_resumes_before_a_block_was_trained() {
     resumes_bit_for_bit(&run, 8, again);
 }
 
+/// A ramp into quantization over 12 steps (block 0 from step 1, block 1 from step 9): the losses
+/// differ from a run without it, and a resume from step 8, in the middle of block 0's ramp,
+/// continues bit for bit.
+#[test]
+fn quantization_ramp_resumes_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher_arg = format!("distill.teacher=\"{}\"", teacher().display());
+    let ramp = ["--set", "distill.quant_ramp_steps=12"];
+    let run = dir.path().join("ramp");
+    let mut a = distill_args(&run, &teacher_arg);
+    a.extend(ramp);
+    ok(&tern(&a));
+    let plain = dir.path().join("plain");
+    #[rustfmt::skip]
+    ok(&tern(&distill_args(&plain, &teacher_arg)));
+    let first = |r: &Path| {
+        let m = metrics(r);
+        m.iter()
+            .find(|l| l["step"] == 1 && l.get("loss").is_some())
+            .unwrap()["loss"]
+            .clone()
+    };
+    assert_ne!(first(&run), first(&plain));
+    let again = dir.path().join("again");
+    let mut a = distill_args(&again, &teacher_arg);
+    a.extend(ramp);
+    resumes_bit_for_bit(&run, 8, a);
+}
+
 /// Runs the short distillation in one process with `one` and under `mpirun -np 2` with `two`,
 /// and checks that the two log the same losses, step by step, and the same validation MSEs.
 fn same_as_one_process(one: &[&str], two: &[&str]) {

@@ -178,6 +178,7 @@ fn cases() -> BTreeMap<String, Case> {
                     train_head: false,
                     init: tern_train::distill::DistillInit::Unit,
                     calibration_batches: 8,
+                    quant_ramp_steps: 0,
                 }),
             ),
         ),

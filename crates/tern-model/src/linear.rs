@@ -57,6 +57,10 @@ pub struct ProjLinear<B: Backend, H = NoHooks> {
     /// Epsilon of BitNet's RMSNorm of the input.
     #[module(skip)]
     pub rms_eps: f64,
+    /// How far a ternary layer's weight is quantized: `W~ = (1 - m) W + m Q(W)` (1: TriLM's
+    /// forward; below 1 during a distillation's ramp into quantization, `distill.quant_ramp_steps`).
+    #[module(skip)]
+    pub quant_mix: f64,
 }
 
 /// Everything needed to build a [`ProjLinear`].
@@ -112,6 +116,7 @@ impl ProjLinearConfig {
             eps: self.eps,
             sparsity: self.sparsity,
             rms_eps: self.rms_eps,
+            quant_mix: 1.0,
         }
     }
 }
@@ -194,14 +199,22 @@ impl<B: Backend, H> ProjLinear<B, H> {
         let w = self.weight.val();
         match self.kind {
             LinearKind::Float => w,
-            LinearKind::Ternary => B::ternary_ste(
-                w,
-                TernarySpec {
+            LinearKind::Ternary => {
+                let spec = TernarySpec {
                     groups: self.groups,
                     by_rows: self.axis.by_rows(),
                     eps: self.eps,
-                },
-            ),
+                };
+                match self.quant_mix >= 1.0 {
+                    true => B::ternary_ste(w, spec),
+                    // The straight-through gradient of the quantized part is the identity, so
+                    // the mix passes the gradient unchanged.
+                    false => {
+                        w.clone().mul_scalar(1.0 - self.quant_mix)
+                            + B::ternary_ste(w, spec).mul_scalar(self.quant_mix)
+                    }
+                }
+            }
             LinearKind::Bitnet => {
                 let (codes, gamma) = bitnet_codes(w.clone().detach(), self.groups, self.axis);
                 let q = reference::dequantize(codes, gamma, self.groups, self.axis.by_rows());
@@ -300,7 +313,11 @@ impl<B: Kernels, H: Hooks<B>> ProjLinear<B, H> {
         let rows = x.shape().num_elements() / d_in;
         let x = x.reshape([rows, d_in]);
         let y = match (matmul_precision(), self.kind) {
-            (Precision::Bf16, LinearKind::Ternary | LinearKind::Bitnet) => self.scaled_codes(x),
+            (Precision::Bf16, LinearKind::Ternary | LinearKind::Bitnet)
+                if self.quant_mix >= 1.0 =>
+            {
+                self.scaled_codes(x)
+            }
             _ => <B as Kernels>::linear(x, self.effective_weight()),
         };
         let d_out = y.dims()[1];
@@ -325,6 +342,7 @@ impl<B: Backend, H> ProjLinear<B, H> {
             eps: self.eps,
             sparsity: self.sparsity,
             rms_eps: self.rms_eps,
+            quant_mix: self.quant_mix,
         }
     }
 }
@@ -341,6 +359,15 @@ mod tests {
 
     type B = Flex;
     type AB = Autodiff<Flex>;
+
+    /// The gradient of a layer's latent weight.
+    fn weight_grad(
+        layer: &ProjLinear<AB>,
+        g: &<AB as burn::tensor::backend::AutodiffBackend>::Gradients,
+    ) -> Vec<f32> {
+        let grad = layer.weight.val().grad(g).unwrap();
+        grad.into_data().to_vec().unwrap()
+    }
 
     fn cfg(kind: LinearKind, groups: usize, axis: ScaleAxis) -> ProjLinearConfig {
         ProjLinearConfig {
@@ -458,6 +485,44 @@ mod tests {
         let _ = TensorData::from([1.0f32]);
     }
 
+    /// A ramp's mix `m`: the forward uses `(1 - m) W + m Q(W)`, and the latent weight's gradient
+    /// is the gradient with respect to that weight (the quantized part's straight-through
+    /// estimator is the identity); `m = 1` is the plain ternary layer.
+    #[test]
+    fn quant_mix_blends_float_and_ternary_weights() {
+        let dev = Default::default();
+        let mut layer = cfg(LinearKind::Ternary, 2, ScaleAxis::Rows).init::<AB>(&dev);
+        layer.quant_mix = 0.25;
+        let x = Tensor::<AB, 2>::random([5, 12], Distribution::Normal(0.0, 1.0), &dev);
+        let target = Tensor::<AB, 2>::random([5, 8], Distribution::Normal(0.0, 1.0), &dev);
+        let y = layer.forward(x.clone());
+        let w = layer.weight.val().inner();
+        let wq = ternary_quantize(w.clone(), 2, ScaleAxis::Rows, 1e-5);
+        let mixed = w.mul_scalar(0.75) + wq.mul_scalar(0.25);
+        let expect = x.clone().inner().matmul(mixed.clone().transpose());
+        y.clone()
+            .inner()
+            .into_data()
+            .assert_approx_eq::<f32>(&expect.into_data(), burn::tensor::Tolerance::default());
+        let g = (y - target.clone()).powi_scalar(2).sum().backward();
+        let g_latent = weight_grad(&layer, &g);
+        let leaf = Tensor::<AB, 2>::from_inner(mixed).require_grad();
+        let g = (x.matmul(leaf.clone().transpose()) - target)
+            .powi_scalar(2)
+            .sum()
+            .backward();
+        let g_leaf: Vec<f32> = leaf.grad(&g).unwrap().into_data().to_vec().unwrap();
+        for (a, b) in g_latent.iter().zip(&g_leaf) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+        }
+        // Not the plain ternary layer's output.
+        layer.quant_mix = 1.0;
+        let plain = layer.forward(Tensor::<AB, 2>::ones([1, 12], &dev)).inner();
+        layer.quant_mix = 0.25;
+        let ramped = layer.forward(Tensor::<AB, 2>::ones([1, 12], &dev)).inner();
+        assert!((plain - ramped).abs().max().into_scalar() > 1e-3);
+    }
+
     /// BitNet's weight: per group `gamma = max(mean|W_g|, 1e-5)`, values in {-gamma, 0, gamma}.
     #[test]
     fn bitnet_weight_closed_form() {
@@ -523,14 +588,7 @@ mod tests {
             .powi_scalar(2)
             .sum()
             .backward();
-        let gw: Vec<f32> = layer
-            .weight
-            .val()
-            .grad(&g)
-            .unwrap()
-            .into_data()
-            .to_vec()
-            .unwrap();
+        let gw = weight_grad(&layer, &g);
         let gx: Vec<f32> = x.grad(&g).unwrap().into_data().to_vec().unwrap();
 
         // Reference: W_q and the quantized input as they are forward, gradients as if neither

@@ -68,6 +68,23 @@ impl<B: Backend, H> Block<B, H> {
         std::array::from_fn(|i| (PROJECTION_NAMES[i], p[i]))
     }
 
+    /// Sets every projection's [`ProjLinear::quant_mix`] (a ramp into quantization: 0 float, 1
+    /// the linear kind's quantized weight; float layers ignore it).
+    pub fn set_quant_mix(&mut self, mix: f64) {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        for p in [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ] {
+            p.quant_mix = mix;
+        }
+    }
+
     /// The projection named `name` (`self_attn.q_proj`, ..., as [`Self::projections`] names them).
     pub fn projection(&self, name: &str) -> &ProjLinear<B, H> {
         self.projections()

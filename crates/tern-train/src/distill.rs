@@ -78,6 +78,11 @@ pub struct DistillConfig {
     /// Micro-batches of the first training blocks that a calibrated start reads.
     #[serde(default = "d_calibration")]
     pub calibration_batches: usize,
+    /// A ramp into quantization: over a distilled block's first `quant_ramp_steps` training
+    /// steps its weight goes from float to the linear kind's quantized one (0: quantized from the
+    /// start).
+    #[serde(default)]
+    pub quant_ramp_steps: u64,
 }
 
 /// `distill.init`.
@@ -174,6 +179,19 @@ impl DistillConfig {
             (_, None) if name.starts_with("embed_tokens.") => self.train_embeddings,
             (_, None) => self.train_head,
         }
+    }
+
+    /// How far block `b`'s weights are quantized in (0-based) step `step`: 0 before the block's
+    /// first training step, then `k / quant_ramp_steps` in its `k`-th, 1 from the end of the
+    /// ramp on (always 1 without a ramp).
+    pub fn quant_mix(&self, b: usize, step: u64, n_layers: usize) -> f64 {
+        if self.quant_ramp_steps == 0 {
+            return 1.0;
+        }
+        let k = self.blocks(n_layers).iter().position(|&x| x == b);
+        let first = k.map_or(0, |k| k as u64 * self.block_steps);
+        let done = (step + 1).saturating_sub(first);
+        (done as f64 / self.quant_ramp_steps as f64).min(1.0)
     }
 
     /// The block of the attention-relation loss.
@@ -339,6 +357,22 @@ impl DistillConfig {
         ] {
             if v.is_nan() || v <= 0.0 {
                 return Err(format!("{key}: must be positive"));
+            }
+        }
+        if self.quant_ramp_steps > 0 {
+            if model.linear == tern_model::LinearKind::Float {
+                return Err(
+                    "distill.quant_ramp_steps: model.linear = \"float\" has nothing to quantize"
+                        .into(),
+                );
+            }
+            let last = self.block_steps + self.all_steps + self.e2e_steps;
+            if self.quant_ramp_steps > last {
+                return Err(format!(
+                    "distill.quant_ramp_steps: {} is more than the {last} steps that train the last \
+                     block; its weights would end the run not fully quantized",
+                    self.quant_ramp_steps
+                ));
             }
         }
         if self.init == DistillInit::Calibrated && self.calibration_batches == 0 {
@@ -1075,6 +1109,46 @@ mod tests {
             l.hidden
         );
         assert!((scalar(&l.total) - 2.0 * want).abs() <= 1e-6 * want);
+    }
+
+    /// The ramp into quantization: block by block from each block's first training step (blocks
+    /// [2, 0], 3 steps each, ramp 2), and its errors.
+    #[test]
+    fn quantization_ramp_starts_with_each_blocks_training() {
+        let c = DistillConfig {
+            quant_ramp_steps: 2,
+            ..cfg()
+        };
+        let mix = |b: usize| (0..6).map(|s| c.quant_mix(b, s, 3)).collect::<Vec<_>>();
+        assert_eq!(mix(2), [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]);
+        assert_eq!(mix(0), [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]);
+        assert_eq!(
+            cfg().quant_mix(0, 0, 3),
+            1.0,
+            "no ramp: quantized from the start"
+        );
+        let three = |kind| ModelConfig {
+            n_layers: 3,
+            ..ModelConfig::tiny(20, kind)
+        };
+        let tern = three(tern_model::LinearKind::Ternary);
+        let steps = c.total_steps(3);
+        assert!(c.validate(&tern, steps).is_ok());
+        let float = three(tern_model::LinearKind::Float);
+        let e = c.validate(&float, steps).unwrap_err();
+        assert!(
+            e.contains("distill.quant_ramp_steps") && e.contains("float"),
+            "{e}"
+        );
+        let long = DistillConfig {
+            quant_ramp_steps: 7,
+            ..cfg()
+        };
+        let e = long.validate(&tern, steps).unwrap_err();
+        assert!(
+            e.contains("distill.quant_ramp_steps: 7") && e.contains("6 steps"),
+            "{e}"
+        );
     }
 
     /// The attention-relation loss against the formula computed here in f64: a two-position case

@@ -91,6 +91,20 @@ where
         )))
     }
 
+    /// Sets each distilled block's quantization mix for step `step` (`distill.quant_ramp_steps`;
+    /// nothing to do without a ramp).
+    pub fn set_quant_mix<AB: Backend>(&self, step: u64, model: &mut TpLlama<AB>) {
+        let Objective::Distill { cfg, n_layers, .. } = self else {
+            return;
+        };
+        if cfg.quant_ramp_steps == 0 {
+            return;
+        }
+        for b in cfg.blocks(*n_layers) {
+            model.layers[b].set_quant_mix(cfg.quant_mix(b, step, *n_layers));
+        }
+    }
+
     /// Which parameters step `step` trains (the others keep their values and optimizer state).
     pub fn trainable(&self, step: u64, slots: &ParamSlots) -> Vec<bool> {
         match (self, self.phase(step)) {
@@ -205,8 +219,8 @@ where
             return None;
         };
         Some(format!(
-            "distill: teacher {} | blocks {:?}: {} steps each, then {} all together, then {} end to end | loss {} mse + {} hidden + {} attention (block {}) + {} ce + {} kl | {:?} start",
-            d.teacher, d.blocks(*n_layers), d.block_steps, d.all_steps, d.e2e_steps, d.mse_weight, d.hidden_weight, d.attention_weight, d.attention_block(*n_layers), d.ce_weight, d.kl_weight, d.init
+            "distill: teacher {} | blocks {:?}: {} steps each, then {} all together, then {} end to end | loss {} mse + {} hidden + {} attention (block {}) + {} ce + {} kl | {:?} start | quantization ramp {} steps",
+            d.teacher, d.blocks(*n_layers), d.block_steps, d.all_steps, d.e2e_steps, d.mse_weight, d.hidden_weight, d.attention_weight, d.attention_block(*n_layers), d.ce_weight, d.kl_weight, d.init, d.quant_ramp_steps
         ))
     }
 }

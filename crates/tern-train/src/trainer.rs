@@ -240,6 +240,8 @@ where
             checkpoints.restore_optimizer(&r, &mut opt, &slots, dist, &inner)?;
             state = r.state;
         }
+        // A step-0 evaluation (and a resumed one) sees the weights of the step about to run.
+        objective.set_quant_mix(state.step, &mut model);
         let tc = &recipe.train;
         let n_val =
             ((tc.eval_batches * tc.micro_batch) as u64).min(inputs.val.source.blocks()) as usize;
@@ -386,6 +388,7 @@ where
         let (tc, dist) = (&self.recipe.train, self.dist);
         let step = self.state.step;
         self.faults.maybe_panic(dist.topo.rank, step + 1);
+        self.objective.set_quant_mix(step, &mut self.model);
         let block_len = self.recipe.data.seq_len + 1;
         let blocks = self
             .data
