@@ -113,6 +113,13 @@ pub fn load(
         }
         tensors.push((name, shape, v));
     }
+    if let Some(extra) = map.keys().min() {
+        bail!(
+            "{}: tensor {extra} is not part of the model its recipe describes (a student's \
+             encoders must match its distill.blocks and distill.init)",
+            source.display()
+        );
+    }
     let mut packed = tern_infer::pack_model(&config, student, tensors, encoding, float_dtype)?;
     let mut max_positions = None;
     let (found, seq_len) = if tern_hf::is_hf_dir(&source) {

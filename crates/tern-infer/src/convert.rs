@@ -182,7 +182,8 @@ pub fn effective_tensors(p: &PackedModel) -> Vec<(String, Vec<usize>, Vec<f32>)>
 }
 
 /// The model config of a packed file, checked against its tensors: the names and shapes the config
-/// implies, in order, ternary where the config's linear kind says so.
+/// (and the student, when the file holds one) implies, in order, ternary where the config's linear
+/// kind says so (in a student, in its distilled blocks only).
 pub fn packed_config(p: &PackedModel) -> Result<ModelConfig> {
     let c: ModelConfig = serde_json::from_value(p.config.clone())
         .map_err(|e| anyhow::anyhow!("packed file's config: {e}"))?;
@@ -217,9 +218,13 @@ pub fn packed_config(p: &PackedModel) -> Result<ModelConfig> {
         }
         if ternary != ternary_axis(&c, student, name).is_some() {
             bail!(
-                "{name} is {} but the config's linear kind is {:?}",
+                "{name} is {} but the config's linear kind is {:?}{}",
                 if ternary { "ternary" } else { "float" },
-                c.linear
+                c.linear,
+                match student {
+                    Some(s) => format!(" and the student distils blocks {:?}", s.layers),
+                    None => String::new(),
+                }
             );
         }
     }

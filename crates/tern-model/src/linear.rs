@@ -191,7 +191,8 @@ impl<B: Backend, H> ProjLinear<B, H> {
     /// The weight the forward pass multiplies by. For ternary and BitNet layers the
     /// straight-through estimator makes dL/dW equal dL/dW~ (ternary: one fused op,
     /// [`Kernels::ternary_ste`]; BitNet: [`reference::straight_through`], which says why it is
-    /// written as it is); the forward pass sees the exact quantized weight.
+    /// written as it is); the forward pass sees the exact quantized weight (a ternary layer
+    /// during a ramp, `quant_mix < 1`, sees its blend with the latent weight).
     pub fn effective_weight(&self) -> Tensor<B, 2>
     where
         B: Kernels,

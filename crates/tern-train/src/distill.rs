@@ -54,7 +54,7 @@ pub struct DistillConfig {
     /// the phases that train that block.
     #[serde(default)]
     pub attention_weight: f64,
-    /// The block whose q, k and v relations are matched (default: the last distilled block).
+    /// The block whose q, k and v relations are matched (default: the last entry of `blocks`).
     #[serde(default)]
     pub attention_layer: Option<usize>,
     /// Softmax temperature of the KL term (scaled by temperature^2, as Hinton et al.).
@@ -78,9 +78,9 @@ pub struct DistillConfig {
     /// Micro-batches of the first training blocks that a calibrated start reads.
     #[serde(default = "d_calibration")]
     pub calibration_batches: usize,
-    /// A ramp into quantization: over a distilled block's first `quant_ramp_steps` training
-    /// steps its weight goes from float to the linear kind's quantized one (0: quantized from the
-    /// start).
+    /// A ramp into quantization: over the first `quant_ramp_steps` steps that train a distilled
+    /// block, its weight goes from float to the linear kind's quantized one (0: quantized from
+    /// the start).
     #[serde(default)]
     pub quant_ramp_steps: u64,
 }
@@ -181,17 +181,24 @@ impl DistillConfig {
         }
     }
 
-    /// How far block `b`'s weights are quantized in (0-based) step `step`: 0 before the block's
-    /// first training step, then `k / quant_ramp_steps` in its `k`-th, 1 from the end of the
-    /// ramp on (always 1 without a ramp).
+    /// How far block `b`'s weights are quantized in (0-based) step `step`: `k / quant_ramp_steps`
+    /// where `k` counts the steps up to and including `step` that train the block (its own phase,
+    /// then the all-blocks and end-to-end phases; steps where it is frozen do not count), 1 once
+    /// `k` reaches the ramp (always 1 without a ramp).
     pub fn quant_mix(&self, b: usize, step: u64, n_layers: usize) -> f64 {
+        let blocks = self.blocks(n_layers);
+        let Some(k) = blocks.iter().position(|&x| x == b) else {
+            return 1.0;
+        };
         if self.quant_ramp_steps == 0 {
             return 1.0;
         }
-        let k = self.blocks(n_layers).iter().position(|&x| x == b);
-        let first = k.map_or(0, |k| k as u64 * self.block_steps);
-        let done = (step + 1).saturating_sub(first);
-        (done as f64 / self.quant_ramp_steps as f64).min(1.0)
+        // Steps of [lo, hi) up to and including `step`.
+        let within = |lo: u64, hi: u64| (step + 1).clamp(lo, hi) - lo;
+        let (bs, per_block) = (self.block_steps, blocks.len() as u64 * self.block_steps);
+        let own = within(k as u64 * bs, (k as u64 + 1) * bs);
+        let together = within(per_block, per_block + self.all_steps + self.e2e_steps);
+        ((own + together) as f64 / self.quant_ramp_steps as f64).min(1.0)
     }
 
     /// The block of the attention-relation loss.
@@ -1111,17 +1118,30 @@ mod tests {
         assert!((scalar(&l.total) - 2.0 * want).abs() <= 1e-6 * want);
     }
 
-    /// The ramp into quantization: block by block from each block's first training step (blocks
-    /// [2, 0], 3 steps each, ramp 2), and its errors.
+    /// The ramp into quantization: per block over the steps that train it (blocks [2, 0], 3 steps
+    /// each, then 2 together and 1 end to end), and its errors.
     #[test]
     fn quantization_ramp_starts_with_each_blocks_training() {
         let c = DistillConfig {
             quant_ramp_steps: 2,
             ..cfg()
         };
-        let mix = |b: usize| (0..6).map(|s| c.quant_mix(b, s, 3)).collect::<Vec<_>>();
-        assert_eq!(mix(2), [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]);
-        assert_eq!(mix(0), [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]);
+        let mix =
+            |c: &DistillConfig, b: usize| (0..9).map(|s| c.quant_mix(b, s, 3)).collect::<Vec<_>>();
+        assert_eq!(mix(&c, 2), [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
+        assert_eq!(mix(&c, 0), [0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]);
+        // A ramp longer than a block's phase waits while the block is frozen (block 0's phase
+        // for block 2) and goes on in the all-blocks phase (steps 6 and 7).
+        let c4 = DistillConfig {
+            quant_ramp_steps: 4,
+            ..cfg()
+        };
+        assert_eq!(
+            mix(&c4, 2),
+            [0.25, 0.5, 0.75, 0.75, 0.75, 0.75, 1.0, 1.0, 1.0]
+        );
+        assert_eq!(mix(&c4, 0), [0.0, 0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]);
+        assert_eq!(c4.quant_mix(1, 0, 3), 1.0, "block 1 is not distilled");
         assert_eq!(
             cfg().quant_mix(0, 0, 3),
             1.0,

@@ -240,7 +240,8 @@ where
             checkpoints.restore_optimizer(&r, &mut opt, &slots, dist, &inner)?;
             state = r.state;
         }
-        // A step-0 evaluation (and a resumed one) sees the weights of the step about to run.
+        // The step-0 validation MSEs see the weights of the first step; later evaluations see
+        // those of the step just run (`train_step` sets the mix).
         objective.set_quant_mix(state.step, &mut model);
         let tc = &recipe.train;
         let n_val =
