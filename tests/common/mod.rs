@@ -46,7 +46,11 @@ pub fn tern_cmd(n: usize) -> Command {
         c.args(["-np", &n.to_string(), tern]);
         // Open MPI 4 jobs started at the same moment race on their shared session directory
         // under /tmp ("orte_session_dir failed"); the tests run several at once, each gets its own.
-        let session = tempfile::Builder::new().prefix("ompi-").tempdir().unwrap().keep();
+        let session = tempfile::Builder::new()
+            .prefix("ompi-")
+            .tempdir()
+            .unwrap()
+            .keep();
         c.env("OMPI_MCA_orte_tmpdir_base", session);
         c
     };
