@@ -156,14 +156,7 @@ fn logits_match_hugging_face_transformers() {
     );
     // Ids outside the vocabulary are refused, naming the position.
     let bad = dir.path().join("bad.safetensors");
-    let b: Vec<u8> = [3i64, 96].iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 2], &b).unwrap();
-    std::fs::write(
-        &bad,
-        safetensors::tensor::serialize([("input_ids", view)], None).unwrap(),
-    )
-    .unwrap();
+    write_input_ids(&bad, &[3, 96], [1, 2]);
     fails_with(
         &tern(&[
             "logits",
@@ -317,17 +310,7 @@ fn distillation_lowers_the_projections_mse_and_freezes_the_rest() {
 
     // The student checkpoint loads for inference with its encoders: `tern logits` on it.
     let ids = dir.path().join("ids.safetensors");
-    let bytes: Vec<u8> = [1i64, 5, 9, 300, 2, 7]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![2, 3], &bytes).unwrap();
-    std::fs::write(
-        &ids,
-        safetensors::tensor::serialize([("input_ids", view)], None).unwrap(),
-    )
-    .unwrap();
+    write_input_ids(&ids, &[1, 5, 9, 300, 2, 7], [2, 3]);
     let out = dir.path().join("logits.safetensors");
     ok(&tern(&[
         "logits",
@@ -394,14 +377,7 @@ fn packed_calibrated_student_is_the_checkpoint() {
     ok(&tern(&a));
     let ids = dir.path().join("ids.safetensors");
     let values: Vec<i64> = (0..2 * 24).map(|i| (i * 131 + 7) % 4096).collect();
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![2, 24], &bytes).unwrap();
-    std::fs::write(
-        &ids,
-        safetensors::tensor::serialize([("input_ids", view)], None).unwrap(),
-    )
-    .unwrap();
+    write_input_ids(&ids, &values, [2, 24]);
     let out = dir.path().join("logits.safetensors");
     #[rustfmt::skip]
     ok(&tern(&["logits", "--model", s(&run), "--input-ids", s(&ids), "--out", s(&out)]));

@@ -32,16 +32,6 @@ fn eval_loss(text: &str) -> f64 {
     after.split(' ').next().unwrap().parse().unwrap()
 }
 
-/// A safetensors file with tensor `input_ids` (i64), as `tern logits` reads.
-fn write_input_ids(path: &Path, ids: &[i64], shape: [usize; 2]) {
-    let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, shape.to_vec(), &bytes)
-            .unwrap();
-    let file = safetensors::tensor::serialize(vec![("input_ids", view)], None).unwrap();
-    std::fs::write(path, file).unwrap();
-}
-
 fn fixture() -> PathBuf {
     repo().join("tests/fixtures/packed-tiny")
 }

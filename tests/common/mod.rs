@@ -111,3 +111,13 @@ pub fn read_logits(path: &Path) -> (Vec<usize>, Vec<f32>) {
         .collect();
     (v.shape().to_vec(), values)
 }
+
+/// A safetensors file with tensor `input_ids` (i64), as `tern logits` reads.
+pub fn write_input_ids(path: &Path, ids: &[i64], shape: [usize; 2]) {
+    let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, shape.to_vec(), &bytes)
+            .unwrap();
+    let file = safetensors::tensor::serialize(vec![("input_ids", view)], None).unwrap();
+    std::fs::write(path, file).unwrap();
+}

@@ -93,10 +93,7 @@ pub fn load(
     let pre = tern_train::pretrained::load(path)?;
     // A student keeps its encoders beside its projections (tern-infer runs them); only the
     // distilled blocks are ternary.
-    let student = pre.student.as_ref().map(|s| tern_pack::StudentSpec {
-        layers: s.layers.clone(),
-        residual: s.encoder.residual,
-    });
+    let student = pre.student.as_ref().map(tern_infer::convert::student_spec);
     let source = pre.source.clone();
     let config = pre.config.clone();
     let mut map = pre.tensors;

@@ -33,9 +33,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
     println!("{plan}");
     println!("{}", matmul_audit(&recipe));
     if recipe.model.linear == tern_model::LinearKind::Ternary {
-        let student = recipe.distill.as_ref().map(|d| tern_pack::StudentSpec {
-            layers: d.blocks(recipe.model.n_layers),
-            residual: d.init == tern_train::distill::DistillInit::Calibrated,
+        let student = recipe.distill.as_ref().map(|d| {
+            tern_infer::convert::student_spec(&d.student(recipe.model.n_layers, recipe.train.seed))
         });
         println!("{}", packed_sizes(&recipe.model, student.as_ref()));
     }

@@ -10,6 +10,14 @@ use tern_model::{LinearKind, ModelConfig, ScaleAxis};
 use tern_pack::file::FloatDtype;
 use tern_pack::{Encoding, PackedModel, PackedTensor, StudentSpec, TernaryMatrix};
 
+/// How a packed file describes a distillation student (`tern_model::studentize`'s settings).
+pub fn student_spec(s: &tern_model::StudentConfig) -> StudentSpec {
+    StudentSpec {
+        layers: s.layers.clone(),
+        residual: s.encoder.residual,
+    }
+}
+
 /// The block index of a `layers.{i}.` name.
 fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("layers.")?

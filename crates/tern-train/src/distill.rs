@@ -696,8 +696,7 @@ where
                         log_softmax(Tensor::<B, 3>::from_inner(t_logits).div_scalar(temp), 2);
                     let log_s = log_softmax(s_logits.div_scalar(temp), 2);
                     let [b, t, _] = log_s.dims();
-                    (log_t.clone().exp() * (log_t - log_s))
-                        .sum()
+                    kl_of_logs(log_t, log_s)
                         .div_scalar((b * t) as f64)
                         .mul_scalar(temp * temp)
                 }
@@ -752,9 +751,16 @@ pub fn relation_kl<B: Backend>(
         log_softmax(scores + mask.clone(), 3)
     };
     let (lt, ls) = (log_relation(teacher), log_relation(student));
-    (lt.clone().exp() * (lt - ls))
-        .sum()
-        .div_scalar((b * heads * t) as f64)
+    kl_of_logs(lt, ls).div_scalar((b * heads * t) as f64)
+}
+
+/// `sum p (log p - log q)` over every element, from `log p` and `log q`: the KL of each row of
+/// distributions, summed.
+fn kl_of_logs<B: Backend, const D: usize>(
+    log_p: Tensor<B, D>,
+    log_q: Tensor<B, D>,
+) -> Tensor<B, 1> {
+    (log_p.clone().exp() * (log_p - log_q)).sum()
 }
 
 /// Per-channel sums over a tap's input rows `x: [rows, d]`, given a per-channel threshold.
