@@ -583,3 +583,94 @@ fn bad_packed_files_and_options_are_named() {
     fails_with(&tern(&["eval", "--model", s(&src), "--data", "data/sample/validation"]), &["--seq-len"]);
     assert!(!out_file.exists());
 }
+
+/// BitNet b1.58, Q-Sparse (top-K, quantized and rescaled, on float, ternary and BitNet
+/// projections) and ReLU² GLU run packed: the packed file's logits are the checkpoint's (burn),
+/// on every instruction set; `--activations int8` leaves BitNet exact (its inputs are 8-bit
+/// integers already) and moves a TriLM only a little; the exports to Llama formats are refused by
+/// name, writing nothing.
+#[test]
+fn bitnet_qsparse_and_relu2_packed_models_are_their_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids_file = dir.path().join("ids.safetensors");
+    let ids: Vec<i64> = (0..2 * 24).map(|i| (i * 131 + 7) % 4096).collect();
+    write_input_ids(&ids_file, &ids, [2, 24]);
+    let logits = |m: &Path, extra: &[&str], env: Option<&str>| {
+        let out = dir.path().join("l.safetensors");
+        let mut cmd = tern_cmd(0);
+        #[rustfmt::skip]
+        cmd.args(["logits", "--model", s(m), "--input-ids", s(&ids_file), "--out", s(&out)]);
+        cmd.args(extra);
+        if let Some(var) = env {
+            cmd.env(var, "1");
+        }
+        ok(&cmd.output().unwrap());
+        read_logits(&out).1
+    };
+    #[rustfmt::skip]
+    let kinds: [(&str, &[&str]); 5] = [
+        ("bitnet", &["--set", "model.linear=\"bitnet\"", "--set", "model.scale_groups=2"]),
+        ("bitnet-qsparse", &["--set", "model.linear=\"bitnet\"", "--set", "model.sparsity.top_k=0.5",
+            "--set", "model.sparsity.quantized=true", "--set", "model.sparsity.rescale=true"]),
+        ("ternary-relu2-qsparse", &["--set", "model.mlp=\"relu2glu\"", "--set", "model.sparsity.top_k=0.5",
+            "--set", "model.sparsity.attn_top_k=0.75"]),
+        ("ternary-qsparse-quantized", &["--set", "model.sparsity.mlp_top_k=0.4",
+            "--set", "model.sparsity.quantized=true", "--set", "model.sparsity.rescale=true"]),
+        ("float-relu2-qsparse", &["--set", "model.linear=\"float\"", "--set", "model.mlp=\"relu2glu\"",
+            "--set", "model.sparsity.top_k=0.3", "--set", "model.sparsity.rescale=true"]),
+    ];
+    for (name, sets) in kinds {
+        let run = dir.path().join(name);
+        let mut args = tiny_train(&run);
+        args.extend(SMALL_MODEL);
+        args.extend(["--set", "train.steps=6"]);
+        args.extend(sets);
+        ok(&tern(&args));
+        let packed = dir.path().join(format!("{name}.tpk"));
+        #[rustfmt::skip]
+        ok(&tern(&["export", "--checkpoint", s(&run), "--format", "packed", "--out", s(&packed)]));
+        let burn = logits(&run, &[], None);
+        for env in [None, Some("TERN_NO_AVX512"), Some("TERN_NO_SIMD")] {
+            let d = max_diff(&burn, &logits(&packed, &[], env));
+            eprintln!("{name} ({env:?}): checkpoint vs packed {d:.2e}");
+            assert!(
+                d < 1e-4,
+                "{name} ({env:?}): checkpoint vs packed logits differ by {d}"
+            );
+        }
+        let int8 = logits(&packed, &["--activations", "int8"], None);
+        let d = max_diff(&burn, &int8);
+        let top = burn.iter().fold(0f32, |m, v| m.max(v.abs()));
+        eprintln!(
+            "{name}: checkpoint vs packed with int8 activations {d:.2e} (logits up to {top:.2})"
+        );
+        if name.starts_with("bitnet") {
+            assert!(
+                d < 1e-4,
+                "{name}: --activations int8 moved BitNet's logits by {d}"
+            );
+        } else if name.starts_with("ternary") {
+            assert!(
+                d > 0.0 && d < 0.1,
+                "{name}: int8 activations moved logits by {d}"
+            );
+        }
+        for (format, what) in [("hf", "Llama"), ("gguf", "Llama")] {
+            let out = dir.path().join(format!("{name}.{format}"));
+            #[rustfmt::skip]
+            let r = tern(&["export", "--checkpoint", s(&run), "--format", format, "--out", s(&out),
+                "--tokenizer", "data/sample/tokenizer.json"]);
+            let err = String::from_utf8_lossy(&r.stderr).to_string();
+            assert!(
+                !r.status.success() && err.contains(what) && err.contains("--format packed"),
+                "{name} {format}: {err}"
+            );
+            assert!(!err.contains("panicked"), "{err}");
+            assert!(
+                !out.exists(),
+                "{name} {format}: a refused export wrote {}",
+                out.display()
+            );
+        }
+    }
+}

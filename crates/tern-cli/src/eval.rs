@@ -30,6 +30,10 @@ pub struct EvalArgs {
     /// tokenizer.json (default: the model's).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// How float activations meet packed ternary matrices: exact (f32) or int8 (faster,
+    /// approximate; llama.cpp's way).
+    #[arg(long, default_value = "exact", value_parser = crate::load::parse_activations)]
+    activations: tern_infer::input::Activations,
     /// End-of-document token (for text data).
     #[arg(long, default_value = "</s>")]
     eos_token: String,
@@ -81,7 +85,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.max_blocks == Some(0) {
         bail!("--max-blocks must be at least 1");
     }
-    let model = InferModel::from_packed(loaded.packed)?;
+    let mut model = InferModel::from_packed(loaded.packed)?;
+    model.set_activations(a.activations);
     if tok.vocab_size > model.vocab() {
         bail!(
             "the tokenizer has {} tokens; the model's vocabulary is {}",

@@ -61,6 +61,9 @@ pub fn run(a: ExportArgs) -> Result<()> {
              Export it with --format packed (tern generate, eval and logits run that file)"
         );
     }
+    if a.format != Format::Packed {
+        tern_infer::convert::check_plain_llama(&loaded.config).context(src.clone())?;
+    }
     match a.format {
         Format::Packed => {
             let bytes = loaded.packed.write(&a.out)?;

@@ -41,6 +41,10 @@ pub struct GenerateArgs {
     /// Do not stop at the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// How float activations meet packed ternary matrices: exact (f32) or int8 (faster,
+    /// approximate; llama.cpp's way).
+    #[arg(long, default_value = "exact", value_parser = crate::load::parse_activations)]
+    activations: tern_infer::input::Activations,
     /// Print the generated token ids (one line, after the text).
     #[arg(long)]
     print_ids: bool,
@@ -65,7 +69,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     } else {
         loaded.special()?.eos
     };
-    let model = InferModel::from_packed(loaded.packed)?;
+    let mut model = InferModel::from_packed(loaded.packed)?;
+    model.set_activations(a.activations);
     let mut sampler = Sampler::new(cfg);
     let mut conv = Conversation::new(&model);
     let mut turn = |text: &str, conv: &mut Conversation| -> Result<()> {

@@ -47,6 +47,17 @@ impl Loaded {
     }
 }
 
+/// `--activations`: `exact` (f32 products, the trained model's arithmetic) or `int8` (float
+/// activations quantized to 8 bits per 256 values for the packed ternary kernel, as llama.cpp
+/// does: faster, approximate). BitNet's activations are 8-bit integers in either mode.
+pub fn parse_activations(s: &str) -> Result<tern_infer::input::Activations, String> {
+    match s {
+        "exact" => Ok(tern_infer::input::Activations::Exact),
+        "int8" => Ok(tern_infer::input::Activations::Int8),
+        _ => Err(format!("{s:?}: the choices are exact and int8")),
+    }
+}
+
 /// A model to run (ternary matrices as 2-bit codes for the kernel, other tensors in f32).
 pub fn for_inference(path: &Path, tokenizer: Option<&Path>) -> Result<Loaded> {
     load(path, Encoding::Bits2, FloatDtype::F32, tokenizer)

@@ -19,6 +19,10 @@ pub struct LogitsArgs {
     /// safetensors file with tensor `input_ids`: [batch, seq], int64 (or int32).
     #[arg(long)]
     input_ids: PathBuf,
+    /// How float activations meet packed ternary matrices: exact (f32) or int8 (faster,
+    /// approximate; llama.cpp's way).
+    #[arg(long, default_value = "exact", value_parser = crate::load::parse_activations)]
+    activations: tern_infer::input::Activations,
     /// Where to write tensor `logits`: [batch, seq, vocab], f32.
     #[arg(long)]
     out: PathBuf,
@@ -77,7 +81,8 @@ fn check_ids(ids: &[i64], s: usize, vocab: usize, path: &std::path::Path) -> Res
 /// The packed model's logits, one sequence at a time through the inference kernel.
 fn packed_logits(a: &LogitsArgs, ids: &[i64], b: usize, s: usize) -> Result<()> {
     let packed = tern_pack::PackedModel::read(&a.model)?;
-    let model = tern_infer::InferModel::from_packed(packed)?;
+    let mut model = tern_infer::InferModel::from_packed(packed)?;
+    model.set_activations(a.activations);
     let vocab = model.vocab();
     check_ids(ids, s, vocab, &a.input_ids)?;
     let mut logits = Vec::with_capacity(b * s * vocab);

@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
-use tern_model::linear::ternary_codes;
+use tern_model::linear::{bitnet_codes, ternary_codes};
 use tern_model::{LinearKind, ModelConfig, ScaleAxis};
 use tern_pack::file::FloatDtype;
 use tern_pack::{Encoding, PackedModel, PackedTensor, StudentSpec, TernaryMatrix};
@@ -35,7 +35,7 @@ pub fn ternary_axis(
     student: Option<&StudentSpec>,
     name: &str,
 ) -> Option<ScaleAxis> {
-    if config.linear != LinearKind::Ternary || !name.starts_with("layers.") {
+    if config.linear == LinearKind::Float || !name.starts_with("layers.") {
         return None;
     }
     if let Some(s) = student {
@@ -52,18 +52,22 @@ pub fn ternary_axis(
     }
 }
 
-/// The codes and scales of a latent weight `[rows, cols]`.
+/// The codes and scales of a latent weight `[rows, cols]`, as the training forward pass of
+/// `config`'s linear kind computes them (TriLM's or BitNet's).
 pub fn ternary_matrix(
+    config: &ModelConfig,
     values: Vec<f32>,
     rows: usize,
     cols: usize,
-    groups: usize,
     axis: ScaleAxis,
-    eps: f64,
 ) -> TernaryMatrix {
     let device = Default::default();
     let w = Tensor::<Flex, 2>::from_data(TensorData::new(values, [rows, cols]), &device);
-    let (codes, gamma) = ternary_codes(w, groups, axis, eps);
+    let groups = config.scale_groups;
+    let (codes, gamma) = match config.linear {
+        LinearKind::Bitnet => bitnet_codes(w, groups, axis),
+        _ => ternary_codes(w, groups, axis, config.ternary_eps),
+    };
     let codes: Vec<f32> = codes.into_data().convert::<f32>().to_vec().unwrap();
     let scales: Vec<f32> = gamma.into_data().convert::<f32>().to_vec().unwrap();
     let (row_groups, col_groups) = match axis {
@@ -80,18 +84,28 @@ pub fn ternary_matrix(
     }
 }
 
-/// Models the packed runtime and the exports compute: float or TriLM projections, SwiGLU, dense
-/// inputs. BitNet's activation quantization, Q-Sparse's top-K and ReLU² GLU are not there yet.
-pub fn check_supported(config: &ModelConfig) -> Result<()> {
+/// Models a standard Llama implementation (a Hugging Face `LlamaForCausalLM`, llama.cpp's `llama`
+/// architecture) computes: float or TriLM projections, SwiGLU, dense inputs. The packed runtime
+/// computes every kind tern trains; the exports to other tools refuse the rest by name.
+pub fn check_plain_llama(config: &ModelConfig) -> Result<()> {
     if config.linear == LinearKind::Bitnet {
-        bail!("model.linear = \"bitnet\": packed inference and export handle float and ternary (TriLM) models only, not BitNet's 8-bit activations yet");
+        bail!(
+            "model.linear = \"bitnet\": BitNet b1.58 normalizes and quantizes every projection's \
+             input to 8 bits, which a Llama model cannot express (llama.cpp's bitnet architecture \
+             normalizes only the inputs of o_proj and down_proj, with learned weights). Export it \
+             with --format packed (tern generate, eval and logits run that file)"
+        );
     }
     if config.sparsity.is_some() {
-        bail!("model.sparsity: packed inference and export do not apply Q-Sparse's top-K yet");
+        bail!(
+            "model.sparsity: Q-Sparse keeps each input's top-K entries, which a Llama model cannot \
+             express. Export it with --format packed (tern generate, eval and logits run that file)"
+        );
     }
     if config.mlp != tern_model::MlpKind::Swiglu {
         bail!(
-            "model.mlp = {:?}: packed inference and export compute SwiGLU only",
+            "model.mlp = {:?}: a Llama model computes SwiGLU only. Export it with --format packed \
+             (tern generate, eval and logits run that file)",
             config.mlp
         );
     }
@@ -137,7 +151,6 @@ pub fn pack_model(
     encoding: Encoding,
     float_dtype: FloatDtype,
 ) -> Result<PackedModel> {
-    check_supported(config)?;
     let expected = packed_shapes(config, student.as_ref());
     if tensors.len() != expected.len() {
         bail!(
@@ -152,14 +165,9 @@ pub fn pack_model(
             bail!("tensor {name} {shape:?} where the model has {want} {want_shape:?}");
         }
         let t = match ternary_axis(config, student.as_ref(), &name) {
-            Some(axis) => PackedTensor::Ternary(ternary_matrix(
-                values,
-                shape[0],
-                shape[1],
-                config.scale_groups,
-                axis,
-                config.ternary_eps,
-            )),
+            Some(axis) => {
+                PackedTensor::Ternary(ternary_matrix(config, values, shape[0], shape[1], axis))
+            }
             None => PackedTensor::Float { shape, values },
         };
         out.push((name, t));
@@ -200,7 +208,6 @@ pub fn packed_config(p: &PackedModel) -> Result<ModelConfig> {
     if c.vocab_size.is_none() {
         bail!("packed file's config has no vocab_size");
     }
-    check_supported(&c)?;
     let student = p.student.as_ref();
     if let Some(bad) = student.and_then(|s| s.layers.iter().find(|&&l| l >= c.n_layers)) {
         bail!(

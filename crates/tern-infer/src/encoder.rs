@@ -6,6 +6,7 @@
 
 use anyhow::{bail, Result};
 
+use crate::input::{Activations, InputRule, Prepared};
 use crate::kernel::{Dense, Matrix};
 
 /// The encoder's tensors, `d` inputs.
@@ -88,19 +89,48 @@ impl BitEncoder {
     }
 }
 
-/// A block's projection: its matrix, behind an encoder in a student's distilled blocks.
+/// A block's projection: its matrix, behind an encoder in a student's distilled blocks, with its
+/// input rule (BitNet, Q-Sparse) and how float activations meet a packed ternary matrix.
 #[derive(Debug, Clone)]
 pub struct Proj {
     pub weight: Matrix,
     pub encoder: Option<BitEncoder>,
+    pub input: InputRule,
+    pub activations: Activations,
 }
 
 impl Proj {
+    pub fn new(weight: Matrix, encoder: Option<BitEncoder>, input: InputRule) -> Self {
+        Self {
+            weight,
+            encoder,
+            input,
+            activations: Activations::Exact,
+        }
+    }
+
     /// `x: [batch, cols]` -> `[batch, rows]`.
     pub fn matmul(&self, x: &[f32], batch: usize) -> Vec<f32> {
-        match &self.encoder {
-            Some(e) => self.weight.matmul(&e.encode(x, batch), batch),
-            None => self.weight.matmul(x, batch),
+        let x = match &self.encoder {
+            Some(e) => std::borrow::Cow::Owned(e.encode(x, batch)),
+            None => std::borrow::Cow::Borrowed(x),
+        };
+        if self.input.is_plain() {
+            return match (&self.weight, self.activations) {
+                (Matrix::Ternary(t), Activations::Int8) => {
+                    self.weight.matmul_q8(&t.quantize(&x, batch))
+                }
+                _ => self.weight.matmul(&x, batch),
+            };
+        }
+        match (self.input.prepare(x.into_owned(), batch), &self.weight) {
+            (Prepared::Ints { q, scale }, Matrix::Ternary(t)) => {
+                self.weight.matmul_q8(&t.from_ints(&q, &scale))
+            }
+            (Prepared::F32(v), Matrix::Ternary(t)) if self.activations == Activations::Int8 => {
+                self.weight.matmul_q8(&t.quantize(&v, batch))
+            }
+            (p, _) => self.weight.matmul(&p.into_f32(), batch),
         }
     }
 

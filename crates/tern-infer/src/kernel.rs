@@ -1,124 +1,18 @@
 //! Matrix products `y = x W^T` for inference, on packed ternary codes or on f32 weights, split
-//! over all cores (rayon) and vectorised with AVX2 + FMA where the CPU has them (checked at run
-//! time; a portable path otherwise).
+//! over all cores (rayon), each task owning whole output rows, with the inner loops of
+//! [`crate::simd`] (AVX-512 with VNNI, AVX2 + FMA or portable, chosen at run time).
 //!
-//! The ternary kernel never builds the float matrix. Codes are kept 2 bits a weight, row-major
-//! (tern-pack's `2bit` layout, rows padded to 4 bytes). Eight weights are one u16: broadcast to
-//! eight lanes, shifted by 0, 2, .., 14 bits, and the low two bits of each lane pick from the
-//! table `[-s, 0, s, 0]` (vpermilps), where `s` is the scale of the weights' group: the weight
-//! itself, times its scale, with no multiply. At batch 1 (decode) that vector is fused with the
-//! input into the accumulator. At batch > 1 four rows at a time are expanded into a small
-//! L1-resident buffer and multiplied with two input rows at a time, so the expansion is paid once
-//! per row for the whole batch.
+//! The ternary kernel never builds the float matrix (layout in [`crate::ternary`]). f32 inputs:
+//! at batch 1 (decode) each block's codes pick `-x, 0, x` from a table and accumulate; at batch
+//! > 1 four rows at a time are expanded into a small L1-resident buffer and multiplied with two
+//! input rows at a time, so the expansion is paid once per row for the whole batch. 8-bit inputs
+//! ([`Q8Rows`]: BitNet's, or float rows quantized with `--activations int8`): integer dot
+//! products of four weight rows at a time against each block of activations (`vpdpbusd`).
 
 use rayon::prelude::*;
-use tern_pack::TernaryMatrix;
 
-/// A ternary matrix in the kernel's layout.
-#[derive(Debug, Clone)]
-pub struct PackedTernary {
-    pub rows: usize,
-    pub cols: usize,
-    /// Bytes per row: `ceil(cols / 4)` rounded up to a multiple of 4 (u32 loads stay in the row).
-    stride: usize,
-    codes: Vec<u8>,
-    row_groups: usize,
-    col_groups: usize,
-    scales: Vec<f32>,
-}
-
-impl PackedTernary {
-    pub fn new(m: &TernaryMatrix) -> Self {
-        let stride = m.cols.div_ceil(4).div_ceil(4) * 4;
-        let mut codes = vec![0x55u8; m.rows * stride]; // 0b01 = a zero weight in every slot
-        let packed = m.pack(tern_pack::Encoding::Bits2);
-        let row_bytes = m.cols.div_ceil(4);
-        for r in 0..m.rows {
-            codes[r * stride..][..row_bytes].copy_from_slice(&packed[r * row_bytes..][..row_bytes]);
-        }
-        Self {
-            rows: m.rows,
-            cols: m.cols,
-            stride,
-            codes,
-            row_groups: m.row_groups,
-            col_groups: m.col_groups,
-            scales: m.scales.clone(),
-        }
-    }
-
-    /// Bytes of codes and scales held.
-    pub fn bytes(&self) -> usize {
-        self.codes.len() + 4 * self.scales.len()
-    }
-
-    /// Column segments of one scale each, for row `r`: (start, end, scale).
-    fn segments(&self, r: usize) -> impl Iterator<Item = (usize, usize, f32)> + '_ {
-        let rg = r / (self.rows / self.row_groups);
-        let seg = self.cols / self.col_groups;
-        (0..self.col_groups).map(move |g| {
-            (
-                g * seg,
-                (g + 1) * seg,
-                self.scales[rg * self.col_groups + g],
-            )
-        })
-    }
-
-    fn row(&self, r: usize) -> &[u8] {
-        &self.codes[r * self.stride..][..self.stride]
-    }
-
-    /// `sum_c W[r, c] x[c]`.
-    fn row_dot(&self, r: usize, x: &[f32], simd: bool) -> f32 {
-        let codes = self.row(r);
-        self.segments(r)
-            .map(|(c0, c1, s)| {
-                #[cfg(target_arch = "x86_64")]
-                if simd {
-                    // SAFETY: `simd` is only true when the CPU has AVX2 and FMA.
-                    return unsafe { avx2::ternary_dot(codes, x, c0, c1, s) };
-                }
-                let _ = simd;
-                scalar_ternary_dot(codes, x, c0, c1, s)
-            })
-            .sum()
-    }
-
-    /// Row `r` as floats (scale included) into `out[..cols]`.
-    fn expand_row(&self, r: usize, out: &mut [f32], simd: bool) {
-        let codes = self.row(r);
-        for (c0, c1, s) in self.segments(r) {
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: as in `row_dot`.
-                unsafe { avx2::ternary_expand(codes, out, c0, c1, s) };
-                continue;
-            }
-            for (c, o) in out.iter_mut().enumerate().take(c1).skip(c0) {
-                *o = weight(codes, c) * s;
-            }
-        }
-    }
-}
-
-/// Weight `c` of a packed row, unscaled.
-fn weight(codes: &[u8], c: usize) -> f32 {
-    ((codes[c / 4] >> (2 * (c % 4))) & 3) as f32 - 1.0
-}
-
-fn scalar_ternary_dot(codes: &[u8], x: &[f32], c0: usize, c1: usize, s: f32) -> f32 {
-    // Additions and subtractions only; the scale once at the end.
-    let mut acc = 0f32;
-    for c in c0..c1 {
-        match (codes[c / 4] >> (2 * (c % 4))) & 3 {
-            0 => acc -= x[c],
-            2 => acc += x[c],
-            _ => {}
-        }
-    }
-    acc * s
-}
+use crate::simd::{self, Isa};
+pub use crate::ternary::{PackedTernary, Q8Rows};
 
 /// A dense f32 matrix `[rows, cols]`, row-major (embeddings, the LM head, float layers).
 #[derive(Debug, Clone)]
@@ -135,16 +29,9 @@ pub enum Matrix {
     Ternary(PackedTernary),
 }
 
-/// Whether the AVX2 + FMA paths run (the `TERN_NO_SIMD` environment variable turns them off).
+/// Whether vector forms of the kernels run (`TERN_NO_SIMD` turns them off).
 pub fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::env::var_os("TERN_NO_SIMD").is_none()
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    Isa::detect() != Isa::Portable
 }
 
 const ROW_TILE: usize = 4;
@@ -170,7 +57,7 @@ impl Matrix {
         }
     }
 
-    /// `x: [batch, cols]` -> `[batch, rows]`.
+    /// `x: [batch, cols]` -> `[batch, rows]`, in f32.
     pub fn matmul(&self, x: &[f32], batch: usize) -> Vec<f32> {
         let (rows, cols) = (self.rows(), self.cols());
         assert_eq!(
@@ -179,59 +66,55 @@ impl Matrix {
             "input of {} for [{batch}, {cols}]",
             x.len()
         );
-        if batch == 0 || rows == 0 {
-            return vec![0f32; batch * rows];
-        }
-        let simd = simd_available();
-        // Output as [rows, batch] so that each task owns whole rows; transposed at the end.
-        let mut yt = vec![0f32; rows * batch];
-        let threads = rayon::current_num_threads().max(1);
-        let chunk_rows = (rows.div_ceil(4 * threads)).div_ceil(ROW_TILE).max(1) * ROW_TILE;
-        yt.par_chunks_mut(chunk_rows * batch)
-            .enumerate()
-            .for_each(|(k, out)| {
-                let r0 = k * chunk_rows;
-                let n = out.len() / batch;
-                if batch == 1 {
-                    for (i, y) in out.iter_mut().enumerate() {
-                        *y = self.row_dot(r0 + i, x, simd);
-                    }
-                } else {
-                    self.rows_times_batch(r0, n, x, batch, out, simd);
+        let isa = Isa::detect();
+        // Ternary rows multiply inputs laid out as their padded segments.
+        let (xp, width) = match self {
+            Matrix::Ternary(t) => (std::borrow::Cow::Owned(t.pad(x, batch)), t.padded_cols()),
+            Matrix::Dense(_) => (std::borrow::Cow::Borrowed(x), cols),
+        };
+        by_rows(rows, batch, |r0, out| {
+            let n = out.len() / batch;
+            if batch == 1 {
+                for (i, y) in out.iter_mut().enumerate() {
+                    *y = match self {
+                        Matrix::Dense(d) => {
+                            simd::dot(&d.values[(r0 + i) * cols..][..cols], &xp, isa)
+                        }
+                        Matrix::Ternary(t) => t.row_dot(r0 + i, &xp, isa),
+                    };
                 }
-            });
-        if batch == 1 {
-            return yt;
-        }
-        let mut y = vec![0f32; batch * rows];
-        for r in 0..rows {
-            for b in 0..batch {
-                y[b * rows + r] = yt[r * batch + b];
+            } else {
+                self.rows_times_batch(r0, n, &xp, width, batch, out, isa);
             }
-        }
-        y
+        })
     }
 
-    fn row_dot(&self, r: usize, x: &[f32], simd: bool) -> f32 {
-        match self {
-            Matrix::Dense(d) => dot(&d.values[r * d.cols..][..d.cols], x, simd),
-            Matrix::Ternary(t) => t.row_dot(r, x, simd),
-        }
+    /// `x` (8-bit rows in this matrix's layout) -> `[batch, rows]`. Ternary matrices only.
+    pub fn matmul_q8(&self, x: &Q8Rows) -> Vec<f32> {
+        let Matrix::Ternary(t) = self else {
+            panic!("8-bit inputs multiply packed ternary matrices only");
+        };
+        let isa = Isa::detect();
+        let batch = x.batch;
+        by_rows(t.rows, batch, |r0, out| {
+            t.rows_q8(r0, out.len() / batch, x, out, isa)
+        })
     }
 
-    /// Rows `r0..r0 + n` against every input row, into `out: [n, batch]`.
+    /// Rows `r0..r0 + n` against every (padded, `width` wide) input row, into `out: [n, batch]`.
+    #[allow(clippy::too_many_arguments)]
     fn rows_times_batch(
         &self,
         r0: usize,
         n: usize,
         x: &[f32],
+        width: usize,
         batch: usize,
         out: &mut [f32],
-        simd: bool,
+        isa: Isa,
     ) {
-        let cols = self.cols();
         let mut buf = match self {
-            Matrix::Ternary(_) => vec![0f32; ROW_TILE * cols],
+            Matrix::Ternary(_) => vec![0f32; ROW_TILE * width],
             Matrix::Dense(_) => Vec::new(),
         };
         let mut i = 0;
@@ -239,23 +122,23 @@ impl Matrix {
             let m = ROW_TILE.min(n - i);
             let w: Vec<&[f32]> = match self {
                 Matrix::Dense(d) => (0..m)
-                    .map(|j| &d.values[(r0 + i + j) * cols..][..cols])
+                    .map(|j| &d.values[(r0 + i + j) * width..][..width])
                     .collect(),
                 Matrix::Ternary(t) => {
-                    for (j, dst) in buf.chunks_mut(cols).take(m).enumerate() {
-                        t.expand_row(r0 + i + j, dst, simd);
+                    for (j, dst) in buf.chunks_mut(width).take(m).enumerate() {
+                        t.expand_row(r0 + i + j, dst);
                     }
-                    buf.chunks(cols).take(m).collect()
+                    buf.chunks(width).take(m).collect()
                 }
             };
             let mut b = 0;
             while b < batch {
                 let xs = [
-                    &x[b * cols..][..cols],
-                    &x[(b + 1).min(batch - 1) * cols..][..cols],
+                    &x[b * width..][..width],
+                    &x[(b + 1).min(batch - 1) * width..][..width],
                 ];
                 if m == ROW_TILE {
-                    let acc = tile_4x2([w[0], w[1], w[2], w[3]], xs, simd);
+                    let acc = simd::tile_4x2([w[0], w[1], w[2], w[3]], xs, isa);
                     for (j, a) in acc.iter().enumerate() {
                         out[(i + j) * batch + b] = a[0];
                         if b + 1 < batch {
@@ -264,9 +147,9 @@ impl Matrix {
                     }
                 } else {
                     for (j, wr) in w.iter().enumerate() {
-                        out[(i + j) * batch + b] = dot(wr, xs[0], simd);
+                        out[(i + j) * batch + b] = simd::dot(wr, xs[0], isa);
                         if b + 1 < batch {
-                            out[(i + j) * batch + b + 1] = dot(wr, xs[1], simd);
+                            out[(i + j) * batch + b + 1] = simd::dot(wr, xs[1], isa);
                         }
                     }
                 }
@@ -277,180 +160,34 @@ impl Matrix {
     }
 }
 
-fn dot(a: &[f32], b: &[f32], simd: bool) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is only true when the CPU has AVX2 and FMA.
-        return unsafe { avx2::dot(a, b) };
+/// `[batch, rows]` from `f(r0, out)`, which fills rows `r0..` of `out: [n, batch]`; the rows are
+/// split over all cores, each task owning whole rows.
+fn by_rows(rows: usize, batch: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    if batch == 0 || rows == 0 {
+        return vec![0f32; batch * rows];
     }
-    let _ = simd;
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn tile_4x2(w: [&[f32]; 4], x: [&[f32]; 2], simd: bool) -> [[f32; 2]; 4] {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: as in `dot`.
-        return unsafe { avx2::tile_4x2(w, x) };
+    let mut yt = vec![0f32; rows * batch];
+    let threads = rayon::current_num_threads().max(1);
+    let chunk_rows = (rows.div_ceil(4 * threads)).div_ceil(ROW_TILE).max(1) * ROW_TILE;
+    yt.par_chunks_mut(chunk_rows * batch)
+        .enumerate()
+        .for_each(|(k, out)| f(k * chunk_rows, out));
+    if batch == 1 {
+        return yt;
     }
-    let _ = simd;
-    w.map(|wr| [dot(wr, x[0], false), dot(wr, x[1], false)])
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
-
-    #[inline]
-    fn load_u32(codes: &[u8], byte: usize) -> i32 {
-        i32::from_le_bytes(codes[byte..byte + 4].try_into().unwrap())
-    }
-
-    /// `s * sum_{c0 <= c < c1} w_c x_c` on a packed row.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn ternary_dot(codes: &[u8], x: &[f32], c0: usize, c1: usize, s: f32) -> f32 {
-        let table = _mm256_setr_ps(-s, 0.0, s, 0.0, -s, 0.0, s, 0.0);
-        let lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-        let hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut c = c0;
-        let mut tail = 0f32;
-        while c < c1 && !c.is_multiple_of(16) {
-            tail += super::weight(codes, c) * s * x[c];
-            c += 1;
-        }
-        let xp = x.as_ptr();
-        while c + 32 <= c1 {
-            let v0 = _mm256_set1_epi32(load_u32(codes, c / 4));
-            let v1 = _mm256_set1_epi32(load_u32(codes, c / 4 + 4));
-            let w0 = _mm256_permutevar_ps(table, _mm256_srlv_epi32(v0, lo));
-            let w1 = _mm256_permutevar_ps(table, _mm256_srlv_epi32(v0, hi));
-            let w2 = _mm256_permutevar_ps(table, _mm256_srlv_epi32(v1, lo));
-            let w3 = _mm256_permutevar_ps(table, _mm256_srlv_epi32(v1, hi));
-            acc[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(c)), acc[0]);
-            acc[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(c + 8)), acc[1]);
-            acc[2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp.add(c + 16)), acc[2]);
-            acc[3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp.add(c + 24)), acc[3]);
-            c += 32;
-        }
-        while c + 16 <= c1 {
-            let v = _mm256_set1_epi32(load_u32(codes, c / 4));
-            let w0 = _mm256_permutevar_ps(table, _mm256_srlv_epi32(v, lo));
-            let w1 = _mm256_permutevar_ps(table, _mm256_srlv_epi32(v, hi));
-            acc[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(c)), acc[0]);
-            acc[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(c + 8)), acc[1]);
-            c += 16;
-        }
-        while c < c1 {
-            tail += super::weight(codes, c) * s * x[c];
-            c += 1;
-        }
-        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        hsum(sum) + tail
-    }
-
-    /// `out[c] = s * w_c` for `c0 <= c < c1`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn ternary_expand(codes: &[u8], out: &mut [f32], c0: usize, c1: usize, s: f32) {
-        let table = _mm256_setr_ps(-s, 0.0, s, 0.0, -s, 0.0, s, 0.0);
-        let lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-        let hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
-        let mut c = c0;
-        while c < c1 && !c.is_multiple_of(16) {
-            out[c] = super::weight(codes, c) * s;
-            c += 1;
-        }
-        let op = out.as_mut_ptr();
-        while c + 16 <= c1 {
-            let v = _mm256_set1_epi32(load_u32(codes, c / 4));
-            _mm256_storeu_ps(
-                op.add(c),
-                _mm256_permutevar_ps(table, _mm256_srlv_epi32(v, lo)),
-            );
-            _mm256_storeu_ps(
-                op.add(c + 8),
-                _mm256_permutevar_ps(table, _mm256_srlv_epi32(v, hi)),
-            );
-            c += 16;
-        }
-        while c < c1 {
-            out[c] = super::weight(codes, c) * s;
-            c += 1;
+    let mut y = vec![0f32; batch * rows];
+    for r in 0..rows {
+        for b in 0..batch {
+            y[b * rows + r] = yt[r * batch + b];
         }
     }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut c = 0;
-        while c + 32 <= n {
-            for (k, a_) in acc.iter_mut().enumerate() {
-                let o = c + 8 * k;
-                *a_ = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(o)), _mm256_loadu_ps(bp.add(o)), *a_);
-            }
-            c += 32;
-        }
-        while c + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(ap.add(c)),
-                _mm256_loadu_ps(bp.add(c)),
-                acc[0],
-            );
-            c += 8;
-        }
-        let mut tail = 0f32;
-        while c < n {
-            tail += a[c] * b[c];
-            c += 1;
-        }
-        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        hsum(sum) + tail
-    }
-
-    /// Four weight rows against two input rows: eight accumulators, six loads per eight FMAs.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_4x2(w: [&[f32]; 4], x: [&[f32]; 2]) -> [[f32; 2]; 4] {
-        let n = w[0].len();
-        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-        let mut c = 0;
-        while c + 8 <= n {
-            let x0 = _mm256_loadu_ps(x[0].as_ptr().add(c));
-            let x1 = _mm256_loadu_ps(x[1].as_ptr().add(c));
-            for j in 0..4 {
-                let wv = _mm256_loadu_ps(w[j].as_ptr().add(c));
-                acc[j][0] = _mm256_fmadd_ps(wv, x0, acc[j][0]);
-                acc[j][1] = _mm256_fmadd_ps(wv, x1, acc[j][1]);
-            }
-            c += 8;
-        }
-        let mut out = [[0f32; 2]; 4];
-        for j in 0..4 {
-            for k in 0..2 {
-                let mut t = hsum(acc[j][k]);
-                for cc in c..n {
-                    t += w[j][cc] * x[k][cc];
-                }
-                out[j][k] = t;
-            }
-        }
-        out
-    }
+    y
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tern_pack::TernaryMatrix;
 
     fn rng(seed: u64) -> impl FnMut() -> f64 {
         let mut s = seed;
@@ -530,21 +267,106 @@ mod tests {
         }
     }
 
+    /// Every vector form against the portable one, and the 8-bit products against the product
+    /// of the dequantized 8-bit rows (exact integer sums: only float rounding differs).
     #[test]
-    fn portable_path_equals_simd_path() {
-        let m = matrix(20, 300, 1, 2, 7);
+    fn every_instruction_set_gives_the_portable_results() {
+        let isas = Isa::all_available();
+        eprintln!("instruction sets here: {isas:?}");
+        for (i, &(rows, cols, rg, cg)) in [
+            (20, 300, 1, 2),
+            (9, 64, 1, 1),
+            (6, 1000, 2, 4),
+            (4, 70, 1, 1),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let m = matrix(rows, cols, rg, cg, 7 + i as u64);
+            let p = PackedTernary::new(&m);
+            let mut r = rng(3 + i as u64);
+            let batch = 3;
+            let x: Vec<f32> = (0..batch * cols)
+                .map(|_| (r() * 2.0 - 1.0) as f32)
+                .collect();
+            let xp = p.pad(&x, batch);
+            let q8 = p.quantize(&x, batch);
+            // The dequantized 8-bit rows, unpadded.
+            let xq: Vec<f32> = q8_values(&p, &q8, cols, cg);
+            let want_q = reference(&m, &xq, batch);
+            let width = p.padded_cols();
+            for row in 0..rows {
+                let base = p.row_dot(row, &xp[..width], Isa::Portable);
+                let base_q = p.row_dot_q8(row, &q8, 0, Isa::Portable);
+                for &isa in &isas {
+                    let a = p.row_dot(row, &xp[..width], isa);
+                    assert!((a - base).abs() < 1e-4, "{isa:?} row {row}: {a} vs {base}");
+                    for b in 0..batch {
+                        let y = p.row_dot_q8(row, &q8, b, isa);
+                        let w = want_q[b * rows + row];
+                        assert!(
+                            (y as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),
+                            "{isa:?} q8 [{rows}x{cols}] row {row} batch {b}: {y} vs {w}"
+                        );
+                    }
+                    let y = p.row_dot_q8(row, &q8, 0, isa);
+                    assert!(
+                        (y - base_q).abs() < 1e-4,
+                        "{isa:?} q8 row {row}: {y} vs {base_q}"
+                    );
+                }
+            }
+            // 8 bits per chunk of 256 stay close to the f32 product (inputs in [-1, 1]).
+            let exact = reference(&m, &x, batch);
+            let y = Matrix::Ternary(p.clone()).matmul_q8(&q8);
+            for (a, b) in y.iter().zip(&exact) {
+                let bound = 0.02 * (cols as f64).sqrt();
+                assert!((*a as f64 - b).abs() < bound, "{a} vs {b}");
+            }
+        }
+    }
+
+    /// The values `d * q` that 8-bit rows stand for, `[batch, cols]`.
+    fn q8_values(p: &PackedTernary, q8: &Q8Rows, cols: usize, cg: usize) -> Vec<f32> {
+        let seg = cols / cg;
+        let pseg = p.padded_cols() / cg;
+        let chunks = pseg.div_ceil(crate::ternary::CHUNK);
+        let mut out = Vec::new();
+        for b in 0..q8.batch {
+            for g in 0..cg {
+                for c in 0..seg {
+                    let q = q8.q[b * p.padded_cols() + g * pseg + c] as f32;
+                    let d = q8.d[(b * cg + g) * chunks + c / crate::ternary::CHUNK];
+                    out.push(d * q);
+                }
+            }
+        }
+        out
+    }
+
+    /// BitNet's rows: integers times one scale a row, multiplied exactly.
+    #[test]
+    fn integer_rows_multiply_exactly() {
+        let (rows, cols) = (16, 320);
+        let m = matrix(rows, cols, 2, 1, 11);
         let p = PackedTernary::new(&m);
-        let mut r = rng(3);
-        let x: Vec<f32> = (0..300).map(|_| (r() * 2.0 - 1.0) as f32).collect();
-        if simd_available() {
-            for row in 0..20 {
-                let a = p.row_dot(row, &x, true);
-                let b = p.row_dot(row, &x, false);
-                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
-                let (mut e1, mut e2) = (vec![0f32; 300], vec![0f32; 300]);
-                p.expand_row(row, &mut e1, true);
-                p.expand_row(row, &mut e2, false);
-                assert_eq!(e1, e2);
+        let mut r = rng(5);
+        let q: Vec<i8> = (0..2 * cols).map(|_| (r() * 255.0 - 127.0) as i8).collect();
+        let s = [0.25f32, 0.5];
+        let q8 = p.from_ints(&q, &s);
+        let y = Matrix::Ternary(p).matmul_q8(&q8);
+        for b in 0..2 {
+            for row in 0..rows {
+                let want: f64 = (0..cols)
+                    .map(|c| m.codes[row * cols + c] as f64 * q[b * cols + c] as f64)
+                    .sum::<f64>()
+                    * m.scales[row / 8] as f64
+                    * s[b] as f64;
+                let got = y[b * rows + row] as f64;
+                assert!(
+                    (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                    "{got} vs {want}"
+                );
             }
         }
     }

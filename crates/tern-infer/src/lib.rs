@@ -5,9 +5,12 @@
 
 pub mod convert;
 pub mod encoder;
+pub mod input;
 pub mod kernel;
 pub mod model;
 pub mod sample;
+pub mod simd;
+pub mod ternary;
 
 pub use convert::{effective_tensors, pack_model, packed_config, packed_shapes, ternary_matrix};
 pub use encoder::{BitEncoder, Proj};

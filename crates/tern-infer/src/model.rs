@@ -7,12 +7,15 @@
 
 use anyhow::{anyhow, bail, Result};
 use rayon::prelude::*;
-use tern_model::ModelConfig;
+use tern_model::sparsity::LayerType;
+use tern_model::{LinearKind, MlpKind, ModelConfig};
 use tern_pack::{PackedModel, PackedTensor};
 
 use crate::convert::packed_config;
 use crate::encoder::{BitEncoder, Proj};
+use crate::input::{Activations, InputRule};
 use crate::kernel::{Dense, Matrix, PackedTernary};
+use crate::simd::{self, Isa};
 
 pub struct Layer {
     pub input_layernorm: Vec<f32>,
@@ -24,6 +27,32 @@ pub struct Layer {
     pub gate_proj: Proj,
     pub up_proj: Proj,
     pub down_proj: Proj,
+}
+
+impl Layer {
+    fn projections(&self) -> [&Proj; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+
+    fn projections_mut(&mut self) -> [&mut Proj; 7] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+            &mut self.gate_proj,
+            &mut self.up_proj,
+            &mut self.down_proj,
+        ]
+    }
 }
 
 pub struct InferModel {
@@ -106,7 +135,7 @@ impl Tensors {
 
     /// Block `l`'s projection `name` (`self_attn.q_proj`, ...), with its encoder when the block is
     /// one a student distilled.
-    fn proj(&mut self, l: usize, name: &str, shape: [usize; 2]) -> Result<Proj> {
+    fn proj(&mut self, l: usize, name: &str, shape: [usize; 2], input: InputRule) -> Result<Proj> {
         let full = format!("layers.{l}.{name}");
         let weight = self.matrix(&format!("{full}.weight"), &shape)?;
         let Some(residual) = self
@@ -115,10 +144,7 @@ impl Tensors {
             .filter(|s| s.layers.contains(&l))
             .map(|s| s.residual)
         else {
-            return Ok(Proj {
-                weight,
-                encoder: None,
-            });
+            return Ok(Proj::new(weight, None, input));
         };
         let (d, hid) = (shape[1], (shape[1] / 2).max(1));
         let e = |part: &str| format!("{full}.encoder.{part}");
@@ -130,10 +156,8 @@ impl Tensors {
             true => Some(self.dense(&e("offset"), &[d])?.values),
             false => None,
         };
-        Ok(Proj {
-            weight,
-            encoder: Some(BitEncoder::new(fc1, fc2, alpha, beta, offset, &full)?),
-        })
+        let encoder = BitEncoder::new(fc1, fc2, alpha, beta, offset, &full)?;
+        Ok(Proj::new(weight, Some(encoder), input))
     }
 }
 
@@ -141,6 +165,10 @@ impl InferModel {
     /// The model of a packed file (ternary matrices stay packed).
     pub fn from_packed(p: PackedModel) -> Result<Self> {
         let config = packed_config(&p)?;
+        let rule = |layer| InputRule {
+            bitnet_eps: (config.linear == LinearKind::Bitnet).then_some(config.rms_eps),
+            top_k: config.sparsity.as_ref().and_then(|s| s.top_k(layer)),
+        };
         let mut t = Tensors {
             map: p.tensors.into_iter().collect(),
             student: p.student,
@@ -153,16 +181,16 @@ impl InferModel {
             let n = |s: &str| format!("layers.{l}.{s}");
             layers.push(Layer {
                 input_layernorm: t.dense(&n("input_layernorm.weight"), &[h])?.values,
-                q_proj: t.proj(l, "self_attn.q_proj", [h, h])?,
-                k_proj: t.proj(l, "self_attn.k_proj", [kv, h])?,
-                v_proj: t.proj(l, "self_attn.v_proj", [kv, h])?,
-                o_proj: t.proj(l, "self_attn.o_proj", [h, h])?,
+                q_proj: t.proj(l, "self_attn.q_proj", [h, h], rule(LayerType::Attention))?,
+                k_proj: t.proj(l, "self_attn.k_proj", [kv, h], rule(LayerType::Attention))?,
+                v_proj: t.proj(l, "self_attn.v_proj", [kv, h], rule(LayerType::Attention))?,
+                o_proj: t.proj(l, "self_attn.o_proj", [h, h], rule(LayerType::Attention))?,
                 post_attention_layernorm: t
                     .dense(&n("post_attention_layernorm.weight"), &[h])?
                     .values,
-                gate_proj: t.proj(l, "mlp.gate_proj", [i, h])?,
-                up_proj: t.proj(l, "mlp.up_proj", [i, h])?,
-                down_proj: t.proj(l, "mlp.down_proj", [h, i])?,
+                gate_proj: t.proj(l, "mlp.gate_proj", [i, h], rule(LayerType::Mlp))?,
+                up_proj: t.proj(l, "mlp.up_proj", [i, h], rule(LayerType::Mlp))?,
+                down_proj: t.proj(l, "mlp.down_proj", [h, i], rule(LayerType::Mlp))?,
             });
         }
         let norm = t.dense("norm.weight", &[h])?.values;
@@ -183,19 +211,18 @@ impl InferModel {
         })
     }
 
+    /// How float activations meet packed ternary matrices (exact f32 by default).
+    pub fn set_activations(&mut self, a: Activations) {
+        for l in &mut self.layers {
+            for p in l.projections_mut() {
+                p.activations = a;
+            }
+        }
+    }
+
     /// Bytes of weights held in memory.
     pub fn weight_bytes(&self) -> usize {
-        let mats = self.layers.iter().flat_map(|l| {
-            [
-                &l.q_proj,
-                &l.k_proj,
-                &l.v_proj,
-                &l.o_proj,
-                &l.gate_proj,
-                &l.up_proj,
-                &l.down_proj,
-            ]
-        });
+        let mats = self.layers.iter().flat_map(Layer::projections);
         mats.map(|m| m.bytes()).sum::<usize>()
             + self.embed_tokens.as_ref().map_or(0, |e| 4 * e.values.len())
             + self.lm_head.bytes()
@@ -234,15 +261,29 @@ impl InferModel {
             })
             .collect();
         let pos0 = cache.len;
+        let rope: Vec<_> = (pos0..pos0 + t)
+            .map(|p| rope_row(p, c.head_dim(), c.rope_theta))
+            .collect();
         for (l, layer) in self.layers.iter().enumerate() {
             let a = rms_norm(&x, &layer.input_layernorm, c.rms_eps);
-            let attn = self.attention(layer, &a, t, pos0, &mut cache.k[l], &mut cache.v[l]);
+            let (k, v) = (&mut cache.k[l], &mut cache.v[l]);
+            let attn = self.attention(layer, &a, t, pos0, &rope, k, v);
             add(&mut x, &layer.o_proj.matmul(&attn, t));
             let m = rms_norm(&x, &layer.post_attention_layernorm, c.rms_eps);
             let mut g = layer.gate_proj.matmul(&m, t);
             let u = layer.up_proj.matmul(&m, t);
-            for (gi, ui) in g.iter_mut().zip(&u) {
-                *gi = *gi / (1.0 + (-*gi).exp()) * ui;
+            match c.mlp {
+                MlpKind::Swiglu => {
+                    for (gi, ui) in g.iter_mut().zip(&u) {
+                        *gi = *gi / (1.0 + (-*gi).exp()) * ui;
+                    }
+                }
+                MlpKind::Relu2glu => {
+                    for (gi, ui) in g.iter_mut().zip(&u) {
+                        let r = gi.max(0.0);
+                        *gi = r * r * ui;
+                    }
+                }
             }
             add(&mut x, &layer.down_proj.matmul(&g, t));
         }
@@ -253,12 +294,14 @@ impl InferModel {
         Ok(self.lm_head.matmul(&xn, rows))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         layer: &Layer,
         a: &[f32],
         t: usize,
         pos0: usize,
+        rope: &[(Vec<f32>, Vec<f32>)],
         k_cache: &mut Vec<f32>,
         v_cache: &mut Vec<f32>,
     ) -> Vec<f32> {
@@ -267,13 +310,12 @@ impl InferModel {
         let mut q = layer.q_proj.matmul(a, t);
         let mut k = layer.k_proj.matmul(a, t);
         let v = layer.v_proj.matmul(a, t);
-        for i in 0..t {
-            let (cos, sin) = rope_row(pos0 + i, hd, c.rope_theta);
+        for (i, (cos, sin)) in rope.iter().enumerate() {
             for head in q[i * nh * hd..][..nh * hd].chunks_mut(hd) {
-                rotate(head, &cos, &sin);
+                rotate(head, cos, sin);
             }
             for head in k[i * nkv * hd..][..nkv * hd].chunks_mut(hd) {
-                rotate(head, &cos, &sin);
+                rotate(head, cos, sin);
             }
         }
         k_cache.extend_from_slice(&k);
@@ -281,6 +323,7 @@ impl InferModel {
         let (k_all, v_all) = (&*k_cache, &*v_cache);
         let scale = 1.0 / (hd as f32).sqrt();
         let group = nh / nkv;
+        let isa = Isa::detect();
         let mut out = vec![0f32; t * nh * hd];
         out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
             let (i, head) = (idx / nh, idx % nh);
@@ -288,10 +331,7 @@ impl InferModel {
             let qv = &q[(i * nh + head) * hd..][..hd];
             let n = pos0 + i + 1; // causal: positions 0..=pos0+i
             let mut scores: Vec<f32> = (0..n)
-                .map(|s| {
-                    let kv_row = &k_all[(s * nkv + kvh) * hd..][..hd];
-                    qv.iter().zip(kv_row).map(|(a, b)| a * b).sum::<f32>() * scale
-                })
+                .map(|s| simd::dot(qv, &k_all[(s * nkv + kvh) * hd..][..hd], isa) * scale)
                 .collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
@@ -300,10 +340,7 @@ impl InferModel {
                 sum += *s;
             }
             for (s, p) in scores.iter().enumerate() {
-                let vr = &v_all[(s * nkv + kvh) * hd..][..hd];
-                for (oj, vj) in o.iter_mut().zip(vr) {
-                    *oj += p / sum * vj;
-                }
+                simd::axpy(p / sum, &v_all[(s * nkv + kvh) * hd..][..hd], o, isa);
             }
         });
         out
