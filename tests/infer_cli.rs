@@ -80,6 +80,25 @@ fn packed_and_hugging_face_exports_match_transformers() {
         serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
     assert_eq!(cfg["tie_word_embeddings"], true);
+    // tokenizer_config.json names the special tokens (transformers' AutoTokenizer has no bos / eos
+    // without it, and lm-evaluation-harness no prefix token); they are config.json's ids.
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(tc["tokenizer_class"], "PreTrainedTokenizerFast");
+    let tok = tokenizers::Tokenizer::from_file(hf.join("tokenizer.json")).unwrap();
+    for (key, id_key, want) in [
+        ("bos_token", "bos_token_id", "<s>"),
+        ("eos_token", "eos_token_id", "</s>"),
+    ] {
+        assert_eq!(tc[key], want, "{tc}");
+        assert_eq!(
+            tok.token_to_id(want).map(|i| i as u64),
+            cfg[id_key].as_u64(),
+            "{key}"
+        );
+    }
+    assert_eq!(tc["unk_token"], "<unk>");
     for (label, src, no_simd) in [
         ("packed", &model, false),
         ("packed, portable kernel", &model, true),
@@ -673,4 +692,86 @@ fn bitnet_qsparse_and_relu2_packed_models_are_their_checkpoints() {
             );
         }
     }
+}
+
+/// Unpacked TriLMs (data-prep/trilm_fixture.py: f16 values `scale_g * {-1, 0, 1}`, 2 shards named
+/// in config.json, 3 found from the values) pack losslessly: the packed model's logits are
+/// transformers' on the unpacked directory, its scales one per shard along the right axis, and
+/// its Hugging Face re-export is the same model again. A float Llama is refused by tensor name.
+#[test]
+fn unpacked_trilms_import_losslessly() {
+    let dir = tempfile::tempdir().unwrap();
+    for (mp, how) in [
+        (2, "pretraining_model_parallel"),
+        (3, "found from the values"),
+    ] {
+        let src = repo().join(format!("tests/fixtures/trilm-mp{mp}"));
+        let packed = dir.path().join(format!("mp{mp}.tpk"));
+        #[rustfmt::skip]
+        let out = tern(&["export", "--from-hf", s(&src), "--format", "packed", "--out", s(&packed)]);
+        ok(&out);
+        let text = stdout(&out);
+        assert!(
+            text.contains(&format!("a TriLM with {mp} scale group(s)")) && text.contains(how),
+            "{text}"
+        );
+        let b = std::fs::read(&packed).unwrap();
+        let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+        for (name, shape) in [
+            ("layers.1.self_attn.k_proj", [mp, 1]),
+            ("layers.0.mlp.down_proj", [1, mp]),
+        ] {
+            assert_eq!(
+                header[format!("{name}.weight.scales")]["shape"],
+                serde_json::json!(shape),
+                "{name}"
+            );
+        }
+        let (_, want) = read_logits(&src.join("transformers_logits.safetensors"));
+        let top = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let ids = src.join("input_ids.safetensors");
+        let logits = |m: &Path| {
+            let out = dir.path().join("l.safetensors");
+            #[rustfmt::skip]
+            ok(&tern(&["logits", "--model", s(m), "--input-ids", s(&ids), "--out", s(&out)]));
+            read_logits(&out).1
+        };
+        let d = max_diff(&logits(&packed), &want);
+        eprintln!("mp {mp}: packed vs transformers {d:.2e} (logits up to {top:.1})");
+        assert!(
+            d <= 1e-4 * top,
+            "mp {mp}: packed vs transformers differ by {d}"
+        );
+        // Back to an unpacked directory (scale x code in f32): the same function, and importable.
+        let hf = dir.path().join(format!("mp{mp}-hf"));
+        #[rustfmt::skip]
+        ok(&tern(&["export", "--checkpoint", s(&packed), "--format", "hf", "--out", s(&hf)]));
+        let d = max_diff(&logits(&hf), &want);
+        assert!(
+            d <= 1e-4 * top,
+            "mp {mp}: re-exported directory differs by {d}"
+        );
+        let again = dir.path().join(format!("mp{mp}-again.tpk"));
+        #[rustfmt::skip]
+        ok(&tern(&["export", "--from-hf", s(&hf), "--format", "packed", "--out", s(&again)]));
+        assert_eq!(
+            logits(&again),
+            logits(&packed),
+            "mp {mp}: the round trip changed the model"
+        );
+    }
+    let float = repo().join("tests/fixtures/hf-llama/untied-f32");
+    let out = dir.path().join("float.tpk");
+    #[rustfmt::skip]
+    let r = tern(&["export", "--from-hf", s(&float), "--format", "packed", "--out", s(&out)]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success()
+            && err
+                .contains("layers.0.self_attn.q_proj.weight is not ternary times per-shard scales")
+            && err.contains("distinct nonzero magnitudes"),
+        "{err}"
+    );
+    assert!(!out.exists() && !err.contains("panicked"));
 }

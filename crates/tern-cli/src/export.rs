@@ -22,9 +22,14 @@ pub enum Format {
 #[derive(Args)]
 pub struct ExportArgs {
     /// A tern checkpoint (or run / checkpoints folder: the newest complete one), a packed file,
-    /// or a Hugging Face directory.
-    #[arg(long)]
-    checkpoint: PathBuf,
+    /// or a Hugging Face directory (a float model).
+    #[arg(long, required_unless_present = "from_hf")]
+    checkpoint: Option<PathBuf>,
+    /// A Hugging Face Llama directory holding an unpacked TriLM (every projection ternary times
+    /// one scale per training shard, as Spectra releases them): packed losslessly, its shard
+    /// count from config.json's `pretraining_model_parallel` or found from the values.
+    #[arg(long, conflicts_with = "checkpoint")]
+    from_hf: Option<PathBuf>,
     #[arg(long, value_enum)]
     format: Format,
     /// Output file (packed, gguf) or directory (hf).
@@ -52,7 +57,12 @@ pub fn run(a: ExportArgs) -> Result<()> {
         (Format::Hf, Some(c)) => bail!("--codes {c:?}: a Hugging Face export is unpacked f32"),
         _ => Encoding::Bits2,
     };
-    let loaded = crate::load::load(&a.checkpoint, encoding, float_dtype, a.tokenizer.as_deref())?;
+    let tok = a.tokenizer.as_deref();
+    let loaded = match (&a.checkpoint, &a.from_hf) {
+        (_, Some(dir)) => crate::load::load_trilm(dir, encoding, float_dtype, tok)?,
+        (Some(c), None) => crate::load::load(c, encoding, float_dtype, tok)?,
+        (None, None) => bail!("give --checkpoint PATH or --from-hf DIR"),
+    };
     let src = loaded.source.display().to_string();
     if loaded.packed.student.is_some() && a.format != Format::Packed {
         bail!(
@@ -102,13 +112,17 @@ pub fn run(a: ExportArgs) -> Result<()> {
             if let Some(t) = &loaded.tokenizer {
                 let p = a.out.join("tokenizer.json");
                 std::fs::write(&p, t).with_context(|| format!("writing {}", p.display()))?;
+                let c = tern_hf::tokenizer_config(t, &special, s.unk, positions)?;
+                let p = a.out.join("tokenizer_config.json");
+                std::fs::write(&p, serde_json::to_string_pretty(&c)? + "\n")
+                    .with_context(|| format!("writing {}", p.display()))?;
             }
             crate::say(&format!(
                 "Hugging Face LlamaForCausalLM directory {} from {src} (ternary matrices as \
                  scale x code in f32{})",
                 a.out.display(),
                 if loaded.tokenizer.is_some() {
-                    ", tokenizer.json"
+                    ", tokenizer.json, tokenizer_config.json"
                 } else {
                     "; no tokenizer found"
                 }

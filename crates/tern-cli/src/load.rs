@@ -63,6 +63,49 @@ pub fn for_inference(path: &Path, tokenizer: Option<&Path>) -> Result<Loaded> {
     load(path, Encoding::Bits2, FloatDtype::F32, tokenizer)
 }
 
+/// An unpacked TriLM in a Hugging Face directory, as a ternary model: its shards' scales
+/// recovered (`tern_infer::trilm`), codes exact.
+pub fn load_trilm(
+    dir: &Path,
+    encoding: Encoding,
+    float_dtype: FloatDtype,
+    tokenizer: Option<&Path>,
+) -> Result<Loaded> {
+    if !tern_hf::is_hf_dir(dir) {
+        bail!(
+            "{}: --from-hf takes a Hugging Face Llama directory (config.json and safetensors)",
+            dir.display()
+        );
+    }
+    let mut l = load(dir, Encoding::Bits2, FloatDtype::F32, tokenizer)?;
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(tern_hf::CONFIG)).unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    let given = cfg["pretraining_model_parallel"]
+        .as_u64()
+        .map(|n| n as usize);
+    let tensors = tern_infer::effective_tensors(&l.packed);
+    let groups = tern_infer::trilm::find_shards(&tensors, given)
+        .with_context(|| format!("{}: not an unpacked TriLM", dir.display()))?;
+    let (config, packed) = tern_infer::trilm::to_ternary(&l.config, tensors, groups)
+        .with_context(|| dir.display().to_string())?;
+    crate::say(&format!(
+        "{}: a TriLM with {groups} scale group(s) per projection ({})",
+        dir.display(),
+        match given {
+            Some(_) => "config.json's pretraining_model_parallel, checked on every projection",
+            None => "found from the values",
+        }
+    ));
+    l.packed.config = serde_json::to_value(&config)?;
+    l.packed.tensors = packed;
+    l.packed.encoding = encoding;
+    l.packed.float_dtype = float_dtype;
+    l.config = config;
+    Ok(l)
+}
+
 fn read_tokenizer(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading tokenizer {}", path.display()))
 }

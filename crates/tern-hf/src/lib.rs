@@ -390,6 +390,42 @@ fn serialize(tensors: &[&NamedTensor]) -> Result<Vec<u8>> {
 /// Writes a Hugging Face Llama directory (f32). With `shard_bytes`, tensors go to
 /// `model-0000N-of-0000M.safetensors` files of about that size plus the index, as
 /// `save_pretrained(max_shard_size=...)` does.
+/// `tokenizer_config.json` for a tokenizer.json: transformers' `AutoTokenizer` reads the special
+/// tokens from it (without it a fast tokenizer has no bos / eos, and lm-evaluation-harness finds
+/// no prefix token). The tokens are the added tokens with the ids `special` names.
+pub fn tokenizer_config(
+    tokenizer_json: &str,
+    special: &Special,
+    unk_token_id: Option<u32>,
+    max_positions: usize,
+) -> Result<serde_json::Value> {
+    let t: serde_json::Value = serde_json::from_str(tokenizer_json).context("tokenizer.json")?;
+    let content = |id: Option<u32>| -> Option<String> {
+        let id = id?;
+        t["added_tokens"]
+            .as_array()?
+            .iter()
+            .find(|a| a["id"].as_u64() == Some(id as u64))?["content"]
+            .as_str()
+            .map(str::to_string)
+    };
+    let mut c = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_positions,
+        "clean_up_tokenization_spaces": false,
+    });
+    for (key, id) in [
+        ("bos_token", special.bos_token_id),
+        ("eos_token", special.eos_token_id),
+        ("unk_token", unk_token_id),
+    ] {
+        if let Some(tok) = content(id) {
+            c[key] = json!(tok);
+        }
+    }
+    Ok(c)
+}
+
 pub fn save(
     dir: &Path,
     config: &ModelConfig,

@@ -3,8 +3,8 @@
 //! [`crate::simd`] (AVX-512 with VNNI, AVX2 + FMA or portable, chosen at run time).
 //!
 //! The ternary kernel never builds the float matrix (layout in [`crate::ternary`]). f32 inputs:
-//! at batch 1 (decode) each block's codes pick `-x, 0, x` from a table and accumulate; at batch
-//! > 1 four rows at a time are expanded into a small L1-resident buffer and multiplied with two
+//! at batch 1 (decode) each block's codes pick `-x, 0, x` from a table and accumulate; at larger
+//! batches four rows at a time are expanded into a small L1-resident buffer and multiplied with two
 //! input rows at a time, so the expansion is paid once per row for the whole batch. 8-bit inputs
 //! ([`Q8Rows`]: BitNet's, or float rows quantized with `--activations int8`): integer dot
 //! products of four weight rows at a time against each block of activations (`vpdpbusd`).

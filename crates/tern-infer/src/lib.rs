@@ -11,6 +11,7 @@ pub mod model;
 pub mod sample;
 pub mod simd;
 pub mod ternary;
+pub mod trilm;
 
 pub use convert::{effective_tensors, pack_model, packed_config, packed_shapes, ternary_matrix};
 pub use encoder::{BitEncoder, Proj};
