@@ -3,7 +3,7 @@
 (llama.cpp's gguf-py): tensor types and shapes, every dequantized value against the Hugging Face
 export of the same checkpoint (`tern export --format hf`), and the llama metadata.
 
-    python3 data-prep/check_gguf.py MODEL.gguf HF_DIR [--ternary TQ2_0|TQ1_0] [--embed F32|F16]
+    python3 data-prep/check_gguf.py MODEL.gguf HF_DIR [--ternary TQ2_0|TQ1_0|Q8_0|Q4_0] [--embed F32|F16]
 
 The q/k rows are compared after convert_hf_to_gguf.py's permutation (written out here from its
 definition: within each head, rotary halves interleaved). Ternary blocks carry an fp16 scale, so
@@ -110,7 +110,7 @@ def main():
         max_rel = max(max_rel, rel)
         tol = 1e-3 if want_type != GGMLQuantizationType.F32 else 0.0
         check(rel <= tol, f"{g}: max relative difference {rel:.3g} > {tol}")
-        if want_type == ternary_type:
+        if want_type == ternary_type and ternary_type.name.startswith("TQ"):
             # Every 256-weight block holds only {-d, 0, d}, d its largest |value|.
             blocks = np.abs(v.reshape(-1, 256))
             d = blocks.max(axis=1, keepdims=True)

@@ -39,6 +39,37 @@ pub struct EvalArgs {
     eos_token: String,
 }
 
+/// Token data at `paths` (shards or text, read in order as validation data is), tokenized with
+/// the model's tokenizer, in blocks of the given sequence length or the model's training one.
+pub fn data_at(
+    loaded: &crate::load::Loaded,
+    paths: &[String],
+    seq_len: Option<usize>,
+    eos_token: &str,
+    flag: &str,
+) -> Result<(DataConfig, TextTokenizer)> {
+    let Some(seq_len) = seq_len.or(loaded.seq_len) else {
+        bail!(
+            "{}: no training sequence length known; pass --seq-len (for {flag})",
+            loaded.source.display()
+        );
+    };
+    let Some(text) = &loaded.tokenizer else {
+        bail!(
+            "{}: no tokenizer with the model; pass --tokenizer (for {flag})",
+            loaded.source.display()
+        );
+    };
+    let tok = TextTokenizer::from_bytes(text.as_bytes(), "the model's tokenizer", eos_token)?;
+    let dc: DataConfig = serde_json::from_value(serde_json::json!({
+        "validation": paths,
+        "tokenizer": "",
+        "seq_len": seq_len,
+        "eos_token": eos_token,
+    }))?;
+    Ok((dc, tok))
+}
+
 pub fn run(a: EvalArgs) -> Result<()> {
     let loaded = crate::load::for_inference(&a.model, a.tokenizer.as_deref())?;
     let (dc, tok) = match &a.recipe {
@@ -56,27 +87,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             if a.data.is_empty() {
                 bail!("give --data SHARDS (or --recipe RECIPE for its validation data)");
             }
-            let Some(seq_len) = a.seq_len.or(loaded.seq_len) else {
-                bail!(
-                    "{}: no training sequence length known; pass --seq-len",
-                    loaded.source.display()
-                );
-            };
-            let Some(text) = &loaded.tokenizer else {
-                bail!(
-                    "{}: no tokenizer with the model; pass --tokenizer",
-                    loaded.source.display()
-                );
-            };
-            let tok =
-                TextTokenizer::from_bytes(text.as_bytes(), "the model's tokenizer", &a.eos_token)?;
-            let dc: DataConfig = serde_json::from_value(serde_json::json!({
-                "validation": a.data,
-                "tokenizer": "",
-                "seq_len": seq_len,
-                "eos_token": a.eos_token,
-            }))?;
-            (dc, tok)
+            data_at(&loaded, &a.data, a.seq_len, &a.eos_token, "--data")?
         }
     };
     if dc.seq_len < 1 {

@@ -63,26 +63,43 @@ pub fn run(a: ExportArgs) -> Result<()> {
         (Some(c), None) => crate::load::load(c, encoding, float_dtype, tok)?,
         (None, None) => bail!("give --checkpoint PATH or --from-hf DIR"),
     };
+    let ternary = match a.codes.as_deref() {
+        Some("tq1_0") => GgmlType::Tq1_0,
+        _ => GgmlType::Tq2_0,
+    };
+    write(&loaded, a.format, &a.out, float_dtype, ternary)
+}
+
+/// Writes a loaded model in `format` (`ternary`: the GGUF type of ternary matrices; packed files
+/// take their codes from `loaded.packed.encoding`).
+pub fn write(
+    loaded: &crate::load::Loaded,
+    format: Format,
+    out: &std::path::Path,
+    float_dtype: FloatDtype,
+    ternary: GgmlType,
+) -> Result<()> {
     let src = loaded.source.display().to_string();
-    if loaded.packed.student.is_some() && a.format != Format::Packed {
+    let encoding = loaded.packed.encoding;
+    if loaded.packed.student.is_some() && format != Format::Packed {
         bail!(
             "{src}: a distillation student; its projections take their input through 1-bit \
              encoders, which a Hugging Face LlamaForCausalLM or a llama.cpp GGUF cannot express. \
              Export it with --format packed (tern generate, eval and logits run that file)"
         );
     }
-    if a.format != Format::Packed {
+    if format != Format::Packed {
         tern_infer::convert::check_plain_llama(&loaded.config).context(src.clone())?;
     }
-    match a.format {
+    match format {
         Format::Packed => {
-            let bytes = loaded.packed.write(&a.out)?;
+            let bytes = loaded.packed.write(out)?;
             let size = loaded.packed.size();
             crate::say(&format!(
                 "packed {src} -> {} ({} codes, other tensors {}): {bytes} bytes on disk{}\n{}",
-                a.out.display(),
+                out.display(),
                 encoding.name(),
-                a.float_dtype,
+                float_dtype.name(),
                 if loaded.packed.tokenizer.is_some() {
                     " (tokenizer included)"
                 } else {
@@ -108,19 +125,19 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 eos_token_id: s.eos,
             };
             let positions = loaded.max_positions.unwrap_or(2048);
-            tern_hf::save(&a.out, &config, &special, &tensors, positions, None)?;
+            tern_hf::save(out, &config, &special, &tensors, positions, None)?;
             if let Some(t) = &loaded.tokenizer {
-                let p = a.out.join("tokenizer.json");
+                let p = out.join("tokenizer.json");
                 std::fs::write(&p, t).with_context(|| format!("writing {}", p.display()))?;
                 let c = tern_hf::tokenizer_config(t, &special, s.unk, positions)?;
-                let p = a.out.join("tokenizer_config.json");
+                let p = out.join("tokenizer_config.json");
                 std::fs::write(&p, serde_json::to_string_pretty(&c)? + "\n")
                     .with_context(|| format!("writing {}", p.display()))?;
             }
             crate::say(&format!(
                 "Hugging Face LlamaForCausalLM directory {} from {src} (ternary matrices as \
                  scale x code in f32{})",
-                a.out.display(),
+                out.display(),
                 if loaded.tokenizer.is_some() {
                     ", tokenizer.json, tokenizer_config.json"
                 } else {
@@ -129,11 +146,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
             ));
         }
         Format::Gguf => {
-            let ty = if a.codes.as_deref() == Some("tq1_0") {
-                GgmlType::Tq1_0
-            } else {
-                GgmlType::Tq2_0
-            };
+            let ty = ternary;
             let float = match float_dtype {
                 FloatDtype::F32 => GgmlType::F32,
                 FloatDtype::F16 => GgmlType::F16,
@@ -151,12 +164,17 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 name: &src,
             };
             let file = gguf(&loaded.config, &loaded.packed.tensors, &info)?;
-            let bytes = file.write(&a.out)?;
+            let bytes = file.write(out)?;
+            let mut types = std::collections::BTreeMap::new();
+            for t in &file.tensors {
+                *types.entry(t.ty.name()).or_insert(0) += 1;
+            }
+            let types: Vec<String> = types.iter().map(|(k, n)| format!("{n} {k}")).collect();
             crate::say(&format!(
-                "GGUF {} from {src}: {} tensors, ternary matrices in {}, {bytes} bytes",
-                a.out.display(),
+                "GGUF {} from {src}: {} tensors ({}), {bytes} bytes",
+                out.display(),
                 file.tensors.len(),
-                ty.name()
+                types.join(", ")
             ));
         }
     }
@@ -254,7 +272,14 @@ pub fn gguf(
     let any_ternary = tensors
         .iter()
         .any(|(_, t)| matches!(t, PackedTensor::Ternary(_)));
+    // MOSTLY_Q4_0 = 2, MOSTLY_Q8_0 = 7.
+    let quant_bits = tensors.iter().find_map(|(_, t)| match t {
+        PackedTensor::Quant(m) => Some(m.bits),
+        _ => None,
+    });
     let file_type = match (any_ternary, ty, float) {
+        _ if quant_bits == Some(4) => 2,
+        _ if quant_bits == Some(8) => 7,
         (true, GgmlType::Tq1_0, _) => 36,
         (true, _, _) => 37,
         (false, _, GgmlType::F16) => 1,
@@ -274,6 +299,20 @@ pub fn gguf(
             None
         };
         let tensor = match t {
+            PackedTensor::Quant(m) => {
+                let m = match heads {
+                    Some(h) => {
+                        let order = rope_row_order(m.rows, h);
+                        tern_pack::QuantMatrix {
+                            codes: reorder_rows(&m.codes, m.cols, &order),
+                            scales: reorder_rows(&m.scales, m.groups(), &order),
+                            ..m.clone()
+                        }
+                    }
+                    None => m.clone(),
+                };
+                GgufTensor::quantized(&g, &m)?
+            }
             PackedTensor::Ternary(m) => {
                 let m = match heads {
                     Some(h) => permuted(m, &rope_row_order(m.rows, h)),

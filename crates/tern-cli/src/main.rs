@@ -13,6 +13,7 @@ mod load;
 mod logits;
 mod plan;
 mod prep;
+mod quantize;
 mod train;
 
 use std::process::ExitCode;
@@ -73,6 +74,8 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Export a trained model: packed ternary file, Hugging Face directory, or GGUF.
     Export(export::ExportArgs),
+    /// Post-training quantization of a float model to 3-8 bits (GPTQ or round-to-nearest).
+    Quantize(quantize::QuantizeArgs),
     /// Generate text from a prompt (packed file, checkpoint or Hugging Face directory).
     Generate(generate::GenerateArgs),
     /// Loss and perplexity of a model on held-out data (shards, text, or a recipe's validation).
@@ -152,6 +155,7 @@ fn main() -> ExitCode {
         Command::Ckpt(a) => ckpt::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Export(a) => export::run(a),
+        Command::Quantize(a) => quantize::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),
     };

@@ -186,12 +186,13 @@ pub fn pack_model(
 }
 
 /// The float tensors a standard Llama implementation computes the same function with: each
-/// ternary matrix as `scale * code` (what the training forward pass multiplies by).
+/// ternary or integer-quantized matrix as `scale * code` (what the training forward pass multiplies by).
 pub fn effective_tensors(p: &PackedModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     p.tensors
         .iter()
         .map(|(n, t)| match t {
             PackedTensor::Ternary(m) => (n.clone(), vec![m.rows, m.cols], m.dequantize()),
+            PackedTensor::Quant(m) => (n.clone(), vec![m.rows, m.cols], m.dequantize()),
             PackedTensor::Float { shape, values } => (n.clone(), shape.clone(), values.clone()),
         })
         .collect()
@@ -226,6 +227,12 @@ pub fn packed_config(p: &PackedModel) -> Result<ModelConfig> {
     for ((name, t), (wname, wshape)) in p.tensors.iter().zip(&want) {
         let (shape, ternary) = match t {
             PackedTensor::Ternary(m) => (vec![m.rows, m.cols], true),
+            PackedTensor::Quant(m) => {
+                if c.linear != LinearKind::Float || !name.ends_with("_proj.weight") {
+                    bail!("{name} is integer-quantized; only a float model's block projections can be");
+                }
+                (vec![m.rows, m.cols], false)
+            }
             PackedTensor::Float { shape, .. } => (shape.clone(), false),
         };
         if name != wname || &shape != wshape {

@@ -29,7 +29,22 @@ pub struct Layer {
     pub down_proj: Proj,
 }
 
+/// A block's projections, in the order [`Layer::projection`] and its kin list them (the
+/// training model's module order).
+pub use tern_model::model::PROJECTION_NAMES as PROJECTIONS;
+
 impl Layer {
+    /// The projection called `name` (one of [`PROJECTIONS`]).
+    pub fn projection(&self, name: &str) -> Option<&Proj> {
+        let i = PROJECTIONS.iter().position(|n| *n == name)?;
+        Some(self.projections()[i])
+    }
+
+    pub fn projection_mut(&mut self, name: &str) -> Option<&mut Proj> {
+        let i = PROJECTIONS.iter().position(|n| *n == name)?;
+        self.projections_mut().into_iter().nth(i)
+    }
+
     fn projections(&self) -> [&Proj; 7] {
         [
             &self.q_proj,
@@ -101,6 +116,21 @@ impl Tensors {
             .remove(name)
             .ok_or_else(|| anyhow!("the packed file has no tensor {name}"))?;
         Ok(match t {
+            // Held as its f32 values (`d * q` exactly), multiplied by the dense kernel.
+            PackedTensor::Quant(m) => {
+                if [m.rows, m.cols] != shape {
+                    bail!(
+                        "{name} is [{}, {}]; the config needs {shape:?}",
+                        m.rows,
+                        m.cols
+                    );
+                }
+                Matrix::Dense(Dense {
+                    rows: m.rows,
+                    cols: m.cols,
+                    values: m.dequantize(),
+                })
+            }
             PackedTensor::Ternary(m) => {
                 if [m.rows, m.cols] != shape {
                     bail!(
@@ -243,55 +273,104 @@ impl InferModel {
     /// Runs `tokens` (positions `cache.len()..`) through the model, appending to the cache.
     /// Returns the logits of every position (`[tokens, vocab]`) when `all` is set, else of the last.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all: bool) -> Result<Vec<f32>> {
-        let c = &self.config;
-        let (h, vocab) = (c.hidden, c.vocab());
         let t = tokens.len();
-        if t == 0 {
+        let mut x = self.embed(tokens)?;
+        let pos0 = cache.len;
+        let rope = self.rope(pos0, t);
+        for l in 0..self.layers.len() {
+            let (k, v) = (&mut cache.k[l], &mut cache.v[l]);
+            self.block(l, &mut x, t, pos0, &rope, k, v, &mut |_, _| {});
+        }
+        let (c, h) = (&self.config, self.config.hidden);
+        cache.len += t;
+        let rows = if all { t } else { 1 };
+        let last = &x[(t - rows) * h..];
+        let xn = rms_norm(last, &self.norm, c.rms_eps);
+        Ok(self.lm_head.matmul(&xn, rows))
+    }
+
+    /// The embeddings of `tokens`, `[t, hidden]`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let (h, vocab) = (self.config.hidden, self.config.vocab());
+        if tokens.is_empty() {
             bail!("no tokens to run");
         }
         if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= vocab) {
             bail!("token id {bad} is outside the model's vocabulary 0..{vocab}");
         }
-        let mut x: Vec<f32> = tokens
+        Ok(tokens
             .iter()
             .flat_map(|&id| {
                 self.embedding().values[id as usize * h..][..h]
                     .iter()
                     .copied()
             })
-            .collect();
-        let pos0 = cache.len;
-        let rope: Vec<_> = (pos0..pos0 + t)
+            .collect())
+    }
+
+    fn rope(&self, pos0: usize, t: usize) -> Vec<(Vec<f32>, Vec<f32>)> {
+        let c = &self.config;
+        (pos0..pos0 + t)
             .map(|p| rope_row(p, c.head_dim(), c.rope_theta))
-            .collect();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let a = rms_norm(&x, &layer.input_layernorm, c.rms_eps);
-            let (k, v) = (&mut cache.k[l], &mut cache.v[l]);
-            let attn = self.attention(layer, &a, t, pos0, &rope, k, v);
-            add(&mut x, &layer.o_proj.matmul(&attn, t));
-            let m = rms_norm(&x, &layer.post_attention_layernorm, c.rms_eps);
-            let mut g = layer.gate_proj.matmul(&m, t);
-            let u = layer.up_proj.matmul(&m, t);
-            match c.mlp {
-                MlpKind::Swiglu => {
-                    for (gi, ui) in g.iter_mut().zip(&u) {
-                        *gi = *gi / (1.0 + (-*gi).exp()) * ui;
-                    }
-                }
-                MlpKind::Relu2glu => {
-                    for (gi, ui) in g.iter_mut().zip(&u) {
-                        let r = gi.max(0.0);
-                        *gi = r * r * ui;
-                    }
+            .collect()
+    }
+
+    /// Block `l` on a whole sequence `x: [t, hidden]` from position 0 (no cache), in place;
+    /// `observe(projections, input)` sees each projection input (`["self_attn.q_proj",
+    /// "self_attn.k_proj", "self_attn.v_proj"]` share one), as calibration for post-training
+    /// quantization needs.
+    pub fn block_forward(
+        &self,
+        l: usize,
+        x: &mut [f32],
+        observe: &mut dyn FnMut(&[&'static str], &[f32]),
+    ) {
+        let t = x.len() / self.config.hidden;
+        let rope = self.rope(0, t);
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        self.block(l, x, t, 0, &rope, &mut k, &mut v, observe);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        l: usize,
+        x: &mut [f32],
+        t: usize,
+        pos0: usize,
+        rope: &[(Vec<f32>, Vec<f32>)],
+        k_cache: &mut Vec<f32>,
+        v_cache: &mut Vec<f32>,
+        observe: &mut dyn FnMut(&[&'static str], &[f32]),
+    ) {
+        let (c, layer) = (&self.config, &self.layers[l]);
+        let a = rms_norm(x, &layer.input_layernorm, c.rms_eps);
+        observe(
+            &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            &a,
+        );
+        let attn = self.attention(layer, &a, t, pos0, rope, k_cache, v_cache);
+        observe(&["self_attn.o_proj"], &attn);
+        add(x, &layer.o_proj.matmul(&attn, t));
+        let m = rms_norm(x, &layer.post_attention_layernorm, c.rms_eps);
+        observe(&["mlp.gate_proj", "mlp.up_proj"], &m);
+        let mut g = layer.gate_proj.matmul(&m, t);
+        let u = layer.up_proj.matmul(&m, t);
+        match c.mlp {
+            MlpKind::Swiglu => {
+                for (gi, ui) in g.iter_mut().zip(&u) {
+                    *gi = *gi / (1.0 + (-*gi).exp()) * ui;
                 }
             }
-            add(&mut x, &layer.down_proj.matmul(&g, t));
+            MlpKind::Relu2glu => {
+                for (gi, ui) in g.iter_mut().zip(&u) {
+                    let r = gi.max(0.0);
+                    *gi = r * r * ui;
+                }
+            }
         }
-        cache.len += t;
-        let rows = if all { t } else { 1 };
-        let last = &x[(t - rows) * h..];
-        let xn = rms_norm(last, &self.norm, c.rms_eps);
-        Ok(self.lm_head.matmul(&xn, rows))
+        observe(&["mlp.down_proj"], &g);
+        add(x, &layer.down_proj.matmul(&g, t));
     }
 
     #[allow(clippy::too_many_arguments)]

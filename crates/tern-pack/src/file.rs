@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::codes::{unpack, Encoding, TernaryMatrix};
+use crate::quant::QuantMatrix;
 
 pub const FORMAT: &str = "tern-packed";
 pub const VERSION: &str = "1";
@@ -38,6 +39,13 @@ impl FloatDtype {
             "f16" => Ok(Self::F16),
             "bf16" => Ok(Self::Bf16),
             _ => bail!("unknown float type {s:?}; expected f32, f16 or bf16"),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
         }
     }
     pub fn bytes(self) -> usize {
@@ -71,7 +79,19 @@ impl FloatDtype {
 #[derive(Debug, Clone, PartialEq)]
 pub enum PackedTensor {
     Ternary(TernaryMatrix),
-    Float { shape: Vec<usize>, values: Vec<f32> },
+    /// Post-training quantized to 3-8 bits (`tern quantize`).
+    Quant(QuantMatrix),
+    Float {
+        shape: Vec<usize>,
+        values: Vec<f32>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct QuantMeta {
+    shape: [usize; 2],
+    bits: u32,
+    group: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,6 +140,9 @@ pub struct SizeReport {
     pub ternary_bytes: u64,
     pub other_params: u64,
     pub other_bytes: u64,
+    /// Codes and f16 scales of integer-quantized matrices.
+    pub quant_params: u64,
+    pub quant_bytes: u64,
 }
 
 impl SizeReport {
@@ -132,10 +155,10 @@ impl SizeReport {
         self.other_bytes += (n * dtype.bytes()) as u64;
     }
     pub fn params(&self) -> u64 {
-        self.ternary_params + self.other_params
+        self.ternary_params + self.other_params + self.quant_params
     }
     pub fn bytes(&self) -> u64 {
-        self.ternary_bytes + self.other_bytes
+        self.ternary_bytes + self.other_bytes + self.quant_bytes
     }
     pub fn ternary_bits(&self) -> f64 {
         8.0 * self.ternary_bytes as f64 / self.ternary_params.max(1) as f64
@@ -152,22 +175,33 @@ impl SizeReport {
     }
     /// A few lines for people.
     pub fn describe(&self) -> String {
-        format!(
-            "ternary matrices: {} params in {} bytes = {:.3} bits/param\n\
+        let quant = if self.quant_params > 0 {
+            format!(
+                "quantized matrices: {} params in {} bytes = {:.3} bits/param\n",
+                self.quant_params,
+                self.quant_bytes,
+                8.0 * self.quant_bytes as f64 / self.quant_params as f64
+            )
+        } else {
+            String::new()
+        };
+        quant
+            + &format!(
+                "ternary matrices: {} params in {} bytes = {:.3} bits/param\n\
              other tensors:    {} params in {} bytes\n\
              whole model:      {} params in {} bytes = {:.3} bits/param, {:.2}x smaller than fp32, \
              {:.2}x smaller than fp16",
-            self.ternary_params,
-            self.ternary_bytes,
-            self.ternary_bits(),
-            self.other_params,
-            self.other_bytes,
-            self.params(),
-            self.bytes(),
-            self.bits(),
-            self.vs_fp32(),
-            self.vs_fp16()
-        )
+                self.ternary_params,
+                self.ternary_bytes,
+                self.ternary_bits(),
+                self.other_params,
+                self.other_bytes,
+                self.params(),
+                self.bytes(),
+                self.bits(),
+                self.vs_fp32(),
+                self.vs_fp16()
+            )
     }
 }
 
@@ -180,6 +214,10 @@ impl PackedModel {
                     s.add_ternary(m.rows, m.cols, m.row_groups * m.col_groups, self.encoding)
                 }
                 PackedTensor::Float { values, .. } => s.add_float(values.len(), self.float_dtype),
+                PackedTensor::Quant(m) => {
+                    s.quant_params += (m.rows * m.cols) as u64;
+                    s.quant_bytes += (m.rows * m.row_bytes() + 2 * m.scales.len()) as u64;
+                }
             }
         }
         s
@@ -189,8 +227,32 @@ impl PackedModel {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut blobs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         let mut ternary = BTreeMap::new();
+        let mut quantized = BTreeMap::new();
         for (name, t) in &self.tensors {
             match t {
+                PackedTensor::Quant(m) => {
+                    m.check(name)?;
+                    blobs.push((
+                        format!("{name}.qcodes"),
+                        Dtype::U8,
+                        vec![m.rows, m.row_bytes()],
+                        m.pack(),
+                    ));
+                    blobs.push((
+                        format!("{name}.qscales"),
+                        Dtype::F16,
+                        vec![m.rows, m.groups()],
+                        FloatDtype::F16.encode(&m.scales),
+                    ));
+                    quantized.insert(
+                        name.clone(),
+                        QuantMeta {
+                            shape: [m.rows, m.cols],
+                            bits: m.bits,
+                            group: m.group,
+                        },
+                    );
+                }
                 PackedTensor::Ternary(m) => {
                     m.check(name)?;
                     let stride = self.encoding.row_bytes(m.cols);
@@ -246,6 +308,9 @@ impl PackedModel {
         if let Some(s) = &self.student {
             meta.insert("student".into(), serde_json::to_string(s)?);
         }
+        if !quantized.is_empty() {
+            meta.insert("quantized".into(), serde_json::to_string(&quantized)?);
+        }
         for (k, v) in [
             ("bos_token_id", self.bos_token_id),
             ("eos_token_id", self.eos_token_id),
@@ -297,11 +362,46 @@ impl PackedModel {
         let ternary: BTreeMap<String, TernaryMeta> =
             serde_json::from_str(get("ternary")?).context("metadata ternary")?;
         let order: Vec<String> = serde_json::from_str(get("order")?).context("metadata order")?;
+        let quantized: BTreeMap<String, QuantMeta> = match meta.get("quantized") {
+            Some(q) => serde_json::from_str(q).context("metadata quantized")?,
+            None => BTreeMap::new(),
+        };
         let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{e}"))?;
         let tensor = |n: &str| st.tensor(n).map_err(|_| anyhow!("tensor {n} is missing"));
         let mut float_dtype = FloatDtype::F32;
         let mut tensors = Vec::new();
         for name in order {
+            if let Some(q) = quantized.get(&name) {
+                let codes = tensor(&format!("{name}.qcodes"))?;
+                let scales = tensor(&format!("{name}.qscales"))?;
+                let [rows, cols] = q.shape;
+                if !(3..=8).contains(&q.bits) || q.group == 0 {
+                    bail!(
+                        "{name}: metadata says {} bits in groups of {}",
+                        q.bits,
+                        q.group
+                    );
+                }
+                let row_bytes = (cols * q.bits as usize).div_ceil(8);
+                let groups = cols.div_ceil(q.group);
+                if codes.dtype() != Dtype::U8 || codes.shape() != [rows, row_bytes] {
+                    bail!("{name}.qcodes must be U8 [{rows}, {row_bytes}]");
+                }
+                if scales.dtype() != Dtype::F16 || scales.shape() != [rows, groups] {
+                    bail!("{name}.qscales must be F16 [{rows}, {groups}]");
+                }
+                let m = QuantMatrix {
+                    rows,
+                    cols,
+                    bits: q.bits,
+                    group: q.group,
+                    codes: QuantMatrix::unpack(codes.data(), rows, cols, q.bits),
+                    scales: float_values(&scales, &name)?.0,
+                };
+                m.check(&name)?;
+                tensors.push((name, PackedTensor::Quant(m)));
+                continue;
+            }
             if let Some(m) = ternary.get(&name) {
                 let codes = tensor(&format!("{name}.codes"))?;
                 let scales = tensor(&format!("{name}.scales"))?;

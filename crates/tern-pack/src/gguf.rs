@@ -18,6 +18,8 @@ pub const ALIGNMENT: usize = 32;
 pub enum GgmlType {
     F32 = 0,
     F16 = 1,
+    Q4_0 = 2,
+    Q8_0 = 8,
     Tq1_0 = 34,
     Tq2_0 = 35,
 }
@@ -27,6 +29,8 @@ impl GgmlType {
         match self {
             Self::F32 => "F32",
             Self::F16 => "F16",
+            Self::Q4_0 => "Q4_0",
+            Self::Q8_0 => "Q8_0",
             Self::Tq1_0 => "TQ1_0",
             Self::Tq2_0 => "TQ2_0",
         }
@@ -114,6 +118,21 @@ impl GgufTensor {
                 .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
                 .collect(),
         }
+    }
+
+    /// An integer-quantized matrix in Q8_0 or Q4_0 (see [`crate::QuantMatrix::ggml_blocks`]).
+    pub fn quantized(name: &str, m: &crate::QuantMatrix) -> Result<Self> {
+        let (ty, data) = m.ggml_blocks(name)?;
+        Ok(Self {
+            name: name.into(),
+            shape: vec![m.rows, m.cols],
+            ty: if ty == 8 {
+                GgmlType::Q8_0
+            } else {
+                GgmlType::Q4_0
+            },
+            data,
+        })
     }
 
     /// A ternary matrix in TQ2_0 or TQ1_0: rows of 256-weight blocks, each with the scale of its

@@ -8,6 +8,8 @@ pub mod codes;
 pub mod file;
 pub mod ggml;
 pub mod gguf;
+pub mod quant;
 
 pub use codes::{Encoding, TernaryMatrix};
 pub use file::{PackedModel, PackedTensor, SizeReport, StudentSpec};
+pub use quant::QuantMatrix;

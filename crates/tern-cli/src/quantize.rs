@@ -1,0 +1,261 @@
+//! `tern quantize`: a float model (tern checkpoint or Hugging Face Llama directory) post-training
+//! quantized to 3-8 bits, Spectra's QuantLM: GPTQ, block by block on calibration sequences (each
+//! block's inputs come from the blocks before it, already quantized), or round-to-nearest. The
+//! result is written like `tern export` writes: a packed file (codes `bits` a weight, f16 group
+//! scales), a Hugging Face directory (dequantized), or GGUF (Q8_0 / Q4_0).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use tern_data::ValData;
+use tern_infer::model::PROJECTIONS;
+use tern_infer::{Dense, InferModel, Matrix};
+use tern_pack::file::FloatDtype;
+use tern_pack::gguf::GgmlType;
+use tern_pack::{Encoding, PackedTensor, QuantMatrix};
+use tern_quant::{GptqConfig, Grid, Quantized};
+
+use crate::export::Format;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Method {
+    /// Hessian-aware rounding with error compensation (needs --calib).
+    Gptq,
+    /// Round to nearest (no calibration).
+    Rtn,
+}
+
+#[derive(Args)]
+pub struct QuantizeArgs {
+    /// A float tern checkpoint (or run / checkpoints folder) or a Hugging Face Llama directory.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long, value_enum, default_value = "gptq")]
+    method: Method,
+    /// Bits a weight: 3, 4, 6 or 8.
+    #[arg(long)]
+    bits: u32,
+    /// Consecutive input columns sharing a scale (32 fits GGUF's Q8_0 / Q4_0 blocks).
+    #[arg(long, default_value_t = 32)]
+    group_size: usize,
+    /// GPTQ: quantize columns in order of decreasing Hessian diagonal.
+    #[arg(long)]
+    act_order: bool,
+    /// GPTQ: dampening of the Hessian, a fraction of its mean diagonal.
+    #[arg(long, default_value_t = 0.01)]
+    damp: f64,
+    /// GPTQ calibration data: token shards (.bin, .h5) or text (.jsonl, .jsonl.zst), read in order.
+    #[arg(long, num_args = 1..)]
+    calib: Vec<String>,
+    /// Calibration sequences.
+    #[arg(long, default_value_t = 32)]
+    calib_seqs: usize,
+    /// Tokens per calibration sequence (default: the checkpoint's training length).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long, value_enum, default_value = "packed")]
+    format: Format,
+    #[arg(long)]
+    out: PathBuf,
+    /// Tensors that are not quantized (embeddings, norms, head): f32, f16 or bf16 (packed); f32 or
+    /// f16 (gguf).
+    #[arg(long, default_value = "f32")]
+    float_dtype: String,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// End-of-document token (for text calibration data).
+    #[arg(long, default_value = "</s>")]
+    eos_token: String,
+}
+
+fn to_pack(q: Quantized) -> QuantMatrix {
+    QuantMatrix {
+        rows: q.rows,
+        cols: q.cols,
+        bits: q.grid.bits,
+        group: q.grid.group,
+        codes: q.codes,
+        scales: q.scales,
+    }
+}
+
+/// `sum_t x_t x_t^T * 2` of `x: [t, cols]` into `h` (f32 products on the dense kernel, summed in
+/// f64 across sequences).
+fn add_hessian(h: &mut [f64], x: &[f32], cols: usize) {
+    let t = x.len() / cols;
+    let mut xt = vec![0f32; cols * t];
+    for (i, row) in x.chunks(cols).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            xt[c * t + i] = *v;
+        }
+    }
+    let m = Matrix::Dense(Dense {
+        rows: cols,
+        cols: t,
+        values: xt.clone(),
+    });
+    for (hv, p) in h.iter_mut().zip(m.matmul(&xt, cols)) {
+        *hv += 2.0 * p as f64;
+    }
+}
+
+pub fn run(a: QuantizeArgs) -> Result<()> {
+    let grid = Grid::new(a.bits, a.group_size)?;
+    let float_dtype = FloatDtype::parse(&a.float_dtype).context("--float-dtype")?;
+    let mut loaded = crate::load::load(
+        &a.checkpoint,
+        Encoding::Bits2,
+        FloatDtype::F32,
+        a.tokenizer.as_deref(),
+    )?;
+    let src = loaded.source.display().to_string();
+    if loaded.config.linear != tern_model::LinearKind::Float || loaded.packed.student.is_some() {
+        bail!(
+            "{src}: tern quantize takes a float model (model.linear = \"float\"); this one is {:?}{}",
+            loaded.config.linear,
+            if loaded.packed.student.is_some() { ", a distillation student" } else { "" }
+        );
+    }
+    tern_infer::convert::check_plain_llama(&loaded.config).context(src.clone())?;
+    let start = Instant::now();
+    let quantized = match a.method {
+        Method::Rtn => {
+            if !a.calib.is_empty() {
+                bail!("--calib: round-to-nearest uses no calibration data");
+            }
+            loaded
+                .packed
+                .tensors
+                .iter()
+                .filter(|(n, _)| n.ends_with("_proj.weight"))
+                .map(|(n, t)| match t {
+                    PackedTensor::Float { shape, values } => Ok((
+                        n.clone(),
+                        to_pack(tern_quant::rtn(values, shape[0], shape[1], grid)),
+                    )),
+                    _ => bail!("{n} is not float"),
+                })
+                .collect::<Result<Vec<_>>>()?
+        }
+        Method::Gptq => gptq_model(&a, &loaded, grid)?,
+    };
+    let n = quantized.len();
+    let mut map: std::collections::HashMap<_, _> = quantized.into_iter().collect();
+    for (name, t) in loaded.packed.tensors.iter_mut() {
+        if let Some(q) = map.remove(name) {
+            *t = PackedTensor::Quant(q);
+        }
+    }
+    loaded.packed.float_dtype = float_dtype;
+    crate::say(&format!(
+        "{} {n} projections of {src} to {} bits in groups of {} in {:.1} s",
+        match a.method {
+            Method::Gptq => "GPTQ",
+            Method::Rtn => "round-to-nearest",
+        },
+        a.bits,
+        a.group_size,
+        start.elapsed().as_secs_f64()
+    ));
+    crate::export::write(&loaded, a.format, &a.out, float_dtype, GgmlType::Tq2_0)
+}
+
+/// GPTQ of every block projection, block by block.
+fn gptq_model(
+    a: &QuantizeArgs,
+    loaded: &crate::load::Loaded,
+    grid: Grid,
+) -> Result<Vec<(String, QuantMatrix)>> {
+    if a.calib.is_empty() {
+        bail!("--method gptq needs --calib DATA (token shards or text) for its Hessians");
+    }
+    if a.calib_seqs == 0 {
+        bail!("--calib-seqs must be at least 1");
+    }
+    let (dc, tok) = crate::eval::data_at(loaded, &a.calib, a.seq_len, &a.eos_token, "--calib")?;
+    let mut model = InferModel::from_packed(loaded.packed.clone())?;
+    if tok.vocab_size > model.vocab() {
+        bail!(
+            "the tokenizer has {} tokens; the model's vocabulary is {}",
+            tok.vocab_size,
+            model.vocab()
+        );
+    }
+    let mut data = ValData::open(&dc, &tok)?;
+    let blocks = data.source.blocks() as usize;
+    if blocks == 0 {
+        bail!("--calib holds no sequence of {} tokens", dc.seq_len);
+    }
+    let seqs = a.calib_seqs.min(blocks);
+    let mut xs = Vec::with_capacity(seqs);
+    for b in 0..seqs {
+        let block = data.read(b as u64, 1)?;
+        xs.push(model.embed(&block[..dc.seq_len])?);
+    }
+    crate::say(&format!(
+        "GPTQ calibration: {seqs} sequences of {} tokens",
+        dc.seq_len
+    ));
+    let cfg = GptqConfig {
+        grid,
+        damp: a.damp,
+        act_order: a.act_order,
+    };
+    let mut out = Vec::new();
+    for l in 0..model.layers.len() {
+        // Hessians of the block's four distinct inputs, on the quantized blocks' outputs.
+        let mut hs: std::collections::HashMap<&'static str, (Vec<f64>, usize, usize)> =
+            Default::default();
+        for x in &xs {
+            let mut x = x.clone();
+            model.block_forward(l, &mut x, &mut |names, input| {
+                let t = x_len(input, names, &model, l);
+                let cols = input.len() / t;
+                let e = hs
+                    .entry(names[0])
+                    .or_insert_with(|| (vec![0f64; cols * cols], 0, cols));
+                add_hessian(&mut e.0, input, cols);
+                e.1 += t;
+            });
+        }
+        for name in PROJECTIONS {
+            let key = match name {
+                "self_attn.k_proj" | "self_attn.v_proj" => "self_attn.q_proj",
+                "mlp.up_proj" => "mlp.gate_proj",
+                n => n,
+            };
+            let (h, count, cols) = &hs[key];
+            let h: Vec<f64> = h.iter().map(|v| v / *count as f64).collect();
+            let full = format!("layers.{l}.{name}.weight");
+            let proj = model.layers[l]
+                .projection_mut(name)
+                .expect("a block projection");
+            let Matrix::Dense(d) = &proj.weight else {
+                bail!("{full} is not float");
+            };
+            let q = tern_quant::gptq(&d.values, d.rows, *cols, &h, cfg)
+                .with_context(|| full.clone())?;
+            proj.weight = Matrix::Dense(Dense {
+                rows: q.rows,
+                cols: q.cols,
+                values: q.dequantize(),
+            });
+            out.push((full, to_pack(q)));
+        }
+        // The next block sees this one quantized.
+        for x in &mut xs {
+            model.block_forward(l, x, &mut |_, _| {});
+        }
+    }
+    Ok(out)
+}
+
+/// Positions in a block input (`[t, width]`, the width set by which projections read it).
+fn x_len(input: &[f32], names: &[&str], model: &InferModel, l: usize) -> usize {
+    let cols = model.layers[l]
+        .projection(names[0])
+        .map_or(1, |p| p.weight.cols());
+    input.len() / cols
+}
