@@ -68,14 +68,11 @@ pub fn run(shapes: &[String], batches: &[usize]) -> Result<()> {
     let device = Default::default();
     let mut rng = SplitMix64(11);
     println!(
-        "matmul y = x W^T | {} threads | simd {} | f32 reference: burn {} backend (as the model \
+        "matmul y = x W^T | {} threads | kernels {:?} | packed: f32 inputs, and int8 (inputs \
+         quantized per 256, quantization timed) | f32 reference: burn {} backend (as the model \
          multiplies) and tern-infer's dense kernel",
         rayon::current_num_threads(),
-        if tern_infer::kernel::simd_available() {
-            "avx2+fma"
-        } else {
-            "off"
-        },
+        tern_infer::simd::Isa::detect(),
         backend_name()
     );
     for &(rows, cols) in &shapes {
@@ -125,20 +122,30 @@ pub fn run(shapes: &[String], batches: &[usize]) -> Result<()> {
                 k
             };
             let t_packed = time(|| drop(packed[next()].matmul(&xv, b)));
+            let t_int8 = time(|| {
+                let p = &packed[next()];
+                if let Matrix::Ternary(t) = p {
+                    drop(p.matmul_q8(&t.quantize(&xv, b)));
+                }
+            });
             let t_dense = time(|| drop(dense[next()].matmul(&xv, b)));
             let t_burn = time(|| drop(x.clone().matmul(w[next()].clone().transpose()).into_data()));
             let flops = 2.0 * (rows * cols * b) as f64;
             println!(
-                "{rows}x{cols} batch {b:>3} | packed {:>8.3} ms ({:>6.1} GFLOP/s, {:.1} MB) | burn f32 \
-                 {:>8.3} ms | dense f32 {:>8.3} ms ({:.1} MB) | packed speed-up {:.2}x vs burn, {:.2}x vs dense",
+                "{rows}x{cols} batch {b:>3} | packed {:>8.3} ms ({:>6.1} GFLOP/s, {:.1} MB) | packed int8 \
+                 {:>8.3} ms ({:>6.1} GFLOP/s) | burn f32 {:>8.3} ms | dense f32 {:>8.3} ms ({:.1} MB) | \
+                 packed speed-up {:.2}x vs burn, {:.2}x vs dense; int8 {:.2}x vs dense",
                 t_packed * 1e3,
                 flops / t_packed / 1e9,
                 packed_mb,
+                t_int8 * 1e3,
+                flops / t_int8 / 1e9,
                 t_burn * 1e3,
                 t_dense * 1e3,
                 dense_mb,
                 t_burn / t_packed,
-                t_dense / t_packed
+                t_dense / t_packed,
+                t_dense / t_int8
             );
         }
     }

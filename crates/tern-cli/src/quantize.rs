@@ -204,7 +204,9 @@ fn gptq_model(
         act_order: a.act_order,
     };
     let mut out = Vec::new();
-    for l in 0..model.layers.len() {
+    let layers = model.layers.len();
+    for l in 0..layers {
+        let t0 = Instant::now();
         // Hessians of the block's four distinct inputs, on the quantized blocks' outputs.
         let mut hs: std::collections::HashMap<&'static str, (Vec<f64>, usize, usize)> =
             Default::default();
@@ -220,6 +222,7 @@ fn gptq_model(
                 e.1 += t;
             });
         }
+        let t1 = Instant::now();
         for name in PROJECTIONS {
             let key = match name {
                 "self_attn.k_proj" | "self_attn.v_proj" => "self_attn.q_proj",
@@ -244,10 +247,18 @@ fn gptq_model(
             });
             out.push((full, to_pack(q)));
         }
+        let t2 = Instant::now();
         // The next block sees this one quantized.
         for x in &mut xs {
             model.block_forward(l, x, &mut |_, _| {});
         }
+        eprintln!(
+            "block {}/{layers}: Hessians {:.1} s, GPTQ {:.1} s, quantized forward {:.1} s",
+            l + 1,
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            t2.elapsed().as_secs_f64()
+        );
     }
     Ok(out)
 }

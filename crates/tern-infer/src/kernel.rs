@@ -75,13 +75,13 @@ impl Matrix {
         by_rows(rows, batch, |r0, out| {
             let n = out.len() / batch;
             if batch == 1 {
-                for (i, y) in out.iter_mut().enumerate() {
-                    *y = match self {
-                        Matrix::Dense(d) => {
-                            simd::dot(&d.values[(r0 + i) * cols..][..cols], &xp, isa)
+                match self {
+                    Matrix::Ternary(t) => t.rows_f32(r0, &xp, out, isa),
+                    Matrix::Dense(d) => {
+                        for (i, y) in out.iter_mut().enumerate() {
+                            *y = simd::dot(&d.values[(r0 + i) * cols..][..cols], &xp, isa);
                         }
-                        Matrix::Ternary(t) => t.row_dot(r0 + i, &xp, isa),
-                    };
+                    }
                 }
             } else {
                 self.rows_times_batch(r0, n, &xp, width, batch, out, isa);
@@ -126,7 +126,7 @@ impl Matrix {
                     .collect(),
                 Matrix::Ternary(t) => {
                     for (j, dst) in buf.chunks_mut(width).take(m).enumerate() {
-                        t.expand_row(r0 + i + j, dst);
+                        t.expand_row(r0 + i + j, dst, isa);
                     }
                     buf.chunks(width).take(m).collect()
                 }
@@ -314,6 +314,44 @@ mod tests {
                         (y - base_q).abs() < 1e-4,
                         "{isa:?} q8 row {row}: {y} vs {base_q}"
                     );
+                }
+            }
+            // Rows expanded to floats (the batched f32 path) are the same on every form.
+            let mut e0 = vec![0f32; width];
+            p.expand_row(rows - 1, &mut e0, Isa::Portable);
+            for &isa in &isas {
+                let mut e = vec![0f32; width];
+                p.expand_row(rows - 1, &mut e, isa);
+                assert_eq!(e, e0, "{isa:?} expand_row");
+            }
+            // Four rows at a time (decode's f32 path): the same products.
+            for &isa in &isas {
+                let mut out = vec![0f32; rows];
+                p.rows_f32(0, &xp[..width], &mut out, isa);
+                for (row, y) in out.iter().enumerate() {
+                    let base = p.row_dot(row, &xp[..width], Isa::Portable);
+                    assert!(
+                        (y - base).abs() < 1e-4,
+                        "{isa:?} rows_f32 row {row}: {y} vs {base}"
+                    );
+                }
+            }
+            // A prompt's many rows take the expanded-bytes path: the same products.
+            let wide = 6;
+            let xw: Vec<f32> = (0..wide * cols).map(|_| (r() * 2.0 - 1.0) as f32).collect();
+            let q8w = p.quantize(&xw, wide);
+            let want_w = reference(&m, &q8_values(&p, &q8w, cols, cg), wide);
+            for &isa in &isas {
+                let mut out = vec![0f32; rows * wide];
+                p.rows_q8(0, rows, &q8w, &mut out, isa);
+                for row in 0..rows {
+                    for b in 0..wide {
+                        let (y, w) = (out[row * wide + b] as f64, want_w[b * rows + row]);
+                        assert!(
+                            (y - w).abs() < 1e-4 * (1.0 + w.abs()),
+                            "{isa:?} batch {wide} row {row}: {y} vs {w}"
+                        );
+                    }
                 }
             }
             // 8 bits per chunk of 256 stay close to the f32 product (inputs in [-1, 1]).

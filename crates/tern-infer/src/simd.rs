@@ -73,6 +73,16 @@ pub fn ternary_dot_f32(codes: &[u8], x: &[f32], isa: Isa) -> f32 {
     }
 }
 
+/// [`ternary_dot_f32`] for four rows of codes against the same input.
+pub fn ternary_dot_f32_x4(codes: [&[u8]; 4], x: &[f32], isa: Isa) -> [f32; 4] {
+    match isa {
+        // SAFETY: as in `ternary_dot_f32`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::ternary_dot_f32_x4(codes, x) },
+        _ => codes.map(|c| ternary_dot_f32(c, x, isa)),
+    }
+}
+
 /// `sum_chunks d_c * sum_{i in chunk} code_i q_i` (codes `w + 1`, so the caller subtracts
 /// `sum d_c sum q_i`), for chunks of `chunk_blocks` blocks.
 pub fn ternary_dot_q8(codes: &[u8], q: &[i8], d: &[f32], chunk_blocks: usize, isa: Isa) -> f32 {
@@ -100,6 +110,22 @@ pub fn ternary_dot_q8(codes: &[u8], q: &[i8], d: &[f32], chunk_blocks: usize, is
     }
 }
 
+/// `out[i] = s * w_i` for the 64 codes of each 16-byte block (`out.len() = 4 * codes.len()`).
+pub fn expand_f32(codes: &[u8], s: f32, out: &mut [f32], isa: Isa) {
+    match isa {
+        // SAFETY: as in `ternary_dot_f32`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::expand_f32(codes, s, out) },
+        _ => {
+            for (blk, o) in codes.chunks(16).zip(out.chunks_mut(64)) {
+                for (i, v) in o.iter_mut().enumerate() {
+                    *v = (crate::ternary::code(blk, i) as f32 - 1.0) * s;
+                }
+            }
+        }
+    }
+}
+
 /// [`ternary_dot_q8`] for four rows of codes against the same activations.
 pub fn ternary_dot_q8_x4(
     codes: [&[u8]; 4],
@@ -113,6 +139,47 @@ pub fn ternary_dot_q8_x4(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { avx512::ternary_dot_q8_x4(codes, q, d, chunk_blocks) },
         _ => codes.map(|c| ternary_dot_q8(c, q, d, chunk_blocks, isa)),
+    }
+}
+
+/// The codes of 16-byte blocks, one a byte in order (`out.len() = 4 * codes.len()`).
+pub fn expand_codes(codes: &[u8], out: &mut [u8], isa: Isa) {
+    match isa {
+        // SAFETY: as in `ternary_dot_f32`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::expand_codes(codes, out) },
+        _ => {
+            for (blk, o) in codes.chunks(16).zip(out.chunks_mut(64)) {
+                for (i, v) in o.iter_mut().enumerate() {
+                    *v = crate::ternary::code(blk, i);
+                }
+            }
+        }
+    }
+}
+
+/// [`ternary_dot_q8_x4`] on codes already expanded to bytes ([`expand_codes`]).
+pub fn bytes_dot_q8_x4(
+    w: [&[u8]; 4],
+    q: &[i8],
+    d: &[f32],
+    chunk_blocks: usize,
+    isa: Isa,
+) -> [f32; 4] {
+    match isa {
+        // SAFETY: as in `ternary_dot_f32`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::bytes_dot_q8_x4(w, q, d, chunk_blocks) },
+        _ => w.map(|wr| {
+            wr.chunks(64 * chunk_blocks)
+                .zip(q.chunks(64 * chunk_blocks))
+                .zip(d)
+                .map(|((ws, qs), dc)| {
+                    let s: i32 = ws.iter().zip(qs).map(|(&a, &b)| a as i32 * b as i32).sum();
+                    dc * s as f32
+                })
+                .sum()
+        }),
     }
 }
 
@@ -261,6 +328,98 @@ mod avx512 {
             }
         }
         accf.map(|a| _mm512_reduce_add_ps(a))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn expand_f32(codes: &[u8], s: f32, out: &mut [f32]) {
+        let table = _mm512_setr_ps(
+            -s, 0.0, s, 0.0, -s, 0.0, s, 0.0, -s, 0.0, s, 0.0, -s, 0.0, s, 0.0,
+        );
+        let mask = _mm_set1_epi8(3);
+        let op = out.as_mut_ptr();
+        for (b, blk) in codes.chunks_exact(16).enumerate() {
+            let v = _mm_loadu_si128(blk.as_ptr() as *const __m128i);
+            let parts = [
+                v,
+                _mm_srli_epi16::<2>(v),
+                _mm_srli_epi16::<4>(v),
+                _mm_srli_epi16::<6>(v),
+            ];
+            for (k, part) in parts.into_iter().enumerate() {
+                let idx = _mm512_cvtepu8_epi32(_mm_and_si128(part, mask));
+                _mm512_storeu_ps(op.add(64 * b + 16 * k), _mm512_permutexvar_ps(idx, table));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn expand_codes(codes: &[u8], out: &mut [u8]) {
+        let (shifts, mask) = (lane_shifts(), _mm512_set1_epi8(3));
+        for b in 0..codes.len() / 16 {
+            let w = expand(codes.as_ptr().add(16 * b), shifts, mask);
+            _mm512_storeu_si512(out.as_mut_ptr().add(64 * b) as *mut _, w);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn bytes_dot_q8_x4(
+        w: [&[u8]; 4],
+        q: &[i8],
+        d: &[f32],
+        chunk_blocks: usize,
+    ) -> [f32; 4] {
+        let blocks = w[0].len() / 64;
+        let wp = w.map(|r| r.as_ptr());
+        let qp = q.as_ptr();
+        let mut accf = [_mm512_setzero_ps(); 4];
+        let mut b = 0;
+        for &dc in d {
+            let end = (b + chunk_blocks).min(blocks);
+            let mut acc = [_mm512_setzero_si512(); 4];
+            while b < end {
+                let x = _mm512_loadu_si512(qp.add(64 * b) as *const _);
+                for j in 0..4 {
+                    let wv = _mm512_loadu_si512(wp[j].add(64 * b) as *const _);
+                    acc[j] = _mm512_dpbusd_epi32(acc[j], wv, x);
+                }
+                b += 1;
+            }
+            let dv = _mm512_set1_ps(dc);
+            for j in 0..4 {
+                accf[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), dv, accf[j]);
+            }
+        }
+        accf.map(|a| _mm512_reduce_add_ps(a))
+    }
+
+    /// Four rows at once: each block of inputs is loaded once for the four.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn ternary_dot_f32_x4(codes: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
+        let table = _mm512_setr_ps(
+            -1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 1.0, 0.0,
+        );
+        let mask = _mm_set1_epi8(3);
+        let xp = x.as_ptr();
+        let cp = codes.map(|c| c.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for b in 0..codes[0].len() / 16 {
+            let xs = [0, 1, 2, 3].map(|k| _mm512_loadu_ps(xp.add(64 * b + 16 * k)));
+            for j in 0..4 {
+                let v = _mm_loadu_si128(cp[j].add(16 * b) as *const __m128i);
+                let parts = [
+                    v,
+                    _mm_srli_epi16::<2>(v),
+                    _mm_srli_epi16::<4>(v),
+                    _mm_srli_epi16::<6>(v),
+                ];
+                for (k, part) in parts.into_iter().enumerate() {
+                    let idx = _mm512_cvtepu8_epi32(_mm_and_si128(part, mask));
+                    let w = _mm512_permutexvar_ps(idx, table);
+                    acc[j] = _mm512_fmadd_ps(w, xs[k], acc[j]);
+                }
+            }
+        }
+        acc.map(|a| _mm512_reduce_add_ps(a))
     }
 
     #[target_feature(enable = "avx512f,avx512bw")]

@@ -179,6 +179,30 @@ impl PackedTernary {
             .sum()
     }
 
+    /// Rows `r0..r0 + out.len()` against one padded f32 row `xp`: four weight rows at a time share
+    /// each load of the input.
+    pub fn rows_f32(&self, r0: usize, xp: &[f32], out: &mut [f32], isa: Isa) {
+        let pseg = self.padded_seg();
+        out.fill(0.0);
+        for g in 0..self.col_groups {
+            let x = &xp[g * pseg..][..pseg];
+            let mut i = 0;
+            while i < out.len() {
+                let r = r0 + i;
+                let sums = if i + 4 <= out.len() {
+                    let codes = [0, 1, 2, 3].map(|j| self.codes(r + j, g));
+                    simd::ternary_dot_f32_x4(codes, x, isa).to_vec()
+                } else {
+                    vec![simd::ternary_dot_f32(self.codes(r, g), x, isa)]
+                };
+                for (j, sum) in sums.iter().enumerate() {
+                    out[i + j] += sum * self.scale(r + j, g);
+                }
+                i += sums.len();
+            }
+        }
+    }
+
     /// `sum_c W[r, c] x[c]` for row `b` of `x`.
     pub fn row_dot_q8(&self, r: usize, x: &Q8Rows, b: usize, isa: Isa) -> f32 {
         let (pseg, nch) = (self.padded_seg(), self.chunks());
@@ -198,6 +222,9 @@ impl PackedTernary {
     pub fn rows_q8(&self, r0: usize, n: usize, x: &Q8Rows, out: &mut [f32], isa: Isa) {
         let (pseg, nch, batch) = (self.padded_seg(), self.chunks(), x.batch);
         out.fill(0.0);
+        if batch >= 4 {
+            return self.rows_q8_expanded(r0, n, x, out, isa);
+        }
         for b in 0..batch {
             for g in 0..self.col_groups {
                 let q = &x.q[b * self.padded_cols() + g * pseg..][..pseg];
@@ -227,18 +254,41 @@ impl PackedTernary {
         }
     }
 
+    /// [`PackedTernary::rows_q8`] for many activation rows (a prompt): four weight rows at a time
+    /// are expanded to bytes once and multiplied with every activation row.
+    fn rows_q8_expanded(&self, r0: usize, n: usize, x: &Q8Rows, out: &mut [f32], isa: Isa) {
+        let (pseg, nch, batch) = (self.padded_seg(), self.chunks(), x.batch);
+        let mut buf = vec![0u8; 4 * pseg];
+        for g in 0..self.col_groups {
+            let mut i = 0;
+            while i < n {
+                let m = 4.min(n - i);
+                for j in 0..4 {
+                    // A short last tile repeats its last row; only `m` results are kept.
+                    let r = r0 + i + j.min(m - 1);
+                    simd::expand_codes(self.codes(r, g), &mut buf[j * pseg..][..pseg], isa);
+                }
+                let w: [&[u8]; 4] = std::array::from_fn(|j| &buf[j * pseg..][..pseg]);
+                for b in 0..batch {
+                    let q = &x.q[b * self.padded_cols() + g * pseg..][..pseg];
+                    let d = &x.d[(b * self.col_groups + g) * nch..][..nch];
+                    let corr = x.corr[b * self.col_groups + g];
+                    let sums = simd::bytes_dot_q8_x4(w, q, d, CHUNK_BLOCKS, isa);
+                    for (j, sum) in sums.iter().enumerate().take(m) {
+                        out[(i + j) * batch + b] += (sum - corr) * self.scale(r0 + i + j, g);
+                    }
+                }
+                i += m;
+            }
+        }
+    }
+
     /// Row `r` as floats (scale included), in the padded layout: `out[..padded_cols]`.
-    pub fn expand_row(&self, r: usize, out: &mut [f32]) {
+    pub fn expand_row(&self, r: usize, out: &mut [f32], isa: Isa) {
         let pseg = self.padded_seg();
         for g in 0..self.col_groups {
-            let s = self.scale(r, g);
             let o = &mut out[g * pseg..][..pseg];
-            for (blk, bytes) in self.codes(r, g).chunks(16).enumerate() {
-                for (i, w) in o[blk * BLOCK..][..BLOCK].iter_mut().enumerate() {
-                    *w = code(bytes, i) as f32 - 1.0;
-                    *w *= s;
-                }
-            }
+            simd::expand_f32(self.codes(r, g), self.scale(r, g), o, isa);
         }
     }
 }

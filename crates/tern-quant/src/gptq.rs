@@ -38,12 +38,30 @@ pub fn hessian(h: &mut [f64], x: &[f32], cols: usize) {
     }
 }
 
-/// Lower Cholesky factor of a symmetric positive definite `a` (`[n, n]`).
+/// `sum_k a_k b_k` in four running sums (so that it vectorizes).
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0f64; 4];
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..4 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+/// Lower Cholesky factor of a symmetric positive definite `a` (`[n, n]`), row-major.
 fn cholesky(a: &[f64], n: usize) -> Result<Vec<f64>> {
     let mut l = vec![0f64; n * n];
     for i in 0..n {
         for j in 0..=i {
-            let s: f64 = (0..j).map(|k| l[i * n + k] * l[j * n + k]).sum();
+            let s = dot(&l[i * n..i * n + j], &l[j * n..j * n + j]);
             if i == j {
                 let d = a[i * n + i] - s;
                 if d <= 0.0 || !d.is_finite() {
@@ -60,21 +78,22 @@ fn cholesky(a: &[f64], n: usize) -> Result<Vec<f64>> {
     Ok(l)
 }
 
-/// `a^-1` from its lower Cholesky factor `l`.
+/// `a^-1` from its lower Cholesky factor `l`: `a^-1 = L^-T L^-1`. `L^-1` is built transposed
+/// (`mt[c][k] = L^-1[k][c]`) so that every sum runs along contiguous rows.
 fn inverse_from_cholesky(l: &[f64], n: usize) -> Vec<f64> {
-    // L^-1 by forward substitution, then a^-1 = L^-T L^-1.
-    let mut li = vec![0f64; n * n];
+    let mut mt = vec![0f64; n * n];
     for c in 0..n {
         for i in c..n {
-            let s: f64 = (c..i).map(|k| l[i * n + k] * li[k * n + c]).sum();
+            let s = dot(&l[i * n + c..i * n + i], &mt[c * n + c..c * n + i]);
             let rhs = if i == c { 1.0 } else { 0.0 };
-            li[i * n + c] = (rhs - s) / l[i * n + i];
+            mt[c * n + i] = (rhs - s) / l[i * n + i];
         }
     }
     let mut inv = vec![0f64; n * n];
     for i in 0..n {
         for j in 0..=i {
-            let s: f64 = (i..n).map(|k| li[k * n + i] * li[k * n + j]).sum();
+            // L^-1[k][i] is zero for k < i: the sum starts at i (>= j).
+            let s = dot(&mt[i * n + i..(i + 1) * n], &mt[j * n + i..(j + 1) * n]);
             inv[i * n + j] = s;
             inv[j * n + i] = s;
         }
