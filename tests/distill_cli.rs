@@ -361,6 +361,31 @@ fn packed_student_matches(run: &Path, dir: &Path, ids: &Path, burn: &[f32]) {
 /// A calibrated ternary student (the residual encoders with their offsets, 2 scale groups) runs
 /// packed: its logits are the checkpoint's, `tern eval` gives the run's validation loss, and
 /// `tern generate` writes text.
+/// A Q-Sparse student: its distilled block keeps the top-K, its teacher copies do not (as
+/// `studentize` builds them); the packed file computes exactly that.
+#[test]
+fn packed_qsparse_student_is_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("qsparse");
+    let teacher_arg = format!("distill.teacher=\"{}\"", teacher().display());
+    let mut a = distill_args(&run, &teacher_arg);
+    #[rustfmt::skip]
+    a.extend([
+        "--set", "distill.blocks=[1]", "--set", "distill.block_steps=3", "--set", "distill.all_steps=0",
+        "--set", "distill.e2e_steps=0", "--set", "train.steps=3", "--set", "train.eval_every=3",
+        "--set", "train.checkpoint_every=3", "--set", "model.sparsity.top_k=0.5",
+    ]);
+    ok(&tern(&a));
+    let ids = dir.path().join("ids.safetensors");
+    let values: Vec<i64> = (0..2 * 24).map(|i| (i * 97 + 3) % 4096).collect();
+    write_input_ids(&ids, &values, [2, 24]);
+    let out = dir.path().join("logits.safetensors");
+    #[rustfmt::skip]
+    ok(&tern(&["logits", "--model", s(&run), "--input-ids", s(&ids), "--out", s(&out)]));
+    let (_, burn) = read_logits(&out);
+    packed_student_matches(&run, dir.path(), &ids, &burn);
+}
+
 #[test]
 fn packed_calibrated_student_is_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();

@@ -130,6 +130,12 @@ fn gptq_and_rtn_quantize_a_float_model() {
     fails_with(&r, &["Q6_K", "--format packed"]);
     assert!(!g.exists());
     #[rustfmt::skip]
+    let r = tern(&["quantize", "--checkpoint", s(&run), "--bits", "4", "--group-size", "64", "--method", "rtn", "--format", "gguf", "--out", s(&g)]);
+    fails_with(&r, &["--group-size 64", "32"]);
+    #[rustfmt::skip]
+    let r = tern(&["quantize", "--checkpoint", s(&run), "--bits", "4", "--method", "rtn", "--act-order", "--out", s(&g)]);
+    fails_with(&r, &["--act-order", "rtn"]);
+    #[rustfmt::skip]
     let r = tern(&["quantize", "--checkpoint", s(&run), "--bits", "4", "--out", s(&g)]);
     fails_with(&r, &["--calib"]);
     #[rustfmt::skip]

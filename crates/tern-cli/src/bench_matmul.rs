@@ -72,7 +72,7 @@ pub fn run(shapes: &[String], batches: &[usize]) -> Result<()> {
          quantized per 256, quantization timed) | f32 reference: burn {} backend (as the model \
          multiplies) and tern-infer's dense kernel",
         rayon::current_num_threads(),
-        tern_infer::simd::Isa::detect(),
+        tern_infer::Isa::detect(),
         backend_name()
     );
     for &(rows, cols) in &shapes {

@@ -104,6 +104,37 @@ fn add_hessian(h: &mut [f64], x: &[f32], cols: usize) {
 pub fn run(a: QuantizeArgs) -> Result<()> {
     let grid = Grid::new(a.bits, a.group_size)?;
     let float_dtype = FloatDtype::parse(&a.float_dtype).context("--float-dtype")?;
+    // What the output format cannot take, found before any calibration runs.
+    if a.format == Format::Gguf {
+        if !matches!(a.bits, 4 | 8) {
+            bail!(
+                "--bits {} with --format gguf: llama.cpp's {}-bit types ({}) store group scales as \
+                 integers times a per-256 scale, which these f16 group scales do not fit; GGUF \
+                 export takes 8 (Q8_0) and 4 (Q4_0) bits; use --format packed or hf",
+                a.bits,
+                a.bits,
+                if a.bits == 6 { "Q6_K" } else { "Q3_K" }
+            );
+        }
+        if a.group_size != 32 {
+            bail!(
+                "--group-size {} with --format gguf: Q8_0 / Q4_0 blocks hold 32 weights",
+                a.group_size
+            );
+        }
+        if float_dtype == FloatDtype::Bf16 {
+            bail!("--float-dtype bf16: GGUF export writes f32 or f16");
+        }
+    }
+    if a.method == Method::Rtn && (a.act_order || a.damp != 0.01) {
+        bail!("--act-order and --damp are GPTQ's; --method rtn takes neither");
+    }
+    if !(a.damp >= 0.0 && a.damp.is_finite()) {
+        bail!("--damp {}: must be a non-negative fraction", a.damp);
+    }
+    if a.seq_len == Some(0) {
+        bail!("--seq-len must be at least 1");
+    }
     let mut loaded = crate::load::load(
         &a.checkpoint,
         Encoding::Bits2,

@@ -9,7 +9,10 @@ pub mod input;
 pub mod kernel;
 pub mod model;
 pub mod sample;
-pub mod simd;
+/// The kernels' inner loops: crate-private, since their callers guarantee the slice lengths and
+/// instruction sets the `unsafe` vector code relies on.
+pub(crate) mod simd;
+pub use simd::Isa;
 pub mod ternary;
 pub mod trilm;
 

@@ -174,6 +174,12 @@ impl Tensors {
             .filter(|s| s.layers.contains(&l))
             .map(|s| s.residual)
         else {
+            // A student's other blocks are float copies of the teacher's, with plain inputs (as
+            // `tern_model::studentize` builds them).
+            let input = match self.student {
+                Some(_) => InputRule::default(),
+                None => input,
+            };
             return Ok(Proj::new(weight, None, input));
         };
         let (d, hid) = (shape[1], (shape[1] / 2).max(1));

@@ -577,13 +577,17 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn quantize_i8(x: &[f32], s: f32, q: &mut [i8]) -> usize {
         let sv = _mm256_set1_ps(s);
+        // Clamped before the conversion, which would turn anything out of i32 range into
+        // i32::MIN (-128 after packing) where the portable form saturates to 127.
+        let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         let n = x.len() / 32 * 32;
         let xp = x.as_ptr();
         let mut c = 0;
         while c < n {
             let i = |k: usize| {
-                _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp.add(c + 8 * k)), sv))
+                let v = _mm256_mul_ps(_mm256_loadu_ps(xp.add(c + 8 * k)), sv);
+                _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi))
             };
             let ab = _mm256_packs_epi32(i(0), i(1));
             let cd = _mm256_packs_epi32(i(2), i(3));
@@ -650,6 +654,8 @@ mod tests {
     #[test]
     fn quantization_is_the_same_on_every_instruction_set() {
         let mut x: Vec<f32> = (0..100).map(|i| (i as f32 - 50.0) * 0.5).collect(); // halves: ties
+        x[10] = f32::INFINITY; // out of i32 range: saturates like the portable form
+        x[11] = 3e9;
         x.extend((0..37).map(|i| ((i * 7919) % 613) as f32 / 613.0 * 300.0 - 150.0)); // saturates
         let want: Vec<i8> = x
             .iter()

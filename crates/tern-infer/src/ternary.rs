@@ -169,7 +169,8 @@ impl PackedTernary {
     }
 
     /// `sum_c W[r, c] x[c]` for a padded f32 row `xp`.
-    pub fn row_dot(&self, r: usize, xp: &[f32], isa: Isa) -> f32 {
+    #[cfg(test)]
+    pub(crate) fn row_dot(&self, r: usize, xp: &[f32], isa: Isa) -> f32 {
         let pseg = self.padded_seg();
         (0..self.col_groups)
             .map(|g| {
@@ -181,7 +182,7 @@ impl PackedTernary {
 
     /// Rows `r0..r0 + out.len()` against one padded f32 row `xp`: four weight rows at a time share
     /// each load of the input.
-    pub fn rows_f32(&self, r0: usize, xp: &[f32], out: &mut [f32], isa: Isa) {
+    pub(crate) fn rows_f32(&self, r0: usize, xp: &[f32], out: &mut [f32], isa: Isa) {
         let pseg = self.padded_seg();
         out.fill(0.0);
         for g in 0..self.col_groups {
@@ -204,7 +205,8 @@ impl PackedTernary {
     }
 
     /// `sum_c W[r, c] x[c]` for row `b` of `x`.
-    pub fn row_dot_q8(&self, r: usize, x: &Q8Rows, b: usize, isa: Isa) -> f32 {
+    #[cfg(test)]
+    pub(crate) fn row_dot_q8(&self, r: usize, x: &Q8Rows, b: usize, isa: Isa) -> f32 {
         let (pseg, nch) = (self.padded_seg(), self.chunks());
         let base = b * self.padded_cols();
         (0..self.col_groups)
@@ -219,7 +221,7 @@ impl PackedTernary {
 
     /// Rows `r0..r0 + n` against every row of `x`, into `out: [n, batch]`: four weight rows at
     /// a time share each load of the activations.
-    pub fn rows_q8(&self, r0: usize, n: usize, x: &Q8Rows, out: &mut [f32], isa: Isa) {
+    pub(crate) fn rows_q8(&self, r0: usize, n: usize, x: &Q8Rows, out: &mut [f32], isa: Isa) {
         let (pseg, nch, batch) = (self.padded_seg(), self.chunks(), x.batch);
         out.fill(0.0);
         if batch >= 4 {
@@ -284,7 +286,7 @@ impl PackedTernary {
     }
 
     /// Row `r` as floats (scale included), in the padded layout: `out[..padded_cols]`.
-    pub fn expand_row(&self, r: usize, out: &mut [f32], isa: Isa) {
+    pub(crate) fn expand_row(&self, r: usize, out: &mut [f32], isa: Isa) {
         let pseg = self.padded_seg();
         for g in 0..self.col_groups {
             let o = &mut out[g * pseg..][..pseg];
