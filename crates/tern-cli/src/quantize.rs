@@ -15,7 +15,7 @@ use tern_infer::{Dense, InferModel, Matrix};
 use tern_pack::file::FloatDtype;
 use tern_pack::gguf::GgmlType;
 use tern_pack::{Encoding, PackedTensor, QuantMatrix};
-use tern_quant::{GptqConfig, Grid, Quantized};
+use tern_quant::{GptqConfig, Grid};
 
 use crate::export::Format;
 
@@ -70,17 +70,6 @@ pub struct QuantizeArgs {
     eos_token: String,
 }
 
-fn to_pack(q: Quantized) -> QuantMatrix {
-    QuantMatrix {
-        rows: q.rows,
-        cols: q.cols,
-        bits: q.grid.bits,
-        group: q.grid.group,
-        codes: q.codes,
-        scales: q.scales,
-    }
-}
-
 /// `sum_t x_t x_t^T * 2` of `x: [t, cols]` into `h` (f32 products on the dense kernel, summed in
 /// f64 across sequences).
 fn add_hessian(h: &mut [f64], x: &[f32], cols: usize) {
@@ -106,22 +95,13 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let float_dtype = FloatDtype::parse(&a.float_dtype).context("--float-dtype")?;
     // What the output format cannot take, found before any calibration runs.
     if a.format == Format::Gguf {
-        if !matches!(a.bits, 4 | 8) {
-            bail!(
-                "--bits {} with --format gguf: llama.cpp's {}-bit types ({}) store group scales as \
-                 integers times a per-256 scale, which these f16 group scales do not fit; GGUF \
-                 export takes 8 (Q8_0) and 4 (Q4_0) bits; use --format packed or hf",
+        tern_pack::quant::ggml_type(a.bits, a.group_size).map_err(|e| {
+            anyhow::anyhow!(
+                "--bits {} --group-size {} with --format gguf: {e}",
                 a.bits,
-                a.bits,
-                if a.bits == 6 { "Q6_K" } else { "Q3_K" }
-            );
-        }
-        if a.group_size != 32 {
-            bail!(
-                "--group-size {} with --format gguf: Q8_0 / Q4_0 blocks hold 32 weights",
                 a.group_size
-            );
-        }
+            )
+        })?;
         if float_dtype == FloatDtype::Bf16 {
             bail!("--float-dtype bf16: GGUF export writes f32 or f16");
         }
@@ -162,10 +142,9 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
                 .iter()
                 .filter(|(n, _)| n.ends_with("_proj.weight"))
                 .map(|(n, t)| match t {
-                    PackedTensor::Float { shape, values } => Ok((
-                        n.clone(),
-                        to_pack(tern_quant::rtn(values, shape[0], shape[1], grid)),
-                    )),
+                    PackedTensor::Float { shape, values } => {
+                        Ok((n.clone(), tern_quant::rtn(values, shape[0], shape[1], grid)))
+                    }
                     _ => bail!("{n} is not float"),
                 })
                 .collect::<Result<Vec<_>>>()?
@@ -276,7 +255,7 @@ fn gptq_model(
                 cols: q.cols,
                 values: q.dequantize(),
             });
-            out.push((full, to_pack(q)));
+            out.push((full, q));
         }
         let t2 = Instant::now();
         // The next block sees this one quantized.

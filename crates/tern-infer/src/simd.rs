@@ -330,24 +330,40 @@ mod avx512 {
         accf.map(|a| _mm512_reduce_add_ps(a))
     }
 
+    /// The 64 codes of the block at `p`, each as `table[code]`, in four vectors of 16.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn lookup(p: *const u8, table: __m512) -> [__m512; 4] {
+        let mask = _mm_set1_epi8(3);
+        let v = _mm_loadu_si128(p as *const __m128i);
+        let pick = |part: __m128i| {
+            _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(part, mask)), table)
+        };
+        [
+            pick(v),
+            pick(_mm_srli_epi16::<2>(v)),
+            pick(_mm_srli_epi16::<4>(v)),
+            pick(_mm_srli_epi16::<6>(v)),
+        ]
+    }
+
+    /// `[-s, 0, s, 0]` repeated: `table[code] = s * (code - 1)`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn signs(s: f32) -> __m512 {
+        _mm512_setr_ps(
+            -s, 0.0, s, 0.0, -s, 0.0, s, 0.0, -s, 0.0, s, 0.0, -s, 0.0, s, 0.0,
+        )
+    }
+
     #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn expand_f32(codes: &[u8], s: f32, out: &mut [f32]) {
-        let table = _mm512_setr_ps(
-            -s, 0.0, s, 0.0, -s, 0.0, s, 0.0, -s, 0.0, s, 0.0, -s, 0.0, s, 0.0,
-        );
-        let mask = _mm_set1_epi8(3);
+        let table = signs(s);
         let op = out.as_mut_ptr();
-        for (b, blk) in codes.chunks_exact(16).enumerate() {
-            let v = _mm_loadu_si128(blk.as_ptr() as *const __m128i);
-            let parts = [
-                v,
-                _mm_srli_epi16::<2>(v),
-                _mm_srli_epi16::<4>(v),
-                _mm_srli_epi16::<6>(v),
-            ];
-            for (k, part) in parts.into_iter().enumerate() {
-                let idx = _mm512_cvtepu8_epi32(_mm_and_si128(part, mask));
-                _mm512_storeu_ps(op.add(64 * b + 16 * k), _mm512_permutexvar_ps(idx, table));
+        for b in 0..codes.len() / 16 {
+            let w = lookup(codes.as_ptr().add(16 * b), table);
+            for (k, wk) in w.into_iter().enumerate() {
+                _mm512_storeu_ps(op.add(64 * b + 16 * k), wk);
             }
         }
     }
@@ -395,27 +411,15 @@ mod avx512 {
     /// Four rows at once: each block of inputs is loaded once for the four.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn ternary_dot_f32_x4(codes: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
-        let table = _mm512_setr_ps(
-            -1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 1.0, 0.0,
-        );
-        let mask = _mm_set1_epi8(3);
+        let table = signs(1.0);
         let xp = x.as_ptr();
-        let cp = codes.map(|c| c.as_ptr());
         let mut acc = [_mm512_setzero_ps(); 4];
         for b in 0..codes[0].len() / 16 {
             let xs = [0, 1, 2, 3].map(|k| _mm512_loadu_ps(xp.add(64 * b + 16 * k)));
             for j in 0..4 {
-                let v = _mm_loadu_si128(cp[j].add(16 * b) as *const __m128i);
-                let parts = [
-                    v,
-                    _mm_srli_epi16::<2>(v),
-                    _mm_srli_epi16::<4>(v),
-                    _mm_srli_epi16::<6>(v),
-                ];
-                for (k, part) in parts.into_iter().enumerate() {
-                    let idx = _mm512_cvtepu8_epi32(_mm_and_si128(part, mask));
-                    let w = _mm512_permutexvar_ps(idx, table);
-                    acc[j] = _mm512_fmadd_ps(w, xs[k], acc[j]);
+                let w = lookup(codes[j].as_ptr().add(16 * b), table);
+                for k in 0..4 {
+                    acc[j] = _mm512_fmadd_ps(w[k], xs[k], acc[j]);
                 }
             }
         }
@@ -424,24 +428,13 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn ternary_dot_f32(codes: &[u8], x: &[f32]) -> f32 {
-        let table = _mm512_setr_ps(
-            -1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 1.0, 0.0,
-        );
-        let mask = _mm_set1_epi8(3);
+        let table = signs(1.0);
         let xp = x.as_ptr();
         let mut acc = [_mm512_setzero_ps(); 4];
-        for (b, blk) in codes.chunks_exact(16).enumerate() {
-            let v = _mm_loadu_si128(blk.as_ptr() as *const __m128i);
-            let parts = [
-                v,
-                _mm_srli_epi16::<2>(v),
-                _mm_srli_epi16::<4>(v),
-                _mm_srli_epi16::<6>(v),
-            ];
-            for (k, part) in parts.into_iter().enumerate() {
-                let idx = _mm512_cvtepu8_epi32(_mm_and_si128(part, mask));
-                let w = _mm512_permutexvar_ps(idx, table);
-                acc[k] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp.add(64 * b + 16 * k)), acc[k]);
+        for b in 0..codes.len() / 16 {
+            let w = lookup(codes.as_ptr().add(16 * b), table);
+            for k in 0..4 {
+                acc[k] = _mm512_fmadd_ps(w[k], _mm512_loadu_ps(xp.add(64 * b + 16 * k)), acc[k]);
             }
         }
         let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));

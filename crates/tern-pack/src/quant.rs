@@ -3,7 +3,7 @@
 //! code (LSB first, as `q + 2^(bits-1)`, rows padded to whole bytes) with f16 scales; and their
 //! llama.cpp blocks (Q8_0, Q4_0: blocks of 32 with an f16 scale).
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use half::f16;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -109,25 +109,17 @@ impl QuantMatrix {
         out
     }
 
-    /// The llama.cpp type holding this matrix exactly (8 bits: Q8_0, 4 bits: Q4_0, groups of 32
-    /// with symmetric codes), or why none does.
+    /// The llama.cpp type holding this matrix exactly (see [`ggml_type`]) and its blocks.
     pub fn ggml_blocks(&self, name: &str) -> Result<(u32, Vec<u8>)> {
-        if self.group != 32 || !self.cols.is_multiple_of(32) {
+        let ty = ggml_type(self.bits, self.group).map_err(|e| anyhow!("{name}: {e}"))?;
+        if !self.cols.is_multiple_of(32) {
             bail!(
-                "{name}: GGUF's Q8_0 / Q4_0 blocks hold 32 weights with one scale; quantize with \
-                 --group-size 32 (and rows of a multiple of 32 columns) for a GGUF export"
+                "{name}: rows of {} columns do not fill Q8_0 / Q4_0 blocks of 32",
+                self.cols
             );
         }
-        let (ty, mut out) = match self.bits {
-            8 => (8u32, Vec::with_capacity(self.rows * self.cols / 32 * 34)),
-            4 => (2u32, Vec::with_capacity(self.rows * self.cols / 32 * 18)),
-            b => bail!(
-                "{name}: {b}-bit codes: llama.cpp's {b}-bit types ({}) store each group's scale as \
-                 an integer times a per-256 scale, which GPTQ's f16 group scales do not fit; GGUF \
-                 export takes 8 (Q8_0) and 4 (Q4_0) bits; use --format packed or hf",
-                if b == 6 { "Q6_K" } else { "Q3_K" }
-            ),
-        };
+        let mut out =
+            Vec::with_capacity(self.rows * self.cols / 32 * if ty == 8 { 34 } else { 18 });
         if self.bits == 8 && self.codes.contains(&-128) {
             bail!("{name}: code -128 does not fit Q8_0");
         }
@@ -147,6 +139,28 @@ impl QuantMatrix {
         }
         Ok((ty, out))
     }
+}
+
+/// The llama.cpp type id that holds `bits`-bit symmetric codes in groups of `group` with f16
+/// scales exactly: Q8_0 (8) at 8 bits, Q4_0 (2) at 4, both in blocks of 32; or why none does.
+pub fn ggml_type(bits: u32, group: usize) -> Result<u32> {
+    let ty = match bits {
+        8 => 8,
+        4 => 2,
+        b => bail!(
+            "{b}-bit codes: llama.cpp's {b}-bit types ({}) store each group's scale as an integer \
+             times a per-256 scale, which GPTQ's f16 group scales do not fit; GGUF export takes 8 \
+             (Q8_0) and 4 (Q4_0) bits; use --format packed or hf",
+            if b == 6 { "Q6_K" } else { "Q3_K" }
+        ),
+    };
+    if group != 32 {
+        bail!(
+            "GGUF's Q8_0 / Q4_0 blocks hold 32 weights with one scale; quantize with --group-size 32 \
+             for a GGUF export"
+        );
+    }
+    Ok(ty)
 }
 
 #[cfg(test)]

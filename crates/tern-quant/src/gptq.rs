@@ -8,7 +8,9 @@
 
 use anyhow::{bail, Result};
 
-use crate::grid::{Grid, Quantized};
+use tern_pack::QuantMatrix;
+
+use crate::grid::Grid;
 
 #[derive(Debug, Clone, Copy)]
 pub struct GptqConfig {
@@ -115,7 +117,13 @@ pub fn inverse_factor(h: &[f64], n: usize) -> Result<Vec<f64>> {
 }
 
 /// GPTQ of `w: [rows, cols]` with the calibration Hessian `h: [cols, cols]` (already averaged).
-pub fn gptq(w: &[f32], rows: usize, cols: usize, h: &[f64], cfg: GptqConfig) -> Result<Quantized> {
+pub fn gptq(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &[f64],
+    cfg: GptqConfig,
+) -> Result<QuantMatrix> {
     let grid = cfg.grid;
     let mut h = h.to_vec();
     let mut w: Vec<f64> = w.iter().map(|&v| v as f64).collect();
@@ -186,13 +194,7 @@ pub fn gptq(w: &[f32], rows: usize, cols: usize, h: &[f64], cfg: GptqConfig) -> 
             }
         }
     }
-    Ok(Quantized {
-        rows,
-        cols,
-        grid,
-        codes,
-        scales,
-    })
+    Ok(grid.matrix(rows, cols, codes, scales))
 }
 
 #[cfg(test)]

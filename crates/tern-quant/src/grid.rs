@@ -1,6 +1,7 @@
 //! The quantization grid and round-to-nearest.
 
 use anyhow::{bail, Result};
+use tern_pack::QuantMatrix;
 
 /// Bits and group size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -10,76 +11,30 @@ pub struct Grid {
     pub group: usize,
 }
 
-/// A quantized matrix: integer codes and one scale per row and group (`w = d * q`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Quantized {
-    pub rows: usize,
-    pub cols: usize,
-    pub grid: Grid,
-    /// `[rows, cols]`.
-    pub codes: Vec<i8>,
-    /// `[rows, cols / group]`, each exactly an f16 value.
-    pub scales: Vec<f32>,
-}
-
 /// `x` rounded to the nearest f16 value (ties to even), as f32.
 pub fn to_f16(x: f32) -> f32 {
-    f16_bits_to_f32(f32_to_f16_bits(x))
-}
-
-pub fn f32_to_f16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    let sign = ((b >> 16) & 0x8000) as u16;
-    let exp = ((b >> 23) & 0xff) as i32;
-    let man = b & 0x7f_ffff;
-    if exp == 0xff {
-        return sign | 0x7c00 | if man != 0 { 0x200 } else { 0 };
-    }
-    let e = exp - 127 + 15;
-    if e >= 0x1f {
-        return sign | 0x7c00;
-    }
-    if e <= 0 {
-        if e < -10 {
-            return sign;
-        }
-        let m = man | 0x80_0000;
-        let shift = (14 - e) as u32;
-        let half = 1u32 << (shift - 1);
-        let mut r = m >> shift;
-        let rest = m & ((1 << shift) - 1);
-        if rest > half || (rest == half && r & 1 == 1) {
-            r += 1;
-        }
-        return sign | r as u16;
-    }
-    let mut r = ((e as u32) << 10) | (man >> 13);
-    let rest = man & 0x1fff;
-    if rest > 0x1000 || (rest == 0x1000 && r & 1 == 1) {
-        r += 1; // may carry into the exponent, which is the right rounding
-    }
-    sign | r as u16
-}
-
-pub fn f16_bits_to_f32(h: u16) -> f32 {
-    let sign = ((h & 0x8000) as u32) << 16;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let man = (h & 0x3ff) as u32;
-    let bits = match (exp, man) {
-        (0, 0) => sign,
-        (0, _) => {
-            // subnormal: man * 2^-24
-            return f32::from_bits(sign)
-                + (if sign != 0 { -1.0 } else { 1.0 }) * man as f32 * 2f32.powi(-24);
-        }
-        (0x1f, 0) => sign | 0x7f80_0000,
-        (0x1f, _) => sign | 0x7fc0_0000,
-        _ => sign | ((exp + 127 - 15) << 23) | (man << 13),
-    };
-    f32::from_bits(bits)
+    half::f16::from_f32(x).to_f32()
 }
 
 impl Grid {
+    /// The quantized matrix of these codes and scales.
+    pub fn matrix(
+        &self,
+        rows: usize,
+        cols: usize,
+        codes: Vec<i8>,
+        scales: Vec<f32>,
+    ) -> QuantMatrix {
+        QuantMatrix {
+            rows,
+            cols,
+            bits: self.bits,
+            group: self.group,
+            codes,
+            scales,
+        }
+    }
+
     pub fn new(bits: u32, group: usize) -> Result<Self> {
         if !matches!(bits, 3 | 4 | 6 | 8) {
             bail!("--bits {bits}: the widths are 3, 4, 6 and 8");
@@ -124,25 +79,8 @@ impl Grid {
     }
 }
 
-impl Quantized {
-    pub fn groups(&self) -> usize {
-        self.cols.div_ceil(self.grid.group)
-    }
-
-    /// `d * q`, `[rows, cols]`.
-    pub fn dequantize(&self) -> Vec<f32> {
-        let g = self.groups();
-        (0..self.rows * self.cols)
-            .map(|i| {
-                let (r, c) = (i / self.cols, i % self.cols);
-                self.scales[r * g + c / self.grid.group] * self.codes[i] as f32
-            })
-            .collect()
-    }
-}
-
 /// Round-to-nearest: each group's scale from its values, each value to its nearest code.
-pub fn rtn(w: &[f32], rows: usize, cols: usize, grid: Grid) -> Quantized {
+pub fn rtn(w: &[f32], rows: usize, cols: usize, grid: Grid) -> QuantMatrix {
     let groups = cols.div_ceil(grid.group);
     let mut codes = vec![0i8; rows * cols];
     let mut scales = vec![0f32; rows * groups];
@@ -157,13 +95,7 @@ pub fn rtn(w: &[f32], rows: usize, cols: usize, grid: Grid) -> Quantized {
             }
         }
     }
-    Quantized {
-        rows,
-        cols,
-        grid,
-        codes,
-        scales,
-    }
+    grid.matrix(rows, cols, codes, scales)
 }
 
 #[cfg(test)]
@@ -172,6 +104,7 @@ mod tests {
 
     #[test]
     fn f16_rounding_is_ieee() {
+        let bits = |x: f32| half::f16::from_f32(to_f16(x)).to_bits();
         for (x, want) in [
             (1.0f32, 0x3c00u16),
             (-2.0, 0xc000),
@@ -182,10 +115,7 @@ mod tests {
             (1.0 + 1.0 / 2048.0, 0x3c00), // a tie: to even
             (1.0 + 3.0 / 2048.0, 0x3c02),
         ] {
-            assert_eq!(f32_to_f16_bits(x), want, "{x}");
-        }
-        for h in [0x3c00u16, 0x0001, 0x03ff, 0x7bff, 0xc000, 0x2e66] {
-            assert_eq!(f32_to_f16_bits(f16_bits_to_f32(h)), h);
+            assert_eq!(bits(x), want, "{x}");
         }
     }
 

@@ -12,4 +12,4 @@ pub mod gptq;
 pub mod grid;
 
 pub use gptq::{gptq, hessian, GptqConfig};
-pub use grid::{rtn, Grid, Quantized};
+pub use grid::{rtn, Grid};
