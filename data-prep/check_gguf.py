@@ -3,11 +3,15 @@
 (llama.cpp's gguf-py): tensor types and shapes, every dequantized value against the Hugging Face
 export of the same checkpoint (`tern export --format hf`), and the llama metadata.
 
-    python3 data-prep/check_gguf.py MODEL.gguf HF_DIR [--ternary TQ2_0|TQ1_0|Q8_0|Q4_0] [--embed F32|F16]
+    python3 data-prep/check_gguf.py MODEL.gguf HF_DIR [--ternary TQ2_0|TQ1_0|Q8_0|Q4_0|Q6_K|Q3_K]
+        [--fallback Q8_0|Q4_0] [--embed F32|F16]
 
 The q/k rows are compared after convert_hf_to_gguf.py's permutation (written out here from its
 definition: within each head, rotary halves interleaved). Ternary blocks carry an fp16 scale, so
-values are compared with a relative tolerance of 1e-3 of the largest |value| of each row.
+values are compared with a relative tolerance of 1e-3 of the largest |value| of each row; the
+integer types (Q8_0, Q6_K, Q4_0, Q3_K) of `tern quantize` hold the exported values exactly, so
+they are compared for equality. With --fallback, projections whose rows are not a multiple of 256
+columns are expected in that type (K-quant super-blocks do not fit them).
 Prints one JSON line of figures; exits 1 on the first mismatch.
 """
 import argparse
@@ -35,6 +39,7 @@ def main():
     ap.add_argument("gguf")
     ap.add_argument("hf_dir")
     ap.add_argument("--ternary", default="TQ2_0")
+    ap.add_argument("--fallback", default=None)
     ap.add_argument("--embed", default="F32")
     a = ap.parse_args()
 
@@ -78,6 +83,7 @@ def main():
     by_name = {t.name: t for t in r.tensors}
     max_rel = 0.0
     counted = 0
+    types = {}
     for hf_name, w in hf.items():
         n = hf_name.removeprefix("model.").removesuffix(".weight")
         if n.startswith("layers."):
@@ -90,8 +96,11 @@ def main():
             fail.append(f"{g} (from {hf_name}) missing")
             continue
         counted += 1
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
         if "_proj" in n:
             want_type = ternary_type
+            if a.fallback and w.shape[-1] % 256 != 0:
+                want_type = GGMLQuantizationType[a.fallback]
         elif "norm" in n:
             want_type = GGMLQuantizationType.F32
         else:
@@ -108,7 +117,7 @@ def main():
         scale = np.maximum(np.abs(ref).max(axis=-1, keepdims=True), 1e-30)
         rel = float((np.abs(v - ref) / scale).max())
         max_rel = max(max_rel, rel)
-        tol = 1e-3 if want_type != GGMLQuantizationType.F32 else 0.0
+        tol = 0.0 if want_type.name.startswith("Q") or want_type == GGMLQuantizationType.F32 else 1e-3
         check(rel <= tol, f"{g}: max relative difference {rel:.3g} > {tol}")
         if want_type == ternary_type and ternary_type.name.startswith("TQ"):
             # Every 256-weight block holds only {-d, 0, d}, d its largest |value|.
@@ -117,7 +126,7 @@ def main():
             check(bool(np.all((blocks == 0) | (blocks == d))), f"{g}: a block is not ternary")
             check(bool(np.any(d > 0)), f"{g}: all zero")
     check(counted == len(r.tensors), f"{len(r.tensors)} GGUF tensors, {counted} matched")
-    print(json.dumps({"tensors": counted, "max_rel_diff": max_rel, "failures": fail}))
+    print(json.dumps({"tensors": counted, "types": types, "max_rel_diff": max_rel, "failures": fail}))
     sys.exit(1 if fail else 0)
 
 

@@ -272,14 +272,22 @@ pub fn gguf(
     let any_ternary = tensors
         .iter()
         .any(|(_, t)| matches!(t, PackedTensor::Ternary(_)));
-    // MOSTLY_Q4_0 = 2, MOSTLY_Q8_0 = 7.
-    let quant_bits = tensors.iter().find_map(|(_, t)| match t {
-        PackedTensor::Quant(m) => Some(m.bits),
+    // MOSTLY_Q4_0 = 2, MOSTLY_Q8_0 = 7, MOSTLY_Q3_K_S = 11, MOSTLY_Q6_K = 18: the type of most
+    // weights (rows that do not fill K-quant super-blocks fall back to Q4_0 / Q8_0).
+    let quant = tensors.iter().find_map(|(_, t)| match t {
+        PackedTensor::Quant(m) => Some(m),
         _ => None,
     });
+    let any_k = tensors
+        .iter()
+        .any(|(_, t)| matches!(t, PackedTensor::Quant(m) if m.kscales.is_some()));
     let file_type = match (any_ternary, ty, float) {
-        _ if quant_bits == Some(4) => 2,
-        _ if quant_bits == Some(8) => 7,
+        _ if quant.is_some() => match (quant.map(|m| m.bits), any_k) {
+            (Some(6), true) => 18,
+            (Some(3), true) => 11,
+            (Some(8 | 6), _) => 7,
+            _ => 2,
+        },
         (true, GgmlType::Tq1_0, _) => 36,
         (true, _, _) => 37,
         (false, _, GgmlType::F16) => 1,
@@ -301,14 +309,7 @@ pub fn gguf(
         let tensor = match t {
             PackedTensor::Quant(m) => {
                 let m = match heads {
-                    Some(h) => {
-                        let order = rope_row_order(m.rows, h);
-                        tern_pack::QuantMatrix {
-                            codes: reorder_rows(&m.codes, m.cols, &order),
-                            scales: reorder_rows(&m.scales, m.groups(), &order),
-                            ..m.clone()
-                        }
-                    }
+                    Some(h) => m.with_rows(&rope_row_order(m.rows, h)),
                     None => m.clone(),
                 };
                 GgufTensor::quantized(&g, &m)?

@@ -2,7 +2,8 @@
 //! quantized to 3-8 bits, Spectra's QuantLM: GPTQ, block by block on calibration sequences (each
 //! block's inputs come from the blocks before it, already quantized), or round-to-nearest. The
 //! result is written like `tern export` writes: a packed file (codes `bits` a weight, f16 group
-//! scales), a Hugging Face directory (dequantized), or GGUF (Q8_0 / Q4_0).
+//! scales or llama.cpp's K-quant scales), a Hugging Face directory (dequantized), or GGUF (Q8_0,
+//! Q6_K, Q4_0, Q3_K).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -40,6 +41,12 @@ pub struct QuantizeArgs {
     /// Consecutive input columns sharing a scale (32 fits GGUF's Q8_0 / Q4_0 blocks).
     #[arg(long, default_value_t = 32)]
     group_size: usize,
+    /// llama.cpp's K-quant scales at 6 or 3 bits (Q6_K / Q3_K: groups of 16, each scale an integer
+    /// times an f16 per 256 columns) for matrices whose rows are whole 256-column super-blocks;
+    /// other matrices keep f16 scales in --group-size groups. Implied by --format gguf at 6 and 3
+    /// bits.
+    #[arg(long)]
+    k_quants: bool,
     /// GPTQ: quantize columns in order of decreasing Hessian diagonal.
     #[arg(long)]
     act_order: bool,
@@ -90,16 +97,43 @@ fn add_hessian(h: &mut [f64], x: &[f32], cols: usize) {
     }
 }
 
+/// The grid each matrix is quantized on: K-quant scales where asked and its rows fill
+/// super-blocks, f16 group scales otherwise.
+#[derive(Clone, Copy)]
+struct Grids {
+    plain: Grid,
+    k: Option<Grid>,
+}
+
+impl Grids {
+    fn for_cols(&self, cols: usize) -> Grid {
+        match self.k {
+            Some(k) if k.fits(cols) => k,
+            _ => self.plain,
+        }
+    }
+}
+
 pub fn run(a: QuantizeArgs) -> Result<()> {
-    let grid = Grid::new(a.bits, a.group_size)?;
+    let plain = Grid::new(a.bits, a.group_size)?;
+    let k_quants = a.k_quants || (a.format == Format::Gguf && matches!(a.bits, 3 | 6));
+    let grids = Grids {
+        plain,
+        k: k_quants.then(|| Grid::k_quant(a.bits)).transpose()?,
+    };
     let float_dtype = FloatDtype::parse(&a.float_dtype).context("--float-dtype")?;
     // What the output format cannot take, found before any calibration runs.
     if a.format == Format::Gguf {
-        tern_pack::quant::ggml_type(a.bits, a.group_size).map_err(|e| {
+        tern_pack::quant::ggml_type(a.bits, a.group_size, false).map_err(|e| {
             anyhow::anyhow!(
-                "--bits {} --group-size {} with --format gguf: {e}",
+                "--bits {} --group-size {} with --format gguf{}: {e}",
                 a.bits,
-                a.group_size
+                a.group_size,
+                if k_quants {
+                    " (for the matrices whose rows do not fill 256-column K-quant super-blocks)"
+                } else {
+                    ""
+                }
             )
         })?;
         if float_dtype == FloatDtype::Bf16 {
@@ -142,16 +176,21 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
                 .iter()
                 .filter(|(n, _)| n.ends_with("_proj.weight"))
                 .map(|(n, t)| match t {
-                    PackedTensor::Float { shape, values } => {
-                        Ok((n.clone(), tern_quant::rtn(values, shape[0], shape[1], grid)))
-                    }
+                    PackedTensor::Float { shape, values } => Ok((
+                        n.clone(),
+                        tern_quant::rtn(values, shape[0], shape[1], grids.for_cols(shape[1])),
+                    )),
                     _ => bail!("{n} is not float"),
                 })
                 .collect::<Result<Vec<_>>>()?
         }
-        Method::Gptq => gptq_model(&a, &loaded, grid)?,
+        Method::Gptq => gptq_model(&a, &loaded, grids)?,
     };
     let n = quantized.len();
+    let k = quantized
+        .iter()
+        .filter(|(_, q)| q.kscales.is_some())
+        .count();
     let mut map: std::collections::HashMap<_, _> = quantized.into_iter().collect();
     for (name, t) in loaded.packed.tensors.iter_mut() {
         if let Some(q) = map.remove(name) {
@@ -159,14 +198,21 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         }
     }
     loaded.packed.float_dtype = float_dtype;
+    let form = match (k, n - k) {
+        (0, _) => format!("f16 scales in groups of {}", a.group_size),
+        (k, 0) => format!("{k} with K-quant scales"),
+        (k, p) => format!(
+            "{k} with K-quant scales, {p} (rows not a multiple of 256) with f16 scales in groups of {}",
+            a.group_size
+        ),
+    };
     crate::say(&format!(
-        "{} {n} projections of {src} to {} bits in groups of {} in {:.1} s",
+        "{} {n} projections of {src} to {} bits ({form}) in {:.1} s",
         match a.method {
             Method::Gptq => "GPTQ",
             Method::Rtn => "round-to-nearest",
         },
         a.bits,
-        a.group_size,
         start.elapsed().as_secs_f64()
     ));
     crate::export::write(&loaded, a.format, &a.out, float_dtype, GgmlType::Tq2_0)
@@ -176,7 +222,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
 fn gptq_model(
     a: &QuantizeArgs,
     loaded: &crate::load::Loaded,
-    grid: Grid,
+    grids: Grids,
 ) -> Result<Vec<(String, QuantMatrix)>> {
     if a.calib.is_empty() {
         bail!("--method gptq needs --calib DATA (token shards or text) for its Hessians");
@@ -208,8 +254,8 @@ fn gptq_model(
         "GPTQ calibration: {seqs} sequences of {} tokens",
         dc.seq_len
     ));
-    let cfg = GptqConfig {
-        grid,
+    let cfg = |cols: usize| GptqConfig {
+        grid: grids.for_cols(cols),
         damp: a.damp,
         act_order: a.act_order,
     };
@@ -248,7 +294,7 @@ fn gptq_model(
             let Matrix::Dense(d) = &proj.weight else {
                 bail!("{full} is not float");
             };
-            let q = tern_quant::gptq(&d.values, d.rows, *cols, &h, cfg)
+            let q = tern_quant::gptq(&d.values, d.rows, *cols, &h, cfg(*cols))
                 .with_context(|| full.clone())?;
             proj.weight = Matrix::Dense(Dense {
                 rows: q.rows,

@@ -92,6 +92,10 @@ struct QuantMeta {
     shape: [usize; 2],
     bits: u32,
     group: usize,
+    /// K-quant scales: `NAME.qscales` holds the integer group scales (I8) and `NAME.qsuper` the
+    /// f16 scale of each 256 columns.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    kquant: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -216,7 +220,11 @@ impl PackedModel {
                 PackedTensor::Float { values, .. } => s.add_float(values.len(), self.float_dtype),
                 PackedTensor::Quant(m) => {
                     s.quant_params += (m.rows * m.cols) as u64;
-                    s.quant_bytes += (m.rows * m.row_bytes() + 2 * m.scales.len()) as u64;
+                    let scale_bytes = match &m.kscales {
+                        Some(k) => k.sc.len() + 2 * k.d.len(),
+                        None => 2 * m.scales.len(),
+                    };
+                    s.quant_bytes += (m.rows * m.row_bytes() + scale_bytes) as u64;
                 }
             }
         }
@@ -238,18 +246,35 @@ impl PackedModel {
                         vec![m.rows, m.row_bytes()],
                         m.pack(),
                     ));
-                    blobs.push((
-                        format!("{name}.qscales"),
-                        Dtype::F16,
-                        vec![m.rows, m.groups()],
-                        FloatDtype::F16.encode(&m.scales),
-                    ));
+                    match &m.kscales {
+                        None => blobs.push((
+                            format!("{name}.qscales"),
+                            Dtype::F16,
+                            vec![m.rows, m.groups()],
+                            FloatDtype::F16.encode(&m.scales),
+                        )),
+                        Some(k) => {
+                            blobs.push((
+                                format!("{name}.qscales"),
+                                Dtype::I8,
+                                vec![m.rows, m.groups()],
+                                k.sc.iter().map(|&v| v as u8).collect(),
+                            ));
+                            blobs.push((
+                                format!("{name}.qsuper"),
+                                Dtype::F16,
+                                vec![m.rows, k.d.len() / m.rows.max(1)],
+                                FloatDtype::F16.encode(&k.d),
+                            ));
+                        }
+                    }
                     quantized.insert(
                         name.clone(),
                         QuantMeta {
                             shape: [m.rows, m.cols],
                             bits: m.bits,
                             group: m.group,
+                            kquant: m.kscales.is_some(),
                         },
                     );
                 }
@@ -387,16 +412,39 @@ impl PackedModel {
                 if codes.dtype() != Dtype::U8 || codes.shape() != [rows, row_bytes] {
                     bail!("{name}.qcodes must be U8 [{rows}, {row_bytes}]");
                 }
-                if scales.dtype() != Dtype::F16 || scales.shape() != [rows, groups] {
-                    bail!("{name}.qscales must be F16 [{rows}, {groups}]");
-                }
+                let (scales, kscales) = if q.kquant {
+                    if q.group != crate::quant::K_GROUP
+                        || !cols.is_multiple_of(crate::quant::SUPER_BLOCK)
+                    {
+                        bail!("{name}: metadata says K-quant scales for groups of {} in rows of {cols}", q.group);
+                    }
+                    let supers = cols / crate::quant::SUPER_BLOCK;
+                    let d = tensor(&format!("{name}.qsuper"))?;
+                    if scales.dtype() != Dtype::I8 || scales.shape() != [rows, groups] {
+                        bail!("{name}.qscales must be I8 [{rows}, {groups}] (K-quant scales)");
+                    }
+                    if d.dtype() != Dtype::F16 || d.shape() != [rows, supers] {
+                        bail!("{name}.qsuper must be F16 [{rows}, {supers}]");
+                    }
+                    let k = crate::quant::KScales {
+                        d: float_values(&d, &name)?.0,
+                        sc: scales.data().iter().map(|&v| v as i8).collect(),
+                    };
+                    (k.products(rows, cols), Some(k))
+                } else {
+                    if scales.dtype() != Dtype::F16 || scales.shape() != [rows, groups] {
+                        bail!("{name}.qscales must be F16 [{rows}, {groups}]");
+                    }
+                    (float_values(&scales, &name)?.0, None)
+                };
                 let m = QuantMatrix {
                     rows,
                     cols,
                     bits: q.bits,
                     group: q.group,
                     codes: QuantMatrix::unpack(codes.data(), rows, cols, q.bits),
-                    scales: float_values(&scales, &name)?.0,
+                    scales,
+                    kscales,
                 };
                 m.check(&name)?;
                 tensors.push((name, PackedTensor::Quant(m)));
@@ -584,6 +632,55 @@ mod tests {
                 assert_eq!(back, m, "{enc:?} {dt:?}");
             }
         }
+    }
+
+    /// Integer-quantized tensors with f16 and with K-quant scales come back as they went.
+    #[test]
+    fn quantized_tensors_round_trip() {
+        use crate::quant::KScales;
+        let mut m = model(Encoding::Bits2, FloatDtype::F32);
+        let codes = |n: usize, h: i32| {
+            (0..n)
+                .map(|i| ((i as i32 * 5) % (2 * h) - h) as i8)
+                .collect()
+        };
+        m.tensors.push((
+            "layers.0.mlp.up_proj.weight".into(),
+            PackedTensor::Quant(QuantMatrix {
+                rows: 2,
+                cols: 40,
+                bits: 4,
+                group: 32,
+                codes: codes(80, 8),
+                scales: vec![0.25, -0.5, 0.125, 1.0],
+                kscales: None,
+            }),
+        ));
+        let k = KScales {
+            d: vec![0.5, -0.25],
+            sc: (0..32).map(|i| (i * 3 - 40) as i8).collect(),
+        };
+        m.tensors.push((
+            "layers.0.mlp.gate_proj.weight".into(),
+            PackedTensor::Quant(QuantMatrix {
+                rows: 2,
+                cols: 256,
+                bits: 6,
+                group: 16,
+                codes: codes(512, 32),
+                scales: k.products(2, 256),
+                kscales: Some(k),
+            }),
+        ));
+        let back = PackedModel::from_bytes(&m.to_bytes().unwrap()).unwrap();
+        assert_eq!(back, m);
+        // 6-bit codes, one i8 a group of 16 and one f16 a row of 256: 6.5625 bits a weight.
+        let s = PackedModel {
+            tensors: m.tensors[3..].to_vec(),
+            ..m.clone()
+        }
+        .size();
+        assert_eq!(s.quant_bytes, 2 * 192 + 32 + 4);
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub enum GgmlType {
     F16 = 1,
     Q4_0 = 2,
     Q8_0 = 8,
+    Q3K = 11,
+    Q6K = 14,
     Tq1_0 = 34,
     Tq2_0 = 35,
 }
@@ -31,6 +33,8 @@ impl GgmlType {
             Self::F16 => "F16",
             Self::Q4_0 => "Q4_0",
             Self::Q8_0 => "Q8_0",
+            Self::Q3K => "Q3_K",
+            Self::Q6K => "Q6_K",
             Self::Tq1_0 => "TQ1_0",
             Self::Tq2_0 => "TQ2_0",
         }
@@ -120,17 +124,14 @@ impl GgufTensor {
         }
     }
 
-    /// An integer-quantized matrix in Q8_0 or Q4_0 (see [`crate::QuantMatrix::ggml_blocks`]).
+    /// An integer-quantized matrix in Q8_0, Q6_K, Q4_0 or Q3_K (see
+    /// [`crate::QuantMatrix::ggml_blocks`]).
     pub fn quantized(name: &str, m: &crate::QuantMatrix) -> Result<Self> {
         let (ty, data) = m.ggml_blocks(name)?;
         Ok(Self {
             name: name.into(),
             shape: vec![m.rows, m.cols],
-            ty: if ty == 8 {
-                GgmlType::Q8_0
-            } else {
-                GgmlType::Q4_0
-            },
+            ty,
             data,
         })
     }

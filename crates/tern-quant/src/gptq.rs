@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 
 use tern_pack::QuantMatrix;
 
-use crate::grid::Grid;
+use crate::grid::{Grid, Scales};
 
 #[derive(Debug, Clone, Copy)]
 pub struct GptqConfig {
@@ -140,18 +140,12 @@ pub fn gptq(
     if cfg.act_order {
         perm.sort_by(|&a, &b| h[b * cols + b].total_cmp(&h[a * cols + a]));
     }
-    let groups = cols.div_ceil(grid.group);
-    let mut scales = vec![0f32; rows * groups];
-    let group_scale = |w: &[f64], r: usize, g: usize, col: &dyn Fn(usize) -> usize| {
-        let (c0, c1) = (g * grid.group, ((g + 1) * grid.group).min(cols));
-        let vals: Vec<f32> = (c0..c1).map(|c| w[r * cols + col(c)] as f32).collect();
-        grid.scale(&vals)
-    };
+    let mut scales = Scales::new(grid, rows, cols);
     if cfg.act_order {
         // Static groups: scales from the weights as they are (original column order).
         for r in 0..rows {
-            for g in 0..groups {
-                scales[r * groups + g] = group_scale(&w, r, g, &|c| c);
+            for g in 0..scales.groups() {
+                scales.set(r, g, &w[r * cols..(r + 1) * cols]);
             }
         }
     }
@@ -178,13 +172,13 @@ pub fn gptq(
         if !cfg.act_order && orig.is_multiple_of(grid.group) {
             // Scales at the group's first column, from the weights as updated so far.
             for r in 0..rows {
-                scales[r * groups + g] = group_scale(&w, r, g, &|c| c);
+                scales.set(r, g, &w[r * cols..(r + 1) * cols]);
             }
         }
         let d = u[j * cols + j];
         let urow = &u[j * cols..(j + 1) * cols];
         for r in 0..rows {
-            let s = scales[r * groups + g];
+            let s = scales.get(r, g);
             let row = &mut w[r * cols..(r + 1) * cols];
             let q = grid.code(row[j] as f32, s);
             codes[r * cols + orig] = q;
@@ -194,7 +188,7 @@ pub fn gptq(
             }
         }
     }
-    Ok(grid.matrix(rows, cols, codes, scales))
+    Ok(scales.matrix(rows, codes))
 }
 
 #[cfg(test)]
@@ -284,7 +278,7 @@ mod tests {
     /// On correlated inputs GPTQ's output error is well below round-to-nearest's, at every width.
     #[test]
     fn gptq_beats_round_to_nearest_on_correlated_inputs() {
-        let (rows, cols, n) = (16, 64, 256);
+        let (rows, cols, n) = (16, 256, 512);
         let mut r = rng(1);
         let base: Vec<f32> = (0..n * 8).map(|_| r() as f32).collect();
         // Inputs that live near an 8-dimensional subspace.
@@ -319,8 +313,12 @@ mod tests {
                 })
                 .sum()
         };
-        for bits in [3, 4, 6, 8] {
-            let grid = Grid::new(bits, 32).unwrap();
+        let grids = [3, 4, 6, 8].map(|b| Grid::new(b, 32).unwrap());
+        for grid in grids
+            .into_iter()
+            .chain([6, 3].map(|b| Grid::k_quant(b).unwrap()))
+        {
+            let bits = grid.bits;
             let e_rtn = out_err(&rtn(&w, rows, cols, grid).dequantize());
             for act_order in [false, true] {
                 let cfg = GptqConfig {
@@ -331,7 +329,8 @@ mod tests {
                 let e = out_err(&gptq(&w, rows, cols, &h, cfg).unwrap().dequantize());
                 assert!(
                     e < 0.7 * e_rtn,
-                    "{bits} bits, act_order {act_order}: gptq {e} vs rtn {e_rtn}"
+                    "{bits} bits (K-quant {}), act_order {act_order}: gptq {e} vs rtn {e_rtn}",
+                    grid.kquant
                 );
             }
         }
