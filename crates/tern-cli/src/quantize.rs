@@ -47,9 +47,10 @@ pub struct QuantizeArgs {
     /// bits.
     #[arg(long)]
     k_quants: bool,
-    /// GPTQ: quantize columns in order of decreasing Hessian diagonal.
-    #[arg(long)]
-    act_order: bool,
+    /// GPTQ: quantize columns in order of decreasing Hessian diagonal (static groups): on by
+    /// default, `--act-order false` keeps the columns' order.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    act_order: Option<bool>,
     /// GPTQ: dampening of the Hessian, a fraction of its mean diagonal.
     #[arg(long, default_value_t = 0.01)]
     damp: f64,
@@ -140,7 +141,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             bail!("--float-dtype bf16: GGUF export writes f32 or f16");
         }
     }
-    if a.method == Method::Rtn && (a.act_order || a.damp != 0.01) {
+    if a.method == Method::Rtn && (a.act_order.is_some() || a.damp != 0.01) {
         bail!("--act-order and --damp are GPTQ's; --method rtn takes neither");
     }
     if !(a.damp >= 0.0 && a.damp.is_finite()) {
@@ -208,9 +209,10 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     };
     crate::say(&format!(
         "{} {n} projections of {src} to {} bits ({form}) in {:.1} s",
-        match a.method {
-            Method::Gptq => "GPTQ",
-            Method::Rtn => "round-to-nearest",
+        match (a.method, a.act_order.unwrap_or(true)) {
+            (Method::Gptq, true) => "GPTQ (act-order)",
+            (Method::Gptq, false) => "GPTQ (columns in order)",
+            (Method::Rtn, _) => "round-to-nearest",
         },
         a.bits,
         start.elapsed().as_secs_f64()
@@ -257,7 +259,7 @@ fn gptq_model(
     let cfg = |cols: usize| GptqConfig {
         grid: grids.for_cols(cols),
         damp: a.damp,
-        act_order: a.act_order,
+        act_order: a.act_order.unwrap_or(true),
     };
     let mut out = Vec::new();
     let layers = model.layers.len();
