@@ -4,13 +4,15 @@ llama-cpp-python) on GGUF exports of the same weights, same thread count, runs i
 
     pip install llama-cpp-python numpy        # builds llama.cpp from its PyPI sdist
     python3 data-prep/bench_decode.py --packed m.tpk --gguf m-tq2.gguf m-tq1.gguf \
-        [--rounds 5] [--threads 2] [--decode 128] [--tern target/release/tern]
+        [--rounds 5] [--threads 2] [--decode 128] [--tern target/release/tern] [--before OTHER_TERN]
 
 Each round runs tern once per `--activations` mode (exact, int8) and llama.cpp once per GGUF,
 greedy, `--decode` new tokens after a fixed prompt, ignoring end of sequence. tern's figures are
 what it prints (decode includes sampling); llama.cpp's come from its own counters
 (llama_perf_context: prompt and decode evaluation time only), so the comparison favours llama.cpp.
-Prints one JSON line per round and a summary with medians and ratios to the first GGUF.
+With --before, another tern binary (an earlier build) also runs its exact mode in each round, so a
+change is measured side by side with its baseline and llama.cpp. Prints one JSON line per round
+and a summary with medians and ratios to the first GGUF.
 """
 import argparse
 import json
@@ -36,10 +38,10 @@ LINE = re.compile(
 )
 
 
-def tern_run(a, mode):
+def tern_run(a, mode, binary=None):
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
     out = subprocess.run(
-        [a.tern, "generate", "--model", a.packed, "--prompt", PROMPT, "--max-tokens",
+        [binary or a.tern, "generate", "--model", a.packed, "--prompt", PROMPT, "--max-tokens",
          str(a.decode), "--temperature", "0", "--ignore-eos", "--activations", mode],
         capture_output=True, text=True, env=env, check=True)
     m = LINE.search(out.stderr)
@@ -71,12 +73,15 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--tern", default=str(ROOT / "target" / "release" / "tern"))
+    ap.add_argument("--before", help="an earlier tern binary, run in exact mode beside --tern")
     a = ap.parse_args()
     llms = {Path(g).name: Llama(model_path=g, n_ctx=512, n_batch=512, n_threads=a.threads,
                                 n_threads_batch=a.threads, verbose=False) for g in a.gguf}
     runs = {}
     for r in range(a.rounds):
         row = {}
+        if a.before:
+            row["tern exact (before)"] = tern_run(a, "exact", a.before)
         for mode in ["exact", "int8"]:
             row[f"tern {mode}"] = tern_run(a, mode)
         for name, llm in llms.items():

@@ -69,6 +69,10 @@ impl Matrix {
         let isa = Isa::detect();
         // Ternary rows multiply inputs laid out as their padded segments.
         let (xp, width) = match self {
+            Matrix::Ternary(t) if batch == 1 => (
+                std::borrow::Cow::Owned(t.order_f32(&t.pad(x, 1), isa)),
+                t.padded_cols(),
+            ),
             Matrix::Ternary(t) => (std::borrow::Cow::Owned(t.pad(x, batch)), t.padded_cols()),
             Matrix::Dense(_) => (std::borrow::Cow::Borrowed(x), cols),
         };
@@ -278,6 +282,7 @@ mod tests {
             (9, 64, 1, 1),
             (6, 1000, 2, 4),
             (4, 70, 1, 1),
+            (9, 1400, 1, 2), // segments of 11 blocks: two runs of four and three blocks after
         ]
         .iter()
         .enumerate()
@@ -327,7 +332,7 @@ mod tests {
             // Four rows at a time (decode's f32 path): the same products.
             for &isa in &isas {
                 let mut out = vec![0f32; rows];
-                p.rows_f32(0, &xp[..width], &mut out, isa);
+                p.rows_f32(0, &p.order_f32(&xp[..width], isa), &mut out, isa);
                 for (row, y) in out.iter().enumerate() {
                     let base = p.row_dot(row, &xp[..width], Isa::Portable);
                     assert!(

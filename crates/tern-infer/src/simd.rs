@@ -48,13 +48,37 @@ impl Isa {
     }
 }
 
-/// `sum_i w_i x_i` over 16-byte blocks of 64 ternary codes (`w = code - 1`; see `ternary.rs`).
+/// Inputs per run that the AVX-512 f32 kernel reads in lane order (four blocks: 64 bytes of codes).
+pub const LANE_RUN: usize = 256;
+
+/// One padded segment of f32 inputs (a whole number of 64-weight blocks) in the order the f32
+/// kernels of `isa` read it. AVX-512 loads 64 bytes of codes (four blocks, 256 weights) at once
+/// and shifts each 32-bit lane's codes down to its low bits in turn, so the `t`-th shift (`t` in
+/// 0..16) of lane `i` meets weight `64 (i / 4) + 16 (t % 4) + 4 (i % 4) + t / 4` of the run: each
+/// whole run of 256 inputs is stored as `x'[16 t + i]` = that weight's input; a last partial run
+/// stays in order. The other forms read inputs in order.
+pub fn order_f32(x: &[f32], isa: Isa, out: &mut [f32]) {
+    out.copy_from_slice(x);
+    if isa != Isa::Avx512 {
+        return;
+    }
+    for (src, dst) in x.chunks_exact(LANE_RUN).zip(out.chunks_exact_mut(LANE_RUN)) {
+        for t in 0..16 {
+            for i in 0..16 {
+                dst[16 * t + i] = src[64 * (i / 4) + 16 * (t % 4) + 4 * (i % 4) + t / 4];
+            }
+        }
+    }
+}
+
+/// `sum_i w_i x_i` over 16-byte blocks of 64 ternary codes (`w = code - 1`; see `ternary.rs`),
+/// `x` in [`order_f32`]'s order.
 pub fn ternary_dot_f32(codes: &[u8], x: &[f32], isa: Isa) -> f32 {
     debug_assert_eq!(codes.len() * 4, x.len());
     match isa {
         // SAFETY: `Isa::detect` chose these forms only where the CPU has their features.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::ternary_dot_f32(codes, x) },
+        Isa::Avx512 => unsafe { avx512::ternary_dot_f32_x4([codes; 4], x)[0] },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { avx2::ternary_dot_f32(codes, x) },
         _ => {
@@ -73,7 +97,7 @@ pub fn ternary_dot_f32(codes: &[u8], x: &[f32], isa: Isa) -> f32 {
     }
 }
 
-/// [`ternary_dot_f32`] for four rows of codes against the same input.
+/// [`ternary_dot_f32`] for four rows of codes against the same input (in [`order_f32`]'s order).
 pub fn ternary_dot_f32_x4(codes: [&[u8]; 4], x: &[f32], isa: Isa) -> [f32; 4] {
     match isa {
         // SAFETY: as in `ternary_dot_f32`.
@@ -408,37 +432,52 @@ mod avx512 {
         accf.map(|a| _mm512_reduce_add_ps(a))
     }
 
-    /// Four rows at once: each block of inputs is loaded once for the four.
+    /// Four rows at once, each load of inputs serving the four. Whole runs of four blocks: one
+    /// 64-byte load of a row's codes, then eight 4-bit shifts of its 32-bit lanes; the low four
+    /// bits of each lane hold two codes, and two 16-entry tables (`vpermps`, which reads only
+    /// those bits) turn them into the weights of two input vectors (in [`super::order_f32`]'s
+    /// order). One table lookup per 16 weights, against a widening and a lookup a block by block.
+    /// A last partial run goes block by block with the inputs in order.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn ternary_dot_f32_x4(codes: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
-        let table = signs(1.0);
+        // (code - 1) of the low two bits and of the next two.
+        let lo = _mm512_setr_ps(
+            -1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 1.0, 0.0,
+        );
+        let hi = _mm512_setr_ps(
+            -1.0, -1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0,
+        );
         let xp = x.as_ptr();
-        let mut acc = [_mm512_setzero_ps(); 4];
-        for b in 0..codes[0].len() / 16 {
-            let xs = [0, 1, 2, 3].map(|k| _mm512_loadu_ps(xp.add(64 * b + 16 * k)));
-            for j in 0..4 {
-                let w = lookup(codes[j].as_ptr().add(16 * b), table);
-                for k in 0..4 {
-                    acc[j] = _mm512_fmadd_ps(w[k], xs[k], acc[j]);
+        let blocks = codes[0].len() / 16;
+        let runs = blocks / 4;
+        let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+        for run in 0..runs {
+            let mut v = codes.map(|c| _mm512_loadu_si512(c.as_ptr().add(64 * run) as *const _));
+            let xr = xp.add(super::LANE_RUN * run);
+            for u in 0..8 {
+                let x0 = _mm512_loadu_ps(xr.add(32 * u));
+                let x1 = _mm512_loadu_ps(xr.add(32 * u + 16));
+                for j in 0..4 {
+                    let w0 = _mm512_permutexvar_ps(v[j], lo);
+                    let w1 = _mm512_permutexvar_ps(v[j], hi);
+                    acc[j][0] = _mm512_fmadd_ps(w0, x0, acc[j][0]);
+                    acc[j][1] = _mm512_fmadd_ps(w1, x1, acc[j][1]);
+                    v[j] = _mm512_srli_epi32::<4>(v[j]);
                 }
             }
         }
-        acc.map(|a| _mm512_reduce_add_ps(a))
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn ternary_dot_f32(codes: &[u8], x: &[f32]) -> f32 {
         let table = signs(1.0);
-        let xp = x.as_ptr();
-        let mut acc = [_mm512_setzero_ps(); 4];
-        for b in 0..codes.len() / 16 {
-            let w = lookup(codes.as_ptr().add(16 * b), table);
-            for k in 0..4 {
-                acc[k] = _mm512_fmadd_ps(w[k], _mm512_loadu_ps(xp.add(64 * b + 16 * k)), acc[k]);
+        for b in 4 * runs..blocks {
+            let xs = [0, 1, 2, 3].map(|k| _mm512_loadu_ps(xp.add(64 * b + 16 * k)));
+            for j in 0..4 {
+                let w = lookup(codes[j].as_ptr().add(16 * b), table);
+                for k in 0..2 {
+                    acc[j][k] = _mm512_fmadd_ps(w[k], xs[k], acc[j][k]);
+                    acc[j][k] = _mm512_fmadd_ps(w[k + 2], xs[k + 2], acc[j][k]);
+                }
             }
         }
-        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        _mm512_reduce_add_ps(s)
+        acc.map(|a| _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1])))
     }
 }
 

@@ -168,10 +168,22 @@ impl PackedTernary {
         Q8Rows { batch, q, d, corr }
     }
 
+    /// A padded f32 row in the order the batch-1 f32 kernels of `isa` read it
+    /// ([`simd::order_f32`], segment by segment).
+    pub(crate) fn order_f32(&self, xp: &[f32], isa: Isa) -> Vec<f32> {
+        let mut out = vec![0f32; xp.len()];
+        let pseg = self.padded_seg();
+        for (src, dst) in xp.chunks(pseg).zip(out.chunks_mut(pseg)) {
+            simd::order_f32(src, isa, dst);
+        }
+        out
+    }
+
     /// `sum_c W[r, c] x[c]` for a padded f32 row `xp`.
     #[cfg(test)]
     pub(crate) fn row_dot(&self, r: usize, xp: &[f32], isa: Isa) -> f32 {
         let pseg = self.padded_seg();
+        let xp = self.order_f32(xp, isa);
         (0..self.col_groups)
             .map(|g| {
                 let dot = simd::ternary_dot_f32(self.codes(r, g), &xp[g * pseg..][..pseg], isa);
@@ -180,8 +192,8 @@ impl PackedTernary {
             .sum()
     }
 
-    /// Rows `r0..r0 + out.len()` against one padded f32 row `xp`: four weight rows at a time share
-    /// each load of the input.
+    /// Rows `r0..r0 + out.len()` against one padded f32 row `xp`, in [`PackedTernary::order_f32`]'s
+    /// order: four weight rows at a time share each load of the input.
     pub(crate) fn rows_f32(&self, r0: usize, xp: &[f32], out: &mut [f32], isa: Isa) {
         let pseg = self.padded_seg();
         out.fill(0.0);
