@@ -125,18 +125,15 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let float_dtype = FloatDtype::parse(&a.float_dtype).context("--float-dtype")?;
     // What the output format cannot take, found before any calibration runs.
     if a.format == Format::Gguf {
-        tern_pack::quant::ggml_type(a.bits, a.group_size, false).map_err(|e| {
-            anyhow::anyhow!(
-                "--bits {} --group-size {} with --format gguf{}: {e}",
-                a.bits,
-                a.group_size,
-                if k_quants {
-                    " (for the matrices whose rows do not fill 256-column K-quant super-blocks)"
-                } else {
-                    ""
-                }
-            )
-        })?;
+        if !k_quants {
+            tern_pack::quant::ggml_type(a.bits, a.group_size, false).map_err(|e| {
+                anyhow::anyhow!(
+                    "--bits {} --group-size {} with --format gguf: {e}",
+                    a.bits,
+                    a.group_size
+                )
+            })?;
+        }
         if float_dtype == FloatDtype::Bf16 {
             bail!("--float-dtype bf16: GGUF export writes f32 or f16");
         }
@@ -165,6 +162,24 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         );
     }
     tern_infer::convert::check_plain_llama(&loaded.config).context(src.clone())?;
+    if a.format == Format::Gguf && k_quants {
+        // Matrices whose rows are not whole K-quant super-blocks go in Q8_0 / Q4_0 blocks.
+        for (name, t) in &loaded.packed.tensors {
+            if let PackedTensor::Float { shape, .. } = t {
+                if name.ends_with("_proj.weight") && !grids.for_cols(shape[1]).kquant {
+                    tern_pack::quant::ggml_type(a.bits, a.group_size, false).map_err(|e| {
+                        anyhow::anyhow!(
+                            "{name} ({} columns, not a multiple of 256) with --bits {} \
+                             --group-size {} in GGUF: {e}",
+                            shape[1],
+                            a.bits,
+                            a.group_size
+                        )
+                    })?;
+                }
+            }
+        }
+    }
     let start = Instant::now();
     let quantized = match a.method {
         Method::Rtn => {

@@ -341,7 +341,7 @@ pub fn ggml_type(bits: u32, group: usize, kquant: bool) -> Result<GgmlType> {
     if group != 32 {
         bail!(
             "GGUF's Q8_0 / Q4_0 blocks hold 32 weights with one f16 scale; quantize with \
-             --group-size 32 (or --k-quants at 3 or 6 bits) for a GGUF export"
+             --group-size 32 for a GGUF export"
         );
     }
     match bits {
