@@ -94,7 +94,8 @@ def main():
            for k, v in runs.items()}
     ref = med[f"llama.cpp {Path(a.gguf[0]).name}"]
     print(json.dumps({"median": med, "prompt_tokens": runs["tern exact"][0]["prompt_tokens"],
-                      "llama_cpp_prompt_tokens": next(iter(runs.values()))[0]["prompt_tokens"],
+                      "llama_cpp_prompt_tokens":
+                          runs[f"llama.cpp {Path(a.gguf[0]).name}"][0]["prompt_tokens"],
                       "ratio_to_first_gguf": {
                           k: {"prompt": m["prompt_tps"] / ref["prompt_tps"],
                               "decode": m["decode_tps"] / ref["decode_tps"]}

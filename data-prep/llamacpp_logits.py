@@ -42,7 +42,8 @@ def main():
     ap.add_argument("--eos", default="</s>", help="end-of-text token between documents")
     a = ap.parse_args()
 
-    llm = Llama(model_path=a.gguf, logits_all=True, n_ctx=256, n_threads=2, verbose=False)
+    llm = Llama(model_path=a.gguf, logits_all=True, n_ctx=max(256, a.block_len), n_threads=2,
+                verbose=False)
     ids = Tokenizer.from_file(a.tokenizer).encode(TEXT, add_special_tokens=False).ids
     cpp_ids = llm.tokenize(TEXT.encode(), add_bos=False, special=False)
     llm.reset()
@@ -84,11 +85,16 @@ def held_out_loss(a, llm):
     if a.jsonl.endswith(".zst"):
         raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
     eos = tok.token_to_id(a.eos)
+    if eos is None:
+        raise SystemExit(f"--eos {a.eos!r} is not a token of {a.tokenizer}")
     stream = []
     for line in raw.decode().splitlines():
         stream += tok.encode(json.loads(line)["text"], add_special_tokens=False).ids + [eos]
         if len(stream) >= a.blocks * a.block_len:
             break
+    if len(stream) < a.blocks * a.block_len:
+        raise SystemExit(f"{a.jsonl} holds {len(stream)} tokens, fewer than --blocks {a.blocks} x "
+                         f"--block-len {a.block_len}")
     blocks = np.array(stream[: a.blocks * a.block_len], dtype=np.int64).reshape(a.blocks, -1)
     cpp_loss = []
     for b in blocks:

@@ -33,6 +33,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     kv = a.kv_heads or a.heads
+    if a.hidden % a.heads or a.heads % kv:
+        raise SystemExit(f"--heads {a.heads} must divide --hidden {a.hidden}, and --kv-heads {kv} "
+                         f"must divide --heads")
     hd = a.hidden // a.heads
     vocab = len(json.load(open(a.tokenizer))["model"]["vocab"])
     rng = np.random.default_rng(a.seed)

@@ -228,7 +228,13 @@ fn k_quant_scales_make_q6_k_and_q3_k() {
     let g = dir.path().join("g64.gguf");
     #[rustfmt::skip]
     let r = tern(&["quantize", "--checkpoint", s(&run), "--bits", "6", "--method", "rtn", "--group-size", "64", "--format", "gguf", "--out", s(&g)]);
-    fails_with(&r, &["layers.0.mlp.down_proj.weight (384 columns", "--group-size 32"]);
+    fails_with(
+        &r,
+        &[
+            "layers.0.mlp.down_proj.weight (384 columns",
+            "--group-size 32",
+        ],
+    );
     assert!(!g.exists());
     let float = eval_loss(&run);
     eprintln!("K-quant losses: {loss:?}, float {float}");

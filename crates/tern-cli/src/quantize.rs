@@ -162,22 +162,33 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         );
     }
     tern_infer::convert::check_plain_llama(&loaded.config).context(src.clone())?;
-    if a.format == Format::Gguf && k_quants {
-        // Matrices whose rows are not whole K-quant super-blocks go in Q8_0 / Q4_0 blocks.
+    if a.format == Format::Gguf {
+        // Matrices without K-quant scales go in Q8_0 / Q4_0 blocks of 32 columns.
         for (name, t) in &loaded.packed.tensors {
-            if let PackedTensor::Float { shape, .. } = t {
-                if name.ends_with("_proj.weight") && !grids.for_cols(shape[1]).kquant {
-                    tern_pack::quant::ggml_type(a.bits, a.group_size, false).map_err(|e| {
-                        anyhow::anyhow!(
-                            "{name} ({} columns, not a multiple of 256) with --bits {} \
-                             --group-size {} in GGUF: {e}",
-                            shape[1],
-                            a.bits,
-                            a.group_size
-                        )
-                    })?;
-                }
+            let PackedTensor::Float { shape, .. } = t else {
+                continue;
+            };
+            if !name.ends_with("_proj.weight") || grids.for_cols(shape[1]).kquant {
+                continue;
             }
+            let why = match tern_pack::quant::ggml_type(a.bits, a.group_size, false) {
+                Err(e) => e.to_string(),
+                Ok(_) if !shape[1].is_multiple_of(32) => {
+                    "its rows do not fill GGUF's blocks of 32".to_string()
+                }
+                Ok(_) => continue,
+            };
+            bail!(
+                "{name} ({} columns{}) with --bits {} --group-size {} in GGUF: {why}",
+                shape[1],
+                if k_quants {
+                    ", not a multiple of 256"
+                } else {
+                    ""
+                },
+                a.bits,
+                a.group_size
+            );
         }
     }
     let start = Instant::now();

@@ -52,11 +52,11 @@ impl Isa {
 pub const LANE_RUN: usize = 256;
 
 /// One padded segment of f32 inputs (a whole number of 64-weight blocks) in the order the f32
-/// kernels of `isa` read it. AVX-512 loads 64 bytes of codes (four blocks, 256 weights) at once
-/// and shifts each 32-bit lane's codes down to its low bits in turn, so the `t`-th shift (`t` in
-/// 0..16) of lane `i` meets weight `64 (i / 4) + 16 (t % 4) + 4 (i % 4) + t / 4` of the run: each
-/// whole run of 256 inputs is stored as `x'[16 t + i]` = that weight's input; a last partial run
-/// stays in order. The other forms read inputs in order.
+/// kernels of `isa` read it. AVX-512 loads 64 bytes of codes (four blocks, 256 weights) at once;
+/// each 32-bit lane `i` holds 16 two-bit fields, and field `t` (bits `2t..2t + 2`, reached by the
+/// kernel's shift `t / 2` and table `t % 2`) is weight `64 (i / 4) + 16 (t % 4) + 4 (i % 4) + t / 4`
+/// of the run: each whole run of 256 inputs is stored as `x'[16 t + i]` = that weight's input; a
+/// last partial run stays in order. The other forms read inputs in order.
 pub fn order_f32(x: &[f32], isa: Isa, out: &mut [f32]) {
     out.copy_from_slice(x);
     if isa != Isa::Avx512 {
@@ -78,7 +78,7 @@ pub fn ternary_dot_f32(codes: &[u8], x: &[f32], isa: Isa) -> f32 {
     match isa {
         // SAFETY: `Isa::detect` chose these forms only where the CPU has their features.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::ternary_dot_f32_x4([codes; 4], x)[0] },
+        Isa::Avx512 => ternary_dot_f32_x4([codes; 4], x, isa)[0],
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { avx2::ternary_dot_f32(codes, x) },
         _ => {
@@ -99,6 +99,11 @@ pub fn ternary_dot_f32(codes: &[u8], x: &[f32], isa: Isa) -> f32 {
 
 /// [`ternary_dot_f32`] for four rows of codes against the same input (in [`order_f32`]'s order).
 pub fn ternary_dot_f32_x4(codes: [&[u8]; 4], x: &[f32], isa: Isa) -> [f32; 4] {
+    // The vector forms read every row and the input as long as the first row says.
+    assert!(
+        codes.iter().all(|c| c.len() == codes[0].len()) && x.len() == 4 * codes[0].len(),
+        "rows of codes and inputs of unequal length"
+    );
     match isa {
         // SAFETY: as in `ternary_dot_f32`.
         #[cfg(target_arch = "x86_64")]

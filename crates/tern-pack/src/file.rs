@@ -263,7 +263,7 @@ impl PackedModel {
                             blobs.push((
                                 format!("{name}.qsuper"),
                                 Dtype::F16,
-                                vec![m.rows, k.d.len() / m.rows.max(1)],
+                                vec![m.rows, m.cols / crate::quant::SUPER_BLOCK],
                                 FloatDtype::F16.encode(&k.d),
                             ));
                         }
@@ -670,6 +670,22 @@ mod tests {
                 codes: codes(512, 32),
                 scales: k.products(2, 256),
                 kscales: Some(k),
+            }),
+        ));
+        // An empty one too.
+        m.tensors.push((
+            "layers.1.mlp.down_proj.weight".into(),
+            PackedTensor::Quant(QuantMatrix {
+                rows: 0,
+                cols: 256,
+                bits: 3,
+                group: 16,
+                codes: vec![],
+                scales: vec![],
+                kscales: Some(KScales {
+                    d: vec![],
+                    sc: vec![],
+                }),
             }),
         ));
         let back = PackedModel::from_bytes(&m.to_bytes().unwrap()).unwrap();

@@ -328,8 +328,10 @@ fn q3_k_block(q: &[i8], sc: &[i8], d: f32, out: &mut Vec<u8>) {
 
 /// The llama.cpp type that holds `bits`-bit symmetric codes exactly, or why none does. With f16
 /// scales in groups of 32: Q8_0 at 8 bits and Q4_0 at 4, and the narrower 6- and 3-bit codes in
-/// those same blocks (llama.cpp's own fallback where a row does not fill K-quant super-blocks).
-/// With K-quant scales ([`KScales`]): Q6_K at 6 bits, Q3_K at 3.
+/// those same blocks, exactly (for rows that do not fill K-quant super-blocks; llama.cpp's own
+/// quantizer falls back to Q8_0 from Q6_K too, but to IQ4_NL from Q3_K, whose non-uniform grid
+/// does not hold tern's codes exactly). With K-quant scales ([`KScales`]): Q6_K at 6 bits, Q3_K
+/// at 3.
 pub fn ggml_type(bits: u32, group: usize, kquant: bool) -> Result<GgmlType> {
     if kquant {
         return match bits {
