@@ -202,10 +202,12 @@ impl PackedTernary {
             let mut i = 0;
             while i < out.len() {
                 let r = r0 + i;
-                // A last tile of fewer than four rows repeats its last row; only `n` are kept.
-                let n = 4.min(out.len() - i);
-                let codes = [0, 1, 2, 3].map(|j| self.codes(r + j.min(n - 1), g));
-                let sums = &simd::ternary_dot_f32_x4(codes, x, isa)[..n];
+                let sums = if i + 4 <= out.len() {
+                    let codes = [0, 1, 2, 3].map(|j| self.codes(r + j, g));
+                    simd::ternary_dot_f32_x4(codes, x, isa).to_vec()
+                } else {
+                    vec![simd::ternary_dot_f32(self.codes(r, g), x, isa)]
+                };
                 for (j, sum) in sums.iter().enumerate() {
                     out[i + j] += sum * self.scale(r + j, g);
                 }
