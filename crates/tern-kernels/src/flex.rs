@@ -35,6 +35,17 @@ fn dims(t: &FlexTensor) -> Vec<usize> {
     t.shape().to_vec()
 }
 
+/// The sizes of a selective scan from `u: [b, l, d]` and `a: [d, n]`.
+fn scan_shape(u: &FlexTensor, a: &FlexTensor) -> crate::scan::ScanShape {
+    let (ud, ad) = (dims(u), dims(a));
+    crate::scan::ScanShape {
+        b: ud[0],
+        l: ud[1],
+        d: ud[2],
+        n: ad[1],
+    }
+}
+
 /// Every f32 input contiguous, or `None` if one is not f32.
 fn all_f32<const N: usize>(ts: [&FlexTensor; N]) -> Option<[FlexTensor; N]> {
     let mut out = Vec::with_capacity(N);
@@ -145,6 +156,54 @@ impl Kernels for Flex {
             dx.map(|v| new(v, [n, d_in])),
             dw.map(|v| new(v, [d_out, d_in])),
         ]
+    }
+
+    fn selective_scan_fwd(
+        ins: [FloatTensor<Self>; 6],
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        let [u, delta, a, bm, cm, dskip] = all_f32(ins.each_ref())?;
+        let s = scan_shape(&u, &a);
+        let (y, states) = crate::scan::forward(
+            data(&u),
+            data(&delta),
+            data(&a),
+            data(&bm),
+            data(&cm),
+            data(&dskip),
+            s,
+        );
+        Some((new(y, [s.b, s.l, s.d]), new(states, [s.b, s.l, s.d, s.n])))
+    }
+
+    fn selective_scan_bwd(
+        ins: [FloatTensor<Self>; 6],
+        states: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 6] {
+        let [u, delta, a, bm, cm, dskip] = all_f32(ins.each_ref()).expect("f32 as in forward");
+        let [states, dy] = all_f32([&states, &dy]).expect("f32 as in forward");
+        let s = scan_shape(&u, &a);
+        let g = crate::scan::backward(
+            data(&u),
+            data(&delta),
+            data(&a),
+            data(&bm),
+            data(&cm),
+            data(&dskip),
+            data(&states),
+            data(&dy),
+            s,
+        );
+        let shapes = [
+            vec![s.b, s.l, s.d],
+            vec![s.b, s.l, s.d],
+            vec![s.d, s.n],
+            vec![s.b, s.l, s.n],
+            vec![s.b, s.l, s.n],
+            vec![s.d],
+        ];
+        let mut it = g.into_iter().zip(shapes).map(|(v, sh)| new(v, sh));
+        std::array::from_fn(|_| it.next().expect("six gradients"))
     }
 
     fn rms_norm_fwd(

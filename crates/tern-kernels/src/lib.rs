@@ -18,6 +18,7 @@ mod flex;
 pub mod guard;
 pub mod precision;
 pub mod reference;
+pub mod scan;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -164,6 +165,45 @@ pub trait Kernels: Backend {
     /// one a parameter). Fused on the CPU backend: one read, f32 lanes over blocks summed in f64.
     fn squared_norms(ts: &[Tensor<Self, 1>]) -> Vec<f64> {
         reference::squared_norms(ts)
+    }
+
+    /// Mamba's selective scan ([`scan`]): `u, delta: [b, l, d]`, `a: [d, n]`, `bm, cm: [b, l,
+    /// n]`, `dskip: [d]` -> `y: [b, l, d]`.
+    fn selective_scan(
+        u: Tensor<Self, 3>,
+        delta: Tensor<Self, 3>,
+        a: Tensor<Self, 2>,
+        bm: Tensor<Self, 3>,
+        cm: Tensor<Self, 3>,
+        dskip: Tensor<Self, 1>,
+    ) -> Tensor<Self, 3> {
+        let ins = [
+            prim(&u),
+            prim(&delta),
+            prim(&a),
+            prim(&bm),
+            prim(&cm),
+            prim(&dskip),
+        ];
+        match Self::selective_scan_fwd(ins) {
+            Some((y, _)) => tensor(y),
+            None => reference::selective_scan(u, delta, a, bm, cm, dskip),
+        }
+    }
+    /// Fused selective scan of `[u, delta, a, bm, cm, dskip]`: the output and every state
+    /// (`[b, l, d, n]`).
+    fn selective_scan_fwd(
+        _ins: [FloatTensor<Self>; 6],
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+    /// The gradients of `[u, delta, a, bm, cm, dskip]`.
+    fn selective_scan_bwd(
+        _ins: [FloatTensor<Self>; 6],
+        _states: FloatTensor<Self>,
+        _dy: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 6] {
+        unreachable!("selective_scan_bwd without selective_scan_fwd")
     }
 
     /// Fused RMSNorm: the output and `1 / rms` per row.
@@ -313,6 +353,25 @@ impl<B: Kernels> Backward<B, 2> for LinearBack {
 }
 
 #[derive(Debug)]
+struct ScanBack;
+impl<B: Kernels> Backward<B, 6> for ScanBack {
+    /// The six inputs, then the states.
+    type State = Vec<Inner<B>>;
+    fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<B>(&ops.node);
+        let mut st = ops.state.clone();
+        let states = st.pop().expect("states");
+        let ins: [Inner<B>; 6] = st.try_into().expect("six inputs");
+        for (i, g) in B::selective_scan_bwd(ins, states, dy)
+            .into_iter()
+            .enumerate()
+        {
+            give::<B, 6>(&ops, grads, i, g);
+        }
+    }
+}
+
+#[derive(Debug)]
 struct RmsNormBack;
 impl<B: Kernels> Backward<B, 2> for RmsNormBack {
     type State = (Inner<B>, Inner<B>, Inner<B>);
@@ -428,6 +487,27 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
             .compute_bound()
             .stateful();
         finish(kind, (xa.primitive, wa.primitive), y)
+    }
+
+    fn selective_scan(
+        u: Tensor<Self, 3>,
+        delta: Tensor<Self, 3>,
+        a: Tensor<Self, 2>,
+        bm: Tensor<Self, 3>,
+        cm: Tensor<Self, 3>,
+        dskip: Tensor<Self, 1>,
+    ) -> Tensor<Self, 3> {
+        let ins = [ad(&u), ad(&delta), ad(&a), ad(&bm), ad(&cm), ad(&dskip)];
+        let Some((y, states)) = B::selective_scan_fwd(ins.clone().map(|t| t.primitive)) else {
+            return reference::selective_scan(u, delta, a, bm, cm, dskip);
+        };
+        let kind = ScanBack
+            .prepare::<C>(ins.clone().map(|t| t.node))
+            .compute_bound()
+            .stateful();
+        let mut state: Vec<Inner<B>> = ins.into_iter().map(|t| t.primitive).collect();
+        state.push(states);
+        finish(kind, state, y)
     }
 
     fn rms_norm(x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {

@@ -202,3 +202,29 @@ pub fn squared_norms<B: Backend>(ts: &[Tensor<B, 1>]) -> Vec<f64> {
     let sums = ts.iter().map(|t| t.clone().powi_scalar(2).sum()).collect();
     Tensor::cat(sums, 0).into_data().iter::<f64>().collect()
 }
+
+/// Mamba's selective scan ([`crate::scan`]) as burn ops, one step at a time: `u, delta: [b, l,
+/// d]`, `a: [d, n]`, `bm, cm: [b, l, n]`, `dskip: [d]` -> `[b, l, d]`.
+pub fn selective_scan<B: Backend>(
+    u: Tensor<B, 3>,
+    delta: Tensor<B, 3>,
+    a: Tensor<B, 2>,
+    bm: Tensor<B, 3>,
+    cm: Tensor<B, 3>,
+    dskip: Tensor<B, 1>,
+) -> Tensor<B, 3> {
+    let [b, l, d] = u.dims();
+    let n = a.dims()[1];
+    let a = a.unsqueeze::<3>(); // [1, d, n]
+    let mut h = Tensor::<B, 3>::zeros([b, d, n], &u.device());
+    let mut ys = Vec::with_capacity(l);
+    for t in 0..l {
+        let col = |x: &Tensor<B, 3>| x.clone().slice([0..b, t..t + 1, 0..d]).reshape([b, d, 1]);
+        let (ut, dt) = (col(&u), col(&delta));
+        let bt = bm.clone().slice([0..b, t..t + 1, 0..n]); // [b, 1, n]
+        let ct = cm.clone().slice([0..b, t..t + 1, 0..n]);
+        h = (dt.clone() * a.clone()).exp() * h + dt * ut * bt;
+        ys.push((h.clone() * ct).sum_dim(2).reshape([b, 1, d]));
+    }
+    Tensor::cat(ys, 1) + u * dskip.reshape([1, 1, d])
+}
