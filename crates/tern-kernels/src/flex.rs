@@ -46,6 +46,17 @@ fn scan_shape(u: &FlexTensor, a: &FlexTensor) -> crate::scan::ScanShape {
     }
 }
 
+fn scan_inputs(t: &[FlexTensor; 6]) -> crate::scan::ScanInputs<'_> {
+    crate::scan::ScanInputs {
+        u: data(&t[0]),
+        delta: data(&t[1]),
+        a: data(&t[2]),
+        bm: data(&t[3]),
+        cm: data(&t[4]),
+        dskip: data(&t[5]),
+    }
+}
+
 /// Every f32 input contiguous, or `None` if one is not f32.
 fn all_f32<const N: usize>(ts: [&FlexTensor; N]) -> Option<[FlexTensor; N]> {
     let mut out = Vec::with_capacity(N);
@@ -161,17 +172,9 @@ impl Kernels for Flex {
     fn selective_scan_fwd(
         ins: [FloatTensor<Self>; 6],
     ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
-        let [u, delta, a, bm, cm, dskip] = all_f32(ins.each_ref())?;
-        let s = scan_shape(&u, &a);
-        let (y, states) = crate::scan::forward(
-            data(&u),
-            data(&delta),
-            data(&a),
-            data(&bm),
-            data(&cm),
-            data(&dskip),
-            s,
-        );
+        let t = all_f32(ins.each_ref())?;
+        let s = scan_shape(&t[0], &t[2]);
+        let (y, states) = crate::scan::forward(&scan_inputs(&t), s);
         Some((new(y, [s.b, s.l, s.d]), new(states, [s.b, s.l, s.d, s.n])))
     }
 
@@ -180,20 +183,10 @@ impl Kernels for Flex {
         states: FloatTensor<Self>,
         dy: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 6] {
-        let [u, delta, a, bm, cm, dskip] = all_f32(ins.each_ref()).expect("f32 as in forward");
+        let t = all_f32(ins.each_ref()).expect("f32 as in forward");
         let [states, dy] = all_f32([&states, &dy]).expect("f32 as in forward");
-        let s = scan_shape(&u, &a);
-        let g = crate::scan::backward(
-            data(&u),
-            data(&delta),
-            data(&a),
-            data(&bm),
-            data(&cm),
-            data(&dskip),
-            data(&states),
-            data(&dy),
-            s,
-        );
+        let s = scan_shape(&t[0], &t[2]);
+        let g = crate::scan::backward(&scan_inputs(&t), data(&states), data(&dy), s);
         let shapes = [
             vec![s.b, s.l, s.d],
             vec![s.b, s.l, s.d],

@@ -18,16 +18,20 @@ pub struct ScanShape {
     pub n: usize,
 }
 
+/// A scan's inputs: `u, delta: [b, l, d]`, `a: [d, n]`, `bm, cm: [b, l, n]`, `dskip: [d]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ScanInputs<'a> {
+    pub u: &'a [f32],
+    pub delta: &'a [f32],
+    pub a: &'a [f32],
+    pub bm: &'a [f32],
+    pub cm: &'a [f32],
+    pub dskip: &'a [f32],
+}
+
 /// `(y [b, l, d], states [b, l, d, n])`.
-pub fn forward(
-    u: &[f32],
-    delta: &[f32],
-    a: &[f32],
-    bm: &[f32],
-    cm: &[f32],
-    dskip: &[f32],
-    s: ScanShape,
-) -> (Vec<f32>, Vec<f32>) {
+pub fn forward(x: &ScanInputs, s: ScanShape) -> (Vec<f32>, Vec<f32>) {
+    let (u, delta, a, bm, cm, dskip) = (x.u, x.delta, x.a, x.bm, x.cm, x.dskip);
     let ScanShape { b, l, d, n } = s;
     let mut y = vec![0f32; b * l * d];
     let mut states = vec![0f32; b * l * d * n];
@@ -55,18 +59,8 @@ pub fn forward(
 }
 
 /// Gradients `[du, ddelta, dA, dB, dC, dD]` for the upstream gradient `dy: [b, l, d]`.
-#[allow(clippy::too_many_arguments)]
-pub fn backward(
-    u: &[f32],
-    delta: &[f32],
-    a: &[f32],
-    bm: &[f32],
-    cm: &[f32],
-    dskip: &[f32],
-    states: &[f32],
-    dy: &[f32],
-    s: ScanShape,
-) -> [Vec<f32>; 6] {
+pub fn backward(x: &ScanInputs, states: &[f32], dy: &[f32], s: ScanShape) -> [Vec<f32>; 6] {
+    let (u, delta, a, bm, cm, dskip) = (x.u, x.delta, x.a, x.bm, x.cm, x.dskip);
     let ScanShape { b, l, d, n } = s;
     // Per batch row: its du, ddelta, dB, dC, and its share of dA and dD (summed after).
     let parts: Vec<[Vec<f32>; 6]> = (0..b)
@@ -145,7 +139,15 @@ mod tests {
             n: 1,
         };
         let one = [1f32, 1.0];
-        let (y, st) = forward(&one, &one, &[-1.0], &one, &one, &[0.5], s);
+        let x = ScanInputs {
+            u: &one,
+            delta: &one,
+            a: &[-1.0],
+            bm: &one,
+            cm: &one,
+            dskip: &[0.5],
+        };
+        let (y, st) = forward(&x, s);
         let e = (-1f32).exp();
         assert_eq!(st, vec![1.0, e + 1.0]);
         assert!(
@@ -185,16 +187,22 @@ mod tests {
             r(s.d, -1.0, 1.0),        // D
         ];
         let up = r(bld, -1.0, 1.0);
+        fn view(x: &[Vec<f32>; 6]) -> ScanInputs<'_> {
+            ScanInputs {
+                u: &x[0],
+                delta: &x[1],
+                a: &x[2],
+                bm: &x[3],
+                cm: &x[4],
+                dskip: &x[5],
+            }
+        }
         let loss = |x: &[Vec<f32>; 6]| -> f64 {
-            let (y, _) = forward(&x[0], &x[1], &x[2], &x[3], &x[4], &x[5], s);
+            let (y, _) = forward(&view(x), s);
             y.iter().zip(&up).map(|(a, b)| *a as f64 * *b as f64).sum()
         };
-        let (_, st) = forward(
-            &inputs[0], &inputs[1], &inputs[2], &inputs[3], &inputs[4], &inputs[5], s,
-        );
-        let g = backward(
-            &inputs[0], &inputs[1], &inputs[2], &inputs[3], &inputs[4], &inputs[5], &st, &up, s,
-        );
+        let (_, st) = forward(&view(&inputs), s);
+        let g = backward(&view(&inputs), &st, &up, s);
         let names = ["u", "delta", "A", "B", "C", "D"];
         for p in 0..6 {
             for j in 0..inputs[p].len() {
