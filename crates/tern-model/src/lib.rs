@@ -7,6 +7,7 @@ pub mod config;
 pub mod encoder;
 pub mod hooks;
 pub mod linear;
+pub mod mamba;
 pub mod mlp;
 pub mod model;
 pub mod norm;
