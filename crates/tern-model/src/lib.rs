@@ -10,6 +10,7 @@ pub mod linear;
 pub mod mamba;
 pub mod mlp;
 pub mod model;
+pub mod moe;
 pub mod norm;
 pub mod rope;
 pub mod seed;

@@ -1,0 +1,208 @@
+//! A mixture-of-experts feed-forward layer (Switch / Mixtral style), dropless: a float router
+//! scores every token against `experts` gated MLPs (each an [`Mlp`] of the model's linear kind),
+//! each token goes to its `top_k` experts with the softmax weights of those renormalized to sum
+//! to one, and every routed token is computed (no capacity, nothing dropped). Tokens never share
+//! a computation, so a token's output depends on that token alone.
+//!
+//! The load-balancing loss (Switch Transformer): `E * sum_e f_e P_e`, where `f_e` is the share of
+//! the `T * top_k` routing slots that went to expert `e` (a count: no gradient) and `P_e` the mean
+//! router probability of `e` over the tokens. It is 1 when routing is uniform.
+
+use std::marker::PhantomData;
+
+use burn::module::{Initializer, Module, Param};
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use tern_kernels::Kernels;
+
+use crate::config::ModelConfig;
+use crate::hooks::{Hooks, NoHooks};
+use crate::mlp::Mlp;
+
+/// The layer's sizes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeConfig {
+    pub experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Each expert's inner size; the model's `intermediate` when absent.
+    #[serde(default)]
+    pub intermediate: Option<usize>,
+}
+
+#[derive(Module, Debug)]
+pub struct Moe<B: Backend, H = NoHooks> {
+    /// `[experts, hidden]`, float.
+    pub router: Param<Tensor<B, 2>>,
+    pub experts: Vec<Mlp<B, H>>,
+    #[module(skip)]
+    pub top_k: usize,
+    /// Tells burn's derive that `H` is not a module (only the experts' projections carry hooks).
+    #[module(skip)]
+    pub hooks: PhantomData<H>,
+}
+
+impl<B: Backend> Moe<B> {
+    pub fn new(c: &ModelConfig, m: &MoeConfig, device: &B::Device) -> Self {
+        let expert = ModelConfig {
+            intermediate: m.intermediate.unwrap_or(c.intermediate),
+            ..c.clone()
+        };
+        Self {
+            router: Initializer::Normal {
+                mean: 0.0,
+                std: c.init_std,
+            }
+            .init([m.experts, c.hidden], device),
+            experts: (0..m.experts).map(|_| Mlp::new(&expert, device)).collect(),
+            top_k: m.top_k,
+            hooks: PhantomData,
+        }
+    }
+}
+
+impl<B: Kernels, H: Hooks<B>> Moe<B, H> {
+    /// `x: [batch, seq, hidden]` -> the output and the load-balancing loss (`[1]`).
+    pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 1>) {
+        let [b, l, h] = x.dims();
+        let (t, e, k) = (b * l, self.experts.len(), self.top_k);
+        let device = x.device();
+        let x = x.reshape([t, h]);
+        let probs = softmax(x.clone().matmul(self.router.val().transpose()), 1);
+        let (w, idx) = probs.clone().topk_with_indices(k, 1);
+        let w = w.clone() / w.sum_dim(1);
+        let idx: Vec<i64> = idx.into_data().convert::<i64>().to_vec().expect("indices");
+        // Per expert: its tokens and their slots in `w` (token * k + rank).
+        let mut tokens = vec![Vec::new(); e];
+        let mut slots = vec![Vec::new(); e];
+        for (s, &ex) in idx.iter().enumerate() {
+            tokens[ex as usize].push((s / k) as i64);
+            slots[ex as usize].push(s as i64);
+        }
+        let w = w.reshape([t * k]);
+        let ints = |v: &[i64]| {
+            Tensor::<B, 1, Int>::from_data(TensorData::new(v.to_vec(), [v.len()]), &device)
+        };
+        let mut out = Tensor::<B, 2>::zeros([t, h], &device);
+        for (ex, expert) in self.experts.iter().enumerate() {
+            let n = tokens[ex].len();
+            if n == 0 {
+                continue;
+            }
+            let ids = ints(&tokens[ex]);
+            let y = expert
+                .forward(x.clone().select(0, ids.clone()).reshape([1, n, h]))
+                .reshape([n, h]);
+            let gate = w.clone().select(0, ints(&slots[ex])).reshape([n, 1]);
+            out = out.select_assign(0, ids, y * gate, IndexingUpdateOp::Add);
+        }
+        let share: Vec<f32> = tokens
+            .iter()
+            .map(|v| v.len() as f32 / (t * k) as f32)
+            .collect();
+        let share = Tensor::<B, 1>::from_data(TensorData::new(share, [e]), &device);
+        let aux = (probs.mean_dim(0).reshape([e]) * share).sum() * e as f64;
+        (out.reshape([b, l, h]), aux)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linear::LinearKind;
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::Distribution;
+
+    type AB = Autodiff<Flex>;
+
+    fn layer(linear: LinearKind) -> (Moe<AB>, Tensor<AB, 3>) {
+        let dev = Default::default();
+        let mut c = ModelConfig::tiny(64, linear);
+        c.hidden = 16;
+        c.intermediate = 24;
+        c.init_std = 0.5;
+        let m = MoeConfig {
+            experts: 4,
+            top_k: 2,
+            intermediate: Some(12),
+        };
+        let x = Tensor::<AB, 3>::random([2, 6, 16], Distribution::Normal(0.0, 1.0), &dev);
+        (Moe::new(&c, &m, &dev), x)
+    }
+
+    /// Each token's output is the renormalized top-2 mix of its experts, each run on every token
+    /// here and picked out per token (an independent, dense computation of the same layer).
+    #[test]
+    fn dropless_routing_is_the_dense_top_k_mix() {
+        for linear in [LinearKind::Float, LinearKind::Ternary] {
+            let (moe, x) = layer(linear);
+            let (y, _) = moe.forward(x.clone());
+            let y: Vec<f32> = y.into_data().to_vec().unwrap();
+            let xs = x.clone().reshape([12, 16]);
+            let p: Vec<f32> = softmax(xs.clone().matmul(moe.router.val().transpose()), 1)
+                .into_data()
+                .to_vec()
+                .unwrap();
+            let dense: Vec<Vec<f32>> = moe
+                .experts
+                .iter()
+                .map(|ex| ex.forward(x.clone()).into_data().to_vec().unwrap())
+                .collect();
+            for tok in 0..12 {
+                let pt = &p[tok * 4..][..4];
+                let mut order: Vec<usize> = (0..4).collect();
+                order.sort_by(|&a, &b| pt[b].total_cmp(&pt[a]));
+                let norm = pt[order[0]] + pt[order[1]];
+                for j in 0..16 {
+                    let want: f32 = order[..2]
+                        .iter()
+                        .map(|&ex| pt[ex] / norm * dense[ex][tok * 16 + j])
+                        .sum();
+                    let got = y[tok * 16 + j];
+                    assert!(
+                        (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                        "{linear:?} token {tok}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Changing one token moves that token's output and no other.
+    #[test]
+    fn a_token_affects_only_itself() {
+        let (moe, x) = layer(LinearKind::Ternary);
+        let y0: Vec<f32> = moe.forward(x.clone()).0.into_data().to_vec().unwrap();
+        let dev = Default::default();
+        let bump = Tensor::<AB, 3>::random([1, 1, 16], Distribution::Normal(0.0, 1.0), &dev);
+        let x2 = x.slice_assign([1..2, 3..4, 0..16], bump);
+        let y: Vec<f32> = moe.forward(x2).0.into_data().to_vec().unwrap();
+        for tok in 0..12 {
+            let moved = (0..16).any(|j| y[tok * 16 + j] != y0[tok * 16 + j]);
+            assert_eq!(moved, tok == 6 + 3, "token {tok}");
+        }
+    }
+
+    /// A zero router gives uniform probabilities: the balancing loss is exactly 1 whatever the
+    /// (tied) routing; it reaches the router's gradient for a learned router.
+    #[test]
+    fn balancing_loss_is_one_when_uniform_and_trains_the_router() {
+        let (mut moe, x) = layer(LinearKind::Float);
+        let router = moe.router.val();
+        moe.router = Param::from_tensor(router.clone().zeros_like().require_grad());
+        let (_, aux) = moe.forward(x.clone());
+        assert!((aux.into_scalar() - 1.0).abs() < 1e-6);
+        moe.router = Param::from_tensor(router.require_grad());
+        let (y, aux) = moe.forward(x);
+        assert!(
+            aux.clone().into_scalar() >= 1.0 - 1e-6,
+            "Switch's loss is at least 1 for top-1 shares"
+        );
+        let g = (y.powf_scalar(2.0).sum() + aux).backward();
+        let gr = moe.router.val().grad(&g).unwrap().abs().sum().into_scalar();
+        assert!(gr > 0.0);
+    }
+}
