@@ -9,6 +9,7 @@ pub mod hooks;
 pub mod linear;
 pub mod mamba;
 pub mod mlp;
+pub mod moa;
 pub mod model;
 pub mod moe;
 pub mod norm;

@@ -64,25 +64,53 @@ impl<B: Backend> Moe<B> {
     }
 }
 
+/// A top-k routing of `T` tokens over `E` experts.
+pub struct Routing<B: Backend> {
+    /// `[T * k]`: each token's weights for its experts, renormalized to sum to one.
+    pub weights: Tensor<B, 1>,
+    /// `[T * k]` on the host: each token's experts, best first.
+    pub experts: Vec<i64>,
+    /// Switch's load-balancing loss, `[1]`.
+    pub aux: Tensor<B, 1>,
+}
+
+/// Scores `x: [T, hidden]` against `router: [E, hidden]` and keeps each token's `k` best experts.
+pub fn route<B: Backend>(x: Tensor<B, 2>, router: Tensor<B, 2>, k: usize) -> Routing<B> {
+    let [t, _] = x.dims();
+    let e = router.dims()[0];
+    let device = x.device();
+    let probs = softmax(x.matmul(router.transpose()), 1);
+    let (w, idx) = probs.clone().topk_with_indices(k, 1);
+    let weights = (w.clone() / w.sum_dim(1)).reshape([t * k]);
+    let experts: Vec<i64> = idx.into_data().convert::<i64>().to_vec().expect("indices");
+    let mut share = vec![0f32; e];
+    for &ex in &experts {
+        share[ex as usize] += 1.0 / (t * k) as f32;
+    }
+    let share = Tensor::<B, 1>::from_data(TensorData::new(share, [e]), &device);
+    let aux = (probs.mean_dim(0).reshape([e]) * share).sum() * e as f64;
+    Routing {
+        weights,
+        experts,
+        aux,
+    }
+}
+
 impl<B: Kernels, H: Hooks<B>> Moe<B, H> {
     /// `x: [batch, seq, hidden]` -> the output and the load-balancing loss (`[1]`).
     pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 1>) {
         let [b, l, h] = x.dims();
-        let (t, e, k) = (b * l, self.experts.len(), self.top_k);
+        let (t, k) = (b * l, self.top_k);
         let device = x.device();
         let x = x.reshape([t, h]);
-        let probs = softmax(x.clone().matmul(self.router.val().transpose()), 1);
-        let (w, idx) = probs.clone().topk_with_indices(k, 1);
-        let w = w.clone() / w.sum_dim(1);
-        let idx: Vec<i64> = idx.into_data().convert::<i64>().to_vec().expect("indices");
-        // Per expert: its tokens and their slots in `w` (token * k + rank).
-        let mut tokens = vec![Vec::new(); e];
-        let mut slots = vec![Vec::new(); e];
-        for (s, &ex) in idx.iter().enumerate() {
+        let r = route(x.clone(), self.router.val(), k);
+        // Per expert: its tokens and their slots in the weights (token * k + rank).
+        let mut tokens = vec![Vec::new(); self.experts.len()];
+        let mut slots = vec![Vec::new(); self.experts.len()];
+        for (s, &ex) in r.experts.iter().enumerate() {
             tokens[ex as usize].push((s / k) as i64);
             slots[ex as usize].push(s as i64);
         }
-        let w = w.reshape([t * k]);
         let ints = |v: &[i64]| {
             Tensor::<B, 1, Int>::from_data(TensorData::new(v.to_vec(), [v.len()]), &device)
         };
@@ -96,16 +124,14 @@ impl<B: Kernels, H: Hooks<B>> Moe<B, H> {
             let y = expert
                 .forward(x.clone().select(0, ids.clone()).reshape([1, n, h]))
                 .reshape([n, h]);
-            let gate = w.clone().select(0, ints(&slots[ex])).reshape([n, 1]);
+            let gate = r
+                .weights
+                .clone()
+                .select(0, ints(&slots[ex]))
+                .reshape([n, 1]);
             out = out.select_assign(0, ids, y * gate, IndexingUpdateOp::Add);
         }
-        let share: Vec<f32> = tokens
-            .iter()
-            .map(|v| v.len() as f32 / (t * k) as f32)
-            .collect();
-        let share = Tensor::<B, 1>::from_data(TensorData::new(share, [e]), &device);
-        let aux = (probs.mean_dim(0).reshape([e]) * share).sum() * e as f64;
-        (out.reshape([b, l, h]), aux)
+        (out.reshape([b, l, h]), r.aux)
     }
 }
 
