@@ -165,10 +165,10 @@ impl<B: Kernels, H: Hooks<B>> Mamba<B, H> {
         let x = silu(causal_conv(x, self.conv_weight.val(), self.conv_bias.val()));
         let dbc = self.x_proj.forward(x.clone());
         let part = |from: usize, to: usize| dbc.clone().slice([0..b, 0..l, from..to]);
-        let delta = part(0, r)
-            .reshape([b * l, r])
-            .matmul(self.dt_proj_weight.val().transpose())
-            + self.dt_proj_bias.val().reshape([1, d_inner]);
+        // B::linear: products padded where a backend needs it (burn-cuda's k % 64 == 32).
+        let delta =
+            <B as Kernels>::linear(part(0, r).reshape([b * l, r]), self.dt_proj_weight.val())
+                + self.dt_proj_bias.val().reshape([1, d_inner]);
         let delta = softplus(delta, 1.0).reshape([b, l, d_inner]);
         let a = self.a_log.val().exp().neg();
         let y = B::selective_scan(

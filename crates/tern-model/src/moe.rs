@@ -75,11 +75,11 @@ pub struct Routing<B: Backend> {
 }
 
 /// Scores `x: [T, hidden]` against `router: [E, hidden]` and keeps each token's `k` best experts.
-pub fn route<B: Backend>(x: Tensor<B, 2>, router: Tensor<B, 2>, k: usize) -> Routing<B> {
+pub fn route<B: Kernels>(x: Tensor<B, 2>, router: Tensor<B, 2>, k: usize) -> Routing<B> {
     let [t, _] = x.dims();
     let e = router.dims()[0];
     let device = x.device();
-    let probs = softmax(x.matmul(router.transpose()), 1);
+    let probs = softmax(<B as Kernels>::linear(x, router), 1);
     let (w, idx) = probs.clone().topk_with_indices(k, 1);
     let weights = (w.clone() / w.sum_dim(1)).reshape([t * k]);
     let experts: Vec<i64> = idx.into_data().convert::<i64>().to_vec().expect("indices");
