@@ -16,6 +16,7 @@ fn time(what: &str, reps: usize, mut f: impl FnMut()) {
 
 fn main() {
     linear_times();
+    scan_times();
     let s = AttnShape {
         batch: 8,
         seq: 128,
@@ -115,4 +116,69 @@ fn linear_times() {
             gf(c)
         );
     }
+}
+
+/// Mamba's selective scan on a Jamba-tiny shape (batch 8, 128 tokens, 256 channels, state 16):
+/// the fused forward and backward, and the reference composition of burn ops differentiated by
+/// autodiff (forward + backward), on the same inputs.
+fn scan_times() {
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{Tensor, TensorData};
+    use tern_kernels::scan::{self, ScanInputs, ScanShape};
+
+    let s = ScanShape {
+        b: 8,
+        l: 128,
+        d: 256,
+        n: 16,
+    };
+    let v = |n: usize, lo: f32, hi: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| lo + (hi - lo) * ((i * 7919) % 1000) as f32 / 1000.0)
+            .collect()
+    };
+    let (bld, bln) = (s.b * s.l * s.d, s.b * s.l * s.n);
+    let data = [
+        v(bld, -1.0, 1.0),
+        v(bld, 0.01, 0.1),
+        v(s.d * s.n, -2.0, -0.5),
+        v(bln, -1.0, 1.0),
+        v(bln, -1.0, 1.0),
+        v(s.d, 0.5, 1.5),
+    ];
+    let x = ScanInputs {
+        u: &data[0],
+        delta: &data[1],
+        a: &data[2],
+        bm: &data[3],
+        cm: &data[4],
+        dskip: &data[5],
+    };
+    let (y, states) = scan::forward(&x, s);
+    time("selective scan fwd", 10, || {
+        scan::forward(&x, s);
+    });
+    time("selective scan bwd", 10, || {
+        scan::backward(&x, &states, &y, s);
+    });
+    type AB = Autodiff<Flex>;
+    let dev = Default::default();
+    let t3 = |d: &Vec<f32>, n: usize| {
+        Tensor::<AB, 3>::from_data(TensorData::new(d.clone(), [s.b, s.l, n]), &dev).require_grad()
+    };
+    time("scan reference fwd+bwd", 2, || {
+        let a = Tensor::<AB, 2>::from_data(TensorData::new(data[2].clone(), [s.d, s.n]), &dev)
+            .require_grad();
+        let d = Tensor::<AB, 1>::from_data(TensorData::new(data[5].clone(), [s.d]), &dev)
+            .require_grad();
+        let y = tern_kernels::reference::selective_scan(
+            t3(&data[0], s.d),
+            t3(&data[1], s.d),
+            a,
+            t3(&data[3], s.n),
+            t3(&data[4], s.n),
+            d,
+        );
+        let _ = y.sum().backward();
+    });
 }
