@@ -41,13 +41,18 @@ pub fn forward(x: &ScanInputs, s: ScanShape) -> (Vec<f32>, Vec<f32>) {
         .enumerate()
         .for_each(|(bi, (y, st))| {
             for i in 0..d {
-                let mut h = vec![0f32; n];
+                let (mut h, mut decay) = (vec![0f32; n], vec![0f32; n]);
+                let ai = &a[i * n..][..n];
                 for t in 0..l {
                     let (x, dt) = (u[(bi * l + t) * d + i], delta[(bi * l + t) * d + i]);
                     let (bt, ct) = (&bm[(bi * l + t) * n..][..n], &cm[(bi * l + t) * n..][..n]);
+                    // The state's decays first, in a loop of the exp that vectorizes.
+                    for (e, &ak) in decay.iter_mut().zip(ai) {
+                        *e = crate::cpu::exp(dt * ak);
+                    }
                     let mut acc = 0f32;
                     for k in 0..n {
-                        h[k] = (dt * a[i * n + k]).exp() * h[k] + dt * bt[k] * x;
+                        h[k] = decay[k] * h[k] + dt * bt[k] * x;
                         acc += ct[k] * h[k];
                     }
                     st[(t * d + i) * n..][..n].copy_from_slice(&h);
@@ -71,8 +76,10 @@ pub fn backward(x: &ScanInputs, states: &[f32], dy: &[f32], s: ScanShape) -> [Ve
                 (vec![0f32; d * n], vec![0f32; l * n], vec![0f32; l * n]);
             let mut dd = vec![0f32; d];
             let st = &states[bi * l * d * n..][..l * d * n];
+            let mut decays = vec![0f32; n];
             for i in 0..d {
                 let mut dh = vec![0f32; n];
+                let ai = &a[i * n..][..n];
                 for t in (0..l).rev() {
                     let at = (bi * l + t) * d + i;
                     let (x, dt, g) = (u[at], delta[at], dy[at]);
@@ -80,13 +87,16 @@ pub fn backward(x: &ScanInputs, states: &[f32], dy: &[f32], s: ScanShape) -> [Ve
                     let h = &st[(t * d + i) * n..][..n];
                     dd[i] += g * x;
                     let (mut gu, mut gdt) = (g * dskip[i], 0f32);
+                    for (e, &ak) in decays.iter_mut().zip(ai) {
+                        *e = crate::cpu::exp(dt * ak);
+                    }
                     for k in 0..n {
                         let h_prev = if t > 0 {
                             st[((t - 1) * d + i) * n + k]
                         } else {
                             0.0
                         };
-                        let decay = (dt * a[i * n + k]).exp();
+                        let decay = decays[k];
                         dh[k] += g * ct[k];
                         dcm[t * n + k] += g * h[k];
                         // h_t = decay * h_{t-1} + dt * B_t * u_t
