@@ -274,20 +274,18 @@ pub fn gguf(
         .any(|(_, t)| matches!(t, PackedTensor::Ternary(_)));
     // MOSTLY_Q4_0 = 2, MOSTLY_Q8_0 = 7, MOSTLY_Q3_K_S = 11, MOSTLY_Q6_K = 18: the type of most
     // weights (rows that do not fill K-quant super-blocks fall back to Q4_0 / Q8_0).
-    let quant = tensors.iter().find_map(|(_, t)| match t {
-        PackedTensor::Quant(m) => Some(m),
+    let quant_bits = tensors.iter().find_map(|(_, t)| match t {
+        PackedTensor::Quant(m) => Some(m.bits),
         _ => None,
     });
     let any_k = tensors
         .iter()
         .any(|(_, t)| matches!(t, PackedTensor::Quant(m) if m.kscales.is_some()));
     let file_type = match (any_ternary, ty, float) {
-        _ if quant.is_some() => match (quant.map(|m| m.bits), any_k) {
-            (Some(6), true) => 18,
-            (Some(3), true) => 11,
-            (Some(8 | 6), _) => 7,
-            _ => 2,
-        },
+        _ if quant_bits == Some(6) && any_k => 18,
+        _ if quant_bits == Some(3) && any_k => 11,
+        _ if matches!(quant_bits, Some(8 | 6)) => 7,
+        _ if quant_bits.is_some() => 2,
         (true, GgmlType::Tq1_0, _) => 36,
         (true, _, _) => 37,
         (false, _, GgmlType::F16) => 1,

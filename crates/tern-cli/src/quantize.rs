@@ -164,6 +164,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     tern_infer::convert::check_plain_llama(&loaded.config).context(src.clone())?;
     if a.format == Format::Gguf {
         // Matrices without K-quant scales go in Q8_0 / Q4_0 blocks of 32 columns.
+        let fallback = tern_pack::quant::ggml_type(a.bits, a.group_size, false);
         for (name, t) in &loaded.packed.tensors {
             let PackedTensor::Float { shape, .. } = t else {
                 continue;
@@ -171,7 +172,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             if !name.ends_with("_proj.weight") || grids.for_cols(shape[1]).kquant {
                 continue;
             }
-            let why = match tern_pack::quant::ggml_type(a.bits, a.group_size, false) {
+            let why = match &fallback {
                 Err(e) => e.to_string(),
                 Ok(_) if !shape[1].is_multiple_of(32) => {
                     "its rows do not fill GGUF's blocks of 32".to_string()

@@ -70,7 +70,7 @@ impl Matrix {
         // Ternary rows multiply inputs laid out as their padded segments.
         let (xp, width) = match self {
             Matrix::Ternary(t) if batch == 1 => (
-                std::borrow::Cow::Owned(t.order_f32(&t.pad(x, 1), isa)),
+                std::borrow::Cow::Owned(t.order_f32(t.pad(x, 1), isa)),
                 t.padded_cols(),
             ),
             Matrix::Ternary(t) => (std::borrow::Cow::Owned(t.pad(x, batch)), t.padded_cols()),
@@ -332,7 +332,7 @@ mod tests {
             // Four rows at a time (decode's f32 path): the same products.
             for &isa in &isas {
                 let mut out = vec![0f32; rows];
-                p.rows_f32(0, &p.order_f32(&xp[..width], isa), &mut out, isa);
+                p.rows_f32(0, &p.order_f32(xp[..width].to_vec(), isa), &mut out, isa);
                 for (row, y) in out.iter().enumerate() {
                     let base = p.row_dot(row, &xp[..width], Isa::Portable);
                     assert!(

@@ -51,21 +51,21 @@ impl Isa {
 /// Inputs per run that the AVX-512 f32 kernel reads in lane order (four blocks: 64 bytes of codes).
 pub const LANE_RUN: usize = 256;
 
-/// One padded segment of f32 inputs (a whole number of 64-weight blocks) in the order the f32
-/// kernels of `isa` read it. AVX-512 loads 64 bytes of codes (four blocks, 256 weights) at once;
+/// One padded segment of f32 inputs (a whole number of 64-weight blocks) put, in place, in the
+/// order the f32 kernels of `isa` read it. AVX-512 loads 64 bytes of codes (four blocks, 256 weights) at once;
 /// each 32-bit lane `i` holds 16 two-bit fields, and field `t` (bits `2t..2t + 2`, reached by the
 /// kernel's shift `t / 2` and table `t % 2`) is weight `64 (i / 4) + 16 (t % 4) + 4 (i % 4) + t / 4`
 /// of the run: each whole run of 256 inputs is stored as `x'[16 t + i]` = that weight's input; a
 /// last partial run stays in order. The other forms read inputs in order.
-pub fn order_f32(x: &[f32], isa: Isa, out: &mut [f32]) {
-    out.copy_from_slice(x);
+pub fn order_f32(x: &mut [f32], isa: Isa) {
     if isa != Isa::Avx512 {
         return;
     }
-    for (src, dst) in x.chunks_exact(LANE_RUN).zip(out.chunks_exact_mut(LANE_RUN)) {
+    for run in x.chunks_exact_mut(LANE_RUN) {
+        let src: [f32; LANE_RUN] = (&*run).try_into().expect("a whole run");
         for t in 0..16 {
             for i in 0..16 {
-                dst[16 * t + i] = src[64 * (i / 4) + 16 * (t % 4) + 4 * (i % 4) + t / 4];
+                run[16 * t + i] = src[64 * (i / 4) + 16 * (t % 4) + 4 * (i % 4) + t / 4];
             }
         }
     }

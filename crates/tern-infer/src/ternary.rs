@@ -170,20 +170,18 @@ impl PackedTernary {
 
     /// A padded f32 row in the order the batch-1 f32 kernels of `isa` read it
     /// ([`simd::order_f32`], segment by segment).
-    pub(crate) fn order_f32(&self, xp: &[f32], isa: Isa) -> Vec<f32> {
-        let mut out = vec![0f32; xp.len()];
-        let pseg = self.padded_seg();
-        for (src, dst) in xp.chunks(pseg).zip(out.chunks_mut(pseg)) {
-            simd::order_f32(src, isa, dst);
+    pub(crate) fn order_f32(&self, mut xp: Vec<f32>, isa: Isa) -> Vec<f32> {
+        for seg in xp.chunks_mut(self.padded_seg()) {
+            simd::order_f32(seg, isa);
         }
-        out
+        xp
     }
 
     /// `sum_c W[r, c] x[c]` for a padded f32 row `xp`.
     #[cfg(test)]
     pub(crate) fn row_dot(&self, r: usize, xp: &[f32], isa: Isa) -> f32 {
         let pseg = self.padded_seg();
-        let xp = self.order_f32(xp, isa);
+        let xp = self.order_f32(xp.to_vec(), isa);
         (0..self.col_groups)
             .map(|g| {
                 let dot = simd::ternary_dot_f32(self.codes(r, g), &xp[g * pseg..][..pseg], isa);

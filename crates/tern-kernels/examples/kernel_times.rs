@@ -146,14 +146,7 @@ fn scan_times() {
         v(bln, -1.0, 1.0),
         v(s.d, 0.5, 1.5),
     ];
-    let x = ScanInputs {
-        u: &data[0],
-        delta: &data[1],
-        a: &data[2],
-        bm: &data[3],
-        cm: &data[4],
-        dskip: &data[5],
-    };
+    let x = ScanInputs::new(data.each_ref().map(|v| v.as_slice()));
     let (y, states) = scan::forward(&x, s);
     time("selective scan fwd", 10, || {
         scan::forward(&x, s);

@@ -47,14 +47,7 @@ fn scan_shape(u: &FlexTensor, a: &FlexTensor) -> crate::scan::ScanShape {
 }
 
 fn scan_inputs(t: &[FlexTensor; 6]) -> crate::scan::ScanInputs<'_> {
-    crate::scan::ScanInputs {
-        u: data(&t[0]),
-        delta: data(&t[1]),
-        a: data(&t[2]),
-        bm: data(&t[3]),
-        cm: data(&t[4]),
-        dskip: data(&t[5]),
-    }
+    crate::scan::ScanInputs::new(t.each_ref().map(data))
 }
 
 /// Every f32 input contiguous, or `None` if one is not f32.

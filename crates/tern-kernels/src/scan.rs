@@ -29,6 +29,21 @@ pub struct ScanInputs<'a> {
     pub dskip: &'a [f32],
 }
 
+impl<'a> ScanInputs<'a> {
+    /// From `[u, delta, a, bm, cm, dskip]`.
+    pub fn new(x: [&'a [f32]; 6]) -> Self {
+        let [u, delta, a, bm, cm, dskip] = x;
+        Self {
+            u,
+            delta,
+            a,
+            bm,
+            cm,
+            dskip,
+        }
+    }
+}
+
 /// `(y [b, l, d], states [b, l, d, n])`.
 pub fn forward(x: &ScanInputs, s: ScanShape) -> (Vec<f32>, Vec<f32>) {
     let (u, delta, a, bm, cm, dskip) = (x.u, x.delta, x.a, x.bm, x.cm, x.dskip);
@@ -101,7 +116,7 @@ pub fn backward(x: &ScanInputs, states: &[f32], dy: &[f32], s: ScanShape) -> [Ve
                         dcm[t * n + k] += g * h[k];
                         // h_t = decay * h_{t-1} + dt * B_t * u_t
                         let g_decay = dh[k] * h_prev * decay;
-                        gdt += g_decay * a[i * n + k] + dh[k] * bt[k] * x;
+                        gdt += g_decay * ai[k] + dh[k] * bt[k] * x;
                         da[i * n + k] += g_decay * dt;
                         dbm[t * n + k] += dh[k] * dt * x;
                         gu += dh[k] * dt * bt[k];
@@ -198,14 +213,7 @@ mod tests {
         ];
         let up = r(bld, -1.0, 1.0);
         fn view(x: &[Vec<f32>; 6]) -> ScanInputs<'_> {
-            ScanInputs {
-                u: &x[0],
-                delta: &x[1],
-                a: &x[2],
-                bm: &x[3],
-                cm: &x[4],
-                dskip: &x[5],
-            }
+            ScanInputs::new(x.each_ref().map(|v| v.as_slice()))
         }
         let loss = |x: &[Vec<f32>; 6]| -> f64 {
             let (y, _) = forward(&view(x), s);

@@ -232,13 +232,7 @@ impl QuantMatrix {
         if self.bits == 8 && self.codes.contains(&-128) {
             bail!("{name}: code -128 does not fit Q8_0");
         }
-        let bytes = match ty {
-            GgmlType::Q8_0 => 34,
-            GgmlType::Q4_0 => 18,
-            GgmlType::Q6K => 210,
-            _ => 110,
-        };
-        let mut out = Vec::with_capacity(self.rows * self.cols / block * bytes);
+        let mut out = Vec::new();
         let g = self.groups();
         for r in 0..self.rows {
             for b in 0..self.cols / block {
