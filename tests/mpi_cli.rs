@@ -35,7 +35,13 @@ fn small_args(run_dir: &Path) -> Vec<&str> {
 fn train(n: usize, run_dir: &Path, extra: &[&str]) -> Vec<f64> {
     let mut args = small_args(run_dir);
     args.extend_from_slice(extra);
-    let out = run(n, &args, &[]);
+    train_with(n, run_dir, &args)
+}
+
+/// `tern ARGS` on `n` ranks (0: one process, no launcher), which must succeed; the losses of the
+/// run in `run_dir`.
+fn train_with(n: usize, run_dir: &Path, args: &[&str]) -> Vec<f64> {
+    let out = run(n, args, &[]);
     assert!(
         out.status.success(),
         "np {n} failed:\n{}\n{}",
@@ -465,5 +471,32 @@ fn a_killed_rank_ends_the_job() {
             panic!("the job still runs 30 s after a rank was killed");
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The block kinds' tiny recipes under `mpirun -np 2`: data parallelism (dp = 2) and tensor
+/// parallelism (tp = 2: experts split as MLPs, mixture-of-attention experts' heads split as
+/// attention's, Mamba mixers and routers held whole) follow one process's losses.
+#[test]
+fn every_block_kind_matches_one_process_under_dp_and_tp() {
+    let dir = tempfile::tempdir().unwrap();
+    for kind in ["jamba", "moe", "moa", "mod"] {
+        let recipe = format!("recipes/{kind}-tiny.toml");
+        let losses = |n: usize, name: &str, extra: &[&str]| {
+            let path = dir.path().join(format!("{kind}-{name}"));
+            #[rustfmt::skip]
+            let mut args = vec![
+                "train", recipe.as_str(), "--run-dir", path.to_str().unwrap(),
+                "--set", "train.steps=8", "--set", "train.eval_every=8",
+                "--set", "train.checkpoint_every=8", "--set", "data.seq_len=64",
+                "--set", "train.micro_batch=4", "--set", "model.scale_groups=2",
+            ];
+            args.extend_from_slice(extra);
+            train_with(n, &path, &args)
+        };
+        let one = losses(0, "one", &[]);
+        assert_close(&one, &losses(2, "dp2", &[]), &format!("{kind} dp=2"));
+        let tp = losses(2, "tp2", &["--set", "parallel.tp=2"]);
+        assert_close(&one, &tp, &format!("{kind} tp=2"));
     }
 }

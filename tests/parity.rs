@@ -520,7 +520,7 @@ where
         let mut ms = build::<B>(case, f, tp, dev);
         let inner = ms.model.valid().embed_tokens.weight.val().device();
         let s = &ms.slots;
-        let (shapes, low, dims) = (s.local_shapes(), s.low_rank(), s.shard_dims());
+        let (shapes, low, dims) = (s.local_shapes(), s.low_rank(oc.rank), s.shard_dims());
         let all = vec![true; shapes.len()];
         let mut opt = Optimizer::<B::InnerBackend>::new(oc, &shapes, &low, &dims, tp, &inner, &all);
         let schedule = Schedule::new(oc, f.inputs.steps);

@@ -572,3 +572,79 @@ fn bad_recipes_fail_naming_the_key() {
         "{err}"
     );
 }
+
+/// The block kinds' tiny recipes (Jamba, mixture of experts, mixture of attention heads,
+/// Mixture-of-Depths): each trains from its recipe with a falling loss, and a run interrupted
+/// at step 7 and resumed from its checkpoint repeats the uninterrupted run's losses bit for bit.
+#[test]
+fn every_block_kind_trains_and_resumes_bitwise() {
+    let dir = tempfile::tempdir().unwrap();
+    for kind in ["jamba", "moe", "moa", "mod"] {
+        let recipe = format!("recipes/{kind}-tiny.toml");
+        let run = |name: &str, steps: u32, extra: &[&str]| {
+            let path = dir.path().join(format!("{kind}-{name}"));
+            let steps = format!("train.steps={steps}");
+            #[rustfmt::skip]
+            let mut args = vec![
+                "train", &recipe, "--run-dir", path.to_str().unwrap(), "--set", &steps,
+                "--set", "train.eval_every=4", "--set", "train.checkpoint_every=3",
+                "--set", "data.seq_len=64",
+            ];
+            args.extend_from_slice(extra);
+            ok(&tern(&args));
+            losses(&path)
+        };
+        let full = run("full", 12, &[]);
+        run("split", 7, &[]);
+        let resumed = run("split", 12, &["--resume", "auto"]);
+        assert_eq!(full.len(), 12, "{kind}");
+        assert_eq!(full, resumed, "{kind}: resumed losses differ");
+        let loss = |i: usize| full[i].1.parse::<f64>().unwrap();
+        assert!(loss(11) < loss(0) - 0.3, "{kind}: the loss falls: {full:?}");
+        // Generation from the checkpoint (the burn path, with the blocks' caches).
+        let run_dir = dir.path().join(format!("{kind}-full"));
+        #[rustfmt::skip]
+        let out = tern(&[
+            "generate", "--model", run_dir.to_str().unwrap(), "--prompt", "The history of",
+            "--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--print-ids",
+        ]);
+        ok(&out);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let ids = text.lines().find_map(|l| l.strip_prefix("ids: ")).unwrap();
+        assert_eq!(ids.split(',').count(), 6, "{kind}: {text}");
+        // The packed format holds LLaMA blocks only, and says so.
+        let packed = dir.path().join(format!("{kind}.tpk"));
+        #[rustfmt::skip]
+        let out = tern(&[
+            "export", "--checkpoint", run_dir.to_str().unwrap(), "--format", "packed",
+            "--out", packed.to_str().unwrap(),
+        ]);
+        fails_with(&out, &["LLaMA blocks only", "tern generate"]);
+    }
+}
+
+/// GaLore over a Jamba's matrices (attention, experts, Mamba's projections): it trains, and
+/// resumes bit for bit with its projections and low-rank moments from the checkpoint.
+#[test]
+fn galore_trains_a_jamba_and_resumes_bitwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, steps: u32, extra: &[&str]| {
+        let path = dir.path().join(name);
+        let steps = format!("train.steps={steps}");
+        #[rustfmt::skip]
+        let mut args = vec![
+            "train", "recipes/jamba-tiny.toml", "--run-dir", path.to_str().unwrap(),
+            "--set", &steps, "--set", "train.eval_every=4", "--set", "train.checkpoint_every=3",
+            "--set", "data.seq_len=64",
+        ];
+        args.extend_from_slice(GALORE);
+        args.extend_from_slice(extra);
+        ok(&tern(&args));
+        losses(&path)
+    };
+    let full = run("full", 10, &[]);
+    run("split", 6, &[]);
+    assert_eq!(full, run("split", 10, &["--resume", "auto"]));
+    let loss = |i: usize| full[i].1.parse::<f64>().unwrap();
+    assert!(loss(9) < loss(0), "{full:?}");
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use tern_infer::{generate, Conversation, InferModel, Sampler, SamplerConfig};
+use tern_infer::{generate, BurnDecoder, Conversation, Decode, InferModel, Sampler, SamplerConfig};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -62,6 +62,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.prompt.is_none() && !a.interactive {
         bail!("give --prompt TEXT, or --interactive");
     }
+    // Models of LLaMA blocks run packed; the other block kinds on the burn path.
+    if let Some(b) = crate::load::for_burn(&a.model, a.tokenizer.as_deref())? {
+        let tok = b.tokenizer()?;
+        let eos = if a.ignore_eos { None } else { b.special()?.eos };
+        return chat(&a, &BurnDecoder { model: b.model }, &tok, eos, cfg);
+    }
     let loaded = crate::load::for_inference(&a.model, a.tokenizer.as_deref())?;
     let tok = loaded.tokenizer()?;
     let eos = if a.ignore_eos {
@@ -71,9 +77,20 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let mut model = InferModel::from_packed(loaded.packed)?;
     model.set_activations(a.activations);
+    chat(&a, &model, &tok, eos, cfg)
+}
+
+/// The prompt's turn, then (`--interactive`) one turn per line of stdin.
+fn chat<M: Decode>(
+    a: &GenerateArgs,
+    model: &M,
+    tok: &tokenizers::Tokenizer,
+    eos: Option<u32>,
+    cfg: SamplerConfig,
+) -> Result<()> {
     let mut sampler = Sampler::new(cfg);
-    let mut conv = Conversation::new(&model);
-    let mut turn = |text: &str, conv: &mut Conversation| -> Result<()> {
+    let mut conv = Conversation::new(model);
+    let mut turn = |text: &str, conv: &mut Conversation<M::Cache>| -> Result<()> {
         let ids: Vec<u32> = tok
             .encode(text, false)
             .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
@@ -88,7 +105,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         if !a.interactive {
             write!(out, "{text}")?;
         }
-        let g = generate(&model, conv, &ids, a.max_tokens, &mut sampler, eos, |t| {
+        let g = generate(model, conv, &ids, a.max_tokens, &mut sampler, eos, |t| {
             // Decode the whole continuation and print what is new: a token can be part of a
             // multi-byte character that only the next token completes.
             generated.push(t);

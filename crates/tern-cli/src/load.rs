@@ -36,15 +36,20 @@ impl Loaded {
     }
 
     pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
-        let Some(text) = &self.tokenizer else {
-            bail!(
-                "{}: no tokenizer found with the model; pass --tokenizer tokenizer.json",
-                self.source.display()
-            );
-        };
-        tokenizers::Tokenizer::from_bytes(text.as_bytes())
-            .map_err(|e| anyhow::anyhow!("{}: tokenizer: {e}", self.source.display()))
+        parse_tokenizer(self.tokenizer.as_deref(), &self.source)
     }
+}
+
+/// The tokenizer of the model from `source`, from tokenizer.json's text when one was found.
+fn parse_tokenizer(text: Option<&str>, source: &Path) -> Result<tokenizers::Tokenizer> {
+    let Some(text) = text else {
+        bail!(
+            "{}: no tokenizer found with the model; pass --tokenizer tokenizer.json",
+            source.display()
+        );
+    };
+    tokenizers::Tokenizer::from_bytes(text.as_bytes())
+        .map_err(|e| anyhow::anyhow!("{}: tokenizer: {e}", source.display()))
 }
 
 /// `--activations`: `exact` (f32 products, the trained model's arithmetic) or `int8` (float
@@ -108,6 +113,66 @@ pub fn load_trilm(
 
 fn read_tokenizer(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading tokenizer {}", path.display()))
+}
+
+/// A checkpoint of a model whose blocks the packed runtime does not hold (Mamba mixers, experts,
+/// Mixture-of-Depths), as a burn model on the CPU backend.
+pub struct BurnLoaded {
+    pub model: tern_model::Llama<burn::backend::Flex>,
+    pub tokenizer: Option<String>,
+    pub source: PathBuf,
+}
+
+impl BurnLoaded {
+    pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
+        parse_tokenizer(self.tokenizer.as_deref(), &self.source)
+    }
+
+    pub fn special(&self) -> Result<tern_pack::gguf::SpecialTokens> {
+        Ok(self
+            .tokenizer
+            .as_deref()
+            .map(tern_pack::gguf::special_tokens)
+            .transpose()?
+            .unwrap_or_default())
+    }
+}
+
+/// `path` as a burn model when it is a checkpoint of a model that is not all LLaMA blocks;
+/// `None` for anything the packed runtime runs.
+pub fn for_burn(path: &Path, tokenizer: Option<&Path>) -> Result<Option<BurnLoaded>> {
+    if path.is_file() {
+        return Ok(None);
+    }
+    match tern_train::pretrained::config_of(path)? {
+        Some(c) if !c.is_llama() => {}
+        _ => return Ok(None),
+    }
+    let pre = tern_train::pretrained::load(path)?;
+    let source = pre.source.clone();
+    let recipe = checkpoint_recipe(&source)?;
+    let found = PathBuf::from(&recipe.data.tokenizer);
+    let tokenizer = match tokenizer {
+        Some(t) => Some(read_tokenizer(t)?),
+        None => found
+            .is_file()
+            .then(|| read_tokenizer(&found))
+            .transpose()?,
+    };
+    let model = pre.build::<burn::backend::Flex>(&Default::default())?;
+    Ok(Some(BurnLoaded {
+        model,
+        tokenizer,
+        source,
+    }))
+}
+
+fn checkpoint_recipe(dir: &Path) -> Result<tern_train::Recipe> {
+    toml::from_str(
+        &std::fs::read_to_string(dir.join("recipe.toml"))
+            .with_context(|| format!("{}/recipe.toml", dir.display()))?,
+    )
+    .with_context(|| format!("{}/recipe.toml", dir.display()))
 }
 
 /// Loads `path`; ternary matrices of a checkpoint are turned into codes (`encoding`), other
@@ -185,11 +250,7 @@ pub fn load(
         let t = source.join("tokenizer.json");
         (t.is_file().then(|| read_tokenizer(&t)).transpose()?, None)
     } else {
-        let recipe: tern_train::Recipe = toml::from_str(
-            &std::fs::read_to_string(source.join("recipe.toml"))
-                .with_context(|| format!("{}/recipe.toml", source.display()))?,
-        )
-        .with_context(|| format!("{}/recipe.toml", source.display()))?;
+        let recipe = checkpoint_recipe(&source)?;
         let t = PathBuf::from(&recipe.data.tokenizer);
         (
             t.is_file().then(|| read_tokenizer(&t)).transpose()?,

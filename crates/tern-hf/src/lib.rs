@@ -169,7 +169,7 @@ pub fn read_config(dir: &Path) -> Result<(ModelConfig, Special)> {
         ternary_eps: 1e-5,
         init_std: get_f64(&v, "initializer_range", &path)?.unwrap_or(0.02),
         mlp: tern_model::MlpKind::Swiglu,
-        sparsity: None,
+        ..ModelConfig::tiny(1, LinearKind::Float)
     };
     if let Some(hd) = get_usize(&v, "head_dim", &path)? {
         if n_heads > 0 && hd * n_heads != hidden {

@@ -84,10 +84,25 @@ pub fn ternary_matrix(
     }
 }
 
+/// The packed format and its runtime hold LLaMA blocks: attention and an MLP in every block.
+pub fn check_llama_blocks(config: &ModelConfig) -> Result<()> {
+    if let Some(i) = (0..config.n_layers).find(|&i| !config.block_kind(i).is_llama()) {
+        bail!(
+            "block {i} is {:?}: the packed format, its runtime and the exports hold LLaMA blocks \
+             only (attention and an MLP over every token); models with Mamba mixers, experts or \
+             Mixture-of-Depths routing run from their checkpoints (tern generate, tern logits \
+             --model <run or checkpoint>)",
+            config.block_kind(i)
+        );
+    }
+    Ok(())
+}
+
 /// Models a standard Llama implementation (a Hugging Face `LlamaForCausalLM`, llama.cpp's `llama`
 /// architecture) computes: float or TriLM projections, SwiGLU, dense inputs. The packed runtime
 /// computes every kind tern trains; the exports to other tools refuse the rest by name.
 pub fn check_plain_llama(config: &ModelConfig) -> Result<()> {
+    check_llama_blocks(config)?;
     if config.linear == LinearKind::Bitnet {
         bail!(
             "model.linear = \"bitnet\": BitNet b1.58 normalizes and quantizes every projection's \
@@ -151,6 +166,7 @@ pub fn pack_model(
     encoding: Encoding,
     float_dtype: FloatDtype,
 ) -> Result<PackedModel> {
+    check_llama_blocks(config)?;
     let expected = packed_shapes(config, student.as_ref());
     if tensors.len() != expected.len() {
         bail!(

@@ -3,6 +3,7 @@
 //! from a trained model's tensors to its packed form ([`convert`]); a distillation student's
 //! projections take their input through their 1-bit encoders ([`encoder`]).
 
+pub mod burn_decode;
 pub mod convert;
 pub mod encoder;
 pub mod input;
@@ -16,8 +17,9 @@ pub use simd::Isa;
 pub mod ternary;
 pub mod trilm;
 
+pub use burn_decode::BurnDecoder;
 pub use convert::{effective_tensors, pack_model, packed_config, packed_shapes, ternary_matrix};
 pub use encoder::{BitEncoder, Proj};
 pub use kernel::{Dense, Matrix, PackedTernary};
 pub use model::{InferModel, KvCache};
-pub use sample::{generate, Conversation, Generated, Sampler, SamplerConfig};
+pub use sample::{generate, Conversation, Decode, Generated, Sampler, SamplerConfig};

@@ -146,19 +146,43 @@ pub struct Generated {
     pub stopped_at_eos: bool,
 }
 
-/// The state of a conversation: the cached keys / values and the tokens so far.
-pub struct Conversation {
-    pub cache: KvCache,
+/// A model that runs tokens after what its cache holds: the packed runtime ([`InferModel`]) or
+/// a burn model of any block kind ([`crate::burn_decode::BurnDecoder`]).
+pub trait Decode {
+    type Cache;
+    fn new_cache(&self) -> Self::Cache;
+    /// Positions the cache holds.
+    fn cached(cache: &Self::Cache) -> usize;
+    /// Runs `tokens` after the cache (extending it) and returns the last position's logits.
+    fn decode(&self, tokens: &[u32], cache: &mut Self::Cache) -> Result<Vec<f32>>;
+}
+
+impl Decode for InferModel {
+    type Cache = KvCache;
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.n_layers)
+    }
+    fn cached(cache: &KvCache) -> usize {
+        cache.len()
+    }
+    fn decode(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        self.forward(tokens, cache, false)
+    }
+}
+
+/// The state of a conversation: the model's cache and the tokens so far.
+pub struct Conversation<C = KvCache> {
+    pub cache: C,
     pub context: Vec<u32>,
     /// The last sampled token: in the context but not yet run through the model (the next turn
     /// runs it first).
     pub pending: Option<u32>,
 }
 
-impl Conversation {
-    pub fn new(model: &InferModel) -> Self {
+impl<C> Conversation<C> {
+    pub fn new<M: Decode<Cache = C>>(model: &M) -> Self {
         Self {
-            cache: KvCache::new(model.config.n_layers),
+            cache: model.new_cache(),
             context: Vec::new(),
             pending: None,
         }
@@ -167,9 +191,9 @@ impl Conversation {
 
 /// Samples up to `max_tokens` after `prompt`, calling `on_token` with each new token (for
 /// streaming); stops at `eos`. `conv` holds earlier turns (and is extended).
-pub fn generate(
-    model: &InferModel,
-    conv: &mut Conversation,
+pub fn generate<M: Decode>(
+    model: &M,
+    conv: &mut Conversation<M::Cache>,
     prompt: &[u32],
     max_tokens: usize,
     sampler: &mut Sampler,
@@ -187,7 +211,7 @@ pub fn generate(
         .into_iter()
         .chain(prompt.iter().copied())
         .collect();
-    let mut logits = model.forward(&run, cache, false)?;
+    let mut logits = model.decode(&run, cache)?;
     context.extend_from_slice(prompt);
     let prompt_seconds = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
@@ -205,11 +229,11 @@ pub fn generate(
         tokens.push(next);
         on_token(next);
         if k + 1 < max_tokens {
-            logits = model.forward(&[next], cache, false)?;
+            logits = model.decode(&[next], cache)?;
             *pending = None;
         }
     }
-    debug_assert_eq!(cache.len() + pending.is_some() as usize, context.len());
+    debug_assert_eq!(M::cached(cache) + pending.is_some() as usize, context.len());
     Ok(Generated {
         tokens,
         prompt_tokens: run.len(),

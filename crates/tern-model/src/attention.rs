@@ -46,6 +46,52 @@ impl<B: Backend> Attention<B> {
     }
 }
 
+impl<B: Backend, H> Attention<B, H> {
+    /// The four projections, named within the block.
+    pub fn projections(&self) -> [(&'static str, &ProjLinear<B, H>); 4] {
+        [
+            ("self_attn.q_proj", &self.q_proj),
+            ("self_attn.k_proj", &self.k_proj),
+            ("self_attn.v_proj", &self.v_proj),
+            ("self_attn.o_proj", &self.o_proj),
+        ]
+    }
+
+    pub fn projections_mut(&mut self) -> [&mut ProjLinear<B, H>; 4] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+        ]
+    }
+
+    /// This layer with its hooks mapped by `f`, told each projection's name (`None` for the
+    /// module input).
+    pub fn map_hooks<H2>(
+        self,
+        f: &mut impl FnMut(Option<&'static str>, H) -> H2,
+    ) -> Attention<B, H2> {
+        let mut p = |name, x: ProjLinear<B, H>| x.map_hooks(|h| f(Some(name), h));
+        let (q, k, v, o) = (
+            p("self_attn.q_proj", self.q_proj),
+            p("self_attn.k_proj", self.k_proj),
+            p("self_attn.v_proj", self.v_proj),
+            p("self_attn.o_proj", self.o_proj),
+        );
+        Attention {
+            q_proj: q,
+            k_proj: k,
+            v_proj: v,
+            o_proj: o,
+            input: f(None, self.input),
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+}
+
 impl<B: Kernels, H: Hooks<B>> Attention<B, H> {
     /// `x: [batch, seq, hidden]`; `cos`/`sin`: `[seq, head_dim]` RoPE tables.
     pub fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {

@@ -4,6 +4,8 @@
 
 pub mod attention;
 pub mod config;
+pub mod decode;
+pub mod depth;
 pub mod encoder;
 pub mod hooks;
 pub mod linear;
@@ -19,12 +21,12 @@ pub mod sparsity;
 pub mod student;
 pub mod taps;
 
-pub use config::{MlpKind, ModelConfig, ModelConfigError};
+pub use config::{BlockKind, Mixer, MlpKind, ModelConfig, ModelConfigError};
 pub use encoder::{Encoder, EncoderConfig, Surrogate};
 pub use hooks::{Hooks, NoHooks};
 pub use linear::{LinearKind, ProjLinear, ScaleAxis};
 pub use model::{cross_entropy, Block, Llama};
-pub use seed::name_seed;
+pub use seed::{name_seed, special_initial_values};
 pub use sparsity::{LayerType, SparsityConfig, TopK};
 pub use student::{studentize, StudentConfig};
 pub use taps::{tap, Recorder, Tap, Tapped};

@@ -153,6 +153,43 @@ fn causal_conv<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>, bias: Tensor<B, 1>)
     y
 }
 
+impl<B: Backend, H> Mamba<B, H> {
+    /// The three projections of the model's linear kind, named within the block.
+    pub fn projections(&self) -> [(&'static str, &ProjLinear<B, H>); 3] {
+        [
+            ("mamba.in_proj", &self.in_proj),
+            ("mamba.x_proj", &self.x_proj),
+            ("mamba.out_proj", &self.out_proj),
+        ]
+    }
+
+    pub fn projections_mut(&mut self) -> [&mut ProjLinear<B, H>; 3] {
+        [&mut self.in_proj, &mut self.x_proj, &mut self.out_proj]
+    }
+
+    /// This mixer with its hooks mapped by `f`, told each projection's name (`None` for the
+    /// module input).
+    pub fn map_hooks<H2>(self, f: &mut impl FnMut(Option<&'static str>, H) -> H2) -> Mamba<B, H2> {
+        let in_proj = self.in_proj.map_hooks(|h| f(Some("mamba.in_proj"), h));
+        let x_proj = self.x_proj.map_hooks(|h| f(Some("mamba.x_proj"), h));
+        let out_proj = self.out_proj.map_hooks(|h| f(Some("mamba.out_proj"), h));
+        Mamba {
+            in_proj,
+            conv_weight: self.conv_weight,
+            conv_bias: self.conv_bias,
+            x_proj,
+            dt_proj_weight: self.dt_proj_weight,
+            dt_proj_bias: self.dt_proj_bias,
+            a_log: self.a_log,
+            d: self.d,
+            out_proj,
+            input: f(None, self.input),
+            d_state: self.d_state,
+            dt_rank: self.dt_rank,
+        }
+    }
+}
+
 impl<B: Kernels, H: Hooks<B>> Mamba<B, H> {
     /// `x: [batch, seq, hidden]` -> `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {

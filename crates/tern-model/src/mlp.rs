@@ -38,6 +38,41 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
+impl<B: Backend, H> Mlp<B, H> {
+    /// The three projections as `gate`, `up`, `down`.
+    pub fn projections(&self) -> [(&'static str, &ProjLinear<B, H>); 3] {
+        [
+            ("gate_proj", &self.gate_proj),
+            ("up_proj", &self.up_proj),
+            ("down_proj", &self.down_proj),
+        ]
+    }
+
+    pub fn projections_mut(&mut self) -> [&mut ProjLinear<B, H>; 3] {
+        [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj]
+    }
+
+    /// This layer with its hooks mapped by `f`, told each projection's name (`prefix` and
+    /// `gate_proj`, ...; `None` for the module input).
+    pub fn map_hooks<H2>(
+        self,
+        prefix: &str,
+        f: &mut impl FnMut(Option<&'static str>, H) -> H2,
+    ) -> Mlp<B, H2> {
+        let name = |p: &str| crate::model::intern(format!("{prefix}{p}"));
+        let gate = self.gate_proj.map_hooks(|h| f(Some(name("gate_proj")), h));
+        let up = self.up_proj.map_hooks(|h| f(Some(name("up_proj")), h));
+        let down = self.down_proj.map_hooks(|h| f(Some(name("down_proj")), h));
+        Mlp {
+            gate_proj: gate,
+            up_proj: up,
+            down_proj: down,
+            input: f(None, self.input),
+            kind: self.kind,
+        }
+    }
+}
+
 impl<B: Kernels, H: Hooks<B>> Mlp<B, H> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.input.module_input(x);

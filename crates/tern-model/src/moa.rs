@@ -30,6 +30,9 @@ pub struct MoaConfig {
     pub experts: usize,
     /// Experts per token.
     pub top_k: usize,
+    /// Weight of the load-balancing loss in the training objective.
+    #[serde(default = "crate::config::default_aux_weight")]
+    pub aux_loss_weight: f64,
 }
 
 #[derive(Module, Debug)]
@@ -43,8 +46,15 @@ pub struct Moa<B: Backend, H = NoHooks> {
     pub v_proj: ProjLinear<B, H>,
     /// Per expert, `[hidden, n_heads * head_dim]`.
     pub o_proj: Vec<ProjLinear<B, H>>,
+    /// What acts on the input the query, key and value projections share
+    /// ([`Hooks::module_input`]; the router reads the input as it is).
+    #[module(skip)]
+    pub input: H,
     #[module(skip)]
     pub top_k: usize,
+    /// The balancing loss's weight in the objective ([`MoaConfig::aux_loss_weight`]).
+    #[module(skip)]
+    pub aux_weight: f64,
     #[module(skip)]
     pub n_heads: usize,
     #[module(skip)]
@@ -76,10 +86,64 @@ impl<B: Backend> Moa<B> {
             o_proj: (0..m.experts)
                 .map(|_| proj(qd, c.hidden, ScaleAxis::Cols))
                 .collect(),
+            input: NoHooks,
             top_k: m.top_k,
+            aux_weight: m.aux_loss_weight,
             n_heads: c.n_heads,
             n_kv_heads: c.kv_heads(),
             head_dim: c.head_dim(),
+            hooks: PhantomData,
+        }
+    }
+}
+
+impl<B: Backend, H> Moa<B, H> {
+    /// The projections, named within the block (`moa.q_proj.2`, `moa.k_proj`, ...), in module
+    /// order.
+    pub fn projections(&self) -> Vec<(&'static str, &ProjLinear<B, H>)> {
+        let name = |s: String| crate::model::intern(s);
+        let mut out: Vec<_> = (self.q_proj.iter().enumerate())
+            .map(|(x, p)| (name(format!("moa.q_proj.{x}")), p))
+            .collect();
+        out.push(("moa.k_proj", &self.k_proj));
+        out.push(("moa.v_proj", &self.v_proj));
+        out.extend(
+            (self.o_proj.iter().enumerate()).map(|(x, p)| (name(format!("moa.o_proj.{x}")), p)),
+        );
+        out
+    }
+
+    pub fn projections_mut(&mut self) -> Vec<&mut ProjLinear<B, H>> {
+        let mut out: Vec<_> = self.q_proj.iter_mut().collect();
+        out.push(&mut self.k_proj);
+        out.push(&mut self.v_proj);
+        out.extend(self.o_proj.iter_mut());
+        out
+    }
+
+    /// This layer with its hooks mapped by `f`, told each projection's name.
+    pub fn map_hooks<H2>(self, f: &mut impl FnMut(Option<&'static str>, H) -> H2) -> Moa<B, H2> {
+        let name = |s: String| crate::model::intern(s);
+        let q_proj = (self.q_proj.into_iter().enumerate())
+            .map(|(x, p)| p.map_hooks(|h| f(Some(name(format!("moa.q_proj.{x}"))), h)))
+            .collect();
+        let k_proj = self.k_proj.map_hooks(|h| f(Some("moa.k_proj"), h));
+        let v_proj = self.v_proj.map_hooks(|h| f(Some("moa.v_proj"), h));
+        let o_proj = (self.o_proj.into_iter().enumerate())
+            .map(|(x, p)| p.map_hooks(|h| f(Some(name(format!("moa.o_proj.{x}"))), h)))
+            .collect();
+        Moa {
+            router: self.router,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            input: f(None, self.input),
+            top_k: self.top_k,
+            aux_weight: self.aux_weight,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
             hooks: PhantomData,
         }
     }
@@ -95,20 +159,11 @@ impl<B: Kernels, H: Hooks<B>> Moa<B, H> {
         sin: &Tensor<B, 2>,
     ) -> (Tensor<B, 3>, Tensor<B, 1>) {
         let [b, t, h] = x.dims();
-        let (nh, nkv, hd, k) = (self.n_heads, self.n_kv_heads, self.head_dim, self.top_k);
-        let e = self.q_proj.len();
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let device = x.device();
-        let r = route(x.clone().reshape([b * t, h]), self.router.val(), k);
-        // The routing as a dense [tokens, experts] gate: zero where a token does not go.
-        let idx =
-            Tensor::<B, 2, Int>::from_data(TensorData::new(r.experts.clone(), [b * t, k]), &device);
-        let gates = Tensor::<B, 2>::zeros([b * t, e], &device).scatter(
-            1,
-            idx,
-            r.weights.reshape([b * t, k]),
-            IndexingUpdateOp::Add,
-        );
+        let (gates, aux) = self.gates(x.clone());
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]);
+        let x = self.input.module_input(x);
         let key = B::rope(
             heads(self.k_proj.forward(x.clone()), nkv),
             cos.clone(),
@@ -125,7 +180,25 @@ impl<B: Kernels, H: Hooks<B>> Moa<B, H> {
                 .reshape([b, t, 1]);
             out = out + op.forward(att) * gate;
         }
-        (out, r.aux)
+        (out, aux)
+    }
+
+    /// The routing of `x: [batch, seq, hidden]` as a dense `[tokens, experts]` gate (zero where
+    /// a token does not go) and the load-balancing loss.
+    pub(crate) fn gates(&self, x: Tensor<B, 3>) -> (Tensor<B, 2>, Tensor<B, 1>) {
+        let [b, t, h] = x.dims();
+        let (k, e) = (self.top_k, self.q_proj.len());
+        let device = x.device();
+        let r = route(x.reshape([b * t, h]), self.router.val(), k);
+        let idx =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(r.experts.clone(), [b * t, k]), &device);
+        let gates = Tensor::<B, 2>::zeros([b * t, e], &device).scatter(
+            1,
+            idx,
+            r.weights.reshape([b * t, k]),
+            IndexingUpdateOp::Add,
+        );
+        (gates, r.aux)
     }
 }
 
@@ -146,7 +219,18 @@ mod tests {
         c.hidden = 32;
         c.n_heads = 4;
         c.n_kv_heads = Some(2);
-        (c.clone(), Moa::new(&c, &MoaConfig { experts, top_k }, &dev))
+        (
+            c.clone(),
+            Moa::new(
+                &c,
+                &MoaConfig {
+                    experts,
+                    top_k,
+                    aux_loss_weight: 0.01,
+                },
+                &dev,
+            ),
+        )
     }
 
     fn tables(c: &ModelConfig, t: usize) -> (Tensor<AB, 2>, Tensor<AB, 2>) {

@@ -19,6 +19,7 @@ use tern_kernels::Kernels;
 
 use crate::config::ModelConfig;
 use crate::hooks::{Hooks, NoHooks};
+use crate::linear::ProjLinear;
 use crate::mlp::Mlp;
 
 /// The layer's sizes.
@@ -31,6 +32,15 @@ pub struct MoeConfig {
     /// Each expert's inner size; the model's `intermediate` when absent.
     #[serde(default)]
     pub intermediate: Option<usize>,
+    /// Block `i` has this layer instead of the MLP when `i % period == offset` (Jamba's expert
+    /// layer period and offset).
+    #[serde(default = "crate::config::one")]
+    pub period: usize,
+    #[serde(default)]
+    pub offset: usize,
+    /// Weight of the load-balancing loss in the training objective.
+    #[serde(default = "crate::config::default_aux_weight")]
+    pub aux_loss_weight: f64,
 }
 
 #[derive(Module, Debug)]
@@ -40,6 +50,9 @@ pub struct Moe<B: Backend, H = NoHooks> {
     pub experts: Vec<Mlp<B, H>>,
     #[module(skip)]
     pub top_k: usize,
+    /// The balancing loss's weight in the objective ([`MoeConfig::aux_loss_weight`]).
+    #[module(skip)]
+    pub aux_weight: f64,
     /// Tells burn's derive that `H` is not a module (only the experts' projections carry hooks).
     #[module(skip)]
     pub hooks: PhantomData<H>,
@@ -59,6 +72,45 @@ impl<B: Backend> Moe<B> {
             .init([m.experts, c.hidden], device),
             experts: (0..m.experts).map(|_| Mlp::new(&expert, device)).collect(),
             top_k: m.top_k,
+            aux_weight: m.aux_loss_weight,
+            hooks: PhantomData,
+        }
+    }
+}
+
+impl<B: Backend, H> Moe<B, H> {
+    /// Every expert's projections, named within the block (`moe.experts.3.up_proj`).
+    pub fn projections(&self) -> Vec<(&'static str, &ProjLinear<B, H>)> {
+        let mut out = Vec::new();
+        for (x, e) in self.experts.iter().enumerate() {
+            for (name, p) in e.projections() {
+                out.push((crate::model::intern(format!("moe.experts.{x}.{name}")), p));
+            }
+        }
+        out
+    }
+
+    pub fn projections_mut(&mut self) -> Vec<&mut ProjLinear<B, H>> {
+        self.experts
+            .iter_mut()
+            .flat_map(|e| e.projections_mut())
+            .collect()
+    }
+
+    /// This layer with its hooks mapped by `f`, told each projection's name (`None` for the
+    /// experts' module inputs).
+    pub fn map_hooks<H2>(self, f: &mut impl FnMut(Option<&'static str>, H) -> H2) -> Moe<B, H2> {
+        let experts = self
+            .experts
+            .into_iter()
+            .enumerate()
+            .map(|(x, e)| e.map_hooks(&format!("moe.experts.{x}."), f))
+            .collect();
+        Moe {
+            router: self.router,
+            experts,
+            top_k: self.top_k,
+            aux_weight: self.aux_weight,
             hooks: PhantomData,
         }
     }
@@ -154,6 +206,9 @@ mod tests {
             experts: 4,
             top_k: 2,
             intermediate: Some(12),
+            period: 1,
+            offset: 0,
+            aux_loss_weight: 0.01,
         };
         let x = Tensor::<AB, 3>::random([2, 6, 16], Distribution::Normal(0.0, 1.0), &dev);
         (Moe::new(&c, &m, &dev), x)

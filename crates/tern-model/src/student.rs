@@ -47,21 +47,20 @@ pub fn studentize<B: Backend>(model: Llama<B>, c: &StudentConfig, device: &B::De
                     }
                 }
             };
-            let (a, m) = (b.self_attn, b.mlp);
             Block {
-                self_attn: Attention {
+                self_attn: b.self_attn.map(|a| Attention {
                     q_proj: convert("self_attn.q_proj", a.q_proj),
                     k_proj: convert("self_attn.k_proj", a.k_proj),
                     v_proj: convert("self_attn.v_proj", a.v_proj),
                     o_proj: convert("self_attn.o_proj", a.o_proj),
                     ..a
-                },
-                mlp: Mlp {
+                }),
+                mlp: b.mlp.map(|m| Mlp {
                     gate_proj: convert("mlp.gate_proj", m.gate_proj),
                     up_proj: convert("mlp.up_proj", m.up_proj),
                     down_proj: convert("mlp.down_proj", m.down_proj),
                     ..m
-                },
+                }),
                 ..b
             }
         })

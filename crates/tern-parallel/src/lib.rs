@@ -9,7 +9,8 @@ pub mod plan;
 pub use form::{Split, TpForm};
 pub use parallelize::{parallelize, shard_param};
 pub use plan::{
-    block_matrix_dim, check_tp, shard_dim, shard_values, unshard_values, TpLayout, TP_PLAN,
+    block_matrix_dim, check_tp, is_block_matrix, shard_dim, shard_values, unshard_values, TpLayout,
+    TP_PLAN,
 };
 
 /// A model split over a tensor-parallel group (a group of one holds it whole).

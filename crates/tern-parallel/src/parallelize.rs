@@ -23,6 +23,8 @@ use tern_dist::TpGroup;
 use tern_model::attention::Attention;
 use tern_model::encoder::Encoder;
 use tern_model::mlp::Mlp;
+use tern_model::moa::Moa;
+use tern_model::moe::Moe;
 use tern_model::{Block, Llama, ProjLinear};
 
 use crate::form::{Split, TpForm};
@@ -120,33 +122,60 @@ pub fn parallelize<B: Backend>(
         0 => shard(p, 0, group),
         _ => shard(p, 1, group).map_hooks(|_| out.clone()),
     };
+    let split_mlp = |m: Mlp<B>| Mlp {
+        input: input(m.gate_proj.encoder.is_some()),
+        gate_proj: shard(m.gate_proj, 0),
+        up_proj: shard(m.up_proj, 0),
+        down_proj: shard(m.down_proj, 1),
+        kind: m.kind,
+    };
+    // Held whole on every rank, which compute the same values from the same input.
+    let whole = |_: Option<&'static str>, _| TpForm::Replicated;
     let layers = model
         .layers
         .into_iter()
-        .map(|b| {
-            let (a, m) = (b.self_attn, b.mlp);
-            Block {
-                input_layernorm: b.input_layernorm,
-                self_attn: Attention {
-                    input: input(a.q_proj.encoder.is_some()),
-                    q_proj: shard(a.q_proj, 0),
-                    k_proj: shard(a.k_proj, 0),
-                    v_proj: shard(a.v_proj, 0),
-                    o_proj: shard(a.o_proj, 1),
-                    n_heads: a.n_heads / n,
-                    n_kv_heads: a.n_kv_heads / n,
-                    head_dim: a.head_dim,
-                },
-                post_attention_layernorm: b.post_attention_layernorm,
-                mlp: Mlp {
-                    input: input(m.gate_proj.encoder.is_some()),
-                    gate_proj: shard(m.gate_proj, 0),
-                    up_proj: shard(m.up_proj, 0),
-                    down_proj: shard(m.down_proj, 1),
-                    kind: m.kind,
-                },
+        .map(|b| Block {
+            input_layernorm: b.input_layernorm,
+            self_attn: b.self_attn.map(|a| Attention {
+                input: input(a.q_proj.encoder.is_some()),
+                q_proj: shard(a.q_proj, 0),
+                k_proj: shard(a.k_proj, 0),
+                v_proj: shard(a.v_proj, 0),
+                o_proj: shard(a.o_proj, 1),
+                n_heads: a.n_heads / n,
+                n_kv_heads: a.n_kv_heads / n,
+                head_dim: a.head_dim,
+            }),
+            // Every expert's heads split as attention's; the router is replicated.
+            moa: b.moa.map(|a| Moa {
+                router: a.router,
+                input: input(false),
+                q_proj: a.q_proj.into_iter().map(|p| shard(p, 0)).collect(),
+                k_proj: shard(a.k_proj, 0),
+                v_proj: shard(a.v_proj, 0),
+                o_proj: a.o_proj.into_iter().map(|p| shard(p, 1)).collect(),
+                top_k: a.top_k,
+                aux_weight: a.aux_weight,
+                n_heads: a.n_heads / n,
+                n_kv_heads: a.n_kv_heads / n,
+                head_dim: a.head_dim,
                 hooks: PhantomData,
-            }
+            }),
+            mamba: b.mamba.map(|m| m.map_hooks(&mut { whole })),
+            post_attention_layernorm: b.post_attention_layernorm,
+            mlp: b.mlp.map(split_mlp),
+            // Every expert split as the MLP (Megatron's tensor parallelism within experts): all
+            // ranks route the same tokens, so their collectives match.
+            moe: b.moe.map(|m| Moe {
+                router: m.router,
+                experts: m.experts.into_iter().map(split_mlp).collect(),
+                top_k: m.top_k,
+                aux_weight: m.aux_weight,
+                hooks: PhantomData,
+            }),
+            mod_router: b.mod_router,
+            mod_aux_weight: b.mod_aux_weight,
+            hooks: PhantomData,
         })
         .collect();
     let rows = |p| match layout.vocab {

@@ -51,10 +51,36 @@ impl TpLayout {
     }
 }
 
-/// [`shard_dim`] of the seven block matrices only (the matrices GaLore projects).
+/// [`shard_dim`] of the block matrices: LLaMA's seven, and the experts' matrices split as the
+/// LLaMA matrix each plays (an MoE expert's as the MLP's, an MoA expert's query and output and
+/// the shared key and value as attention's). Mamba's matrices are held whole.
 pub fn block_matrix_dim(name: &str) -> Option<usize> {
     let (_, within) = name.strip_prefix("layers.")?.split_once('.')?;
+    let within = plan_name(within)?;
     TP_PLAN.iter().find(|(p, _)| *p == within).map(|&(_, d)| d)
+}
+
+/// The [`TP_PLAN`] name of a block parameter (`moe.experts.3.up_proj.weight` ->
+/// `mlp.up_proj.weight`, `moa.q_proj.1.weight` -> `self_attn.q_proj.weight`).
+fn plan_name(within: &str) -> Option<String> {
+    if let Some(rest) = within.strip_prefix("moe.experts.") {
+        return Some(format!("mlp.{}", rest.split_once('.')?.1));
+    }
+    if let Some(rest) = within.strip_prefix("moa.") {
+        let (proj, rest) = rest.split_once('.')?;
+        let param = rest.rsplit('.').next()?;
+        return Some(format!("self_attn.{proj}.{param}"));
+    }
+    Some(within.to_string())
+}
+
+/// A projection weight of any block kind (what GaLore projects): LLaMA's seven, the experts',
+/// and Mamba's three large ones.
+pub fn is_block_matrix(name: &str) -> bool {
+    block_matrix_dim(name).is_some()
+        || ["in_proj", "x_proj", "out_proj"]
+            .iter()
+            .any(|p| name.ends_with(&format!(".mamba.{p}.weight")))
 }
 
 /// A distillation student's encoder in front of a row-parallel projection sees only this rank's
@@ -110,6 +136,23 @@ pub fn check_tp(c: &ModelConfig, tp: usize, layout: TpLayout) -> Result<(), Mode
                 format!("{n} {what}cannot be split across parallel.tp = {tp} ranks"),
             );
         }
+    }
+    if let Some(m) = &c.moe {
+        let inner = m.intermediate.unwrap_or(c.intermediate);
+        if !inner.is_multiple_of(tp) {
+            return fail(
+                "model.moe.intermediate",
+                format!("an expert's inner size {inner} cannot be split across parallel.tp = {tp} ranks"),
+            );
+        }
+    }
+    if layout.sequence && !c.is_llama() {
+        return fail(
+            "parallel.sequence",
+            "sequence parallelism splits LLaMA blocks only: Mamba mixers, experts and routed \
+             blocks read whole sequences (set parallel.sequence = false)"
+                .into(),
+        );
     }
     if c.linear != LinearKind::Float && !c.scale_groups.is_multiple_of(tp) {
         return fail(
@@ -169,6 +212,19 @@ mod tests {
         assert_eq!(shard_dim("layers.0.self_attn.q_proj.weight"), Some(0));
         assert_eq!(shard_dim("layers.11.self_attn.o_proj.weight"), Some(1));
         assert_eq!(shard_dim("layers.2.mlp.down_proj.weight"), Some(1));
+        assert_eq!(shard_dim("layers.2.moe.experts.11.up_proj.weight"), Some(0));
+        assert_eq!(
+            shard_dim("layers.2.moe.experts.0.down_proj.weight"),
+            Some(1)
+        );
+        assert_eq!(shard_dim("layers.2.moe.router"), None);
+        assert_eq!(shard_dim("layers.0.moa.q_proj.3.weight"), Some(0));
+        assert_eq!(shard_dim("layers.0.moa.v_proj.weight"), Some(0));
+        assert_eq!(shard_dim("layers.0.moa.o_proj.0.weight"), Some(1));
+        assert_eq!(shard_dim("layers.0.mamba.in_proj.weight"), None);
+        assert!(is_block_matrix("layers.0.mamba.in_proj.weight"));
+        assert!(!is_block_matrix("layers.0.mamba.a_log"));
+        assert!(!is_block_matrix("layers.0.moa.router"));
         assert_eq!(shard_dim("layers.2.input_layernorm.weight"), None);
         assert_eq!(shard_dim("embed_tokens.weight"), None);
         assert_eq!(shard_dim("lm_head.weight"), None);

@@ -77,15 +77,7 @@ fn bitnet_input_split_over_two_ranks_equals_the_whole_row() {
 }
 
 fn one_group(mut b: Block<Flex>) -> Block<Flex> {
-    for p in [
-        &mut b.self_attn.q_proj,
-        &mut b.self_attn.k_proj,
-        &mut b.self_attn.v_proj,
-        &mut b.self_attn.o_proj,
-        &mut b.mlp.gate_proj,
-        &mut b.mlp.up_proj,
-        &mut b.mlp.down_proj,
-    ] {
+    for p in b.projections_mut() {
         p.groups = 1;
     }
     b
@@ -142,12 +134,12 @@ fn two_thread_ranks_compute_the_full_models_logits() {
                     sc.spawn(move || {
                         let m =
                             parallelize(full, &TpGroup::new(Arc::new(comm)), Default::default());
-                        let a = &m.layers[0].self_attn;
+                        let a = m.layers[0].attention();
                         let dims = [
                             a.q_proj.weight.dims(),
                             a.k_proj.weight.dims(),
                             a.o_proj.weight.dims(),
-                            m.layers[0].mlp.down_proj.weight.dims(),
+                            m.layers[0].mlp().down_proj.weight.dims(),
                         ]
                         .concat();
                         let y: Vec<f32> = m.forward(tokens).into_data().to_vec().unwrap();

@@ -658,7 +658,7 @@ where
             {
                 // A third of the mean over q, k and v; q, k and v are column-parallel, so this
                 // rank's heads' share is divided by the group size like their MSE.
-                let hd = student.layers[l].self_attn.head_dim;
+                let hd = student.layers[l].attention().head_dim;
                 let r = relation_kl(target.clone().detach(), y.clone(), hd);
                 attention = attention + r.div_scalar(3.0 * tp as f64);
             }
@@ -1050,14 +1050,14 @@ mod tests {
         assert_eq!(added, c.encoder_shapes(&m));
         // Block 0 stays a float copy, block 1 keeps the recipe's ternary kind.
         assert_eq!(
-            student.layers[0].mlp.up_proj.kind,
+            student.layers[0].mlp().up_proj.kind,
             tern_model::LinearKind::Float
         );
         assert_eq!(
-            student.layers[1].mlp.up_proj.kind,
+            student.layers[1].mlp().up_proj.kind,
             tern_model::LinearKind::Ternary
         );
-        assert!(student.layers[0].mlp.up_proj.encoder.is_none());
+        assert!(student.layers[0].mlp().up_proj.encoder.is_none());
     }
 
     #[test]

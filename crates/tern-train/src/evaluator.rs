@@ -44,12 +44,13 @@ impl<B: Kernels> Evaluator<B> {
         !self.batches.is_empty() && (step.is_multiple_of(self.every) || last)
     }
 
-    /// The model's mean loss over the validation micro-batches (weighted by their sizes).
+    /// The model's mean next-token loss over the validation micro-batches (weighted by their
+    /// sizes; auxiliary losses are training's, not validation's).
     pub fn loss<H: Hooks<B>>(&self, model: &Llama<B, H>) -> f64 {
         let (mut sum, mut n) = (0.0, 0);
         for x in &self.batches {
             let count = x.dims()[0];
-            let l: f64 = model.loss(x.clone()).into_scalar().elem();
+            let l: f64 = model.losses(x.clone()).0.into_scalar().elem();
             sum += l * count as f64;
             n += count;
         }

@@ -49,6 +49,10 @@ pub fn initial_shard(
     rank: usize,
     tp: usize,
 ) -> Option<Vec<f32>> {
+    // Mamba's and the depth router's own rules; those parameters are never split.
+    if let Some(v) = tern_model::special_initial_values(seed, &slot.name, &slot.shape, std) {
+        return Some(v);
+    }
     if slot.shape.len() < 2 {
         return None;
     }
@@ -78,7 +82,10 @@ pub fn init_normal<B: Backend, M: Module<B>>(m: M, seed: u64, std: f64, device: 
         .iter()
         .zip(current)
         .map(|(info, cur)| {
-            if info.shape.len() >= 2 {
+            if let Some(v) = tern_model::special_initial_values(seed, &info.name, &info.shape, std)
+            {
+                Tensor::from_data(TensorData::new(v, [info.numel()]), device)
+            } else if info.shape.len() >= 2 {
                 let v = normal_values(seed, &info.name, info.numel(), std);
                 Tensor::from_data(TensorData::new(v, [info.numel()]), device)
             } else {

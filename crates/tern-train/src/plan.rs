@@ -6,7 +6,7 @@ use std::fmt;
 
 use tern_optim::galore::side_of;
 use tern_optim::{LowRank, OptimizerName};
-use tern_parallel::block_matrix_dim;
+use tern_parallel::{block_matrix_dim, is_block_matrix};
 
 use crate::recipe::Recipe;
 
@@ -115,11 +115,11 @@ pub fn state_elems(
     local_n: usize,
     tp: usize,
 ) -> usize {
-    match (o.name, block_matrix_dim(name), o.rank) {
-        (OptimizerName::GaloreAdamw, Some(d), Some(rank)) => {
+    match (o.name, is_block_matrix(name), o.rank) {
+        (OptimizerName::GaloreAdamw, true, Some(rank)) if shape[0].min(shape[1]) >= rank => {
             let (rows, cols) = (shape[0], shape[1]);
             let l = LowRank {
-                shard: (tp > 1).then_some(d),
+                shard: block_matrix_dim(name).filter(|_| tp > 1),
                 tp,
                 ..LowRank::whole(rows, cols, rank, side_of(o.proj_type, rows, cols))
             };
@@ -209,7 +209,7 @@ pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
             None => (per_rank(state), per_rank(adamw)),
         };
         optim += state;
-        if block_matrix_dim(&name).is_some() {
+        if is_block_matrix(&name) {
             block += n;
             block_optim += state;
             block_adamw += adamw;
@@ -222,10 +222,11 @@ pub fn plan(recipe: &Recipe, world: usize) -> Result<Plan, String> {
     // Matmul FLOPs: every matrix but the embedding lookup (the tied head still multiplies).
     let h = m.hidden as f64;
     let head = (m.vocab() * m.hidden) as f64;
-    let matmul_params = block as f64 + head + encoder_matmul as f64;
-    // Scores and weighted values: 2 x 2 x seq_len x hidden per layer (PaLM's accounting, no
-    // discount for the causal mask).
-    let attention = 4.0 * m.n_layers as f64 * recipe.data.seq_len as f64 * h;
+    // Experts and routed blocks count what one token multiplies on average.
+    let matmul_params = m.active_block_matmul_params() + head + encoder_matmul as f64;
+    // Scores and weighted values: 2 x 2 x seq_len x hidden per attention layer (PaLM's
+    // accounting, no discount for the causal mask).
+    let attention = 4.0 * m.attention_layers_per_token() * recipe.data.seq_len as f64 * h;
     let forward = 2.0 * matmul_params + attention;
     Ok(Plan {
         name: recipe.name().to_string(),

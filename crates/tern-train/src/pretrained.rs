@@ -45,6 +45,19 @@ fn checkpoint_dir(path: &Path) -> Result<Option<PathBuf>> {
     )
 }
 
+/// The model config of the checkpoint at `path` (its recipe alone, no tensors read); `None` for a
+/// Hugging Face directory.
+pub fn config_of(path: &Path) -> Result<Option<ModelConfig>> {
+    let Some(dir) = checkpoint_dir(path)? else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(dir.join("recipe.toml"))
+        .with_context(|| format!("{}/recipe.toml", dir.display()))?;
+    let recipe: Recipe =
+        toml::from_str(&text).with_context(|| format!("{}/recipe.toml", dir.display()))?;
+    Ok(Some(recipe.model))
+}
+
 pub fn load(path: &Path) -> Result<Pretrained> {
     match checkpoint_dir(path)? {
         None => {

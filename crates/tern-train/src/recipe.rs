@@ -435,6 +435,13 @@ impl Recipe {
         }
         self.train.validate(dp)?;
         if let Some(d) = &self.distill {
+            if !self.model.is_llama() {
+                return Err(
+                    "[distill]: the teacher and the student are LLaMA models; model.moe, \
+                     model.moa, model.mod and model.attention_period are for pretraining"
+                        .into(),
+                );
+            }
             d.validate(&self.model, self.train.steps)?;
             for (key, on) in [
                 ("parallel.vocab", layout.vocab),

@@ -41,15 +41,25 @@ where
     // Forward without a graph: the input of every block and of the head.
     let (cos, sin) = plain.rope(t1 - 1, &inputs.device());
     let mut kept = vec![plain.embed(inputs.clone())];
+    let mut aux_value = None;
     for layer in &plain.layers {
-        let x = layer.forward(kept.last().expect("the embedding").clone(), &cos, &sin);
+        let (x, aux) = layer.forward_aux(kept.last().expect("the embedding").clone(), &cos, &sin);
         kept.push(x);
+        aux_value = match (aux_value, aux) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
     }
 
     // The head and the loss, from the last hidden state.
     let x = leaf::<AB>(kept.pop().expect("the head's input"));
     let loss = model.head_loss(x.clone(), targets);
-    let value = loss.clone().inner();
+    // The blocks' auxiliary losses (balancing, routing) join the value; their gradients come
+    // with each block's pass below.
+    let value = match aux_value {
+        Some(a) => loss.clone().inner() + a,
+        None => loss.clone().inner(),
+    };
     let grads = loss.backward();
     add_grads(model, &grads, &mut slots);
     let mut dy = x.grad(&grads).expect("the head's input gets a gradient");
@@ -58,8 +68,12 @@ where
     let (cos, sin) = model.rope(t1 - 1, &device);
     for layer in model.layers.iter().rev() {
         let x = leaf::<AB>(kept.pop().expect("a block's input"));
-        let y = layer.forward(x.clone(), &cos, &sin);
-        let grads = pull(y, dy).backward();
+        let (y, aux) = layer.forward_aux(x.clone(), &cos, &sin);
+        let objective = match aux {
+            Some(a) => pull(y, dy) + a,
+            None => pull(y, dy),
+        };
+        let grads = objective.backward();
         add_grads(model, &grads, &mut slots);
         dy = x.grad(&grads).expect("a block's input gets a gradient");
     }
@@ -98,11 +112,37 @@ mod tests {
     #[test]
     fn block_recompute_gives_the_plain_gradients() {
         let dev = Default::default();
-        for (linear, tie) in [(LinearKind::Ternary, false), (LinearKind::Float, true)] {
+        let hybrid = ModelConfig {
+            attention_period: 2,
+            mamba: Some(tern_model::mamba::MambaConfig {
+                d_state: 4,
+                ..Default::default()
+            }),
+            moe: Some(tern_model::moe::MoeConfig {
+                experts: 3,
+                top_k: 2,
+                intermediate: None,
+                period: 2,
+                offset: 1,
+                aux_loss_weight: 0.1,
+            }),
+            depth: Some(tern_model::depth::ModConfig {
+                capacity: 0.5,
+                period: 3,
+                offset: 2,
+                aux_loss_weight: 0.1,
+            }),
+            ..ModelConfig::tiny(50, LinearKind::Ternary)
+        };
+        for (linear, tie, kinds) in [
+            (LinearKind::Ternary, false, None),
+            (LinearKind::Float, true, None),
+            (LinearKind::Ternary, false, Some(hybrid)),
+        ] {
             let c = ModelConfig {
                 tie_embeddings: tie,
                 n_layers: 3,
-                ..ModelConfig::tiny(50, linear)
+                ..kinds.unwrap_or_else(|| ModelConfig::tiny(50, linear))
             };
             let model = Llama::<AB>::new(&c, &dev);
             let ids: Vec<i64> = (0..2 * 17).map(|i| (i * 13 % 50) as i64).collect();

@@ -3,7 +3,7 @@
 //! is deterministic (unlike parameter ids, which are random per process), so it is the order of
 //! optimizer state, gradient buckets and checkpoints.
 
-use tern_parallel::{block_matrix_dim, TpLayout};
+use tern_parallel::{is_block_matrix, TpLayout};
 
 use crate::params::ParamInfo;
 use crate::step::{StateSplit, UpdateRules};
@@ -29,9 +29,11 @@ impl ParamSlot {
         self.shape.len() >= 2
     }
 
-    /// A block matrix: what GaLore projects.
-    pub fn low_rank(&self) -> bool {
-        block_matrix_dim(&self.name).is_some()
+    /// What GaLore projects at `rank`: a block matrix ([`is_block_matrix`]) whose smaller side
+    /// reaches the rank (a smaller one, such as Mamba's `x_proj`, gains nothing: AdamW takes it).
+    pub fn low_rank(&self, rank: Option<usize>) -> bool {
+        is_block_matrix(&self.name)
+            && rank.is_none_or(|r| self.shape.len() == 2 && self.shape[0].min(self.shape[1]) >= r)
     }
 
     pub fn info(&self) -> ParamInfo {
@@ -108,7 +110,7 @@ impl ParamSlots {
         tern_optim::Optimizer::new(
             cfg,
             &self.local_shapes(),
-            &self.low_rank(),
+            &self.low_rank(cfg.rank),
             &self.shard_dims(),
             tp,
             device,
@@ -189,8 +191,8 @@ impl ParamSlots {
         self.iter().map(|s| s.local.clone()).collect()
     }
 
-    pub fn low_rank(&self) -> Vec<bool> {
-        self.iter().map(ParamSlot::low_rank).collect()
+    pub fn low_rank(&self, rank: Option<usize>) -> Vec<bool> {
+        self.iter().map(|s| s.low_rank(rank)).collect()
     }
 
     pub fn shard_dims(&self) -> Vec<Option<usize>> {
