@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 DT = torch.float64
+# Sequences per forward pass (inputs.json's micro_batch).
+MICRO_BATCH = 1
 
 # ---------------------------------------------------------------------------------------------
 # The block projections, one function per documented kind. `w` is W[out, in] (Hugging Face
@@ -132,7 +135,12 @@ def encoder(P, prefix, x, distill):
 # The model: a LLaMA decoder (pre-norm RMSNorm, RoPE in the rotate_half layout, grouped-query
 # causal attention, gated MLP), parameters by tern's names.
 
-COLUMN = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"}
+def axis_of(name):
+    """Scale groups split the output rows of a projection that reads the block's input (q, k, v,
+    gate, up, Mamba's in and x projections, the experts' own), the input columns of one that
+    writes back to it (o, down, Mamba's out)."""
+    last = [p for p in name.split(".") if not p.isdigit()][-1]
+    return "cols" if last in ("o_proj", "down_proj", "out_proj") else "rows"
 
 
 class Model:
@@ -158,7 +166,7 @@ class Model:
         inp = x
         if layer in self.encoded:
             x = encoder(self.P, prefix + ".encoder", x, self.distill)
-        axis = "rows" if name in COLUMN else "cols"
+        axis = axis_of(name)
         if kind == "ternary":
             w = ternary_weight(w, c["scale_groups"], axis, c["ternary_eps"])
         elif kind == "bitnet":
@@ -183,64 +191,205 @@ class Model:
         ang = torch.cat([ang, ang], dim=-1)
         return ang.cos(), ang.sin()
 
-    def attention(self, layer, x, cos, sin, taps):
-        c = self.c
-        b, t, _ = x.shape
-        nh, nkv = c["n_heads"], c.get("n_kv_heads") or c["n_heads"]
-        hd = c["hidden"] // nh
-
-        def heads(y, n):
-            return y.reshape(b, t, n, hd).transpose(1, 2)
-
-        def rotate_half(y):
-            return torch.cat([-y[..., hd // 2:], y[..., : hd // 2]], dim=-1)
-
-        q = heads(self.proj(layer, "self_attn.q_proj", x, taps), nh)
-        k = heads(self.proj(layer, "self_attn.k_proj", x, taps), nkv)
-        v = heads(self.proj(layer, "self_attn.v_proj", x, taps), nkv)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+    def attend(self, q, k, v):
+        """Causal attention of q [b, nh, t, hd] over k, v [b, nkv, t, hd] (grouped-query, RoPE
+        applied by the caller) -> [b, t, nh * hd]."""
+        b, nh, t, hd = q.shape
+        nkv = k.shape[1]
         k = k.repeat_interleave(nh // nkv, dim=1)
         v = v.repeat_interleave(nh // nkv, dim=1)
         scores = q @ k.transpose(2, 3) / math.sqrt(hd)
         causal = torch.ones(t, t, dtype=torch.bool).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
-        out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, t, nh * hd)
-        return self.proj(layer, "self_attn.o_proj", out, taps)
+        return (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, t, nh * hd)
 
-    def mlp(self, layer, x, taps):
-        g = self.proj(layer, "mlp.gate_proj", x, taps)
+    def heads(self, y, n, cos=None, sin=None):
+        """[b, t, n * hd] -> [b, n, t, hd], rotated (rotate_half) when the tables are given."""
+        b, t, _ = y.shape
+        hd = self.c["hidden"] // self.c["n_heads"]
+        y = y.reshape(b, t, n, hd).transpose(1, 2)
+        if cos is None:
+            return y
+        rotated = torch.cat([-y[..., hd // 2:], y[..., : hd // 2]], dim=-1)
+        return y * cos + rotated * sin
+
+    def attention(self, layer, x, cos, sin, taps):
+        c = self.c
+        nh, nkv = c["n_heads"], c.get("n_kv_heads") or c["n_heads"]
+        q = self.heads(self.proj(layer, "self_attn.q_proj", x, taps), nh, cos, sin)
+        k = self.heads(self.proj(layer, "self_attn.k_proj", x, taps), nkv, cos, sin)
+        v = self.heads(self.proj(layer, "self_attn.v_proj", x, taps), nkv)
+        return self.proj(layer, "self_attn.o_proj", self.attend(q, k, v), taps)
+
+    def mlp(self, layer, x, taps, prefix="mlp."):
+        g = self.proj(layer, prefix + "gate_proj", x, taps)
         g = F.silu(g) if self.c["mlp"] == "swiglu" else F.relu(g) ** 2
-        return self.proj(layer, "mlp.down_proj", g * self.proj(layer, "mlp.up_proj", x, taps), taps)
+        return self.proj(layer, prefix + "down_proj", g * self.proj(layer, prefix + "up_proj", x, taps), taps)
+
+    # Issue 23's block kinds (docs/architectures.md, docs/recipes.md).
+
+    def route(self, x, router, k):
+        """Top-k routing of every token of x [b, t, h] over the experts of router [E, h]: a dense
+        [b, t, E] gate (the softmax weights of the k best renormalized to 1, zero elsewhere) and
+        Switch Transformer's balancing loss E sum_e f_e P_e (f_e: share of the t k slots, a count)."""
+        probs = (x @ router.T).softmax(dim=-1)
+        w, idx = probs.topk(k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        e = router.shape[0]
+        gates = torch.zeros_like(probs).scatter_add(-1, idx, w)
+        share = F.one_hot(idx, e).to(DT).reshape(-1, e).mean(dim=0)
+        aux = e * (probs.reshape(-1, e).mean(dim=0) * share).sum()
+        return gates, aux
+
+    def moe(self, layer, x):
+        m = self.c["moe"]
+        gates, aux = self.route(x, self.P[f"layers.{layer}.moe.router"], m["top_k"])
+        # Every expert on every token, weighted by the gate: zero for the tokens it does not get.
+        out = sum(gates[..., e:e + 1] * self.mlp(layer, x, None, f"moe.experts.{e}.")
+                  for e in range(m["experts"]))
+        return out, m["aux_loss_weight"] * aux
+
+    def moa(self, layer, x, cos, sin):
+        c, m = self.c, self.c["moa"]
+        nh, nkv = c["n_heads"], c.get("n_kv_heads") or c["n_heads"]
+        gates, aux = self.route(x, self.P[f"layers.{layer}.moa.router"], m["top_k"])
+        k = self.heads(self.proj(layer, "moa.k_proj", x), nkv, cos, sin)
+        v = self.heads(self.proj(layer, "moa.v_proj", x), nkv)
+        out = 0
+        for e in range(m["experts"]):
+            q = self.heads(self.proj(layer, f"moa.q_proj.{e}", x), nh, cos, sin)
+            out = out + gates[..., e:e + 1] * self.proj(layer, f"moa.o_proj.{e}", self.attend(q, k, v))
+        return out, m["aux_loss_weight"] * aux
+
+    def mamba(self, layer, x):
+        """Mamba's selective SSM mixer, the recurrence run step by step."""
+        c, m = self.c, self.c.get("mamba") or {}
+        h = c["hidden"]
+        di, n, dc = m.get("expand", 2) * h, m.get("d_state", 16), m.get("d_conv", 4)
+        r = m.get("dt_rank") or -(-h // 16)
+        p = lambda name: self.P[f"layers.{layer}.mamba.{name}"]
+        xz = self.proj(layer, "mamba.in_proj", x)
+        xs, z = xz[..., :di], xz[..., di:]
+        b, t, _ = xs.shape
+        padded = F.pad(xs, (0, 0, dc - 1, 0))
+        conv = p("conv_bias") + sum(padded[:, j:j + t, :] * p("conv_weight")[:, j] for j in range(dc))
+        u = F.silu(conv)
+        dbc = self.proj(layer, "mamba.x_proj", u)
+        delta = F.softplus(dbc[..., :r] @ p("dt_proj_weight").T + p("dt_proj_bias"))
+        bm, cm = dbc[..., r:r + n], dbc[..., r + n:r + 2 * n]
+        a = -p("a_log").exp()
+        state = torch.zeros(b, di, n, dtype=DT)
+        ys = []
+        for i in range(t):
+            dt = delta[:, i, :, None]
+            state = (dt * a).exp() * state + dt * bm[:, i, None, :] * u[:, i, :, None]
+            ys.append((state * cm[:, i, None, :]).sum(dim=-1) + p("d") * u[:, i])
+        y = torch.stack(ys, dim=1)
+        return self.proj(layer, "mamba.out_proj", y * F.silu(z))
+
+    def kind(self, i):
+        c = self.c
+        attention = i % c.get("attention_period", 1) == c.get("attention_offset", 0)
+        mixer = ("moa" if c.get("moa") else "attention") if attention else "mamba"
+        picks = lambda s, d: s is not None and i % s.get("period", d[0]) == s.get("offset", d[1])
+        return mixer, picks(c.get("moe"), (1, 0)), picks(c.get("mod"), (2, 1))
+
+    def block(self, i, x, cos, sin, taps):
+        """One block over every token of x: (output, weighted auxiliary loss or 0)."""
+        mixer, moe, _ = self.kind(i)
+        aux = 0
+        hn = self.norm(f"layers.{i}.input_layernorm.weight", x)
+        if mixer == "attention":
+            x = x + self.attention(i, hn, cos, sin, taps)
+        elif mixer == "moa":
+            y, a = self.moa(i, hn, cos, sin)
+            x, aux = x + y, aux + a
+        else:
+            x = x + self.mamba(i, hn)
+        hn = self.norm(f"layers.{i}.post_attention_layernorm.weight", x)
+        if moe:
+            y, a = self.moe(i, hn)
+            x, aux = x + y, aux + a
+        else:
+            x = x + self.mlp(i, hn, taps)
+        return x, aux
+
+    def routed(self, i, x, cos, sin):
+        """Mixture-of-Depths, causal: a token goes through the block when its score x . w is above
+        0; its update is scaled by sigmoid(score). The router learns from a binary cross-entropy
+        against each sequence's top ceil(capacity t) scores. The block's own auxiliary losses are
+        averaged over the sequences that ran it."""
+        d = self.c["mod"]
+        s = x @ self.P[f"layers.{i}.mod_router.weight"]
+        b, t = s.shape
+        k = min(max(math.ceil(d["capacity"] * t), 1), t)
+        target = torch.zeros_like(s).scatter(-1, s.topk(k, dim=-1).indices, 1.0)
+        aux = d["aux_loss_weight"] * (F.softplus(s) - target * s).mean()
+        rows, inner = [], []
+        for r in range(b):
+            pick = (s[r] > 0).nonzero().flatten()
+            if len(pick) == 0:
+                rows.append(x[r])
+                continue
+            xs = x[r:r + 1, pick]
+            ys, a = self.block(i, xs, cos[pick], sin[pick], None)
+            gate = torch.sigmoid(s[r, pick])[None, :, None]
+            rows.append(x[r:r + 1].index_add(1, pick, (ys - xs) * gate)[0])
+            inner.append(a)
+        if inner:
+            aux = aux + sum(inner) / len(inner)
+        return torch.stack(rows), aux
 
     def forward(self, tokens, tap_layers=()):
         """logits [b, t, vocab] and, for each layer in tap_layers, its projections' (name, input,
-        output)."""
+        output); self.aux holds the blocks' weighted auxiliary losses."""
         c = self.c
         x = self.P["embed_tokens.weight"][tokens]
         cos, sin = self.rope(tokens.shape[1], c["hidden"] // c["n_heads"])
         taps = {}
+        self.aux = 0
         for i in range(c["n_layers"]):
             tp = taps.setdefault(i, []) if i in tap_layers else None
-            x = x + self.attention(i, self.norm(f"layers.{i}.input_layernorm.weight", x), cos, sin, tp)
-            x = x + self.mlp(i, self.norm(f"layers.{i}.post_attention_layernorm.weight", x), tp)
+            if self.kind(i)[2]:
+                x, a = self.routed(i, x, cos, sin)
+            else:
+                x, a = self.block(i, x, cos, sin, tp)
+            self.aux = self.aux + a
         x = self.norm("norm.weight", x)
         head = self.P["embed_tokens.weight"] if c["tie_embeddings"] else self.P["lm_head.weight"]
         return x @ head.T, taps
 
 
 def param_names(cfg, student_blocks=()):
-    """tern's parameter names of a case, in tern's module order."""
+    """tern's parameter names of a case, in tern's module order (docs/architectures.md)."""
     names = ["embed_tokens.weight"]
-    projs = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    model = Model(cfg, {})
+    h = cfg["hidden"]
     for i in range(cfg["n_layers"]):
-        names.append(f"layers.{i}.input_layernorm.weight")
-        for p in projs:
-            if p == "mlp.gate_proj":
-                names.append(f"layers.{i}.post_attention_layernorm.weight")
-            names.append(f"layers.{i}.{p}.weight")
-            if i in student_blocks:
+        mixer, moe, routed = model.kind(i)
+        blk = [f"input_layernorm.weight"]
+        if mixer == "attention":
+            blk += [f"self_attn.{p}_proj.weight" for p in "qkvo"]
+        elif mixer == "moa":
+            e = cfg["moa"]["experts"]
+            blk += ["moa.router"] + [f"moa.q_proj.{x}.weight" for x in range(e)]
+            blk += ["moa.k_proj.weight", "moa.v_proj.weight"] + [f"moa.o_proj.{x}.weight" for x in range(e)]
+        else:
+            blk += [f"mamba.{p}" for p in ("in_proj.weight", "conv_weight", "conv_bias", "x_proj.weight",
+                                             "dt_proj_weight", "dt_proj_bias", "a_log", "d", "out_proj.weight")]
+        blk.append("post_attention_layernorm.weight")
+        if moe:
+            blk.append("moe.router")
+            for x in range(cfg["moe"]["experts"]):
+                blk += [f"moe.experts.{x}.{p}_proj.weight" for p in ("gate", "up", "down")]
+        else:
+            blk += [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+        if routed:
+            blk.append("mod_router.weight")
+        for n in blk:
+            names.append(f"layers.{i}.{n}")
+            if i in student_blocks and n.endswith("_proj.weight"):
+                p = n[: -len(".weight")]
                 names += [f"layers.{i}.{p}.encoder.{e}" for e in ("fc1", "fc2", "alpha", "beta")]
     names.append("norm.weight")
     if not cfg["tie_embeddings"]:
@@ -355,11 +504,16 @@ def make_optimizer(o, named):
     """Param groups as tern applies decay: matrices decay, vectors (norm weights, alpha, beta) do
     not; GaLore projects the seven block matrices of every layer."""
 
-    def block_matrix(n):
-        return n.startswith("layers.") and n.endswith("_proj.weight")
+    def block_matrix(n, p):
+        # Every block projection whose smaller side reaches the rank (docs/recipes.md).
+        return re.match(r"layers\.\d+\..*_proj(\.\d+)?\.weight$", n) and min(p.shape) >= (o["rank"] or 0)
 
-    decay = [p for n, p in named if p.dim() >= 2 and not (o["name"] == "galore_adamw" and block_matrix(n))]
-    plain = [p for n, p in named if p.dim() < 2]
+    def decays(n, p):
+        # Matrices decay, vectors and Mamba's A_log do not.
+        return p.dim() >= 2 and not n.endswith(".a_log")
+
+    decay = [p for n, p in named if decays(n, p) and not (o["name"] == "galore_adamw" and block_matrix(n, p))]
+    plain = [p for n, p in named if not decays(n, p)]
     kw = dict(lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"])
     groups = [{"params": decay, "weight_decay": o["weight_decay"], "decays": True},
               {"params": plain, "weight_decay": 0.0, "decays": False}]
@@ -369,7 +523,7 @@ def make_optimizer(o, named):
     from galore_torch import galore_projector
 
     galore_projector.GaLoreProjector.get_orthogonal_matrix = fixed_sign_svd
-    groups.append({"params": [p for n, p in named if block_matrix(n)], "weight_decay": o["weight_decay"],
+    groups.append({"params": [p for n, p in named if block_matrix(n, p)], "weight_decay": o["weight_decay"],
                    "decays": True, "rank": o["rank"], "update_proj_gap": o["update_proj_gap"],
                    "scale": o["scale"], "proj_type": o["proj_type"]})
     return galore_torch.GaLoreAdamW(groups, no_deprecation_warning=True, **kw)
@@ -397,8 +551,16 @@ def build(case, init):
 def batch_loss(case, step, student, teacher, tokens):
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     if teacher is None:
-        logits, _ = student.forward(inputs)
-        return ce(logits, targets), logits
+        # Micro-batch by micro-batch, as the trainer accumulates them: the balancing losses are
+        # over each micro-batch's tokens (docs/architectures.md), so they do not add up to the
+        # whole batch's. The cross-entropy's mean is the same either way (equal sizes).
+        m = MICRO_BATCH
+        parts = []
+        for i in range(0, len(inputs), m):
+            logits, _ = student.forward(inputs[i:i + m])
+            parts.append((ce(logits, targets[i:i + m]) + student.aux, logits))
+        loss = sum(l for l, _ in parts) / len(parts)
+        return loss, torch.cat([lg for _, lg in parts])
     d = Distill(case["distill"], case["model"]["n_layers"])
     return d.loss(d.phase(step), student, teacher, inputs, targets)
 
@@ -480,6 +642,8 @@ def main():
     d = Path(args.dir)
     torch.set_num_threads(2)
     inputs = json.loads((d / "inputs.json").read_text())
+    global MICRO_BATCH
+    MICRO_BATCH = inputs["micro_batch"]
     init = load_file(d / "init.safetensors")
     tokens = torch.tensor(inputs["tokens"], dtype=torch.long)
     report = {

@@ -198,6 +198,11 @@ fn plan_reports_galores_saving_without_building() {
         text.contains("optimizer, block matrices 125.8 MB (AdamW 385.9 MB: 67.4% less)"),
         "{text}"
     );
+    // The MoM-like recipe: its size without building it (blocks of every kind, docs/architectures.md).
+    let out = tern(&["plan", "recipes/mom-99m.toml"]);
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("parameters            99.68 M"), "{text}");
     // The data of the recipe does not exist here: plan reads none of it.
     assert!(!repo().join("data/slimpajama").exists());
     // tern bench times the projection refresh both ways.

@@ -17,9 +17,9 @@ impl ParamInfo {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
-    /// Matrices take weight decay; norm weights do not.
+    /// Matrices take weight decay; norm weights do not, nor Mamba's `A_log` (as in Mamba).
     pub fn decays(&self) -> bool {
-        self.shape.len() >= 2
+        self.shape.len() >= 2 && !self.name.ends_with(".a_log")
     }
 }
 

@@ -24,9 +24,10 @@ pub struct ParamSlot {
 }
 
 impl ParamSlot {
-    /// Matrices take weight decay; vectors (norm weights, encoder alpha and beta) do not.
+    /// Matrices take weight decay; vectors (norm weights, encoder alpha and beta) do not, nor
+    /// Mamba's `A_log` (as in Mamba, whose decays would otherwise drift towards -1).
     pub fn decays(&self) -> bool {
-        self.shape.len() >= 2
+        self.shape.len() >= 2 && !self.name.ends_with(".a_log")
     }
 
     /// What GaLore projects at `rank`: a block matrix ([`is_block_matrix`]) whose smaller side
