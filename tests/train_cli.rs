@@ -606,6 +606,13 @@ fn every_block_kind_trains_and_resumes_bitwise() {
         assert_eq!(full, resumed, "{kind}: resumed losses differ");
         let loss = |i: usize| full[i].1.parse::<f64>().unwrap();
         assert!(loss(11) < loss(0) - 0.3, "{kind}: the loss falls: {full:?}");
+        // Mixture-of-Depths logs the share of tokens its routed blocks pick.
+        let shares: Vec<f64> = metrics(&dir.path().join(format!("{kind}-full")))
+            .iter()
+            .filter_map(|v| v.get("mod_share/layers.1").and_then(Value::as_f64))
+            .collect();
+        assert_eq!(shares.len(), if kind == "mod" { 12 } else { 0 }, "{kind}");
+        assert!(shares.iter().all(|s| (0.0..=1.0).contains(s)), "{shares:?}");
         // Generation from the checkpoint (the burn path, with the blocks' caches).
         let run_dir = dir.path().join(format!("{kind}-full"));
         #[rustfmt::skip]

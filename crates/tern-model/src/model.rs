@@ -536,6 +536,31 @@ impl<B: Kernels, H: Hooks<B>> Llama<B, H> {
     }
 }
 
+impl<B: Kernels, H: Hooks<B>> Llama<B, H> {
+    /// `(layer, share of tokens picked)` of every routed block (Mixture-of-Depths) in a forward
+    /// pass over `tokens`: how close the causal pick is to the capacity the router is trained for.
+    pub fn routed_shares(&self, tokens: Tensor<B, 2, Int>) -> Vec<(usize, f64)> {
+        let [_, t] = tokens.dims();
+        let (cos, sin) = self.rope(t, &tokens.device());
+        let mut x = self.embed(tokens);
+        let mut out = Vec::new();
+        for (i, block) in self.layers.iter().enumerate() {
+            if let Some(r) = &block.mod_router {
+                let scores: Vec<f32> = r
+                    .scores(x.clone())
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec()
+                    .expect("scores");
+                let picked = scores.iter().filter(|&&s| s > 0.0).count();
+                out.push((i, picked as f64 / scores.len().max(1) as f64));
+            }
+            x = block.forward(x, &cos, &sin);
+        }
+        out
+    }
+}
+
 /// Mean cross-entropy of `logits: [batch, seq, vocab]` against `targets: [batch, seq]`.
 pub fn cross_entropy<B: Kernels>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [b, t, v] = logits.dims();

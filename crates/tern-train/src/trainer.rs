@@ -587,7 +587,8 @@ where
     }
 
     /// The step's metrics.jsonl line and TensorBoard scalars, with the share of zero ternary codes
-    /// per layer and, when there is sparsity to see, the activations' zeros.
+    /// per layer and, when there is sparsity to see, the activations' zeros; with
+    /// Mixture-of-Depths, the share of one sequence's tokens each routed block picks.
     fn log(&mut self, out: &StepOutput) -> Result<()> {
         let tp = self.dist.tp.comm();
         let valid = self.model.valid();
@@ -610,6 +611,16 @@ where
             );
             for (k, v) in activation_sparsity(&valid, x, tp) {
                 extra.insert(k, json!(v));
+            }
+        }
+        if mc.depth.is_some() {
+            let x = batch_tensor(
+                &out.first_block,
+                out.first_block.len(),
+                &valid.embed_tokens.weight.device(),
+            );
+            for (layer, share) in valid.routed_shares(x) {
+                extra.insert(format!("mod_share/layers.{layer}"), json!(share));
             }
         }
         let secs = self.interval.0.elapsed().as_secs_f64();
