@@ -93,8 +93,45 @@ impl Activations {
         let n = m.n_layers;
         // The weights a block multiplies by (ternary: quantized once a micro-batch, kept).
         let w_block = ternary_block_params / n.max(1) / tp;
-        let all = |per_block: usize| F32 * (tokens * (n * per_block + head) + n * w_block);
-        let one = |per_block: usize| F32 * (tokens * ((n + 1) * hr + per_block + head) + w_block);
+        // The other block kinds change the mixer's and the feed-forward's share (a routed block
+        // is counted whole: its share of tokens is learned, not fixed).
+        let attention = 2 + 2 * hs + 2 * kv + heads;
+        let kind_extra = |l: usize| -> isize {
+            let k = m.block_kind(l);
+            let mixer = match k.mixer {
+                tern_model::Mixer::Attention => attention,
+                tern_model::Mixer::Moa => {
+                    let e = m.moa.as_ref().map_or(1, |a| a.experts);
+                    2 + e * (2 * hs + heads + h + 1) + 2 * kv
+                }
+                // in_proj's x and z, the convolution and its SiLU, x_proj's output, the steps,
+                // every state (d_state per channel), y and the gated y.
+                tern_model::Mixer::Mamba => {
+                    let c = m.mamba_config();
+                    let di = c.expand * h;
+                    2 * di + 2 * di + c.dt_rank(h) + 2 * c.d_state + di + di * c.d_state + 2 * di
+                }
+            };
+            let ffn = match (&m.moe, k.moe) {
+                // Each routed copy: the gathered input, gate, up, GLU and output; the router's
+                // probabilities.
+                (Some(e), true) => {
+                    let ie = e.intermediate.unwrap_or(m.intermediate) / tp;
+                    e.top_k * (2 * h + 3 * ie) + e.experts
+                }
+                _ => 3 * i,
+            };
+            mixer as isize - attention as isize + ffn as isize - (3 * i) as isize
+        };
+        let extra: isize = (0..n).map(kind_extra).sum();
+        let worst: isize = (0..n).map(kind_extra).max().unwrap_or(0);
+        let per =
+            |base: usize, blocks: isize| (base as isize * n as isize + blocks).max(0) as usize;
+        let all = |b: usize| F32 * (tokens * (per(b, extra) + head) + n * w_block);
+        let one = |b: usize| {
+            let block = (b as isize + worst).max(0) as usize;
+            F32 * (tokens * ((n + 1) * hr + block + head) + w_block)
+        };
         Self {
             tokens,
             fused: all(fused_block),

@@ -95,7 +95,9 @@ pub fn products(
         }
     };
     for (name, shape) in m.param_shapes().iter().chain(&encoders) {
+        // Projections, experts' numbered ones (`moa.q_proj.2.weight`) included.
         let is_weight = name.ends_with("_proj.weight")
+            || (name.contains("_proj.") && name.ends_with(".weight"))
             || name.ends_with(".encoder.fc1")
             || name.ends_with(".encoder.fc2")
             || name == "lm_head.weight";
