@@ -180,7 +180,7 @@ fn cases() -> BTreeMap<String, Case> {
                     m.depth = Some(ModConfig {
                         capacity: 0.25,
                         period: 2,
-                        offset: 1,
+                        offset: Some(1),
                         aux_loss_weight: 0.05,
                     });
                 }),

@@ -472,6 +472,35 @@ fn bad_recipe(overrides: &[&str], expect: &[&str]) {
 
 #[test]
 fn bad_recipes_fail_naming_the_key() {
+    // The block kinds' sections (docs/recipes.md).
+    bad_recipe(
+        &["model.moe={experts=4, top_k=5}"],
+        &["model.moe.top_k", "between 1 and the 4 experts"],
+    );
+    bad_recipe(
+        &["model.mod={capacity=0.1, period=8, offset=5}"],
+        &["model.mod", "no block of the 4"],
+    );
+    bad_recipe(
+        &["model.mod={capacity=1.5}"],
+        &["model.mod.capacity", "(0, 1]"],
+    );
+    bad_recipe(
+        &[
+            "model.attention_period=8",
+            "model.attention_offset=5",
+            "model.moa={experts=2, top_k=1}",
+        ],
+        &["model.moa", "no block of the 4"],
+    );
+    bad_recipe(
+        &[
+            "model.attention_period=2",
+            "parallel.tp=2",
+            "parallel.sequence=true",
+        ],
+        &["parallel.sequence", "LLaMA blocks only"],
+    );
     bad_recipe(
         &["model.n_layer=3"],
         &["recipes/tiny.toml", "model.n_layer", "unknown field"],

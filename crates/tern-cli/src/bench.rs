@@ -273,7 +273,8 @@ fn galore_refresh_cost(
     let rank = o.rank.expect("validated");
     let mut shapes: Vec<(Vec<usize>, usize)> = Vec::new();
     for (name, shape) in recipe.model.param_shapes() {
-        if tern_parallel::is_block_matrix(&name) {
+        // What GaLore projects: block matrices whose smaller side reaches the rank.
+        if tern_parallel::is_block_matrix(&name) && shape[0].min(shape[1]) >= rank {
             match shapes.iter_mut().find(|(s, _)| *s == shape) {
                 Some((_, n)) => *n += 1,
                 None => shapes.push((shape, 1)),

@@ -196,7 +196,7 @@ impl ModelConfig {
             routed: self
                 .depth
                 .as_ref()
-                .is_some_and(|d| picks(d.period, d.offset)),
+                .is_some_and(|d| picks(d.period, d.offset())),
         }
     }
 
@@ -372,10 +372,38 @@ impl ModelConfig {
                     format!("{} must be a fraction in (0, 1]", d.capacity),
                 );
             }
-            period("model.mod.", d.period, d.offset)?;
+            period("model.mod.", d.period, d.offset())?;
             weight("model.mod.aux_loss_weight", d.aux_loss_weight)?;
         }
-        let has_mamba = (0..self.n_layers).any(|i| self.block_kind(i).mixer == Mixer::Mamba);
+        let any = |f: &dyn Fn(BlockKind) -> bool| (0..self.n_layers).any(|i| f(self.block_kind(i)));
+        for (key, given, found, what) in [
+            (
+                "model.moe",
+                self.moe.is_some(),
+                any(&|k| k.moe),
+                "experts (its period and offset)",
+            ),
+            (
+                "model.mod",
+                self.depth.is_some(),
+                any(&|k| k.routed),
+                "routing (its period and offset)",
+            ),
+            (
+                "model.moa",
+                self.moa.is_some(),
+                any(&|k| k.mixer == Mixer::Moa),
+                "attention to mix (model.attention_period and attention_offset)",
+            ),
+        ] {
+            if given && !found {
+                return err(
+                    key,
+                    format!("no block of the {} gets {what}", self.n_layers),
+                );
+            }
+        }
+        let has_mamba = any(&|k| k.mixer == Mixer::Mamba);
         if self.mamba.is_some() && !has_mamba {
             return err(
                 "model.mamba",

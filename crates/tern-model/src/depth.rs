@@ -17,6 +17,7 @@ use burn::tensor::activation::softplus;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+use tern_kernels::Kernels;
 
 /// `[model.mod]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,11 +26,12 @@ pub struct ModConfig {
     /// The share of each sequence's tokens the router learns to send through a routed block
     /// (the paper's 12.5%).
     pub capacity: f64,
-    /// Block `i` is routed when `i % period == offset` (the paper routes every other block).
+    /// Block `i` is routed when `i % period == offset` (the paper routes every other block);
+    /// the offset is 1 when absent (0 with a period of 1).
     #[serde(default = "two")]
     pub period: usize,
-    #[serde(default = "crate::config::one")]
-    pub offset: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<usize>,
     /// Weight of the router's auxiliary loss in the training objective.
     #[serde(default = "crate::config::default_aux_weight")]
     pub aux_loss_weight: f64,
@@ -37,6 +39,12 @@ pub struct ModConfig {
 
 fn two() -> usize {
     2
+}
+
+impl ModConfig {
+    pub fn offset(&self) -> usize {
+        self.offset.unwrap_or(1.min(self.period.saturating_sub(1)))
+    }
 }
 
 /// A block's router: one score per token, `x . weight`.
@@ -48,15 +56,17 @@ pub struct DepthRouter<B: Backend> {
     pub capacity: f64,
 }
 
-impl<B: Backend> DepthRouter<B> {
+impl<B: Kernels> DepthRouter<B> {
     /// Scores of `x: [batch, seq, hidden]`, `[batch, seq]`.
     pub fn scores(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
         let [b, l, h] = x.dims();
-        x.reshape([b * l, h])
-            .matmul(self.weight.val().reshape([h, 1]))
+        // B::linear: padded where a backend needs it (burn-cuda's k % 64 == 32).
+        <B as Kernels>::linear(x.reshape([b * l, h]), self.weight.val().reshape([1, h]))
             .reshape([b, l])
     }
+}
 
+impl<B: Backend> DepthRouter<B> {
     /// The auxiliary loss: binary cross-entropy of `sigmoid(scores)` against each row's top
     /// `ceil(capacity * seq)` scores (`host`, the same scores read back), mean over tokens.
     pub fn aux_loss(&self, scores: Tensor<B, 2>, host: &[f32]) -> Tensor<B, 1> {

@@ -521,7 +521,10 @@ impl<B: Kernels, H: Hooks<B>> Llama<B, H> {
                 let total = x.shape().num_elements() as f64;
                 let zeros: f64 = x.equal_elem(0.0).int().sum().into_scalar().elem();
                 out.push(ActivationCount {
-                    layer: if tap.name.starts_with("mlp.") || tap.name.starts_with("moe.") {
+                    layer: if ["mlp.", "moe.", "mamba."]
+                        .iter()
+                        .any(|p| tap.name.starts_with(p))
+                    {
                         crate::sparsity::LayerType::Mlp
                     } else {
                         crate::sparsity::LayerType::Attention
@@ -621,6 +624,10 @@ pub(crate) mod tests {
             n_layers: 4,
             ..ModelConfig::tiny(50, linear)
         };
+        let mamba = MambaConfig {
+            d_state: 4,
+            ..Default::default()
+        };
         let moe = MoeConfig {
             experts: 4,
             top_k: 2,
@@ -635,10 +642,7 @@ pub(crate) mod tests {
                 ModelConfig {
                     attention_period: 2,
                     attention_offset: 1,
-                    mamba: Some(MambaConfig {
-                        d_state: 4,
-                        ..Default::default()
-                    }),
+                    mamba: Some(mamba.clone()),
                     moe: Some(moe.clone()),
                     ..base.clone()
                 },
@@ -655,13 +659,28 @@ pub(crate) mod tests {
                 },
             ),
             (
+                "mod-mamba",
+                ModelConfig {
+                    attention_period: 2,
+                    attention_offset: 1,
+                    mamba: Some(mamba.clone()),
+                    depth: Some(ModConfig {
+                        capacity: 0.5,
+                        period: 2,
+                        offset: Some(0),
+                        aux_loss_weight: 0.01,
+                    }),
+                    ..base.clone()
+                },
+            ),
+            (
                 "mod",
                 ModelConfig {
                     moe: Some(moe),
                     depth: Some(ModConfig {
                         capacity: 0.5,
                         period: 2,
-                        offset: 1,
+                        offset: Some(1),
                         aux_loss_weight: 0.01,
                     }),
                     ..base
@@ -786,7 +805,7 @@ pub(crate) mod tests {
     #[test]
     fn a_routed_block_updates_only_picked_tokens() {
         let dev = Default::default();
-        let (_, c) = kinds(LinearKind::Float).remove(2);
+        let (_, c) = kinds(LinearKind::Float).remove(3);
         let m = Llama::<Flex>::new(&c, &dev);
         let x = Tensor::<Flex, 3>::random([2, 6, 32], Distribution::Normal(0.0, 1.0), &dev);
         let (cos, sin) = m.rope(6, &dev);

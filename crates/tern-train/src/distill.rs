@@ -407,6 +407,13 @@ pub fn check_teacher(
     teacher: &ModelConfig,
     source: &str,
 ) -> Result<(), String> {
+    if !teacher.is_llama() {
+        return Err(format!(
+            "distill.teacher = {source}: a teacher of LLaMA blocks is needed; this one has Mamba \
+             mixers, experts or routed blocks (model.attention_period, model.moe, model.moa, \
+             model.mod)"
+        ));
+    }
     let pairs: [(&str, f64, f64); 8] = [
         ("model.hidden", student.hidden as f64, teacher.hidden as f64),
         (
@@ -950,6 +957,21 @@ mod tests {
             "#,
         )
         .unwrap()
+    }
+
+    /// A teacher with Mamba mixers, experts or routed blocks is refused by name, not panicked on.
+    #[test]
+    fn a_teacher_must_be_llama() {
+        let student = ModelConfig::tiny(50, tern_model::LinearKind::Ternary);
+        let teacher = ModelConfig {
+            attention_period: 2,
+            ..ModelConfig::tiny(50, tern_model::LinearKind::Float)
+        };
+        let e = check_teacher(&student, &teacher, "runs/jamba").unwrap_err();
+        assert!(
+            e.contains("distill.teacher = runs/jamba") && e.contains("LLaMA"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -412,15 +412,24 @@ impl Recipe {
         if let Some(rank) = self.optim.rank {
             let m = &self.model;
             let kv = m.kv_heads() * m.head_dim();
-            for (what, rows, cols) in [
-                ("self_attn.q_proj / o_proj", m.hidden, m.hidden),
-                ("self_attn.k_proj / v_proj", kv, m.hidden),
+            // LLaMA's matrices, where a block has them (the other kinds' smaller matrices take
+            // AdamW: docs/architectures.md).
+            let kinds: Vec<_> = (0..m.n_layers).map(|i| m.block_kind(i)).collect();
+            let attention = kinds.iter().any(|k| k.mixer != tern_model::Mixer::Mamba);
+            let mlp = kinds.iter().any(|k| !k.moe);
+            for (what, rows, cols, present) in [
+                ("self_attn.q_proj / o_proj", m.hidden, m.hidden, attention),
+                ("self_attn.k_proj / v_proj", kv, m.hidden, attention),
                 (
                     "mlp.gate_proj / up_proj / down_proj",
                     m.intermediate,
                     m.hidden,
+                    mlp,
                 ),
             ] {
+                if !present {
+                    continue;
+                }
                 if rank > rows.min(cols) {
                     return Err(format!(
                         "optim.rank: {rank} is above min(m, n) = {} of the {rows} x {cols} matrices {what}",

@@ -129,7 +129,7 @@ mod tests {
             depth: Some(tern_model::depth::ModConfig {
                 capacity: 0.5,
                 period: 3,
-                offset: 2,
+                offset: Some(2),
                 aux_loss_weight: 0.1,
             }),
             ..ModelConfig::tiny(50, LinearKind::Ternary)

@@ -613,7 +613,10 @@ where
                 extra.insert(k, json!(v));
             }
         }
+        // Not training time: the extra forward pass below is taken out of the step's rate.
+        let mut diagnostics = 0.0;
         if mc.depth.is_some() {
+            let t0 = std::time::Instant::now();
             let x = batch_tensor(
                 &out.first_block,
                 out.first_block.len(),
@@ -622,8 +625,9 @@ where
             for (layer, share) in valid.routed_shares(x) {
                 extra.insert(format!("mod_share/layers.{layer}"), json!(share));
             }
+            diagnostics = t0.elapsed().as_secs_f64();
         }
-        let secs = self.interval.0.elapsed().as_secs_f64();
+        let secs = self.interval.0.elapsed().as_secs_f64() - diagnostics;
         let tokens_per_s = self.interval.1 as f64 / secs.max(1e-9);
         let (tflops, mfu) = crate::mfu::utilisation(
             tokens_per_s,
