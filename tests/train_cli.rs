@@ -635,6 +635,13 @@ fn every_block_kind_trains_and_resumes_bitwise() {
         assert_eq!(full, resumed, "{kind}: resumed losses differ");
         let loss = |i: usize| full[i].1.parse::<f64>().unwrap();
         assert!(loss(11) < loss(0) - 0.3, "{kind}: the loss falls: {full:?}");
+        // The weighted balancing and routing losses are logged beside the whole loss.
+        let aux: Vec<f64> = metrics(&dir.path().join(format!("{kind}-full")))
+            .iter()
+            .filter_map(|v| v.get("aux_loss").and_then(Value::as_f64))
+            .collect();
+        assert_eq!(aux.len(), 12, "{kind}");
+        assert!(aux.iter().all(|&a| a > 0.0 && a < 1.0), "{kind}: {aux:?}");
         // Mixture-of-Depths logs the share of tokens its routed blocks pick.
         let shares: Vec<f64> = metrics(&dir.path().join(format!("{kind}-full")))
             .iter()

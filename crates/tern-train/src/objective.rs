@@ -3,7 +3,7 @@
 //! parameters train at a step, and what to log; it does not branch on distillation itself.
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use serde_json::{Map, Value};
 use tern_dist::Comm;
 use tern_kernels::Kernels;
@@ -29,7 +29,8 @@ pub enum Objective<B: Backend> {
 /// A step's loss terms averaged over its micro-batches, this rank's share: the MSE of
 /// projections whose output this rank holds a block of (to be summed over the tensor-parallel
 /// group), the other projections' MSE, CE, KL, the blocks' output MSE and this rank's share of
-/// the attention-relation loss (summed over the group).
+/// the attention-relation loss (summed over the group). Pretraining uses the first for the
+/// blocks' weighted auxiliary losses.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LossParts(pub [f64; 6]);
 
@@ -148,10 +149,20 @@ where
                 .map(|v| v / n_micro as f64);
                 (l.total, LossParts(parts))
             }
-            _ => (
-                model.loss(batch_tensor::<AB>(tokens, block_len, &weight.device())),
-                LossParts::default(),
-            ),
+            _ => {
+                let x = batch_tensor::<AB>(tokens, block_len, &weight.device());
+                let (ce, aux) = model.losses(x);
+                let mut parts = LossParts::default();
+                match aux {
+                    Some(a) => {
+                        // The blocks' weighted auxiliary losses, logged as `aux_loss`.
+                        let v: f64 = a.clone().inner().into_scalar().elem();
+                        parts.0[0] = v / n_micro as f64;
+                        (ce + a, parts)
+                    }
+                    None => (ce, parts),
+                }
+            }
         }
     }
 
@@ -167,7 +178,14 @@ where
         tp: &dyn Comm,
     ) -> (f64, Map<String, Value>) {
         let (Objective::Distill { cfg, .. }, Some(ph)) = (self, self.phase(step)) else {
-            return (loss, Map::new());
+            // Pretraining: the blocks' weighted auxiliary losses (balancing, routing), averaged
+            // over the data-parallel ranks; a LLaMA model has none (0 on every rank, not logged).
+            let aux = dp.all_reduce_sum_f64(parts.0[0]) / dp.size() as f64;
+            let mut fields = Map::new();
+            if aux != 0.0 {
+                fields.insert("aux_loss".into(), Value::from(aux));
+            }
+            return (loss, fields);
         };
         let n = dp.size() as f64;
         let [split, whole, ce, kl, hidden, attention] =
