@@ -642,6 +642,28 @@ fn every_block_kind_trains_and_resumes_bitwise() {
             .collect();
         assert_eq!(aux.len(), 12, "{kind}");
         assert!(aux.iter().all(|&a| a > 0.0 && a < 1.0), "{kind}: {aux:?}");
+        // Block recompute: the same losses and auxiliary losses (3 steps).
+        let recomputed = dir.path().join(format!("{kind}-recompute"));
+        #[rustfmt::skip]
+        ok(&tern(&[
+            "train", &recipe, "--run-dir", recomputed.to_str().unwrap(), "--set", "train.steps=3",
+            "--set", "train.eval_every=3", "--set", "train.checkpoint_every=3",
+            "--set", "data.seq_len=64", "--set", "train.recompute=\"block\"",
+        ]));
+        let field = |run: &std::path::Path, key: &str| -> Vec<f64> {
+            metrics(run)
+                .iter()
+                .filter_map(|v| v.get(key).and_then(Value::as_f64))
+                .collect()
+        };
+        let plain_dir = dir.path().join(format!("{kind}-full"));
+        for key in ["loss", "aux_loss"] {
+            let (a, b) = (field(&plain_dir, key), field(&recomputed, key));
+            assert_eq!(b.len(), 3, "{kind} {key}");
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-5 * x.abs(), "{kind} {key}: {x} vs {y}");
+            }
+        }
         // Mixture-of-Depths logs the share of tokens its routed blocks pick.
         let shares: Vec<f64> = metrics(&dir.path().join(format!("{kind}-full")))
             .iter()

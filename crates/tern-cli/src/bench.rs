@@ -154,7 +154,7 @@ fn time_steps(
         match recipe.train.recompute {
             tern_train::recipe::Recompute::None => acc.add(&model, model.loss(x.clone())),
             tern_train::recipe::Recompute::Block => {
-                let (loss, grads) =
+                let (loss, _, grads) =
                     tern_train::recompute::loss_and_grads(&model, x.clone().inner());
                 acc.push(loss, grads);
             }

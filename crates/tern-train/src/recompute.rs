@@ -14,13 +14,16 @@ use tern_model::{Hooks, Llama};
 
 use crate::params::add_grads;
 
-/// The loss of `block` (`[batch, seq + 1]` tokens, the next-token objective) and every
-/// parameter's gradient (module order), computed with block recompute.
+/// The loss of `block` (`[batch, seq + 1]` tokens, the next-token objective), the blocks'
+/// weighted auxiliary losses within it (`None` for a LLaMA model) and every parameter's gradient
+/// (module order), computed with block recompute.
+#[allow(clippy::type_complexity)]
 pub fn loss_and_grads<AB, H>(
     model: &Llama<AB, H>,
     block: Tensor<AB::InnerBackend, 2, Int>,
 ) -> (
     Tensor<AB::InnerBackend, 1>,
+    Option<Tensor<AB::InnerBackend, 1>>,
     Vec<Tensor<AB::InnerBackend, 1>>,
 )
 where
@@ -56,8 +59,8 @@ where
     let loss = model.head_loss(x.clone(), targets);
     // The blocks' auxiliary losses (balancing, routing) join the value; their gradients come
     // with each block's pass below.
-    let value = match aux_value {
-        Some(a) => loss.clone().inner() + a,
+    let value = match &aux_value {
+        Some(a) => loss.clone().inner() + a.clone(),
         None => loss.clone().inner(),
     };
     let grads = loss.backward();
@@ -85,7 +88,7 @@ where
         .zip(values)
         .map(|(g, v)| g.unwrap_or_else(|| v.zeros_like()))
         .collect();
-    (value, grads)
+    (value, aux_value, grads)
 }
 
 /// A kept activation as a graph leaf whose gradient is wanted.
@@ -149,7 +152,7 @@ mod tests {
             let block = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids, [2, 17]), &dev);
             let loss = model.loss(Tensor::from_inner(block.clone()));
             let plain = crate::params::flat_grads(&model, &loss.backward());
-            let (value, grads) = loss_and_grads(&model, block);
+            let (value, _, grads) = loss_and_grads(&model, block);
             let (a, b): (f32, f32) = (loss.inner().into_scalar(), value.into_scalar());
             assert_eq!(a, b, "{linear:?}");
             assert_eq!(grads.len(), plain.len());

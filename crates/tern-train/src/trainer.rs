@@ -406,7 +406,12 @@ where
             if tc.recompute == Recompute::Block {
                 let device = self.model.embed_tokens.weight.val().inner().device();
                 let x = batch_tensor(&tokens, block_len, &device);
-                let (loss, grads) = crate::recompute::loss_and_grads(&self.model, x);
+                let (loss, aux, grads) = crate::recompute::loss_and_grads(&self.model, x);
+                if let Some(a) = aux {
+                    // As `Objective::micro_loss` reports it: logged as `aux_loss`.
+                    let v: f64 = burn::tensor::ElementConversion::elem(a.into_scalar());
+                    parts.0[0] += v / n_micro as f64;
+                }
                 acc.push(loss, grads);
                 continue;
             }
