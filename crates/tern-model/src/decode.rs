@@ -7,7 +7,7 @@
 //!
 //! One sequence at a time (batch 1), as `tern generate` runs.
 
-use burn::tensor::activation::{sigmoid, silu, softmax, softplus};
+use burn::tensor::activation::{sigmoid, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 use tern_kernels::Kernels;
@@ -93,16 +93,9 @@ impl<B: Kernels, H: Hooks<B>> Block<B, H> {
         let Some(router) = &self.mod_router else {
             return self.decode_every_token(x, table(cos, positions), table(sin, positions), cache);
         };
-        // Mixture-of-Depths: the causal pick of training ([`crate::depth::picked`]).
-        let [_, s, _] = x.dims();
-        let scores = router.scores(x.clone());
-        let host: Vec<f32> = scores
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .unwrap();
-        let picked = crate::depth::picked(&host, s).remove(0);
+        // Mixture-of-Depths: the causal pick of training ([`crate::depth::DepthRouter::pick`]).
+        let mut pick = router.pick(x.clone());
+        let (scores, picked) = (pick.scores, pick.rows.remove(0));
         if picked.is_empty() {
             return x;
         }
@@ -257,36 +250,18 @@ impl<B: Kernels, H: Hooks<B>> Moa<B, H> {
 impl<B: Kernels, H: Hooks<B>> Mamba<B, H> {
     /// The mixer over `x: [1, s, hidden]` after the cached window and state, step by step.
     fn decode(&self, x: Tensor<B, 3>, cache: &mut BlockCache<B>) -> Tensor<B, 3> {
-        let [b, s, _] = x.dims();
-        let device = x.device();
-        let d_inner = self.d.dims()[0];
-        let (r, n) = (self.dt_rank, self.d_state);
+        let (xs, z) = self.split_input(x);
+        let [b, s, d_inner] = xs.dims();
+        let device = xs.device();
+        let n = self.d_state;
         let k = self.conv_weight.dims()[1];
-        let xz = self.in_proj.forward(self.input.module_input(x));
-        let z = xz.clone().slice([0..b, 0..s, d_inner..2 * d_inner]);
-        let xs = xz.slice([0..b, 0..s, 0..d_inner]);
         let past =
             (cache.conv.take()).unwrap_or_else(|| Tensor::zeros([b, k - 1, d_inner], &device));
         let window = Tensor::cat(vec![past, xs], 1);
         cache.conv = Some(window.clone().slice([0..b, s..s + k - 1, 0..d_inner]));
-        let mut conv = self.conv_bias.val().reshape([1, 1, d_inner]);
-        let w = self.conv_weight.val();
-        for j in 0..k {
-            let tap = w
-                .clone()
-                .slice([0..d_inner, j..j + 1])
-                .reshape([1, 1, d_inner]);
-            conv = conv + window.clone().slice([0..b, j..j + s, 0..d_inner]) * tap;
-        }
-        let x = silu(conv);
-        let dbc = self.x_proj.forward(x.clone());
-        let part = |from: usize, to: usize| dbc.clone().slice([0..b, 0..s, from..to]);
-        let delta =
-            <B as Kernels>::linear(part(0, r).reshape([b * s, r]), self.dt_proj_weight.val())
-                + self.dt_proj_bias.val().reshape([1, d_inner]);
-        let delta = softplus(delta, 1.0).reshape([b, s, d_inner]);
+        let x = self.conv(window);
+        let (delta, bm, cm) = self.selection(x.clone());
         let a = self.a_log.val().exp().neg().reshape([1, d_inner, n]);
-        let (bm, cm) = (part(r, r + n), part(r + n, r + 2 * n));
         let d = self.d.val().reshape([1, 1, d_inner]);
         let mut state =
             (cache.ssm.take()).unwrap_or_else(|| Tensor::zeros([b, d_inner, n], &device));

@@ -86,10 +86,27 @@ impl<B: Backend> DepthRouter<B> {
     }
 }
 
-/// Which tokens of each row a router with scores `host` (`[batch * seq]`, read back) picks: the
-/// causal rule, score above 0.
-pub fn picked(host: &[f32], seq: usize) -> Vec<Vec<i64>> {
-    host.chunks(seq)
-        .map(|row| (0..seq as i64).filter(|&t| row[t as usize] > 0.0).collect())
-        .collect()
+/// A router's decision over `[batch, seq]` tokens.
+pub struct Pick<B: Backend> {
+    /// The scores, `[batch, seq]`.
+    pub scores: Tensor<B, 2>,
+    /// The same, read back (`[batch * seq]`).
+    pub host: Vec<f32>,
+    /// Each row's picked positions: the causal rule, score above 0.
+    pub rows: Vec<Vec<i64>>,
+}
+
+impl<B: Kernels> DepthRouter<B> {
+    /// Scores `x: [batch, seq, hidden]` and picks each row's tokens (one read-back).
+    pub fn pick(&self, x: Tensor<B, 3>) -> Pick<B> {
+        let seq = x.dims()[1];
+        let scores = self.scores(x);
+        let host: Vec<f32> =
+            (scores.clone().into_data().convert::<f32>().to_vec()).expect("f32 scores");
+        let rows = host
+            .chunks(seq)
+            .map(|row| (0..seq as i64).filter(|&t| row[t as usize] > 0.0).collect())
+            .collect();
+        Pick { scores, host, rows }
+    }
 }

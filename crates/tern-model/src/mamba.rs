@@ -139,20 +139,6 @@ impl<B: Backend> Mamba<B> {
     }
 }
 
-/// `y[t] = bias + sum_k w[k] x[t - K + 1 + k]` per channel of `x: [b, l, d]`, zeros before the
-/// first token.
-fn causal_conv<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>, bias: Tensor<B, 1>) -> Tensor<B, 3> {
-    let [b, l, d] = x.dims();
-    let k = w.dims()[1];
-    let padded = Tensor::cat(vec![Tensor::zeros([b, k - 1, d], &x.device()), x], 1);
-    let mut y = bias.reshape([1, 1, d]);
-    for j in 0..k {
-        let tap = w.clone().slice([0..d, j..j + 1]).reshape([1, 1, d]);
-        y = y + padded.clone().slice([0..b, j..j + l, 0..d]) * tap;
-    }
-    y
-}
-
 impl<B: Backend, H> Mamba<B, H> {
     /// The three projections of the model's linear kind, named within the block.
     pub fn projections(&self) -> [(&'static str, &ProjLinear<B, H>); 3] {
@@ -193,30 +179,57 @@ impl<B: Backend, H> Mamba<B, H> {
 impl<B: Kernels, H: Hooks<B>> Mamba<B, H> {
     /// `x: [batch, seq, hidden]` -> `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let (x, z) = self.split_input(x);
+        let [b, _, d_inner] = x.dims();
+        let k = self.conv_weight.dims()[1];
+        // Zeros before the first token.
+        let past = Tensor::zeros([b, k - 1, d_inner], &x.device());
+        let u = self.conv(Tensor::cat(vec![past, x], 1));
+        let (delta, bm, cm) = self.selection(u.clone());
+        let a = self.a_log.val().exp().neg();
+        let y = B::selective_scan(u, delta, a, bm, cm, self.d.val());
+        self.out_proj.forward(y * silu(z))
+    }
+
+    /// `in_proj` of the mixer's input, split into the convolution's input `x` and the gate `z`
+    /// (`[batch, seq, d_inner]` each).
+    pub(crate) fn split_input(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [b, l, _] = x.dims();
         let d_inner = self.d.dims()[0];
-        let (r, n) = (self.dt_rank, self.d_state);
         let xz = self.in_proj.forward(self.input.module_input(x));
         let z = xz.clone().slice([0..b, 0..l, d_inner..2 * d_inner]);
-        let x = xz.slice([0..b, 0..l, 0..d_inner]);
-        let x = silu(causal_conv(x, self.conv_weight.val(), self.conv_bias.val()));
-        let dbc = self.x_proj.forward(x.clone());
+        (xz.slice([0..b, 0..l, 0..d_inner]), z)
+    }
+
+    /// The causal depthwise convolution and SiLU over `window: [batch, d_conv - 1 + seq,
+    /// d_inner]` (the `d_conv - 1` inputs before the sequence, then the sequence's):
+    /// `u[t] = silu(bias + sum_j w[j] window[t + j])`, `[batch, seq, d_inner]`.
+    pub(crate) fn conv(&self, window: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, len, d] = window.dims();
+        let w = self.conv_weight.val();
+        let k = w.dims()[1];
+        let l = len - (k - 1);
+        let mut y = self.conv_bias.val().reshape([1, 1, d]);
+        for j in 0..k {
+            let tap = w.clone().slice([0..d, j..j + 1]).reshape([1, 1, d]);
+            y = y + window.clone().slice([0..b, j..j + l, 0..d]) * tap;
+        }
+        silu(y)
+    }
+
+    /// Each token's step sizes `delta` (`dt_proj` and softplus, `[batch, seq, d_inner]`) and its
+    /// `B`, `C` (`[batch, seq, d_state]`), from the convolved input `u`.
+    pub(crate) fn selection(&self, u: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+        let [b, l, d_inner] = u.dims();
+        let (r, n) = (self.dt_rank, self.d_state);
+        let dbc = self.x_proj.forward(u);
         let part = |from: usize, to: usize| dbc.clone().slice([0..b, 0..l, from..to]);
         // B::linear: products padded where a backend needs it (burn-cuda's k % 64 == 32).
         let delta =
             <B as Kernels>::linear(part(0, r).reshape([b * l, r]), self.dt_proj_weight.val())
                 + self.dt_proj_bias.val().reshape([1, d_inner]);
         let delta = softplus(delta, 1.0).reshape([b, l, d_inner]);
-        let a = self.a_log.val().exp().neg();
-        let y = B::selective_scan(
-            x,
-            delta,
-            a,
-            part(r, r + n),
-            part(r + n, r + 2 * n),
-            self.d.val(),
-        );
-        self.out_proj.forward(y * silu(z))
+        (delta, part(r, r + n), part(r + n, r + 2 * n))
     }
 }
 

@@ -206,7 +206,8 @@ impl<B: Backend, H> Block<B, H> {
 /// A block's weighted auxiliary losses (balancing, routing), `[1]`; `None` when it has none.
 pub type Aux<B> = Option<Tensor<B, 1>>;
 
-fn add_aux<B: Backend>(a: Aux<B>, b: Aux<B>) -> Aux<B> {
+/// The sum of two blocks' auxiliary losses.
+pub fn add_aux<B: Backend>(a: Aux<B>, b: Aux<B>) -> Aux<B> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a + b),
         (a, b) => a.or(b),
@@ -262,7 +263,7 @@ impl<B: Kernels, H: Hooks<B>> Block<B, H> {
         (x + fed, add_aux(aux, aux2))
     }
 
-    /// Mixture-of-Depths: each row's picked tokens ([`crate::depth::picked`]) go through the
+    /// Mixture-of-Depths: each row's picked tokens ([`DepthRouter::pick`]) go through the
     /// block as a shorter sequence at their own positions; the rest pass unchanged.
     fn forward_routed(
         &self,
@@ -273,18 +274,12 @@ impl<B: Kernels, H: Hooks<B>> Block<B, H> {
     ) -> (Tensor<B, 3>, Aux<B>) {
         let [b, l, h] = x.dims();
         let device = x.device();
-        let scores = router.scores(x.clone());
-        let host: Vec<f32> = scores
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .expect("scores");
-        let mut aux = Some(router.aux_loss(scores.clone(), &host) * self.mod_aux_weight);
+        let pick = router.pick(x.clone());
+        let mut aux = Some(router.aux_loss(pick.scores.clone(), &pick.host) * self.mod_aux_weight);
         let (mut inner_aux, mut runs) = (None, 0);
-        let gates = sigmoid(scores);
+        let gates = sigmoid(pick.scores);
         let mut rows = Vec::with_capacity(b);
-        for (i, picked) in crate::depth::picked(&host, l).into_iter().enumerate() {
+        for (i, picked) in pick.rows.into_iter().enumerate() {
             let row = x.clone().slice([i..i + 1, 0..l, 0..h]);
             let n = picked.len();
             if n == 0 {
@@ -549,14 +544,9 @@ impl<B: Kernels, H: Hooks<B>> Llama<B, H> {
         let mut out = Vec::new();
         for (i, block) in self.layers.iter().enumerate() {
             if let Some(r) = &block.mod_router {
-                let scores: Vec<f32> = r
-                    .scores(x.clone())
-                    .into_data()
-                    .convert::<f32>()
-                    .to_vec()
-                    .expect("scores");
-                let picked = scores.iter().filter(|&&s| s > 0.0).count();
-                out.push((i, picked as f64 / scores.len().max(1) as f64));
+                let pick = r.pick(x.clone());
+                let picked: usize = pick.rows.iter().map(Vec::len).sum();
+                out.push((i, picked as f64 / pick.host.len().max(1) as f64));
             }
             x = block.forward(x, &cos, &sin);
         }

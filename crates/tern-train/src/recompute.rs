@@ -48,10 +48,7 @@ where
     for layer in &plain.layers {
         let (x, aux) = layer.forward_aux(kept.last().expect("the embedding").clone(), &cos, &sin);
         kept.push(x);
-        aux_value = match (aux_value, aux) {
-            (Some(a), Some(b)) => Some(a + b),
-            (a, b) => a.or(b),
-        };
+        aux_value = tern_model::model::add_aux(aux_value, aux);
     }
 
     // The head and the loss, from the last hidden state.

@@ -608,13 +608,13 @@ where
         }
         let mut extra = out.extra.clone();
         let mc = &self.recipe.model;
+        // The step's first sequence, which the diagnostics below run through the model.
+        let first = || {
+            let device = valid.embed_tokens.weight.device();
+            batch_tensor(&out.first_block, out.first_block.len(), &device)
+        };
         if mc.sparsity.is_some() || mc.mlp == tern_model::MlpKind::Relu2glu {
-            let x = batch_tensor(
-                &out.first_block,
-                out.first_block.len(),
-                &valid.embed_tokens.weight.device(),
-            );
-            for (k, v) in activation_sparsity(&valid, x, tp) {
+            for (k, v) in activation_sparsity(&valid, first(), tp) {
                 extra.insert(k, json!(v));
             }
         }
@@ -622,12 +622,7 @@ where
         let mut diagnostics = 0.0;
         if mc.depth.is_some() {
             let t0 = std::time::Instant::now();
-            let x = batch_tensor(
-                &out.first_block,
-                out.first_block.len(),
-                &valid.embed_tokens.weight.device(),
-            );
-            for (layer, share) in valid.routed_shares(x) {
+            for (layer, share) in valid.routed_shares(first()) {
                 extra.insert(format!("mod_share/layers.{layer}"), json!(share));
             }
             diagnostics = t0.elapsed().as_secs_f64();
